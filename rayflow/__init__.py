@@ -1,0 +1,36 @@
+"""rayflow: a parallel stream engine on Ray.
+
+Events arrive as Arrow record batches, are hashed by key into partitions, and
+a consumer group of stateful Ray actors processes the partitions in parallel,
+committing state and positions to Parquet and DuckDB so that any actor can
+die and the job resumes with nothing lost and nothing counted twice::
+
+    import rayflow as rf
+
+    result = rf.Pipeline(
+        name="clicks",
+        source=rf.sources.Synthetic(events=1_000_000),
+        key="key",
+        operator=rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")]),
+        sink=rf.sinks.Collect(),
+    ).run()
+"""
+
+from rayflow import errors, ops, partitioning, sinks, sources
+from rayflow.config import EngineConfig
+from rayflow.pipeline import Pipeline, Result, Run
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EngineConfig",
+    "Pipeline",
+    "Result",
+    "Run",
+    "__version__",
+    "errors",
+    "ops",
+    "partitioning",
+    "sinks",
+    "sources",
+]

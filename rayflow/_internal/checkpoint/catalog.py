@@ -1,0 +1,150 @@
+"""The DuckDB catalog: the single point of truth of what is committed (DESIGN §5).
+
+Only the GroupManager opens the live file for writing (DuckDB allows one
+writer process). Tools read a consistent copy (:func:`snapshot_copy`).
+
+Tables:
+
+- ``meta(key, value)``: the job's shape (partition map, key, operator
+  fingerprint, input schema, split names), checked on every restart;
+- ``commits``: one row per partition commit (lease epoch, positions per split,
+  state files, output files, row counts, final flag, map version);
+- ``leases(partition, owner, lease_epoch)``: the last grant of each partition,
+  so epochs keep increasing across manager restarts;
+- ``events(ts, kind, detail)``: joins, leaves, rebalances, failures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import duckdb
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS commits (
+    commit_id BIGINT, partition INTEGER, lease_epoch BIGINT, member VARCHAR,
+    positions VARCHAR, state_files VARCHAR, output_files VARCHAR,
+    rows_in BIGINT, rows_total BIGINT, state_rows BIGINT, final BOOLEAN,
+    map_version INTEGER, committed_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS leases (partition INTEGER PRIMARY KEY, owner VARCHAR, lease_epoch BIGINT);
+CREATE TABLE IF NOT EXISTS events (ts TIMESTAMP, kind VARCHAR, detail VARCHAR);
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitRecord:
+    """What a consumer asks the manager to record for one partition."""
+
+    partition: int
+    lease_epoch: int
+    positions: dict[str, int]
+    state_files: list[str]
+    output_files: list[str]
+    rows_in: int
+    rows_total: int
+    state_rows: int
+    final: bool
+    map_version: int
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Catalog:
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.con = duckdb.connect(path)
+        self.con.execute(_SCHEMA)
+        row = self.con.execute("SELECT coalesce(max(commit_id), 0) FROM commits").fetchone()
+        self._next_id = int(row[0]) + 1
+
+    def close(self) -> None:
+        self.con.close()
+
+    # meta
+    def get_meta(self) -> dict[str, str]:
+        return dict(self.con.execute("SELECT key, value FROM meta").fetchall())
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        for k, v in values.items():
+            cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [k, v])
+        cur.execute("COMMIT")
+
+    # commits
+    def latest_commits(self) -> dict[int, CommitRecord]:
+        rows = self.con.execute(
+            """SELECT partition, lease_epoch, positions, state_files, output_files, rows_in,
+                      rows_total, state_rows, final, map_version
+               FROM commits QUALIFY row_number() OVER (PARTITION BY partition ORDER BY commit_id DESC) = 1"""
+        ).fetchall()
+        return {
+            r[0]: CommitRecord(
+                partition=r[0], lease_epoch=r[1], positions=json.loads(r[2]),
+                state_files=json.loads(r[3]), output_files=json.loads(r[4]), rows_in=r[5],
+                rows_total=r[6], state_rows=r[7], final=r[8], map_version=r[9],
+            )
+            for r in rows
+        }
+
+    def all_output_files(self) -> list[str]:
+        rows = self.con.execute("SELECT output_files FROM commits ORDER BY commit_id").fetchall()
+        return [f for (r,) in rows for f in json.loads(r)]
+
+    def all_state_files(self) -> set[str]:
+        rows = self.con.execute("SELECT state_files FROM commits").fetchall()
+        return {f for (r,) in rows for f in json.loads(r)}
+
+    def record_commits(self, member: str, records: list[CommitRecord]) -> None:
+        """Record several partition commits in one transaction (all or nothing)."""
+        now = _now()
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            for rec in records:
+                cur.execute(
+                    "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [self._next_id, rec.partition, rec.lease_epoch, member, json.dumps(rec.positions),
+                     json.dumps(rec.state_files), json.dumps(rec.output_files), rec.rows_in,
+                     rec.rows_total, rec.state_rows, rec.final, rec.map_version, now],
+                )
+                self._next_id += 1
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    # leases
+    def lease_epochs(self) -> dict[int, int]:
+        return dict(self.con.execute("SELECT partition, lease_epoch FROM leases").fetchall())
+
+    def record_leases(self, grants: list[tuple[int, str, int]]) -> None:
+        if not grants:
+            return
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        cur.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", grants)
+        cur.execute("COMMIT")
+
+    # events
+    def record_event(self, kind: str, detail: dict) -> None:
+        self.con.cursor().execute("INSERT INTO events VALUES (?, ?, ?)", [_now(), kind, json.dumps(detail)])
+
+
+def snapshot_copy(path: str) -> str:
+    """Copy a catalog file to a temp dir for read-only use by another process."""
+    d = tempfile.mkdtemp(prefix="rayflow-catalog-")
+    dst = os.path.join(d, "catalog.duckdb")
+    shutil.copy(path, dst)
+    if os.path.exists(path + ".wal"):
+        shutil.copy(path + ".wal", dst + ".wal")
+    return dst

@@ -1,0 +1,197 @@
+"""The SourceActor: reads splits, hashes and routes rows, serves partition queues.
+
+A thin async shell: reading, hashing and splitting a batch runs in a worker
+thread (Arrow and numpy release the GIL), so ``fetch`` and ``trim`` calls are
+answered while the next batch is being prepared. Appending a batch's
+sub-batches to the queues happens on the event loop in one step, so a fetch
+never sees half a batch.
+
+Each sub-batch is put into Ray's object store once (``ray.put``) and its
+reference queued; consumers ``ray.get`` it zero-copy. A fetch answers for
+many partitions at once, so Ray's per-call cost is paid per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from rayflow.config import EngineConfig
+from rayflow.partitioning import PartitionMap, hash_table, split_by_partition
+from rayflow.sources import Split
+from rayflow._internal.queues import Entry, PartitionQueue
+
+
+@dataclass(frozen=True)
+class FetchedEntry:
+    split: str
+    start: int
+    end: int
+    rows: int
+    ref: ray.ObjectRef
+
+
+@dataclass
+class FetchResult:
+    entries: list[FetchedEntry] = field(default_factory=list)
+    #: Read position per split up to which this partition has now been served
+    #: in full (set only when no entry remains past what is returned).
+    frontier: dict[str, int] | None = None
+    #: Input exhausted and nothing left to serve past the asked positions.
+    end: bool = False
+    #: The queue is at its bound: commit soon so it can be trimmed.
+    full: bool = False
+
+
+@ray.remote
+class SourceActor:
+    def __init__(
+        self,
+        *,
+        index: int,
+        splits: list[Split],
+        start: dict[str, int],
+        skip: dict[int, dict[str, int]],
+        key: list[str],
+        partition_map: PartitionMap,
+        config: EngineConfig,
+    ):
+        self.index = index
+        self.splits = splits
+        self.start = start
+        self.skip = skip  # partition -> split -> committed position: do not serve rows before it
+        self.key = key
+        self.map = partition_map
+        self.config = config
+        n = partition_map.num_partitions
+        self.queues = [
+            PartitionQueue(p, max_rows=config.queue_max_rows, max_bytes=config.queue_max_bytes)
+            for p in range(n)
+        ]
+        self.frontier = {s.name: start.get(s.name, 0) for s in splits}
+        self.rows_read = 0
+        self.blocked_s = np.zeros(n)
+        self.exhausted = False
+        self.error: BaseException | None = None
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        """Start reading (returns at once)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        try:
+            iters = [(s.name, iter(s.read(self.start.get(s.name, 0)))) for s in self.splits]
+            while iters:
+                for name, it in list(iters):
+                    await self._wait_for_room()
+                    item = await asyncio.to_thread(self._prepare_next, name, it)
+                    if item is None:
+                        iters.remove((name, it))
+                        continue
+                    self._append(name, *item)
+                    async with self._changed:
+                        self._changed.notify_all()
+        except BaseException as e:  # surfaced to the driver by status()
+            self.error = e
+        finally:
+            self.exhausted = True
+            for q in self.queues:
+                q.close_input()
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _wait_for_room(self) -> None:
+        full = [q.partition for q in self.queues if q.full]
+        if not full:
+            return
+        t0 = time.monotonic()
+        async with self._changed:
+            await self._changed.wait_for(lambda: not any(q.full for q in self.queues))
+        self.blocked_s[full] += time.monotonic() - t0
+
+    def _prepare_next(self, name: str, it) -> tuple | None:
+        """Worker thread: read one batch, route it, put each sub-batch in the object store."""
+        try:
+            batch, end = next(it)
+        except StopIteration:
+            return None
+        start = end - batch.num_rows
+        self.rows_read += batch.num_rows
+        parts = split_by_partition(batch, self.map.route(hash_table(batch, self.key)), self.map.num_partitions)
+        out = []
+        for p, sub in parts:
+            committed = self.skip.get(p, {}).get(name, 0)
+            if end <= committed:
+                continue  # replay: this partition already committed these rows
+            if start < committed:  # replay across a commit boundary: keep only rows >= committed
+                tail = batch.slice(committed - start)
+                routed = self.map.route(hash_table(tail, self.key))
+                sub = tail.filter(pa.array(routed == p))
+                if sub.num_rows == 0:
+                    continue
+            out.append((p, ray.put(sub), sub.num_rows, sub.nbytes))
+        return start, end, out
+
+    def _append(self, name: str, start: int, end: int, parts: list) -> None:
+        for p, ref, rows, nbytes in parts:
+            self.queues[p].append(Entry(name, start, end, rows, nbytes, ref))
+        self.frontier[name] = end
+
+    async def fetch(self, requests: dict[int, dict[str, int]], max_bytes: int) -> dict[int, FetchResult]:
+        """Entries past the given positions for each asked partition.
+
+        Waits up to ``fetch_wait_s`` for data when none is due (long poll).
+        """
+        if self.error is not None:
+            raise self.error
+        res = self._serve(requests, max_bytes)
+        if not any(r.entries or r.end for r in res.values()) and not self.exhausted:
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), self.config.fetch_wait_s)
+                except asyncio.TimeoutError:
+                    pass
+            res = self._serve(requests, max_bytes)
+        return res
+
+    def _serve(self, requests: dict[int, dict[str, int]], max_bytes: int) -> dict[int, FetchResult]:
+        out = {}
+        for p, positions in requests.items():
+            q = self.queues[p]
+            entries, rest = q.after(positions, max_bytes)
+            r = FetchResult(
+                entries=[FetchedEntry(e.split, e.start, e.end, e.rows, e.payload) for e in entries],
+                full=q.full,
+            )
+            if not rest:
+                r.frontier = dict(self.frontier)
+                r.end = self.exhausted and not entries
+            out[p] = r
+        return out
+
+    async def trim(self, committed: dict[int, dict[str, int]]) -> None:
+        """Drop queued entries covered by committed positions (partition -> split -> position)."""
+        for p, positions in committed.items():
+            self.queues[p].trim(positions)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def stats(self) -> dict:
+        if self.error is not None:
+            raise self.error
+        return {
+            "rows_read": self.rows_read,
+            "exhausted": self.exhausted,
+            "queued_rows": [q.rows for q in self.queues],
+            "queued_bytes": [q.nbytes for q in self.queues],
+            "blocked_s": self.blocked_s.tolist(),
+            "frontier": dict(self.frontier),
+        }

@@ -1,0 +1,59 @@
+"""Engine tunables: a frozen, keyword-only dataclass, validated on construction.
+
+Every default is a module constant with the reason for its value. Units are in
+the names (``_s`` seconds, ``_bytes``, ``_rows``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from rayflow.errors import ConfigError
+
+#: Rows a partition queue may retain (uncommitted) before the source pauses:
+#: about two checkpoint intervals of one partition at 16 partitions and 5M events/s.
+QUEUE_MAX_ROWS = 2_000_000
+#: Bytes a partition queue may retain; bounds the object store use of the source
+#: at partitions x this value.
+QUEUE_MAX_BYTES = 64 * 1024 * 1024
+#: Bytes one fetch returns per partition at most: large enough to amortize a
+#: Ray call over many rows, small enough that a commit is never far away.
+FETCH_MAX_BYTES = 32 * 1024 * 1024
+#: How long a fetch waits for data before answering empty (long poll).
+FETCH_WAIT_S = 0.05
+#: Heartbeat period of a consumer; assignment changes reach it this fast.
+HEARTBEAT_INTERVAL_S = 0.25
+#: A consumer silent for this long is presumed dead (the Ray liveness watch
+#: usually sees a crash within milliseconds; this is the backstop).
+SESSION_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Tunables of the engine; the defaults suit a laptop and a small cluster."""
+
+    queue_max_rows: int = QUEUE_MAX_ROWS
+    queue_max_bytes: int = QUEUE_MAX_BYTES
+    fetch_max_bytes: int = FETCH_MAX_BYTES
+    fetch_wait_s: float = FETCH_WAIT_S
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
+    session_timeout_s: float = SESSION_TIMEOUT_S
+    #: Source actors; a source's splits are dealt to them round-robin.
+    num_sources: int = 1
+    #: CPUs each consumer reserves from Ray's scheduler (0: place anywhere).
+    consumer_num_cpus: float = 0.0
+    #: CPUs each source actor reserves.
+    source_num_cpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"EngineConfig.{f.name} must be a number, got {v!r}")
+            positive = f.name not in ("consumer_num_cpus", "source_num_cpus")
+            if v < 0 or (positive and v == 0):
+                raise ConfigError(
+                    f"EngineConfig.{f.name} must be {'> 0' if positive else '>= 0'}, got {v!r}"
+                )
+        if not isinstance(self.num_sources, int):
+            raise ConfigError(f"EngineConfig.num_sources must be an integer, got {self.num_sources!r}")

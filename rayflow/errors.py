@@ -1,0 +1,96 @@
+"""The one exception tree of rayflow.
+
+Every error rayflow raises on purpose derives from :class:`RayflowError`, and
+also from the builtin exception a Python caller would expect, so both
+``except rf.errors.RayflowError`` and ``except ValueError`` work::
+
+    RayflowError
+    ├── ConfigError(ValueError)            a Pipeline or config argument is invalid
+    ├── InputError(ValueError)             the input data cannot be used
+    │   ├── MissingKeyColumnError(KeyError)  the key column is not in the input
+    │   ├── UnsupportedKeyTypeError(TypeError)  the key column's type cannot be hashed
+    │   ├── EmptyInputError                the source has no rows (or no files)
+    │   ├── SourceNotFoundError(FileNotFoundError)  a file, directory or glob matched nothing
+    │   └── MalformedInputError            a row or file could not be parsed
+    ├── CheckpointError                    committed state cannot be used as it is
+    │   └── IncompatibleCheckpointError    the checkpoint was written by a different job shape
+    ├── FencedError                        a stale lease epoch: the caller no longer owns the partition
+    └── PipelineFailedError(RuntimeError)  an actor of the running job failed; the cause is attached
+
+Messages say what was wrong, with the offending value, and what to do next.
+Raising one of these never records anything as committed: commits are
+validated before the catalog transaction, never after.
+"""
+
+from __future__ import annotations
+
+
+class RayflowError(Exception):
+    """Base class of every error rayflow raises on purpose."""
+
+
+class ConfigError(RayflowError, ValueError):
+    """A Pipeline or config argument is invalid. Fix the argument and run again."""
+
+
+class InputError(RayflowError, ValueError):
+    """The input data cannot be used as given."""
+
+
+class MissingKeyColumnError(InputError, KeyError):
+    """The key column named in the pipeline is not in the input's schema."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedKeyTypeError(InputError, TypeError):
+    """The key column's Arrow type cannot be hashed into partitions."""
+
+
+class EmptyInputError(InputError):
+    """The source holds no rows at all."""
+
+
+class SourceNotFoundError(InputError, FileNotFoundError):
+    """A file, directory or glob given as input matched nothing."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class MalformedInputError(InputError):
+    """A row or file of the input could not be parsed."""
+
+
+class CheckpointError(RayflowError):
+    """Committed state cannot be used as it is."""
+
+
+class IncompatibleCheckpointError(CheckpointError, ValueError):
+    """The checkpoint was written by a job of a different shape (schema, key, partition map)."""
+
+
+class FencedError(RayflowError):
+    """A fetch, commit or trim carried a stale lease epoch.
+
+    The caller no longer owns the partition: abandon it, drop its uncommitted
+    state, and take the assignment from the next heartbeat.
+    """
+
+    def __init__(self, message: str, *, partition: int, epoch: int, current_epoch: int):
+        super().__init__(message)
+        self.partition = partition
+        self.epoch = epoch
+        self.current_epoch = current_epoch
+
+    def __reduce__(self):  # keep the keyword fields across Ray's pickling
+        return (_rebuild_fenced, (self.args[0], self.partition, self.epoch, self.current_epoch))
+
+
+def _rebuild_fenced(message: str, partition: int, epoch: int, current_epoch: int) -> FencedError:
+    return FencedError(message, partition=partition, epoch=epoch, current_epoch=current_epoch)
+
+
+class PipelineFailedError(RayflowError, RuntimeError):
+    """An actor of the running job failed; ``__cause__`` holds the original error."""
