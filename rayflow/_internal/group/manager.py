@@ -24,6 +24,7 @@ The commit protocol, seen from here (``commit``):
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import ray
@@ -90,6 +91,15 @@ class GroupManager:
                         f"but this run has {k} = {meta.get(k)}. Run with the original {k}, or start "
                         "afresh with a new checkpoint_dir or name."
                     )
+            old_splits = set(json.loads(old.get("splits", "[]")))
+            gone = sorted(old_splits - set(json.loads(meta.get("splits", "[]"))))
+            if gone:
+                raise IncompatibleCheckpointError(
+                    f"the checkpoint of pipeline {self.name!r} has committed positions in input "
+                    f"split(s) {gone[:5]} that this run's source does not have; resuming would "
+                    "count their rows again or lose them. Run with the original input, or start "
+                    "afresh with a new checkpoint_dir or name."
+                )
         self.catalog.set_meta(meta)
 
     def _repair_files(self) -> None:
