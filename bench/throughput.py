@@ -151,7 +151,10 @@ def main(argv=None) -> int:
         best = None
         for _ in range(args.repeat):
             stats, out = run_once(
-                path, consumers=c, partitions=args.partitions, interval_s=args.checkpoint_interval_s,
+                path,
+                consumers=c,
+                partitions=args.partitions,
+                interval_s=args.checkpoint_interval_s,
                 address=args.address,
             )
             stats["correct"] = same(out, ref)
@@ -179,16 +182,22 @@ def main(argv=None) -> int:
     }
     ray.shutdown()
 
-    print(f"\nkeyed job, {args.events:,} events, {args.keys:,} keys, {args.partitions} partitions, "
-          f"checkpoint every {args.checkpoint_interval_s} s (ray.init {ray_init_s:.1f} s)")
+    print(
+        f"\nkeyed job, {args.events:,} events, {args.keys:,} keys, {args.partitions} partitions, "
+        f"checkpoint every {args.checkpoint_interval_s} s (ray.init {ray_init_s:.1f} s)"
+    )
     print(f"{'engine':<22}{'events/s':>14}{'seconds':>10}{'ratio':>8}{'peak RSS':>11}{'ok':>5}")
     print(f"{'pyarrow, 1 thread':<22}{args.events / ref1_s:>14,.0f}{ref1_s:>10.2f}{1.0:>8.2f}{'':>11}{'':>5}")
-    print(f"{'pyarrow, all threads':<22}{args.events / refn_s:>14,.0f}{refn_s:>10.2f}"
-          f"{ref1_s / refn_s:>8.2f}{'':>11}{'':>5}")
+    print(
+        f"{'pyarrow, all threads':<22}{args.events / refn_s:>14,.0f}{refn_s:>10.2f}"
+        f"{ref1_s / refn_s:>8.2f}{'':>11}{'':>5}"
+    )
     for r in rows:
-        print(f"{'rayflow, ' + str(r['consumers']) + ' consumers':<22}{r['events_per_s']:>14,.0f}"
-              f"{r['seconds']:>10.2f}{r['ratio_to_pyarrow_1_thread']:>8.2f}"
-              f"{r['peak_rss_bytes'] / 2**30:>9.2f}Gi{'yes' if r['correct'] else 'NO':>5}")
+        print(
+            f"{'rayflow, ' + str(r['consumers']) + ' consumers':<22}{r['events_per_s']:>14,.0f}"
+            f"{r['seconds']:>10.2f}{r['ratio_to_pyarrow_1_thread']:>8.2f}"
+            f"{r['peak_rss_bytes'] / 2**30:>9.2f}Gi{'yes' if r['correct'] else 'NO':>5}"
+        )
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)

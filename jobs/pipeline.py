@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--checkpoint-dir", default="checkpoints")
     ap.add_argument("--checkpoint-interval-s", type=float, default=2.0)
     ap.add_argument("--name", default="pipeline", help="pipeline name (names actors and checkpoints)")
-    ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)")
+    ap.add_argument(
+        "--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)"
+    )
     return ap.parse_args(argv)
 
 
@@ -104,14 +106,20 @@ def main(argv=None) -> int:
     import pyarrow.dataset as ds
 
     out = ds.dataset(args.output, format="parquet").to_table()
-    print(f"rayflow pipeline {args.name!r} on {where} (ray.init {init_s:.1f} s, start-up {s['startup_s']:.1f} s)")
+    print(
+        f"rayflow pipeline {args.name!r} on {where} (ray.init {init_s:.1f} s, start-up {s['startup_s']:.1f} s)"
+    )
     print(f"  input       {source!r}")
     print(f"  processed   {s['events']:,} events in {s['seconds']:.2f} s = {s['events_per_s']:,.0f} events/s")
-    print(f"  partitions  {s['partitions']}, consumers {s['consumers']}, rebalances {s['rebalances']}, "
-          f"recoveries {s['recoveries']}")
+    print(
+        f"  partitions  {s['partitions']}, consumers {s['consumers']}, rebalances {s['rebalances']}, "
+        f"recoveries {s['recoveries']}"
+    )
     if out.num_rows:
-        print(f"  output      {out.num_rows:,} keys, total count {pc.sum(out['count']).as_py():,}, "
-              f"total sum {pc.sum(out['sum']).as_py():,.4f} -> {os.path.abspath(args.output)}")
+        print(
+            f"  output      {out.num_rows:,} keys, total count {pc.sum(out['count']).as_py():,}, "
+            f"total sum {pc.sum(out['sum']).as_py():,.4f} -> {os.path.abspath(args.output)}"
+        )
     return 0
 
 

@@ -52,8 +52,6 @@ class EngineConfig:
                 raise ConfigError(f"EngineConfig.{f.name} must be a number, got {v!r}")
             positive = f.name not in ("consumer_num_cpus", "source_num_cpus")
             if v < 0 or (positive and v == 0):
-                raise ConfigError(
-                    f"EngineConfig.{f.name} must be {'> 0' if positive else '>= 0'}, got {v!r}"
-                )
+                raise ConfigError(f"EngineConfig.{f.name} must be {'> 0' if positive else '>= 0'}, got {v!r}")
         if not isinstance(self.num_sources, int):
             raise ConfigError(f"EngineConfig.num_sources must be an integer, got {self.num_sources!r}")

@@ -101,10 +101,13 @@ class _Agg:
         return f"{self.column}_{self.fn}"
 
     def partials(self) -> list[tuple[str, str, str]]:
-        """(input column, pyarrow function, state column) of the partial aggregates."""
-        if self.fn == "mean":
-            return [(self.column, "sum", f"{self.out}__sum"), (self.column, "count", f"{self.out}__count")]
-        return [(self.column, self.fn, self.out)]
+        """(input column, pyarrow function, state column) of the partial aggregates.
+
+        ``mean`` keeps a sum and a count, shared with an explicit sum or count
+        of the same column.
+        """
+        fns = ("sum", "count") if self.fn == "mean" else (self.fn,)
+        return [(self.column, f, f"{self.column}_{f}") for f in fns]
 
 
 _MERGE = {"count": "sum", "sum": "sum", "min": "min", "max": "max"}
@@ -146,7 +149,7 @@ class Aggregate(Operator):
                 )
             parsed.append(_Agg(col, fn))
         self.aggs = parsed
-        self._partials = [p for a in parsed for p in a.partials()]
+        self._partials = list(dict.fromkeys(p for a in parsed for p in a.partials()))
 
     def fingerprint(self) -> str:
         text = f"Aggregate(by={self.by}, aggs={[(a.column, a.fn) for a in self.aggs]})"
@@ -172,10 +175,10 @@ class Aggregate(Operator):
 
     def _merge(self, tables: list[pa.Table]) -> pa.Table:
         t = pa.concat_tables(tables, promote_options="permissive")
-        res = t.group_by(self.by, use_threads=False).aggregate(
-            [(s, _MERGE[f]) for _, f, s in self._partials]
-        )
-        cols = [res.column(c) for c in self.by] + [res.column(f"{s}_{_MERGE[f]}") for _, f, s in self._partials]
+        res = t.group_by(self.by, use_threads=False).aggregate([(s, _MERGE[f]) for _, f, s in self._partials])
+        cols = [res.column(c) for c in self.by] + [
+            res.column(f"{s}_{_MERGE[f]}") for _, f, s in self._partials
+        ]
         return pa.Table.from_arrays(cols, names=self.by + [s for _, _, s in self._partials])
 
     def process(self, state, table):
@@ -204,7 +207,7 @@ class Aggregate(Operator):
         cols, names = [t.column(c) for c in self.by], list(self.by)
         for a in self.aggs:
             if a.fn == "mean":
-                s, n = t.column(f"{a.out}__sum"), t.column(f"{a.out}__count")
+                s, n = t.column(f"{a.column}_sum"), t.column(f"{a.column}_count")
                 col = pc.if_else(pc.equal(n, 0), None, pc.divide(pc.cast(s, pa.float64()), n))
             else:
                 col = t.column(a.out)

@@ -21,13 +21,13 @@ import pyarrow as pa
 import ray
 
 from rayflow import ops as _ops
+from rayflow._internal.chain import Chain
+from rayflow._internal.checkpoint.store import Store
 from rayflow.config import EngineConfig
 from rayflow.errors import ConfigError, PipelineFailedError, RayflowError
 from rayflow.partitioning import PartitionMap, key_columns
 from rayflow.sinks import Collect, Sink
 from rayflow.sources import Source, Synthetic
-from rayflow._internal.chain import Chain
-from rayflow._internal.checkpoint.store import Store
 
 __all__ = ["Pipeline", "Result", "Run"]
 
@@ -187,7 +187,10 @@ class Run:
         self._rows_at_start = None
         # Each split restarts from the lowest position any partition committed for it;
         # partitions ahead of that skip what they already have (at the source).
-        start = {s.name: min((committed.get(q, {}).get(s.name, 0) for q in range(p.partitions)), default=0) for s in splits}
+        start = {
+            s.name: min((committed.get(q, {}).get(s.name, 0) for q in range(p.partitions)), default=0)
+            for s in splits
+        }
         skip = {q: pos for q, pos in committed.items()}
         n_src = max(1, min(p.config.num_sources, len(splits)))
         self.sources = [

@@ -373,7 +373,9 @@ class _SyntheticGenerator:
         w = 1.0 / np.power(np.arange(1, keys + 1, dtype=np.float64), zipf_s)
         cdf = np.cumsum(w)
         self.cdf = cdf / cdf[-1]
-        self.perm = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 2**31]))).permutation(keys)
+        self.perm = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 2**31]))).permutation(
+            keys
+        )
         self.keys = keys
         self.seed = seed
 
@@ -388,7 +390,9 @@ class _SyntheticGenerator:
         value = ints / 1024.0
         idx = np.arange(b * SYNTHETIC_BLOCK_ROWS, b * SYNTHETIC_BLOCK_ROWS + rows, dtype=np.int64)
         ts = SYNTHETIC_T0_MS + (idx * 1000) // SYNTHETIC_RATE
-        return pa.RecordBatch.from_arrays([pa.array(key), pa.array(value), pa.array(ts)], schema=SYNTHETIC_SCHEMA)
+        return pa.RecordBatch.from_arrays(
+            [pa.array(key), pa.array(value), pa.array(ts)], schema=SYNTHETIC_SCHEMA
+        )
 
 
 class Synthetic(Source):
@@ -399,7 +403,15 @@ class Synthetic(Source):
     many contiguous ranges of whole blocks, so several source actors can share it.
     """
 
-    def __init__(self, *, events: int = 10_000_000, keys: int = 100_000, seed: int = 42, splits: int = 1, zipf_s: float = 1.0):
+    def __init__(
+        self,
+        *,
+        events: int = 10_000_000,
+        keys: int = 100_000,
+        seed: int = 42,
+        splits: int = 1,
+        zipf_s: float = 1.0,
+    ):
         for name, v, lo in (("events", events, 1), ("keys", keys, 1), ("splits", splits, 1)):
             if not isinstance(v, int) or v < lo:
                 raise ConfigError(f"rf.sources.Synthetic: {name} must be an integer >= {lo}, got {v!r}")
@@ -420,7 +432,9 @@ class Synthetic(Source):
 
     def to_table(self) -> pa.Table:
         """All events as one table (for references and tests)."""
-        return pa.Table.from_batches([b for s in self.splits() for b, _ in s.read(0)], schema=SYNTHETIC_SCHEMA)
+        return pa.Table.from_batches(
+            [b for s in self.splits() for b, _ in s.read(0)], schema=SYNTHETIC_SCHEMA
+        )
 
     def __repr__(self) -> str:
         return f"rf.sources.Synthetic(events={self.events}, keys={self.keys}, seed={self.seed})"

@@ -29,13 +29,13 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayflow.config import EngineConfig
-from rayflow.partitioning import hash_table
-from rayflow.sinks import PENDING_DIR
 from rayflow._internal.chain import Chain
 from rayflow._internal.checkpoint.catalog import CommitRecord
 from rayflow._internal.checkpoint.store import Store
 from rayflow._internal.source_actor import FetchResult
+from rayflow.config import EngineConfig
+from rayflow.partitioning import hash_table
+from rayflow.sinks import PENDING_DIR
 
 _GET_TIMEOUT_S = 120.0
 

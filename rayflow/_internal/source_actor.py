@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from rayflow._internal.queues import Entry, PartitionQueue
 from rayflow.config import EngineConfig
 from rayflow.partitioning import PartitionMap, hash_table, split_by_partition
 from rayflow.sources import Split
-from rayflow._internal.queues import Entry, PartitionQueue
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,9 @@ class SourceActor:
             return None
         start = end - batch.num_rows
         self.rows_read += batch.num_rows
-        parts = split_by_partition(batch, self.map.route(hash_table(batch, self.key)), self.map.num_partitions)
+        parts = split_by_partition(
+            batch, self.map.route(hash_table(batch, self.key)), self.map.num_partitions
+        )
         out = []
         for p, sub in parts:
             committed = self.skip.get(p, {}).get(name, 0)

@@ -48,18 +48,27 @@ def test_parquet_sink_and_source_directory(ray_session, tmp_path, events_1m):
     src_dir = tmp_path / "in"
     src_dir.mkdir()
     for i in range(3):  # three files -> three splits
-        pq.write_table(events_1m.slice(i * 300_000, 300_000), src_dir / f"part-{i}.parquet", row_group_size=70_000)
+        pq.write_table(
+            events_1m.slice(i * 300_000, 300_000), src_dir / f"part-{i}.parquet", row_group_size=70_000
+        )
     out_dir = tmp_path / "out"
     result = keyed(
-        "pq", rf.sources.Parquet(str(src_dir), batch_rows=100_000), tmp_path,
-        sink=rf.sinks.Parquet(str(out_dir)), consumers=2,
+        "pq",
+        rf.sources.Parquet(str(src_dir), batch_rows=100_000),
+        tmp_path,
+        sink=rf.sinks.Parquet(str(out_dir)),
+        consumers=2,
     ).run(timeout_s=300)
     assert result.output is None
     out = pads.dataset(str(out_dir), format="parquet").to_table()
     assert_same_rows(out, duckdb_reference(KEYED_SQL, events=events_1m.slice(0, 900_000)))
     # the key column's state was written sorted by hash, with the hash alongside
     con = duckdb.connect(str(tmp_path / "ck" / "pq" / "catalog.duckdb"), read_only=True)
-    files = [f for (r,) in con.execute("SELECT state_files FROM commits WHERE final").fetchall() for f in json.loads(r)]
+    files = [
+        f
+        for (r,) in con.execute("SELECT state_files FROM commits WHERE final").fetchall()
+        for f in json.loads(r)
+    ]
     con.close()
     state = pq.read_table(tmp_path / "ck" / "pq" / files[0])
     h = state["_hash"].to_numpy()
@@ -85,9 +94,16 @@ def test_csv_and_json_glob_sources(ray_session, tmp_path):
         ("json", rf.sources.JSON(str(tmp_path / "in.json"), batch_rows=700)),
     ):
         result = rf.Pipeline(
-            name=name, source=source, key="user", partitions=4, consumers=2,
-            operator=rf.ops.Aggregate(by="user", aggs=[("amount", "count"), ("amount", "sum"), ("amount", "max")]),
-            checkpoint_dir=str(tmp_path / "ck"), progress=False,
+            name=name,
+            source=source,
+            key="user",
+            partitions=4,
+            consumers=2,
+            operator=rf.ops.Aggregate(
+                by="user", aggs=[("amount", "count"), ("amount", "sum"), ("amount", "max")]
+            ),
+            checkpoint_dir=str(tmp_path / "ck"),
+            progress=False,
         ).run(timeout_s=300)
         assert_same_rows(result.output, expected)
 
@@ -99,11 +115,19 @@ def test_map_filter_chain_outputs_every_row_once(ray_session, tmp_path, events_1
     ]
     small = events_1m.slice(0, 200_000)
     result = rf.Pipeline(
-        name="chain", source=rf.sources.Table(small, batch_rows=25_000), key="key", partitions=4,
-        operator=chain, consumers=2, checkpoint_dir=str(tmp_path / "ck"), checkpoint_interval_s=0.2,
+        name="chain",
+        source=rf.sources.Table(small, batch_rows=25_000),
+        key="key",
+        partitions=4,
+        operator=chain,
+        consumers=2,
+        checkpoint_dir=str(tmp_path / "ck"),
+        checkpoint_interval_s=0.2,
         progress=False,
     ).run(timeout_s=300)
-    expected = duckdb_reference("SELECT key, value, ts, value * 2 AS double FROM events WHERE value < 100", events=small)
+    expected = duckdb_reference(
+        "SELECT key, value, ts, value * 2 AS double FROM events WHERE value < 100", events=small
+    )
     assert_same_rows(result.output, expected)
 
 
@@ -113,8 +137,13 @@ def test_resume_after_stop_gives_the_uninterrupted_result(ray_session, tmp_path,
 
     def make():
         return keyed(
-            "resume", rf.sources.Table(data, batch_rows=20_000), tmp_path, partitions=4, consumers=2,
-            operator=[throttle(200_000), rf.ops.Aggregate(by="key", aggs=AGG)], checkpoint_interval_s=0.1,
+            "resume",
+            rf.sources.Table(data, batch_rows=20_000),
+            tmp_path,
+            partitions=4,
+            consumers=2,
+            operator=[throttle(200_000), rf.ops.Aggregate(by="key", aggs=AGG)],
+            checkpoint_interval_s=0.1,
             config=rf.EngineConfig(fetch_max_bytes=100_000),
         )
 
@@ -122,9 +151,7 @@ def test_resume_after_stop_gives_the_uninterrupted_result(ray_session, tmp_path,
 
     run = make().start()
     wait_for_condition(lambda: 0 < run.status()["processed_rows"], timeout=60)
-    wait_for_condition(
-        lambda: any(p["committed_rows"] > 0 for p in run.status()["partitions"]), timeout=60
-    )
+    wait_for_condition(lambda: any(p["committed_rows"] > 0 for p in run.status()["partitions"]), timeout=60)
     run.stop()
     con = duckdb.connect(str(tmp_path / "ck" / "resume" / "catalog.duckdb"), read_only=True)
     committed, finals = con.execute(
@@ -150,7 +177,11 @@ def test_mean_min_max_aggregate(ray_session, tmp_path, events_1m):
     data = events_1m.slice(0, 100_000)
     aggs = [("value", "mean"), ("value", "min"), ("value", "max"), ("ts", "count")]
     result = keyed(
-        "mean", rf.sources.Table(data, batch_rows=10_000), tmp_path, partitions=3, consumers=2,
+        "mean",
+        rf.sources.Table(data, batch_rows=10_000),
+        tmp_path,
+        partitions=3,
+        consumers=2,
         operator=rf.ops.Aggregate(by="key", aggs=aggs),
     ).run(timeout_s=120)
     expected = duckdb_reference(

@@ -89,9 +89,16 @@ class Catalog:
         ).fetchall()
         return {
             r[0]: CommitRecord(
-                partition=r[0], lease_epoch=r[1], positions=json.loads(r[2]),
-                state_files=json.loads(r[3]), output_files=json.loads(r[4]), rows_in=r[5],
-                rows_total=r[6], state_rows=r[7], final=r[8], map_version=r[9],
+                partition=r[0],
+                lease_epoch=r[1],
+                positions=json.loads(r[2]),
+                state_files=json.loads(r[3]),
+                output_files=json.loads(r[4]),
+                rows_in=r[5],
+                rows_total=r[6],
+                state_rows=r[7],
+                final=r[8],
+                map_version=r[9],
             )
             for r in rows
         }
@@ -113,9 +120,21 @@ class Catalog:
             for rec in records:
                 cur.execute(
                     "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [self._next_id, rec.partition, rec.lease_epoch, member, json.dumps(rec.positions),
-                     json.dumps(rec.state_files), json.dumps(rec.output_files), rec.rows_in,
-                     rec.rows_total, rec.state_rows, rec.final, rec.map_version, now],
+                    [
+                        self._next_id,
+                        rec.partition,
+                        rec.lease_epoch,
+                        member,
+                        json.dumps(rec.positions),
+                        json.dumps(rec.state_files),
+                        json.dumps(rec.output_files),
+                        rec.rows_in,
+                        rec.rows_total,
+                        rec.state_rows,
+                        rec.final,
+                        rec.map_version,
+                        now,
+                    ],
                 )
                 self._next_id += 1
             cur.execute("COMMIT")

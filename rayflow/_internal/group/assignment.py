@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 
-def quotas(num_partitions: int, members: Mapping[str, float], current_counts: Mapping[str, int]) -> dict[str, int]:
+def quotas(
+    num_partitions: int, members: Mapping[str, float], current_counts: Mapping[str, int]
+) -> dict[str, int]:
     """How many partitions each member should own: shares by capacity, rounded sticky.
 
     The remainder left by rounding down goes to the members that hold the most

@@ -71,7 +71,9 @@ class LeaseTable:
 
     def revoking_from(self, member: str) -> list[int]:
         return sorted(
-            p for p, lease in self.leases.items() if lease.owner == member and lease.state is LeaseState.REVOKING
+            p
+            for p, lease in self.leases.items()
+            if lease.owner == member and lease.state is LeaseState.REVOKING
         )
 
     def any_revoking(self) -> bool:

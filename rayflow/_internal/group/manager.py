@@ -29,14 +29,14 @@ import time
 
 import ray
 
-from rayflow.config import EngineConfig
-from rayflow.errors import FencedError, IncompatibleCheckpointError
-from rayflow.partitioning import PartitionMap
-from rayflow.sinks import PENDING_DIR
 from rayflow._internal.checkpoint.catalog import Catalog, CommitRecord
 from rayflow._internal.checkpoint.store import Store
 from rayflow._internal.group.assignment import assign
 from rayflow._internal.group.leases import LeaseTable
+from rayflow.config import EngineConfig
+from rayflow.errors import FencedError, IncompatibleCheckpointError
+from rayflow.partitioning import PartitionMap
+from rayflow.sinks import PENDING_DIR
 
 
 class _Member:
@@ -68,7 +68,11 @@ class GroupManager:
         self.state_store = Store(state_root)
         self.sink_store = Store(sink_root)
         self.map = partition_map
-        self._check_meta(meta)
+        self._init_error: BaseException | None = None
+        try:
+            self._check_meta(meta)
+        except BaseException as e:  # raised by ready(): an actor whose __init__ fails just dies
+            self._init_error = e
         self.committed: dict[int, CommitRecord] = self.catalog.latest_commits()
         self.leases = LeaseTable(partition_map.num_partitions, self.catalog.lease_epochs())
         self.members: dict[str, _Member] = {}
@@ -121,6 +125,8 @@ class GroupManager:
 
     async def ready(self) -> dict:
         """Committed positions per partition (for the source's start), and which are final."""
+        if self._init_error is not None:
+            raise self._init_error
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().create_task(self._expire_loop())
         return {

@@ -1,0 +1,85 @@
+"""Partition queues (bounds, fetch-after, trim) and operators, without Ray."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+import rayflow as rf
+from rayflow._internal.chain import Chain
+from rayflow._internal.queues import Entry, PartitionQueue, QueueState
+from rayflow.testing import assert_same_rows, duckdb_reference
+
+
+def entry(split, start, end):
+    return Entry(split, start, end, end - start, (end - start) * 10, f"{split}:{end}")
+
+
+def test_queue_bounds_fetch_and_trim():
+    q = PartitionQueue(0, max_rows=250, max_bytes=10**9)
+    for a in range(0, 300, 100):
+        q.append(entry("s", a, a + 100))
+    assert q.full and q.rows == 300
+    got, rest = q.after({"s": 100}, max_bytes=1500)
+    assert [e.end for e in got] == [200] and rest
+    got, rest = q.after({"s": 100}, max_bytes=10**9)
+    assert [e.end for e in got] == [200, 300] and not rest
+    assert q.trim({"s": 200}) == 200
+    assert not q.full and [e.end for e in q.entries] == [300]
+
+
+def test_queue_lifecycle():
+    q = PartitionQueue(0, max_rows=10, max_bytes=10)
+    q.append(entry("s", 0, 5))
+    q.close_input()
+    assert q.state is QueueState.DRAINING
+    with pytest.raises(RuntimeError, match="append to a draining queue"):
+        q.append(entry("s", 5, 6))
+    q.trim({"s": 5})
+    assert q.state is QueueState.CLOSED
+
+
+def test_aggregate_state_round_trip_and_lazy_merge():
+    agg = rf.ops.Aggregate(
+        by="k", aggs=[("v", "count"), ("v", "sum"), ("v", "mean"), ("v", "min"), ("v", "max")]
+    )
+    data = pa.table({"k": [i % 7 for i in range(10_000)], "v": [float(i % 13) for i in range(10_000)]})
+    state = agg.init_state()
+    for i in range(0, 10_000, 1000):
+        state, out = agg.process(state, data.slice(i, 1000))
+        assert out is None
+    restored = agg.state_from_table(agg.state_to_table(state))
+    got = agg.finish(restored)
+    expected = duckdb_reference(
+        "SELECT k, count(v) AS v_count, sum(v) AS v_sum, avg(v) AS v_mean, min(v) AS v_min, max(v) AS v_max FROM d GROUP BY k",
+        d=data,
+    )
+    assert_same_rows(got, expected)
+
+
+def test_chain_runs_finish_output_through_later_operators():
+    chain = Chain(
+        [
+            rf.ops.Filter(pc.field("v") > 0),
+            rf.ops.Aggregate(by="k", aggs=[("v", "sum")]),
+            rf.ops.Map(lambda t: t.rename_columns({"v_sum": "total"})),
+        ]
+    )
+    states = chain.init_states()
+    assert chain.process(states, pa.table({"k": [1, 1, 2], "v": [1.0, 2.0, -1.0]})) == []
+    (out,) = chain.finish(states)
+    assert out.to_pylist() == [{"k": 1, "total": 3.0}]
+
+
+def test_operator_argument_errors():
+    with pytest.raises(rf.errors.ConfigError, match="'median' on column 'v' is not supported"):
+        rf.ops.Aggregate(by="k", aggs=[("v", "median")])
+    with pytest.raises(rf.errors.ConfigError, match="pyarrow.compute expression"):
+        rf.ops.Filter("v > 0")
+    with pytest.raises(rf.errors.ConfigError, match="needs a callable"):
+        rf.ops.Map(3)
+    with pytest.raises(rf.errors.InputError, match="must return a pyarrow Table"):
+        rf.ops.Map(lambda t: 1).process(None, pa.table({"a": [1]}))
+    with pytest.raises(rf.errors.ConfigError, match="queue_max_rows must be > 0"):
+        rf.EngineConfig(queue_max_rows=0)
