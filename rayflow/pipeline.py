@@ -208,6 +208,7 @@ class Run:
             for i in range(n_src)
         ]
         self._actors.extend(self.sources)
+        self._get(self.manager.set_sources.remote(self.sources))
         self._sink_root = sink_root
         self.consumers: dict[str, object] = {}
         self._next_consumer = 0

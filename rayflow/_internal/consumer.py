@@ -21,6 +21,7 @@ The commit protocol, seen from here (:meth:`ConsumerActor._commit`):
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class _Owned:
     dirty: bool = False
     full: bool = False
     seq: int = 0
+    first_done: bool = False
 
 
 @ray.remote
@@ -88,6 +90,8 @@ class ConsumerActor:
         self.rows_processed = 0
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._poke = asyncio.Event()  # set by the manager: heartbeat now (revocation or grant)
+        self._firsts: dict[int, tuple[int, float]] = {}  # partition -> (epoch, wall time of first batch)
         self._task: asyncio.Task | None = None
         self._error: BaseException | None = None
 
@@ -97,6 +101,10 @@ class ConsumerActor:
         self.member_epoch = await self.manager.join.remote(self.member_id, me)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
+    async def poke(self) -> None:
+        """Heartbeat at the next step instead of waiting for the period (the manager calls this)."""
+        self._poke.set()
+
     async def watch(self) -> None:
         """Never returns while the actor lives: the manager's liveness watch."""
         await self._stopped.wait()
@@ -104,8 +112,12 @@ class ConsumerActor:
     async def stop(self) -> None:
         """Graceful stop: finish the current step, commit everything, leave the group."""
         self._stopping = True
+        self._poke.set()
         if self._task is not None:
-            await self._task
+            try:
+                await self._task
+            except Exception:
+                pass  # kept in self._error and reported by status()
         if self._error is None:
             await self._commit([o for o in self.owned.values() if not o.final])
         await self.manager.leave.remote(self.member_id)
@@ -115,9 +127,11 @@ class ConsumerActor:
     async def status(self) -> dict:
         if self._error is not None:
             raise self._error
+        owned = dict(self.owned)  # the worker thread may change it
         return {
             "member": self.member_id,
-            "partitions": {p: o.epoch for p, o in self.owned.items()},
+            "pid": os.getpid(),
+            "partitions": {p: o.epoch for p, o in owned.items()},
             "rows_processed": self.rows_processed,
             "busy_s": self.busy_s,
         }
@@ -128,12 +142,16 @@ class ConsumerActor:
         last_commit = time.monotonic()
         try:
             while not self._stopping:
-                if time.monotonic() >= next_hb:
+                if self._poke.is_set() or time.monotonic() >= next_hb:
+                    self._poke.clear()
                     await self._heartbeat()
                     next_hb = time.monotonic() + self.config.heartbeat_interval_s
                 active = [o for o in self.owned.values() if not o.final]
                 if not active:
-                    await asyncio.sleep(min(self.config.heartbeat_interval_s, 0.05))
+                    try:
+                        await asyncio.wait_for(self._poke.wait(), self.config.heartbeat_interval_s)
+                    except asyncio.TimeoutError:
+                        pass
                     continue
                 work = await self._fetch(active)
                 refs = [e.ref for entries, _ in work.values() for e in entries]
@@ -146,6 +164,7 @@ class ConsumerActor:
                     self.busy_s += time.monotonic() - t0
                 else:
                     self._advance(work)
+                active = [o for o in active if o.partition in self.owned]
                 ended = [o for o in active if len(o.ended_sources) == len(self.sources)]
                 due = time.monotonic() - last_commit >= self.interval_s
                 if ended or due or any(o.full for o in active):
@@ -161,10 +180,13 @@ class ConsumerActor:
 
     async def _fetch(self, active: list[_Owned]) -> dict[int, tuple[list, list]]:
         calls = []
+        # fetch_max_bytes bounds one step of this consumer (so a heartbeat, a revocation or
+        # a stop is never more than one step away), shared by its partitions and sources.
+        share = max(1, self.config.fetch_max_bytes // max(1, len(active) * len(self.sources)))
         for i, src in enumerate(self.sources):
-            req = {o.partition: o.positions for o in active if i not in o.ended_sources}
+            req = {o.partition: (o.epoch, o.positions) for o in active if i not in o.ended_sources}
             if req:
-                calls.append((i, src.fetch.remote(req, self.config.fetch_max_bytes)))
+                calls.append((i, src.fetch.remote(req, share)))
         replies = await asyncio.gather(*(c for _, c in calls))
         work: dict[int, tuple[list, list]] = {o.partition: ([], []) for o in active}
         for (i, _), reply in zip(calls, replies):
@@ -179,6 +201,10 @@ class ConsumerActor:
         for p, (_, results) in work.items():
             o = self.owned.get(p)
             if o is None:
+                continue
+            if any(res.fenced for _, res in results):
+                # A newer owner exists: drop the partition and its uncommitted state.
+                del self.owned[p]
                 continue
             for i, res in results:
                 if res.frontier:
@@ -199,6 +225,9 @@ class ConsumerActor:
             if o is None or not entries:
                 continue
             table = pa.Table.from_batches(got)
+            if not o.first_done:  # the end of this partition's pause, if it just moved here
+                o.first_done = True
+                self._firsts[p] = (o.epoch, time.time())
             o.outputs.extend(self.chain.process(o.states, table))
             o.rows_total += table.num_rows
             self.rows_processed += table.num_rows
@@ -210,8 +239,12 @@ class ConsumerActor:
 
     # ------------------------------------------------------------------ membership
     async def _heartbeat(self) -> None:
+        firsts, self._firsts = self._firsts, {}
         reply = await self.manager.heartbeat.remote(
-            self.member_id, self.member_epoch, {p: o.rows_total for p, o in self.owned.items()}
+            self.member_id,
+            self.member_epoch,
+            {p: o.rows_total for p, o in self.owned.items()},
+            firsts,
         )
         if reply.get("rejoin"):
             # The manager no longer knows us (it restarted, or expired our session):
@@ -275,7 +308,7 @@ class ConsumerActor:
             o.dirty = o.full = False
             o.outputs = []
             o.final = o.final or p in final
-            trim[p] = dict(o.positions)
+            trim[p] = (o.epoch, dict(o.positions))
         for src in self.sources:
             src.trim.remote(trim)
 

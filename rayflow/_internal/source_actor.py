@@ -23,6 +23,7 @@ import ray
 
 from rayflow._internal.queues import Entry, PartitionQueue
 from rayflow.config import EngineConfig
+from rayflow.errors import FencedError
 from rayflow.partitioning import PartitionMap, hash_table, split_by_partition
 from rayflow.sources import Split
 
@@ -46,6 +47,8 @@ class FetchResult:
     end: bool = False
     #: The queue is at its bound: commit soon so it can be trimmed.
     full: bool = False
+    #: Set when the request's lease epoch is stale: the caller must drop the partition.
+    fenced: FencedError | None = None
 
 
 @ray.remote
@@ -74,6 +77,9 @@ class SourceActor:
             for p in range(n)
         ]
         self.frontier = {s.name: start.get(s.name, 0) for s in splits}
+        # The newest lease epoch per partition, pushed by the manager at every grant:
+        # a fetch or trim under an older epoch comes from a stale owner.
+        self.epochs: dict[int, int] = {}
         self.rows_read = 0
         self.blocked_s = np.zeros(n)
         self.exhausted = False
@@ -147,15 +153,36 @@ class SourceActor:
             self.queues[p].append(Entry(name, start, end, rows, nbytes, ref))
         self.frontier[name] = end
 
-    async def fetch(self, requests: dict[int, dict[str, int]], max_bytes: int) -> dict[int, FetchResult]:
-        """Entries past the given positions for each asked partition.
+    async def set_epochs(self, epochs: dict[int, int]) -> None:
+        """The manager's word on the current lease epoch of partitions (only ever raised)."""
+        for p, e in epochs.items():
+            if e > self.epochs.get(p, 0):
+                self.epochs[p] = e
 
+    def _fenced(self, p: int, epoch: int) -> FencedError | None:
+        cur = self.epochs.get(p, 0)
+        if epoch >= cur:
+            return None
+        return FencedError(
+            f"partition {p}: lease epoch {epoch} is stale (current {cur}); abandon the partition "
+            "and take the assignment of the next heartbeat",
+            partition=p,
+            epoch=epoch,
+            current_epoch=cur,
+        )
+
+    async def fetch(
+        self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int
+    ) -> dict[int, FetchResult]:
+        """Entries past the given positions for each asked partition (``p -> (epoch, positions)``).
+
+        A partition asked under a stale lease epoch gets no data, only ``fenced``.
         Waits up to ``fetch_wait_s`` for data when none is due (long poll).
         """
         if self.error is not None:
             raise self.error
         res = self._serve(requests, max_bytes)
-        if not any(r.entries or r.end for r in res.values()) and not self.exhausted:
+        if not any(r.entries or r.end or r.fenced for r in res.values()) and not self.exhausted:
             async with self._changed:
                 try:
                     await asyncio.wait_for(self._changed.wait(), self.config.fetch_wait_s)
@@ -164,9 +191,13 @@ class SourceActor:
             res = self._serve(requests, max_bytes)
         return res
 
-    def _serve(self, requests: dict[int, dict[str, int]], max_bytes: int) -> dict[int, FetchResult]:
+    def _serve(self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int) -> dict[int, FetchResult]:
         out = {}
-        for p, positions in requests.items():
+        for p, (epoch, positions) in requests.items():
+            fenced = self._fenced(p, epoch)
+            if fenced is not None:
+                out[p] = FetchResult(fenced=fenced)
+                continue
             q = self.queues[p]
             entries, rest = q.after(positions, max_bytes)
             r = FetchResult(
@@ -179,12 +210,20 @@ class SourceActor:
             out[p] = r
         return out
 
-    async def trim(self, committed: dict[int, dict[str, int]]) -> None:
-        """Drop queued entries covered by committed positions (partition -> split -> position)."""
-        for p, positions in committed.items():
+    async def trim(self, committed: dict[int, tuple[int, dict[str, int]]]) -> list[int]:
+        """Drop queued entries covered by committed positions (``p -> (epoch, positions)``).
+
+        Returns the partitions refused for a stale epoch (nothing trimmed there).
+        """
+        fenced = []
+        for p, (epoch, positions) in committed.items():
+            if self._fenced(p, epoch) is not None:
+                fenced.append(p)
+                continue
             self.queues[p].trim(positions)
         async with self._changed:
             self._changed.notify_all()
+        return fenced
 
     async def stats(self) -> dict:
         if self.error is not None:

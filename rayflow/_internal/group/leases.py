@@ -76,8 +76,14 @@ class LeaseTable:
             if lease.owner == member and lease.state is LeaseState.REVOKING
         )
 
+    def epochs(self) -> dict[int, int]:
+        return {p: lease.epoch for p, lease in self.leases.items()}
+
     def any_revoking(self) -> bool:
         return any(lease.state is LeaseState.REVOKING for lease in self.leases.values())
+
+    def revoking(self) -> set[int]:
+        return {p for p, lease in self.leases.items() if lease.state is LeaseState.REVOKING}
 
     def check(self, partition: int, member: str, epoch: int) -> None:
         """Raise :class:`FencedError` unless ``member`` holds ``partition`` under ``epoch``."""

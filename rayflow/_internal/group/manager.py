@@ -76,6 +76,12 @@ class GroupManager:
         self.committed: dict[int, CommitRecord] = self.catalog.latest_commits()
         self.leases = LeaseTable(partition_map.num_partitions, self.catalog.lease_epochs())
         self.members: dict[str, _Member] = {}
+        self.sources: list = []
+        # Pause bookkeeping (DESIGN §7): when each moving partition stopped being
+        # processed, and the grant it is waiting to see processed.
+        self._pause_since: dict[int, tuple[float, str, str]] = {}  # p -> (wall time, why, from)
+        self._pending_moves: dict[int, dict] = {}  # partition -> move awaiting its first batch
+        self.moves: list[dict] = []
         self.expected_members = 0
         self.active = False
         self.member_epoch = 0
@@ -175,6 +181,9 @@ class GroupManager:
             m.watch.cancel()
         if why in ("crash", "expiry"):
             self.recoveries += 1
+        now = time.time()
+        for p in self.leases.owned_by(member_id):
+            self._pause_since.setdefault(p, (now, why, member_id))
         target = self._target()
         moved = self.leases.drop_member(member_id, target)
         self._record_grants(moved)
@@ -197,7 +206,13 @@ class GroupManager:
     def _rebalance(self, why: str) -> None:
         if not self.active or not self.members:
             return
+        before = self.leases.revoking()
         grants = self.leases.rebalance(self._target())
+        now = time.time()
+        for p in self.leases.revoking() - before:
+            owner = self.leases.leases[p].owner
+            self._pause_since.setdefault(p, (now, why, owner))
+            self._poke(owner)
         self._record_grants(grants)
         if grants or self.leases.any_revoking():
             self.rebalances += 1
@@ -206,17 +221,58 @@ class GroupManager:
                 {"why": why, "grants": [(g.partition, g.previous_owner, g.owner, g.epoch) for g in grants]},
             )
 
+    def _poke(self, member_id: str | None) -> None:
+        m = self.members.get(member_id) if member_id else None
+        if m is not None:
+            m.handle.poke.remote()
+
     def _record_grants(self, grants) -> None:
+        """Persist grants (epochs survive a restart), tell the sources (fencing), wake the owners."""
+        if not grants:
+            return
+        for g in grants:
+            since = self._pause_since.pop(g.partition, None)
+            if since is not None:
+                self._pending_moves[g.partition] = {
+                    "partition": g.partition, "from": since[2], "to": g.owner,
+                    "epoch": g.epoch, "why": since[1], "since": since[0],
+                }
+            self._poke(g.owner)
         self.catalog.record_leases([(g.partition, g.owner, g.epoch) for g in grants])
+        for src in self.sources:
+            src.set_epochs.remote({g.partition: g.epoch for g in grants})
+
+    async def set_sources(self, sources: list) -> None:
+        self.sources = sources
+        for src in sources:
+            src.set_epochs.remote(self.leases.epochs())
 
     # ------------------------------------------------------------------ heartbeat
-    async def heartbeat(self, member_id: str, member_epoch: int, processed: dict[int, int]) -> dict:
-        """The member's assignment: partitions it owns (with epochs and last commits), and revocations."""
+    async def heartbeat(
+        self,
+        member_id: str,
+        member_epoch: int,
+        processed: dict[int, int],
+        firsts: dict[int, tuple[int, float]] | None = None,
+    ) -> dict:
+        """The member's assignment: partitions it owns (with epochs and last commits), and revocations.
+
+        ``firsts``: partition -> (epoch, wall time) of the first batch processed
+        since the member got it; closes the pause of a moved partition.
+        """
         m = self.members.get(member_id)
         if m is None or m.epoch != member_epoch:
             return {"rejoin": True}
         m.last_seen = time.monotonic()
         m.processed = processed
+        for p, (epoch, ts) in (firsts or {}).items():
+            move = self._pending_moves.get(p)
+            if move is not None and move["epoch"] == epoch and move["to"] == member_id:
+                del self._pending_moves[p]
+                move["pause_s"] = max(0.0, ts - move.pop("since"))
+                move["at"] = ts
+                self.moves.append(move)
+                self.catalog.record_event("move", move)
         owned = self.leases.owned_by(member_id)
         return {
             "owned": owned,
@@ -293,6 +349,10 @@ class GroupManager:
             "rebalances": self.rebalances,
             "recoveries": self.recoveries,
         }
+
+    async def moves_since(self, index: int = 0) -> list[dict]:
+        """Completed partition moves (with their pause), from ``index`` on."""
+        return self.moves[index:]
 
     async def output_files(self) -> list[str]:
         return self.catalog.all_output_files()
