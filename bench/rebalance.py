@@ -49,7 +49,9 @@ class Sampler:
             except Exception:
                 break
             parts = st["partitions"]
-            self.samples.append((time.time(), [p["processed_rows"] for p in parts], [p["owner"] for p in parts]))
+            self.samples.append(
+                (time.time(), [p["processed_rows"] for p in parts], [p["owner"] for p in parts])
+            )
             if st["done"]:
                 break
             self._stop.wait(self.interval_s)
@@ -133,8 +135,10 @@ def main(argv=None) -> int:
 
     # correctness against the single-process reference
     ref = source.to_table().group_by("key").aggregate([("value", "count"), ("value", "sum")])
-    ok = result.output.select(["key", "value_count", "value_sum"]).sort_by("key").equals(
-        ref.select(["key", "value_count", "value_sum"]).sort_by("key")
+    ok = (
+        result.output.select(["key", "value_count", "value_sum"])
+        .sort_by("key")
+        .equals(ref.select(["key", "value_count", "value_sum"]).sort_by("key"))
     )
 
     t_end = sampler.samples[-1][0]
@@ -154,9 +158,13 @@ def main(argv=None) -> int:
                 "pause_p99_s": pct(pauses, 99),
                 "pause_max_s": max(pauses, default=float("nan")),
                 "events_per_s_before": sampler.rate(ev["at"] - 2.0, ev["at"]),
-                "events_per_s_during": sampler.rate(ev["at"], max(settle, ev["at"] + 0.3)),
-                "events_per_s_after": sampler.rate(max(settle, ev["at"]), min(nxt, max(settle, ev["at"]) + 2.0)),
-                "unmoved_min_rows_during": sampler.min_partition_progress(ev["at"], max(settle, ev["at"] + 0.3), unmoved),
+                "events_per_s_during": sampler.rate(ev["at"], max(settle, ev["at"] + 0.5)),
+                "events_per_s_after": sampler.rate(
+                    max(settle, ev["at"]), min(nxt, max(settle, ev["at"]) + 2.0)
+                ),
+                "unmoved_min_rows_during": sampler.min_partition_progress(
+                    ev["at"], max(settle, ev["at"] + 0.5), unmoved
+                ),
             }
         )
     report = {
@@ -169,14 +177,20 @@ def main(argv=None) -> int:
         "rebalance_events": rows,
         "moves": moves,
     }
-    print(f"\nkeyed job, {args.events:,} events, {args.partitions} partitions; overall "
-          f"{result.stats['events_per_s']:,.0f} events/s, result {'correct' if ok else 'WRONG'}")
-    print(f"{'event':<16}{'moved':>6}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'before/s':>12}{'during/s':>12}"
-          f"{'after/s':>12}{'unmoved min rows':>18}")
+    print(
+        f"\nkeyed job, {args.events:,} events, {args.partitions} partitions; overall "
+        f"{result.stats['events_per_s']:,.0f} events/s, result {'correct' if ok else 'WRONG'}"
+    )
+    print(
+        f"{'event':<16}{'moved':>6}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'before/s':>12}{'during/s':>12}"
+        f"{'after/s':>12}{'unmoved min rows':>18}"
+    )
     for r in rows:
-        print(f"{r['event']:<16}{r['partitions_moved']:>6}{r['pause_p50_s'] * 1e3:>8.0f}{r['pause_p99_s'] * 1e3:>8.0f}"
-              f"{r['pause_max_s'] * 1e3:>8.0f}{r['events_per_s_before']:>12,.0f}{r['events_per_s_during']:>12,.0f}"
-              f"{r['events_per_s_after']:>12,.0f}{r['unmoved_min_rows_during']:>18,}")
+        print(
+            f"{r['event']:<16}{r['partitions_moved']:>6}{r['pause_p50_s'] * 1e3:>8.0f}{r['pause_p99_s'] * 1e3:>8.0f}"
+            f"{r['pause_max_s'] * 1e3:>8.0f}{r['events_per_s_before']:>12,.0f}{r['events_per_s_during']:>12,.0f}"
+            f"{r['events_per_s_after']:>12,.0f}{r['unmoved_min_rows_during']:>18,}"
+        )
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2, default=str)

@@ -276,13 +276,19 @@ class Run:
         """Change the number of consumers while the job runs (graceful on the way down)."""
         if isinstance(consumers, bool) or not isinstance(consumers, int) or consumers < 1:
             raise ConfigError(f"consumers must be an integer >= 1, got {consumers!r}")
+        self._check_health()  # forget consumers that died meanwhile
         cur = len(self.consumers)
         if consumers > cur:
             self._add_consumers(consumers - cur)
-        for member in sorted(self.consumers, key=lambda m: int(m.split("-")[1]))[consumers:]:
-            actor = self.consumers.pop(member)
-            self._get(actor.stop.remote())
-            ray.kill(actor)
+        leaving = sorted(self.consumers, key=lambda m: int(m.split("-")[1]))[consumers:]
+        actors = [self.consumers.pop(m) for m in leaving]
+        for ref in [a.stop.remote() for a in actors]:  # graceful: each commits, then leaves
+            try:
+                self._get(ref)
+            except ray.exceptions.RayActorError:
+                pass  # died on its way out: the manager recovers its partitions
+        for a in actors:
+            ray.kill(a)
 
     def _check_health(self) -> None:
         for name, c in list(self.consumers.items()):

@@ -191,7 +191,9 @@ class SourceActor:
             res = self._serve(requests, max_bytes)
         return res
 
-    def _serve(self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int) -> dict[int, FetchResult]:
+    def _serve(
+        self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int
+    ) -> dict[int, FetchResult]:
         out = {}
         for p, (epoch, positions) in requests.items():
             fenced = self._fenced(p, epoch)

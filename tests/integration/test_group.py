@@ -36,7 +36,10 @@ def throttled(name, data, tmp_path, *, consumers, rows_per_s=150_000, **cfg) -> 
         source=rf.sources.Table(data, batch_rows=10_000),
         key="key",
         partitions=8,
-        operator=[throttle(rows_per_s), rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")])],
+        operator=[
+            throttle(rows_per_s),
+            rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")]),
+        ],
         consumers=consumers,
         checkpoint_dir=str(tmp_path / "ck"),
         checkpoint_interval_s=0.2,
@@ -55,7 +58,8 @@ def test_scale_up_and_down_mid_job(ray_session, tmp_path, data, expected):
     run.scale(consumers=4)
     wait_for_condition(lambda: len(run.status()["members"]) == 4, timeout=30)
     wait_for_condition(
-        lambda: len({p["owner"] for p in run.status()["partitions"] if not p["final"]} - {None}) >= 3, timeout=30
+        lambda: len({p["owner"] for p in run.status()["partitions"] if not p["final"]} - {None}) >= 3,
+        timeout=30,
     )
     wait_for_condition(progressed(run, 0.4, data.num_rows), timeout=60)
     run.scale(consumers=1)
@@ -78,7 +82,9 @@ def test_killed_consumer_loses_and_doubles_nothing(ray_session, tmp_path, data, 
     # its partitions move to the survivors
     wait_for_condition(
         lambda: all(
-            p["owner"] in ("consumer-0", "consumer-2") for p in run.status()["partitions"] if p["partition"] in owned and not p["final"]
+            p["owner"] in ("consumer-0", "consumer-2")
+            for p in run.status()["partitions"]
+            if p["partition"] in owned and not p["final"]
         ),
         timeout=30,
     )
@@ -102,8 +108,18 @@ def test_zombie_consumer_is_fenced(ray_session, tmp_path, data, expected):
         os.kill(st["pid"], signal.SIGCONT)
     # A commit under the old epochs is refused, partition by partition.
     stale = [
-        CommitRecord(partition=p, lease_epoch=e, positions={}, state_files=[], output_files=[], rows_in=0,
-                     rows_total=0, state_rows=0, final=False, map_version=1)
+        CommitRecord(
+            partition=p,
+            lease_epoch=e,
+            positions={},
+            state_files=[],
+            output_files=[],
+            rows_in=0,
+            rows_total=0,
+            state_rows=0,
+            final=False,
+            map_version=1,
+        )
         for p, e in st["partitions"].items()
     ]
     reply = ray.get(run.manager.commit.remote("consumer-0", stale), timeout=30)

@@ -234,8 +234,12 @@ class GroupManager:
             since = self._pause_since.pop(g.partition, None)
             if since is not None:
                 self._pending_moves[g.partition] = {
-                    "partition": g.partition, "from": since[2], "to": g.owner,
-                    "epoch": g.epoch, "why": since[1], "since": since[0],
+                    "partition": g.partition,
+                    "from": since[2],
+                    "to": g.owner,
+                    "epoch": g.epoch,
+                    "why": since[1],
+                    "since": since[0],
                 }
             self._poke(g.owner)
         self.catalog.record_leases([(g.partition, g.owner, g.epoch) for g in grants])
