@@ -31,22 +31,11 @@ import ray
 
 from rayflow._internal.checkpoint.catalog import Catalog, CommitRecord
 from rayflow._internal.checkpoint.store import Store
-from rayflow._internal.group.assignment import assign
-from rayflow._internal.group.leases import LeaseTable
+from rayflow._internal.group.coordinator import Coordinator, Effects
 from rayflow.config import EngineConfig
 from rayflow.errors import FencedError, IncompatibleCheckpointError
 from rayflow.partitioning import PartitionMap
 from rayflow.sinks import PENDING_DIR
-
-
-class _Member:
-    def __init__(self, member_id: str, handle, epoch: int):
-        self.id = member_id
-        self.handle = handle
-        self.epoch = epoch
-        self.last_seen = time.monotonic()
-        self.processed: dict[int, int] = {}
-        self.watch: asyncio.Task | None = None
 
 
 @ray.remote
@@ -73,20 +62,15 @@ class GroupManager:
             self._check_meta(meta)
         except BaseException as e:  # raised by ready(): an actor whose __init__ fails just dies
             self._init_error = e
-        self.committed: dict[int, CommitRecord] = self.catalog.latest_commits()
-        self.leases = LeaseTable(partition_map.num_partitions, self.catalog.lease_epochs())
-        self.members: dict[str, _Member] = {}
+        self.group = Coordinator(
+            partition_map.num_partitions,
+            epochs=self.catalog.lease_epochs(),
+            committed=self.catalog.latest_commits(),
+        )
+        self.handles: dict[str, object] = {}
+        self.watches: dict[str, asyncio.Task] = {}
         self.sources: list = []
-        # Pause bookkeeping (DESIGN §7): when each moving partition stopped being
-        # processed, and the grant it is waiting to see processed.
-        self._pause_since: dict[int, tuple[float, str, str]] = {}  # p -> (wall time, why, from)
-        self._pending_moves: dict[int, dict] = {}  # partition -> move awaiting its first batch
         self.moves: list[dict] = []
-        self.expected_members = 0
-        self.active = False
-        self.member_epoch = 0
-        self.rebalances = 0
-        self.recoveries = 0
         self._repair_files()
         self._expiry: asyncio.Task | None = None  # started by ready(), inside the event loop
 
@@ -135,121 +119,74 @@ class GroupManager:
             raise self._init_error
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().create_task(self._expire_loop())
+        committed = self.group.committed
         return {
-            "positions": {p: c.positions for p, c in self.committed.items()},
-            "final": sorted(p for p, c in self.committed.items() if c.final),
+            "positions": {p: c.positions for p, c in committed.items()},
+            "final": sorted(p for p, c in committed.items() if c.final),
         }
 
-    # ------------------------------------------------------------------ membership
-    async def join(self, member_id: str, handle) -> int:
-        self.member_epoch += 1
-        m = _Member(member_id, handle, self.member_epoch)
-        self.members[member_id] = m
-        m.watch = asyncio.get_running_loop().create_task(self._watch(m))
-        self.catalog.record_event("join", {"member": member_id, "epoch": m.epoch})
-        if self.active:
-            self._rebalance("join")
-        return m.epoch
-
-    async def activate(self, expected_members: int) -> None:
-        """First assignment, once the expected consumers have joined (no start-up churn)."""
-        self.expected_members = expected_members
-        self.active = True
-        self._rebalance("start")
-
-    async def _watch(self, m: _Member) -> None:
-        try:
-            await m.handle.watch.remote()
-        except Exception:
-            pass
-        if self.members.get(m.id) is m:
-            self._member_gone(m.id, "crash")
-
-    async def _expire_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval_s)
-            now = time.monotonic()
-            for m in list(self.members.values()):
-                if now - m.last_seen > self.config.session_timeout_s:
-                    self._member_gone(m.id, "expiry")
-
-    def _member_gone(self, member_id: str, why: str) -> None:
-        m = self.members.pop(member_id, None)
-        if m is None:
-            return
-        if m.watch is not None and why != "crash":
-            m.watch.cancel()
-        if why in ("crash", "expiry"):
-            self.recoveries += 1
-        now = time.time()
-        for p in self.leases.owned_by(member_id):
-            self._pause_since.setdefault(p, (now, why, member_id))
-        target = self._target()
-        moved = self.leases.drop_member(member_id, target)
-        self._record_grants(moved)
-        self.catalog.record_event(why, {"member": member_id, "moved": [g.partition for g in moved]})
-        self._rebalance(why)
-
-    async def leave(self, member_id: str) -> None:
-        self._member_gone(member_id, "leave")
-
-    def _loads(self) -> dict[int, float]:
-        return {p: 1.0 for p in range(self.map.num_partitions) if not self._final(p)}
-
-    def _final(self, p: int) -> bool:
-        c = self.committed.get(p)
-        return c is not None and c.final
-
-    def _target(self) -> dict[int, str]:
-        return assign(self._loads(), {m: 1.0 for m in self.members}, self.leases.owners())
-
-    def _rebalance(self, why: str) -> None:
-        if not self.active or not self.members:
-            return
-        before = self.leases.revoking()
-        grants = self.leases.rebalance(self._target())
-        now = time.time()
-        for p in self.leases.revoking() - before:
-            owner = self.leases.leases[p].owner
-            self._pause_since.setdefault(p, (now, why, owner))
-            self._poke(owner)
-        self._record_grants(grants)
-        if grants or self.leases.any_revoking():
-            self.rebalances += 1
-            self.catalog.record_event(
-                "rebalance",
-                {"why": why, "grants": [(g.partition, g.previous_owner, g.owner, g.epoch) for g in grants]},
-            )
-
-    def _poke(self, member_id: str | None) -> None:
-        m = self.members.get(member_id) if member_id else None
-        if m is not None:
-            m.handle.poke.remote()
-
-    def _record_grants(self, grants) -> None:
-        """Persist grants (epochs survive a restart), tell the sources (fencing), wake the owners."""
-        if not grants:
-            return
-        for g in grants:
-            since = self._pause_since.pop(g.partition, None)
-            if since is not None:
-                self._pending_moves[g.partition] = {
-                    "partition": g.partition,
-                    "from": since[2],
-                    "to": g.owner,
-                    "epoch": g.epoch,
-                    "why": since[1],
-                    "since": since[0],
-                }
-            self._poke(g.owner)
-        self.catalog.record_leases([(g.partition, g.owner, g.epoch) for g in grants])
-        for src in self.sources:
-            src.set_epochs.remote({g.partition: g.epoch for g in grants})
+    def _apply(self, fx: Effects) -> None:
+        """Carry out a decision: persist grants, tell the sources, wake members, log events."""
+        if fx.grants:
+            self.catalog.record_leases([(g.partition, g.owner, g.epoch) for g in fx.grants])
+            for src in self.sources:
+                src.set_epochs.remote({g.partition: g.epoch for g in fx.grants})
+        for move in fx.moves:  # the coordinator runs on monotonic time; the log on wall time
+            move["at"] += time.time() - time.monotonic()
+        for member_id in fx.pokes:
+            h = self.handles.get(member_id)
+            if h is not None:
+                h.poke.remote()
+        for kind, detail in fx.events:
+            self.catalog.record_event(kind, detail)
+        self.moves += fx.moves
 
     async def set_sources(self, sources: list) -> None:
         self.sources = sources
         for src in sources:
-            src.set_epochs.remote(self.leases.epochs())
+            src.set_epochs.remote(self.group.leases.epochs())
+
+    # ------------------------------------------------------------------ membership
+    async def join(self, member_id: str, handle) -> int:
+        epoch, fx = self.group.join(member_id, time.monotonic())
+        self.handles[member_id] = handle
+        old = self.watches.pop(member_id, None)
+        if old is not None:
+            old.cancel()
+        self.watches[member_id] = asyncio.get_running_loop().create_task(
+            self._watch(member_id, epoch, handle)
+        )
+        self._apply(fx)
+        return epoch
+
+    async def activate(self, expected_members: int) -> None:
+        """First assignment, once the expected consumers have joined (no start-up churn)."""
+        self._apply(self.group.activate(time.monotonic()))
+
+    async def _watch(self, member_id: str, epoch: int, handle) -> None:
+        """Ray fails this call within milliseconds of the member's death."""
+        try:
+            await handle.watch.remote()
+        except Exception:
+            pass
+        m = self.group.members.get(member_id)
+        if m is not None and m.epoch == epoch:
+            self._gone(member_id, "crash")
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            self._apply(self.group.expire(time.monotonic(), self.config.session_timeout_s))
+
+    def _gone(self, member_id: str, why: str) -> None:
+        self._apply(self.group.member_gone(member_id, why, time.monotonic()))
+
+    async def leave(self, member_id: str) -> None:
+        watch = self.watches.pop(member_id, None)
+        if watch is not None:
+            watch.cancel()
+        self._gone(member_id, "leave")
+        self.handles.pop(member_id, None)
 
     # ------------------------------------------------------------------ heartbeat
     async def heartbeat(
@@ -259,42 +196,16 @@ class GroupManager:
         processed: dict[int, int],
         firsts: dict[int, tuple[int, float]] | None = None,
     ) -> dict:
-        """The member's assignment: partitions it owns (with epochs and last commits), and revocations.
-
-        ``firsts``: partition -> (epoch, wall time) of the first batch processed
-        since the member got it; closes the pause of a moved partition.
-        """
-        m = self.members.get(member_id)
-        if m is None or m.epoch != member_epoch:
-            return {"rejoin": True}
-        m.last_seen = time.monotonic()
-        m.processed = processed
-        for p, (epoch, ts) in (firsts or {}).items():
-            move = self._pending_moves.get(p)
-            if move is not None and move["epoch"] == epoch and move["to"] == member_id:
-                del self._pending_moves[p]
-                move["pause_s"] = max(0.0, ts - move.pop("since"))
-                move["at"] = ts
-                self.moves.append(move)
-                self.catalog.record_event("move", move)
-        owned = self.leases.owned_by(member_id)
-        return {
-            "owned": owned,
-            "revoke": self.leases.revoking_from(member_id),
-            "commits": {p: self.committed.get(p) for p in owned},
-        }
+        """The member's assignment (see :meth:`Coordinator.heartbeat`)."""
+        reply, fx = self.group.heartbeat(
+            member_id, member_epoch, time.monotonic(), processed, _to_mono(firsts)
+        )
+        self._apply(fx)
+        return reply
 
     async def release(self, member_id: str, partitions: dict[int, int]) -> None:
         """The member gives up revoked partitions (it has committed them)."""
-        grants = []
-        for p, epoch in partitions.items():
-            try:
-                g = self.leases.release(p, member_id, epoch)
-            except FencedError:
-                continue
-            if g is not None:
-                grants.append(g)
-        self._record_grants(grants)
+        self._apply(self.group.release(member_id, partitions))
 
     # ------------------------------------------------------------------ commits
     async def commit(self, member_id: str, records: list[CommitRecord]) -> dict:
@@ -302,15 +213,10 @@ class GroupManager:
         ok, fenced = [], []
         for rec in records:
             try:
-                self.leases.check(rec.partition, member_id, rec.lease_epoch)
+                self.group.validate_commit(member_id, rec)
             except FencedError:
                 fenced.append(rec.partition)
                 continue
-            prev = self.committed.get(rec.partition)
-            if prev is not None:
-                back = {s: v for s, v in prev.positions.items() if rec.positions.get(s, 0) < v}
-                if back:
-                    raise ValueError(f"partition {rec.partition}: committed positions would go back: {back}")
             for f in rec.state_files:
                 if not self.state_store.exists(f):
                     raise FileNotFoundError(f"partition {rec.partition}: state file {f} is missing")
@@ -321,7 +227,7 @@ class GroupManager:
         if ok:
             self.catalog.record_commits(member_id, ok)
             for rec in ok:
-                self.committed[rec.partition] = rec
+                self.group.apply_commit(rec)
                 for f in rec.output_files:
                     self.sink_store.move(f"{PENDING_DIR}/{f}", f)
         return {"accepted": [r.partition for r in ok], "fenced": fenced}
@@ -329,12 +235,13 @@ class GroupManager:
     # ------------------------------------------------------------------ status
     async def status(self) -> dict:
         parts = []
+        g = self.group
         for p in range(self.map.num_partitions):
-            lease = self.leases.leases[p]
-            c = self.committed.get(p)
+            lease = g.leases.leases[p]
+            c = g.committed.get(p)
             live = 0
-            if lease.owner in self.members:
-                live = self.members[lease.owner].processed.get(p, 0)
+            if lease.owner in g.members:
+                live = g.members[lease.owner].processed.get(p, 0)
             parts.append(
                 {
                     "partition": p,
@@ -344,14 +251,15 @@ class GroupManager:
                     "committed_rows": c.rows_total if c else 0,
                     "processed_rows": max(live, c.rows_total if c else 0),
                     "final": bool(c and c.final),
+                    "load_rows_per_s": g.load.get(p, 0.0),
                 }
             )
         return {
             "partitions": parts,
-            "members": sorted(self.members),
-            "done": all(x["final"] for x in parts),
-            "rebalances": self.rebalances,
-            "recoveries": self.recoveries,
+            "members": sorted(g.members),
+            "done": g.done(),
+            "rebalances": g.rebalances,
+            "recoveries": g.recoveries,
         }
 
     async def moves_since(self, index: int = 0) -> list[dict]:
@@ -364,7 +272,14 @@ class GroupManager:
     async def close(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
-        for m in self.members.values():
-            if m.watch is not None:
-                m.watch.cancel()
+        for w in self.watches.values():
+            w.cancel()
         self.catalog.close()
+
+
+def _to_mono(firsts: dict[int, tuple[int, float]] | None) -> dict[int, tuple[int, float]] | None:
+    """Members report wall times (comparable across processes); the coordinator runs on monotonic."""
+    if not firsts:
+        return firsts
+    shift = time.monotonic() - time.time()
+    return {p: (e, ts + shift) for p, (e, ts) in firsts.items()}
