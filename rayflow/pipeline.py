@@ -69,6 +69,7 @@ class Pipeline:
         checkpoint_interval_s: float = 2.0,
         config: EngineConfig | None = None,
         progress: bool | None = None,
+        faults=None,
     ):
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ConfigError(
@@ -104,6 +105,8 @@ class Pipeline:
         self.checkpoint_interval_s = float(checkpoint_interval_s)
         self.config = config or EngineConfig()
         self.progress = progress
+        #: A ``rayflow.testing.FaultPlan`` (tests and benchmarks only).
+        self.faults = faults
 
     @property
     def root(self) -> str:
@@ -162,7 +165,12 @@ class Run:
         _wait_name_free(f"{p.name}/manager")
         try:
             self.manager = GroupManager.options(
-                name=f"{p.name}/manager", namespace=NAMESPACE, num_cpus=0, max_concurrency=1000
+                name=f"{p.name}/manager",
+                namespace=NAMESPACE,
+                num_cpus=0,
+                max_concurrency=1000,
+                max_restarts=-1,  # reloads from the catalog; consumers re-join and keep leases
+                max_task_retries=-1,  # callers' in-flight calls go to the restarted actor
             ).remote(
                 name=p.name,
                 catalog_path=f"{p.root}/catalog.duckdb",
@@ -171,6 +179,8 @@ class Run:
                 meta=meta,
                 partition_map=self.map,
                 config=p.config,
+                source_names=[f"{p.name}/source-{i}" for i in range(self._num_sources(splits))],
+                faults=p.faults,
             )
         except ValueError as e:
             raise ConfigError(
@@ -192,10 +202,14 @@ class Run:
             for s in splits
         }
         skip = {q: pos for q, pos in committed.items()}
-        n_src = max(1, min(p.config.num_sources, len(splits)))
+        n_src = self._num_sources(splits)
         self.sources = [
             SourceActor.options(
-                name=f"{p.name}/source-{i}", namespace=NAMESPACE, num_cpus=p.config.source_num_cpus
+                name=f"{p.name}/source-{i}",
+                namespace=NAMESPACE,
+                num_cpus=p.config.source_num_cpus,
+                max_restarts=-1,  # replays from the lowest committed position of its partitions
+                max_task_retries=-1,
             ).remote(
                 index=i,
                 splits=splits[i::n_src],
@@ -204,6 +218,8 @@ class Run:
                 key=p.key,
                 partition_map=self.map,
                 config=p.config,
+                manager_name=f"{p.name}/manager",
+                faults=p.faults,
             )
             for i in range(n_src)
         ]
@@ -223,6 +239,9 @@ class Run:
         self._ConsumerActor = ConsumerActor
 
     # ------------------------------------------------------------------ helpers
+    def _num_sources(self, splits) -> int:
+        return max(1, min(self.p.config.num_sources, len(splits)))
+
     def _get(self, refs, timeout: float = _ACTOR_TIMEOUT_S):
         try:
             return ray.get(refs, timeout=timeout)
@@ -254,6 +273,7 @@ class Run:
                 map_version=self.map.version,
                 checkpoint_interval_s=p.checkpoint_interval_s,
                 config=p.config,
+                faults=p.faults,
             )
             self.consumers[member] = actor
             self._actors.append(actor)

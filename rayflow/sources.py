@@ -11,6 +11,10 @@ on:
   off-by-one errors, a row before ``position`` must not come again).
 - Reading from a position is deterministic: the same position yields the same
   rows, in the same order, in any process, on any machine.
+- Batches end on a fixed grid of positions (multiples of ``batch_rows``, or
+  the generator's blocks), whatever position reading starts from: so a
+  position that ended one batch ends a batch in every later read, and a
+  resumed read never cuts an already processed batch in two.
 - A split holds no reading state of its own: everything comes from the
   position passed to ``read``, never from the constructor, so a restarted
   source actor can resume any split from a committed position.
@@ -77,19 +81,27 @@ class Source(ABC):
 def _regrid(
     batches: Iterator[pa.RecordBatch], position: int, batch_rows: int
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
-    """Re-cut a stream that starts at row ``position`` into batches of ``batch_rows``."""
+    """Re-cut a stream that starts at row ``position`` into batches that end on multiples of
+    ``batch_rows`` (the first one may be shorter).
+
+    The grid is absolute, not relative to ``position``: reading from any batch
+    boundary yields the same batches as reading from the top. A restarted
+    source may resume from a different position than the one a consumer has
+    processed up to, and positions on one grid never cut a batch in two.
+    """
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
+    want = batch_rows - position % batch_rows
     for b in batches:
         while b.num_rows:
-            take = min(batch_rows - pending_rows, b.num_rows)
+            take = min(want - pending_rows, b.num_rows)
             pending.append(b.slice(0, take))
             pending_rows += take
             b = b.slice(take)
-            if pending_rows == batch_rows:
+            if pending_rows == want:
                 position += pending_rows
                 yield _concat(pending), position
-                pending, pending_rows = [], 0
+                pending, pending_rows, want = [], 0, batch_rows
     if pending_rows:
         yield _concat(pending), position + pending_rows
 
@@ -111,11 +123,14 @@ class _TableSplit(Split):
 
     def read(self, position: int) -> Iterator[tuple[pa.RecordBatch, int]]:
         n = self.table.num_rows
-        for start in range(position, n, self.batch_rows):
-            chunk = self.table.slice(start, self.batch_rows).combine_chunks()
+        start = position
+        while start < n:
+            end = min((start // self.batch_rows + 1) * self.batch_rows, n)  # the absolute grid
+            chunk = self.table.slice(start, end - start).combine_chunks()
             batches = chunk.to_batches()
             batch = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=chunk.schema)
-            yield batch, min(start + self.batch_rows, n)
+            yield batch, end
+            start = end
 
 
 class Table(Source):

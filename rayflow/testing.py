@@ -5,17 +5,33 @@
 - :func:`assert_same_rows` compares two tables as multisets of rows.
 - :func:`throttle` is a pass-through operator that holds each batch for a
   while (a rate in rows/s), so a test can stop or kill a job midway without racing it.
+- :class:`FaultPlan` injects crashes and failures at named points of the
+  commit path (``Pipeline(faults=...)``), at a given arrival or on a seeded
+  random schedule; :func:`kill_actor` kills an actor by name.
 """
 
 from __future__ import annotations
 
+import os
+import random
+import signal
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from rayflow.ops import Map
 
-__all__ = ["assert_same_rows", "duckdb_reference", "throttle"]
+__all__ = [
+    "FAULT_POINTS",
+    "Fault",
+    "FaultPlan",
+    "InjectedFault",
+    "assert_same_rows",
+    "duckdb_reference",
+    "kill_actor",
+    "throttle",
+]
 
 
 def duckdb_reference(sql: str, **tables: pa.Table) -> pa.Table:
@@ -61,3 +77,113 @@ def throttle(rows_per_s: float) -> Map:
         return table
 
     return Map(_hold)
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+#: Where faults can be injected, in the order a commit meets them.
+FAULT_POINTS = (
+    "source.batch",  # a source actor has just queued a batch
+    "consumer.step",  # a consumer has just processed a fetched step
+    "consumer.before_state_write",  # commit step 1, before any file is written
+    "consumer.after_state_write",  # files written, the manager not yet asked to record them
+    "consumer.after_commit",  # the commit is recorded, the source not yet trimmed
+    "manager.before_record",  # a commit is validated, the catalog transaction not yet run
+    "manager.after_record",  # the catalog recorded it, its outputs are not yet published
+)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a fault whose action is ``"raise"`` (a failed write, a failed transaction)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fault:
+    """One fault: at ``point``, in the actor named ``actor`` (``consumer-1``, ``source-0``,
+    ``manager``; None for any), on its ``nth`` arrival there, do ``action``: ``"kill"`` (SIGKILL
+    the actor's own process, as a crash would) or ``"raise"`` (:class:`InjectedFault`)."""
+
+    point: str
+    actor: str | None = None
+    nth: int = 1
+    action: str = "kill"
+
+    def __post_init__(self) -> None:
+        if self.point not in FAULT_POINTS:
+            raise ValueError(f"unknown fault point {self.point!r}; use one of {FAULT_POINTS}")
+        if self.action not in ("kill", "raise"):
+            raise ValueError(f"fault action must be 'kill' or 'raise', got {self.action!r}")
+
+
+class FaultPlan:
+    """A schedule of faults, shared by every actor of a pipeline (``Pipeline(faults=...)``).
+
+    Arrivals are counted in files under ``dir`` (local to the machine), so a
+    fault fires exactly once even though the actor it kills is restarted with
+    the same plan. ``fired()`` lists what fired, for the test's message.
+    """
+
+    def __init__(self, faults: list[Fault], *, dir: str):
+        self.faults = list(faults)
+        self.dir = dir
+        os.makedirs(dir, exist_ok=True)
+
+    @classmethod
+    def random(
+        cls,
+        *,
+        seed: int,
+        dir: str,
+        count: int = 3,
+        points: tuple[str, ...] = FAULT_POINTS,
+        actors: tuple[str, ...] = ("consumer-0", "consumer-1", "source-0", "manager"),
+        max_nth: int = 6,
+    ) -> FaultPlan:
+        """A seeded random schedule of ``count`` kills at points that fit each actor."""
+        rng = random.Random(seed)
+        faults = []
+        for _ in range(count):
+            actor = rng.choice(actors)
+            kind = actor.split("-")[0]
+            fitting = [p for p in points if p.startswith(kind)]
+            if fitting:
+                faults.append(Fault(point=rng.choice(fitting), actor=actor, nth=rng.randint(1, max_nth)))
+        return cls(faults, dir=dir)
+
+    def __repr__(self) -> str:
+        return f"FaultPlan({self.faults!r})"
+
+    def hit(self, point: str, actor: str) -> None:
+        """Called by the engine at each fault point."""
+        for i, f in enumerate(self.faults):
+            if f.point != point or (f.actor is not None and f.actor != actor):
+                continue
+            with open(os.path.join(self.dir, f"{i}.count"), "ab") as fh:
+                fh.write(b".")
+                n = fh.tell()
+            if n != f.nth:
+                continue
+            with open(os.path.join(self.dir, f"{i}.fired"), "w") as fh:
+                fh.write(f"{actor} {point} #{n}\n")
+            if f.action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise InjectedFault(f"injected fault at {point} in {actor} (#{n})")
+
+    def fired(self) -> list[Fault]:
+        return [f for i, f in enumerate(self.faults) if os.path.exists(os.path.join(self.dir, f"{i}.fired"))]
+
+
+def kill_actor(pipeline_name: str, actor: str, *, how: str = "SIGKILL") -> None:
+    """Kill a pipeline's actor by name (``consumer-1``, ``source-0``, ``manager``).
+
+    ``how``: ``"SIGKILL"`` (the process dies as in a crash; Ray restarts the
+    actors that are restartable) or ``"ray.kill"`` (no restart).
+    """
+    import ray
+
+    handle = ray.get_actor(f"{pipeline_name}/{actor}", namespace="rayflow")
+    if how == "ray.kill":
+        ray.kill(handle, no_restart=True)
+        return
+    pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    os.kill(pid, signal.SIGKILL)

@@ -21,6 +21,8 @@ The commit protocol, seen from here (:meth:`ConsumerActor._commit`):
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import time
 import uuid
@@ -56,6 +58,8 @@ class _Owned:
     full: bool = False
     seq: int = 0
     first_done: bool = False
+    finished: bool = False  # end of input seen and the final outputs staged
+    committed_positions: dict[str, int] = field(default_factory=dict)
 
 
 @ray.remote
@@ -73,8 +77,12 @@ class ConsumerActor:
         map_version: int,
         checkpoint_interval_s: float,
         config: EngineConfig,
+        faults=None,
     ):
         self.member_id = member_id
+        self.faults = faults
+        self.commit_failures = 0
+        self.last_commit_error: str | None = None
         self.manager = manager
         self.sources = sources
         self.chain = chain
@@ -98,7 +106,7 @@ class ConsumerActor:
     # ------------------------------------------------------------------ control
     async def start(self) -> None:
         me = ray.get_runtime_context().current_actor
-        self.member_epoch = await self.manager.join.remote(self.member_id, me)
+        self.member_epoch, _ = await self.manager.join.remote(self.member_id, me, {})
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def poke(self) -> None:
@@ -134,6 +142,8 @@ class ConsumerActor:
             "partitions": {p: o.epoch for p, o in owned.items()},
             "rows_processed": self.rows_processed,
             "busy_s": self.busy_s,
+            "commit_failures": self.commit_failures,
+            "last_commit_error": self.last_commit_error,
         }
 
     # ------------------------------------------------------------------ loop
@@ -158,20 +168,30 @@ class ConsumerActor:
                 if refs:
                     # Zero-copy reads from the object store, awaited on the loop (a
                     # blocking ray.get in an async actor would stall control calls).
-                    batches = await asyncio.wait_for(asyncio.gather(*refs), _GET_TIMEOUT_S)
+                    try:
+                        batches = await asyncio.wait_for(asyncio.gather(*refs), _GET_TIMEOUT_S)
+                    except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+                        # The source died with these batches; its restart serves them again.
+                        await asyncio.sleep(self.config.fetch_wait_s)
+                        continue
                     t0 = time.monotonic()
                     await asyncio.to_thread(self._process, work, batches)
                     self.busy_s += time.monotonic() - t0
+                    self._fault("consumer.step")
                 else:
                     self._advance(work)
                 active = [o for o in active if o.partition in self.owned]
-                ended = [o for o in active if len(o.ended_sources) == len(self.sources)]
+                for o in active:
+                    if len(o.ended_sources) == len(self.sources) and not o.finished:
+                        # End of input: stateful operators emit now. Staged until committed,
+                        # and never computed twice, even if the commit must be retried.
+                        o.outputs.extend(await asyncio.to_thread(self.chain.finish, o.states))
+                        o.finished = True
+                ended = [o for o in active if o.finished]
                 due = time.monotonic() - last_commit >= self.interval_s
                 if ended or due or any(o.full for o in active):
-                    todo = active if due else [o for o in active if o.full or o in ended]
-                    for o in ended:
-                        o.outputs.extend(await asyncio.to_thread(self.chain.finish, o.states))
-                    await self._commit(todo, final={o.partition for o in ended})
+                    todo = active if due else [o for o in active if o.full or o.finished]
+                    await self._commit(todo)
                     if due:
                         last_commit = time.monotonic()
         except BaseException as e:
@@ -187,9 +207,13 @@ class ConsumerActor:
             req = {o.partition: (o.epoch, o.positions) for o in active if i not in o.ended_sources}
             if req:
                 calls.append((i, src.fetch.remote(req, share)))
-        replies = await asyncio.gather(*(c for _, c in calls))
+        replies = await asyncio.gather(*(c for _, c in calls), return_exceptions=True)
         work: dict[int, tuple[list, list]] = {o.partition: ([], []) for o in active}
         for (i, _), reply in zip(calls, replies):
+            if isinstance(reply, ray.exceptions.RayActorError):
+                continue  # that source is restarting: ask again next step
+            if isinstance(reply, BaseException):
+                raise reply
             for p, res in reply.items():
                 res: FetchResult
                 work[p][0].extend(res.entries)
@@ -224,6 +248,14 @@ class ConsumerActor:
             o = self.owned.get(p)
             if o is None or not entries:
                 continue
+            for e in entries:
+                if e.start < o.positions.get(e.split, 0):
+                    # Batches end on a fixed grid (sources.py), so this cannot happen;
+                    # processing it would count rows twice, so refuse loudly.
+                    raise RuntimeError(
+                        f"partition {p}: batch [{e.start}, {e.end}) of split {e.split!r} overlaps "
+                        f"the processed position {o.positions[e.split]}"
+                    )
             table = pa.Table.from_batches(got)
             if not o.first_done:  # the end of this partition's pause, if it just moved here
                 o.first_done = True
@@ -247,11 +279,14 @@ class ConsumerActor:
             firsts,
         )
         if reply.get("rejoin"):
-            # The manager no longer knows us (it restarted, or expired our session):
-            # everything we held may have moved on; drop it and join afresh.
-            self.owned.clear()
+            # The manager no longer knows this session: it restarted (then it gives back
+            # the leases it can confirm), or it expired us (then everything moved on).
             me = ray.get_runtime_context().current_actor
-            self.member_epoch = await self.manager.join.remote(self.member_id, me)
+            claims = {p: o.epoch for p, o in self.owned.items()}
+            self.member_epoch, kept = await self.manager.join.remote(self.member_id, me, claims)
+            for p in list(self.owned):
+                if p not in kept:
+                    del self.owned[p]  # moved on: its uncommitted state goes
             return
         owned: dict[int, int] = reply["owned"]
         for p in list(self.owned):
@@ -287,33 +322,51 @@ class ConsumerActor:
                 rows_total=c.rows_total if c else 0,
                 rows_committed=c.rows_total if c else 0,
                 final=bool(c and c.final),
+                committed_positions=dict(c.positions) if c else {},
             )
         return out
 
     # ------------------------------------------------------------------ commit
-    async def _commit(self, owned: list[_Owned], final: set[int] | frozenset = frozenset()) -> None:
-        todo = [o for o in owned if o.dirty or o.partition in final or o.outputs]
+    async def _commit(self, owned: list[_Owned]) -> None:
+        """Commit ``owned`` partitions that have anything new (see the module doc).
+
+        A failed write or a failed catalog transaction loses nothing: state,
+        positions and staged outputs stay in memory and the next commit
+        retries them. Output files are named by the positions they cover, so
+        a retry of a commit that did land rewrites the same file, never a
+        second copy, and the manager treats the repeated record as a no-op.
+        """
+        todo = [o for o in owned if o.dirty or o.finished or o.outputs]
         if not todo:
             return
-        records = await asyncio.to_thread(self._write, todo, final)
-        reply = await self.manager.commit.remote(self.member_id, records)
+        try:
+            records = await asyncio.to_thread(self._write, todo)
+            self._fault("consumer.after_state_write")
+            reply = await self.manager.commit.remote(self.member_id, records)
+        except (Exception, ray.exceptions.RayError) as e:
+            self.commit_failures += 1
+            self.last_commit_error = f"{type(e).__name__}: {e}"
+            return
         for p in reply["fenced"]:
             self.owned.pop(p, None)
         trim = {}
-        for p in reply["accepted"]:
-            o = self.owned.get(p)
-            if o is None:
+        for rec in records:
+            o = self.owned.get(rec.partition)
+            if o is None or rec.partition not in reply["accepted"]:
                 continue
-            o.rows_committed = o.rows_total
+            o.rows_committed = rec.rows_total
+            o.committed_positions = dict(rec.positions)
             o.dirty = o.full = False
             o.outputs = []
-            o.final = o.final or p in final
-            trim[p] = (o.epoch, dict(o.positions))
+            o.final = rec.final
+            trim[rec.partition] = (o.epoch, dict(rec.positions))
+        self._fault("consumer.after_commit")
         for src in self.sources:
             src.trim.remote(trim)
 
-    def _write(self, todo: list[_Owned], final) -> list[CommitRecord]:
+    def _write(self, todo: list[_Owned]) -> list[CommitRecord]:
         """Worker thread: step 1 of the commit protocol."""
+        self._fault("consumer.before_state_write")
         records = []
         for o in todo:
             o.seq += 1
@@ -329,7 +382,7 @@ class ConsumerActor:
             output_files = []
             outs = [t for t in o.outputs if t.num_rows]
             if outs:
-                name = f"part-{o.partition:05d}-{tag}.parquet"
+                name = _output_name(o.partition, o.committed_positions, o.positions)
                 table = pa.concat_tables(outs, promote_options="permissive")
                 self.sink_store.write_parquet(f"{PENDING_DIR}/{name}", table)
                 output_files.append(name)
@@ -343,11 +396,21 @@ class ConsumerActor:
                     rows_in=o.rows_total - o.rows_committed,
                     rows_total=o.rows_total,
                     state_rows=state_rows,
-                    final=o.partition in final,
+                    final=o.finished,
                     map_version=self.map_version,
                 )
             )
         return records
+
+    def _fault(self, point: str) -> None:
+        if self.faults is not None:
+            self.faults.hit(point, self.member_id)
+
+
+def _output_name(partition: int, start: dict[str, int], end: dict[str, int]) -> str:
+    """A deterministic name for the outputs of ``partition`` between two position vectors."""
+    digest = hashlib.sha256(json.dumps([start, end], sort_keys=True).encode()).hexdigest()[:16]
+    return f"part-{partition:05d}-{digest}.parquet"
 
 
 def _with_hash(t: pa.Table, key: list[str]) -> pa.Table:

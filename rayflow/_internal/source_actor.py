@@ -63,8 +63,16 @@ class SourceActor:
         key: list[str],
         partition_map: PartitionMap,
         config: EngineConfig,
+        manager_name: str | None = None,
+        faults=None,
     ):
         self.index = index
+        self.name = f"source-{index}"
+        self.faults = faults
+        self.manager_name = manager_name
+        # Restarted by Ray after a crash: the constructor's start positions are stale.
+        # The first call re-reads the committed positions and replays from there.
+        self._needs_restart = ray.get_runtime_context().was_current_actor_reconstructed
         self.splits = splits
         self.start = start
         self.skip = skip  # partition -> split -> committed position: do not serve rows before it
@@ -92,6 +100,23 @@ class SourceActor:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
+    async def _resume(self) -> None:
+        """After a restart: replay each split from the lowest committed position of its partitions."""
+        if not self._needs_restart:
+            return
+        self._needs_restart = False
+        manager = ray.get_actor(self.manager_name, namespace="rayflow")
+        info = await manager.ready.remote()
+        committed = info["positions"]
+        n = self.map.num_partitions
+        self.start = {
+            s.name: min((committed.get(p, {}).get(s.name, 0) for p in range(n)), default=0) for s in self.splits
+        }
+        self.skip = dict(committed)
+        self.frontier = dict(self.start)
+        await self.set_epochs(info["epochs"])
+        await self.run()
+
     async def _read_loop(self) -> None:
         try:
             iters = [(s.name, iter(s.read(self.start.get(s.name, 0)))) for s in self.splits]
@@ -103,6 +128,8 @@ class SourceActor:
                         iters.remove((name, it))
                         continue
                     self._append(name, *item)
+                    if self.faults is not None:
+                        self.faults.hit("source.batch", self.name)
                     async with self._changed:
                         self._changed.notify_all()
         except BaseException as e:  # surfaced to the driver by status()
@@ -136,6 +163,7 @@ class SourceActor:
         )
         out = []
         for p, sub in parts:
+            first = start
             committed = self.skip.get(p, {}).get(name, 0)
             if end <= committed:
                 continue  # replay: this partition already committed these rows
@@ -143,14 +171,15 @@ class SourceActor:
                 tail = batch.slice(committed - start)
                 routed = self.map.route(hash_table(tail, self.key))
                 sub = tail.filter(pa.array(routed == p))
+                first = committed
                 if sub.num_rows == 0:
                     continue
-            out.append((p, ray.put(sub), sub.num_rows, sub.nbytes))
-        return start, end, out
+            out.append((p, first, ray.put(sub), sub.num_rows, sub.nbytes))
+        return end, out
 
-    def _append(self, name: str, start: int, end: int, parts: list) -> None:
-        for p, ref, rows, nbytes in parts:
-            self.queues[p].append(Entry(name, start, end, rows, nbytes, ref))
+    def _append(self, name: str, end: int, parts: list) -> None:
+        for p, first, ref, rows, nbytes in parts:
+            self.queues[p].append(Entry(name, first, end, rows, nbytes, ref))
         self.frontier[name] = end
 
     async def set_epochs(self, epochs: dict[int, int]) -> None:
@@ -179,6 +208,7 @@ class SourceActor:
         A partition asked under a stale lease epoch gets no data, only ``fenced``.
         Waits up to ``fetch_wait_s`` for data when none is due (long poll).
         """
+        await self._resume()
         if self.error is not None:
             raise self.error
         res = self._serve(requests, max_bytes)
@@ -217,6 +247,7 @@ class SourceActor:
 
         Returns the partitions refused for a stale epoch (nothing trimmed there).
         """
+        await self._resume()
         fenced = []
         for p, (epoch, positions) in committed.items():
             if self._fenced(p, epoch) is not None:
@@ -228,6 +259,7 @@ class SourceActor:
         return fenced
 
     async def stats(self) -> dict:
+        await self._resume()
         if self.error is not None:
             raise self.error
         return {

@@ -61,7 +61,7 @@ class GroupMachine(RuleBasedStateMachine):
     def _join(self) -> str:
         m = f"m{self.next_id}"
         self.next_id += 1
-        self.epochs[m], _ = self.g.join(m, self.now)
+        self.epochs[m], _, _ = self.g.join(m, self.now)
         self.beliefs[m] = {}
         return m
 

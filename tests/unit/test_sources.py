@@ -87,3 +87,16 @@ def test_directory_and_glob_resolve_in_order(tmp_path):
     assert [n.rsplit("/", 1)[1] for n in names] == ["a.parquet", "b.parquet", "c.parquet"]
     names = [s.name for s in rf.sources.Parquet(str(tmp_path / "d" / "[ab].parquet")).splits()]
     assert len(names) == 2
+
+
+@pytest.mark.parametrize("position", [0, 7, 50_000, 50_001, 123_457])
+def test_batches_end_on_an_absolute_grid(tmp_path, position):
+    data = rf.sources.Synthetic(events=200_000).to_table()
+    pq.write_table(data, tmp_path / "a.parquet", row_group_size=30_000)
+    for src in (
+        rf.sources.Table(data, batch_rows=50_000),
+        rf.sources.Parquet(str(tmp_path / "a.parquet"), batch_rows=50_000),
+    ):
+        (split,) = src.splits()
+        ends = [end for _, end in split.read(position)]
+        assert all(e % 50_000 == 0 for e in ends), (src, ends)

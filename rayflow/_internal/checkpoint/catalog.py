@@ -104,8 +104,9 @@ class Catalog:
         }
 
     def all_output_files(self) -> list[str]:
+        """Every committed output file, once each, in commit order."""
         rows = self.con.execute("SELECT output_files FROM commits ORDER BY commit_id").fetchall()
-        return [f for (r,) in rows for f in json.loads(r)]
+        return list(dict.fromkeys(f for (r,) in rows for f in json.loads(r)))
 
     def all_state_files(self) -> set[str]:
         rows = self.con.execute("SELECT state_files FROM commits").fetchall()
@@ -143,6 +144,9 @@ class Catalog:
             raise
 
     # leases
+    def lease_owners(self) -> dict[int, str]:
+        return dict(self.con.execute("SELECT partition, owner FROM leases").fetchall())
+
     def lease_epochs(self) -> dict[int, int]:
         return dict(self.con.execute("SELECT partition, lease_epoch FROM leases").fetchall())
 

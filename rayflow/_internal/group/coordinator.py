@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from rayflow._internal.checkpoint.catalog import CommitRecord
 from rayflow._internal.group.assignment import assign
-from rayflow._internal.group.leases import Grant, LeaseTable
+from rayflow._internal.group.leases import Grant, LeaseState, LeaseTable
 from rayflow.errors import FencedError
 
 #: Weight of the newest sample in the per-partition load average.
@@ -55,6 +55,7 @@ class Member:
     epoch: int
     last_seen: float
     capacity: float = 1.0
+    ghost: bool = False  # restored from the catalog after a restart, not yet re-joined
     processed: dict[int, int] = field(default_factory=dict)
 
 
@@ -141,14 +142,69 @@ class Coordinator:
         self.active = True
         return self.rebalance("start", now)
 
-    def join(self, member_id: str, now: float, capacity: float = 1.0) -> tuple[int, Effects]:
+    def is_duplicate(self, rec: CommitRecord) -> bool:
+        """Is ``rec`` a repeat of the last recorded commit (a retry after a lost reply)?"""
+        prev = self.committed.get(rec.partition)
+        return (
+            prev is not None
+            and prev.lease_epoch == rec.lease_epoch
+            and prev.positions == rec.positions
+            and prev.final == rec.final
+            and set(rec.output_files) <= set(prev.output_files)
+        )
+
+    def join(
+        self, member_id: str, now: float, claims: dict[int, int] | None = None, capacity: float = 1.0
+    ) -> tuple[int, set[int], Effects]:
+        """Admit a member; returns its member epoch, the claimed partitions it keeps, and effects.
+
+        ``claims`` (partition -> lease epoch) is what a member still holds when
+        it re-joins. Only a member coming back to a *restarted* coordinator (a
+        ghost restored from the catalog) keeps the claims that match the
+        recorded lease exactly; a member whose session was expired keeps nothing
+        (its partitions already moved on, under higher epochs).
+        """
         fx = Effects()
-        if member_id in self.members:  # a re-join: whatever it held is gone with its old session
+        kept: set[int] = set()
+        old = self.members.get(member_id)
+        if old is not None and old.ghost:
+            for p, epoch in (claims or {}).items():
+                lease = self.leases.leases.get(p)
+                if lease is not None and lease.owner == member_id and lease.epoch == epoch:
+                    kept.add(p)
+            del self.members[member_id]
+            for p in set(self.leases.owned_by(member_id)) - kept:  # held but not claimed: free it
+                self._pause_since.setdefault(p, (now, "rejoin", member_id))
+                self.leases.leases[p].owner = None
+                self.leases.leases[p].state = LeaseState.UNASSIGNED
+        elif old is not None:  # a re-join: whatever it held is gone with its old session
             fx.add(self.member_gone(member_id, "rejoin", now))
         self.member_epoch += 1
         self.members[member_id] = Member(member_id, self.member_epoch, now, capacity)
-        fx.events.append(("join", {"member": member_id, "epoch": self.member_epoch}))
-        return self.member_epoch, fx.add(self.rebalance("join", now))
+        fx.events.append(("join", {"member": member_id, "epoch": self.member_epoch, "kept": sorted(kept)}))
+        return self.member_epoch, kept, fx.add(self.rebalance("join", now))
+
+    def restore(self, owners: dict[int, str], now: float) -> None:
+        """After a coordinator restart: the recorded owners become ghost members.
+
+        A ghost keeps its partitions until it re-joins (and claims them) or its
+        session times out like any silent member; the group is active at once.
+        """
+        for p, owner in owners.items():
+            if owner is None or p not in self.leases.leases or self.final(p):
+                continue
+            lease = self.leases.leases[p]
+            lease.owner, lease.state = owner, LeaseState.OWNED
+            if owner not in self.members:
+                self.members[owner] = Member(owner, -1, now, ghost=True)
+        self.active = True
+
+    def drop_ghosts(self, now: float) -> Effects:
+        """A new run starts: owners recorded by an earlier run will not come back."""
+        fx = Effects()
+        for m in [m for m in self.members.values() if m.ghost]:
+            fx.add(self.member_gone(m.id, "expiry", now))
+        return fx
 
     def member_gone(self, member_id: str, why: str, now: float) -> Effects:
         """``why``: leave (graceful, already committed), crash, expiry or rejoin."""
@@ -183,7 +239,7 @@ class Coordinator:
         """The member's assignment. ``firsts`` closes the pause of partitions moved to it."""
         fx = Effects()
         m = self.members.get(member_id)
-        if m is None or m.epoch != member_epoch:
+        if m is None or m.epoch != member_epoch or m.ghost:
             return {"rejoin": True}, fx
         m.last_seen = now
         for p, rows in (processed or {}).items():

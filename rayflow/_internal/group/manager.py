@@ -50,8 +50,12 @@ class GroupManager:
         meta: dict[str, str],
         partition_map: PartitionMap,
         config: EngineConfig,
+        source_names: list[str] | None = None,
+        faults=None,
     ):
         self.name = name
+        self.faults = faults
+        self.source_names = source_names or []
         self.config = config
         self.catalog = Catalog(catalog_path)
         self.state_store = Store(state_root)
@@ -67,6 +71,10 @@ class GroupManager:
             epochs=self.catalog.lease_epochs(),
             committed=self.catalog.latest_commits(),
         )
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Restarted by Ray mid-run: the recorded owners come back as ghosts that
+            # may re-join and keep their leases (Coordinator.restore).
+            self.group.restore(self.catalog.lease_owners(), time.monotonic())
         self.handles: dict[str, object] = {}
         self.watches: dict[str, asyncio.Task] = {}
         self.sources: list = []
@@ -117,19 +125,24 @@ class GroupManager:
         """Committed positions per partition (for the source's start), and which are final."""
         if self._init_error is not None:
             raise self._init_error
-        if self._expiry is None:
-            self._expiry = asyncio.get_running_loop().create_task(self._expire_loop())
+        self._ensure_loops()
         committed = self.group.committed
         return {
             "positions": {p: c.positions for p, c in committed.items()},
             "final": sorted(p for p, c in committed.items() if c.final),
+            "epochs": self.group.leases.epochs(),
         }
+
+    def _ensure_loops(self) -> None:
+        """Start the expiry loop (inside the event loop; after a restart, on the first call)."""
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().create_task(self._expire_loop())
 
     def _apply(self, fx: Effects) -> None:
         """Carry out a decision: persist grants, tell the sources, wake members, log events."""
         if fx.grants:
             self.catalog.record_leases([(g.partition, g.owner, g.epoch) for g in fx.grants])
-            for src in self.sources:
+            for src in self._source_handles():
                 src.set_epochs.remote({g.partition: g.epoch for g in fx.grants})
         for move in fx.moves:  # the coordinator runs on monotonic time; the log on wall time
             move["at"] += time.time() - time.monotonic()
@@ -146,9 +159,20 @@ class GroupManager:
         for src in sources:
             src.set_epochs.remote(self.group.leases.epochs())
 
+    def _source_handles(self) -> list:
+        """The source actors; after a restart of this actor, found again by name."""
+        if not self.sources and self.source_names:
+            try:
+                self.sources = [ray.get_actor(n, namespace="rayflow") for n in self.source_names]
+            except ValueError:
+                return []
+        return self.sources
+
     # ------------------------------------------------------------------ membership
-    async def join(self, member_id: str, handle) -> int:
-        epoch, fx = self.group.join(member_id, time.monotonic())
+    async def join(self, member_id: str, handle, claims: dict[int, int] | None = None) -> tuple[int, set[int]]:
+        """Admit a consumer; returns its member epoch and the claimed partitions it keeps."""
+        self._ensure_loops()
+        epoch, kept, fx = self.group.join(member_id, time.monotonic(), claims)
         self.handles[member_id] = handle
         old = self.watches.pop(member_id, None)
         if old is not None:
@@ -157,10 +181,11 @@ class GroupManager:
             self._watch(member_id, epoch, handle)
         )
         self._apply(fx)
-        return epoch
+        return epoch, kept
 
     async def activate(self, expected_members: int) -> None:
         """First assignment, once the expected consumers have joined (no start-up churn)."""
+        self._apply(self.group.drop_ghosts(time.monotonic()))
         self._apply(self.group.activate(time.monotonic()))
 
     async def _watch(self, member_id: str, epoch: int, handle) -> None:
@@ -197,6 +222,7 @@ class GroupManager:
         firsts: dict[int, tuple[int, float]] | None = None,
     ) -> dict:
         """The member's assignment (see :meth:`Coordinator.heartbeat`)."""
+        self._ensure_loops()
         reply, fx = self.group.heartbeat(
             member_id, member_epoch, time.monotonic(), processed, _to_mono(firsts)
         )
@@ -210,8 +236,11 @@ class GroupManager:
     # ------------------------------------------------------------------ commits
     async def commit(self, member_id: str, records: list[CommitRecord]) -> dict:
         """Validate and record commits (see the module doc). Returns accepted and fenced partitions."""
-        ok, fenced = [], []
+        ok, fenced, repeated = [], [], []
         for rec in records:
+            if self.group.is_duplicate(rec):
+                repeated.append(rec.partition)  # a retry of a commit that landed: a no-op
+                continue
             try:
                 self.group.validate_commit(member_id, rec)
             except FencedError:
@@ -225,12 +254,19 @@ class GroupManager:
                     raise FileNotFoundError(f"partition {rec.partition}: output file {f} is missing")
             ok.append(rec)
         if ok:
+            self._fault("manager.before_record")
             self.catalog.record_commits(member_id, ok)
             for rec in ok:
                 self.group.apply_commit(rec)
+            self._fault("manager.after_record")
+            for rec in ok:
                 for f in rec.output_files:
                     self.sink_store.move(f"{PENDING_DIR}/{f}", f)
-        return {"accepted": [r.partition for r in ok], "fenced": fenced}
+        return {"accepted": [r.partition for r in ok] + repeated, "fenced": fenced}
+
+    def _fault(self, point: str) -> None:
+        if self.faults is not None:
+            self.faults.hit(point, "manager")
 
     # ------------------------------------------------------------------ status
     async def status(self) -> dict:
