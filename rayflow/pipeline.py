@@ -203,6 +203,9 @@ class Run:
         }
         skip = {q: pos for q, pos in committed.items()}
         n_src = self._num_sources(splits)
+        # A restartable actor's constructor arguments must outlive its first start: put them
+        # in the object store here and hold the references for the whole run.
+        self._pinned = [ray.put(splits[i::n_src]) for i in range(n_src)]
         self.sources = [
             SourceActor.options(
                 name=f"{p.name}/source-{i}",
@@ -212,7 +215,7 @@ class Run:
                 max_task_retries=-1,
             ).remote(
                 index=i,
-                splits=splits[i::n_src],
+                splits=self._pinned[i],
                 start=start,
                 skip=skip,
                 key=p.key,
@@ -227,6 +230,7 @@ class Run:
         self._get(self.manager.set_sources.remote(self.sources))
         self._sink_root = sink_root
         self.consumers: dict[str, object] = {}
+        self.desired_consumers = p.consumers
         self._next_consumer = 0
         self._add_consumers(p.consumers)
         self._get(self.manager.activate.remote(p.consumers))
@@ -296,7 +300,8 @@ class Run:
         """Change the number of consumers while the job runs (graceful on the way down)."""
         if isinstance(consumers, bool) or not isinstance(consumers, int) or consumers < 1:
             raise ConfigError(f"consumers must be an integer >= 1, got {consumers!r}")
-        self._check_health()  # forget consumers that died meanwhile
+        self.desired_consumers = consumers
+        self._check_health()  # forget (and replace) consumers that died meanwhile
         cur = len(self.consumers)
         if consumers > cur:
             self._add_consumers(consumers - cur)
@@ -311,18 +316,22 @@ class Run:
             ray.kill(a)
 
     def _check_health(self) -> None:
+        """Raise a consumer's error; replace dead consumers so the group keeps its size."""
+        dead = 0
         for name, c in list(self.consumers.items()):
             try:
                 self._get(c.status.remote(), timeout=_ACTOR_TIMEOUT_S)
             except ray.exceptions.RayActorError:
-                # A dead consumer: the manager already moved its partitions.
+                # A dead consumer: the manager has already moved its partitions to the
+                # survivors; a replacement joins and takes a fair share back.
                 self.consumers.pop(name, None)
+                dead += 1
             except RayflowError:
                 raise
             except Exception as e:
                 raise PipelineFailedError(f"consumer {name!r} failed: {e}") from e
-        if not self.consumers:
-            raise PipelineFailedError("every consumer of the pipeline has died")
+        if dead:
+            self._add_consumers(min(dead, self.desired_consumers - len(self.consumers)))
 
     def wait(self, *, timeout_s: float | None = None) -> Result:
         """Block until done (or ``timeout_s`` passes: then ``TimeoutError``, the job keeps running)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,12 @@ class FetchResult:
     fenced: FencedError | None = None
 
 
+def _was_restarted() -> bool:
+    with warnings.catch_warnings():  # Ray's own implementation trips its deprecation warning
+        warnings.simplefilter("ignore")
+        return ray.get_runtime_context().was_current_actor_reconstructed
+
+
 @ray.remote
 class SourceActor:
     def __init__(
@@ -72,7 +79,7 @@ class SourceActor:
         self.manager_name = manager_name
         # Restarted by Ray after a crash: the constructor's start positions are stale.
         # The first call re-reads the committed positions and replays from there.
-        self._needs_restart = ray.get_runtime_context().was_current_actor_reconstructed
+        self._needs_restart = _was_restarted()
         self.splits = splits
         self.start = start
         self.skip = skip  # partition -> split -> committed position: do not serve rows before it
@@ -110,7 +117,8 @@ class SourceActor:
         committed = info["positions"]
         n = self.map.num_partitions
         self.start = {
-            s.name: min((committed.get(p, {}).get(s.name, 0) for p in range(n)), default=0) for s in self.splits
+            s.name: min((committed.get(p, {}).get(s.name, 0) for p in range(n)), default=0)
+            for s in self.splits
         }
         self.skip = dict(committed)
         self.frontier = dict(self.start)

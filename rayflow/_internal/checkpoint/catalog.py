@@ -20,10 +20,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import duckdb
+
+from rayflow.errors import CheckpointError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -53,16 +56,40 @@ class CommitRecord:
     map_version: int
 
 
+#: How often (at most) the manager folds the catalog's WAL into its file, so that tools
+#: reading a copy of a live catalog (``rayflow sql``) see commits at most this old.
+CHECKPOINT_EVERY_S = 1.0
+#: How long to wait for the catalog's write lock: the processes of a run that just died
+#: (a crashed driver's actors) need a few seconds to be reaped by Ray and let go of it.
+LOCK_TIMEOUT_S = 60.0
+
+
+def _connect(path: str, lock_timeout_s: float) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + lock_timeout_s
+    while True:
+        try:
+            return duckdb.connect(path)
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                raise CheckpointError(
+                    f"cannot open the catalog {path}: {e}. Another run of this pipeline still holds "
+                    "it (DuckDB allows one writer): stop that run, or wait until it has exited."
+                ) from e
+            time.sleep(0.2)
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 class Catalog:
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, lock_timeout_s: float = LOCK_TIMEOUT_S):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self.con = duckdb.connect(path)
+        self.con = _connect(path, lock_timeout_s)
         self.con.execute(_SCHEMA)
+        self.con.execute("CHECKPOINT")
+        self._last_checkpoint = time.monotonic()
         row = self.con.execute("SELECT coalesce(max(commit_id), 0) FROM commits").fetchone()
         self._next_id = int(row[0]) + 1
 
@@ -142,6 +169,14 @@ class Catalog:
         except BaseException:
             cur.execute("ROLLBACK")
             raise
+        self._maybe_checkpoint()
+
+    def _maybe_checkpoint(self) -> None:
+        """Fold the WAL into the file now and then, so a copy read by tools is recent."""
+        now = time.monotonic()
+        if now - self._last_checkpoint >= CHECKPOINT_EVERY_S:
+            self.con.execute("CHECKPOINT")
+            self._last_checkpoint = now
 
     # leases
     def lease_owners(self) -> dict[int, str]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import warnings
 
 import ray
 
@@ -36,6 +37,12 @@ from rayflow.config import EngineConfig
 from rayflow.errors import FencedError, IncompatibleCheckpointError
 from rayflow.partitioning import PartitionMap
 from rayflow.sinks import PENDING_DIR
+
+
+def _was_restarted() -> bool:
+    with warnings.catch_warnings():  # Ray's own implementation trips its deprecation warning
+        warnings.simplefilter("ignore")
+        return ray.get_runtime_context().was_current_actor_reconstructed
 
 
 @ray.remote
@@ -71,7 +78,7 @@ class GroupManager:
             epochs=self.catalog.lease_epochs(),
             committed=self.catalog.latest_commits(),
         )
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        if _was_restarted():
             # Restarted by Ray mid-run: the recorded owners come back as ghosts that
             # may re-join and keep their leases (Coordinator.restore).
             self.group.restore(self.catalog.lease_owners(), time.monotonic())
@@ -169,7 +176,9 @@ class GroupManager:
         return self.sources
 
     # ------------------------------------------------------------------ membership
-    async def join(self, member_id: str, handle, claims: dict[int, int] | None = None) -> tuple[int, set[int]]:
+    async def join(
+        self, member_id: str, handle, claims: dict[int, int] | None = None
+    ) -> tuple[int, set[int]]:
         """Admit a consumer; returns its member epoch and the claimed partitions it keeps."""
         self._ensure_loops()
         epoch, kept, fx = self.group.join(member_id, time.monotonic(), claims)
