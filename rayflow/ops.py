@@ -16,7 +16,6 @@ what a stateful operator emits when the input ends flows through the rest.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,9 +50,9 @@ class Operator:
     def state_from_table(self, table: pa.Table):
         raise NotImplementedError
 
-    def fingerprint(self) -> str:
-        """Identifies the operator's state layout; a restart checks it against the checkpoint."""
-        return type(self).__name__
+    def spec(self) -> dict:
+        """What a resumed run checks against the checkpoint (``_internal/compat.py``)."""
+        return {"type": type(self).__name__}
 
 
 class Map(Operator):
@@ -151,9 +150,8 @@ class Aggregate(Operator):
         self.aggs = parsed
         self._partials = list(dict.fromkeys(p for a in parsed for p in a.partials()))
 
-    def fingerprint(self) -> str:
-        text = f"Aggregate(by={self.by}, aggs={[(a.column, a.fn) for a in self.aggs]})"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    def spec(self) -> dict:
+        return {"type": "Aggregate", "by": self.by, "aggs": [[a.column, a.fn] for a in self.aggs]}
 
     def check_input(self, schema: pa.Schema) -> None:
         missing = [c for c in self.by + [a.column for a in self.aggs] if c not in schema.names]
@@ -220,16 +218,20 @@ class Aggregate(Operator):
         return t if t is not None else pa.table({c: pa.array([], pa.null()) for c in self.by})
 
     def state_from_table(self, table: pa.Table):
+        """Restore state; partials the checkpoint lacks start empty (schema evolution).
+
+        The resume check (``_internal/compat.py``) only lets an aggregation be
+        added over a column that is new in the input, whose past rows had no
+        value: for those an empty partial (count 0, else null) is exact.
+        """
         if table.num_rows == 0:
             return self.init_state()
-        missing = [s for _, _, s in self._partials if s not in table.column_names]
-        if missing:
-            from rayflow.errors import IncompatibleCheckpointError
-
-            raise IncompatibleCheckpointError(
-                f"the checkpointed Aggregate state lacks column(s) {missing}: it was written by a "
-                "different aggregation. Run with the original aggs, or use a new checkpoint_dir or name."
-            )
+        for _, fn, col in self._partials:
+            if col not in table.column_names:
+                fill = (
+                    pa.array([0] * table.num_rows, pa.int64()) if fn == "count" else pa.nulls(table.num_rows)
+                )
+                table = table.append_column(col, fill)
         return (table.select(self.by + [s for _, _, s in self._partials]), [], 0)
 
 

@@ -23,6 +23,7 @@ import ray
 from rayflow import ops as _ops
 from rayflow._internal.chain import Chain
 from rayflow._internal.checkpoint.store import Store
+from rayflow._internal.compat import schema_to_json
 from rayflow.config import EngineConfig
 from rayflow.errors import ConfigError, PipelineFailedError, RayflowError
 from rayflow.partitioning import PartitionMap, key_columns
@@ -156,9 +157,9 @@ class Run:
         meta = {
             "key": json.dumps(p.key),
             "partition_map": self.map.to_json(),
-            "operators": self.chain.fingerprint(),
+            "operators": json.dumps(self.chain.spec()),
             "splits": json.dumps([s.name for s in splits]),
-            "schema": schema.to_string(show_schema_metadata=False),
+            "input_schema": schema_to_json(schema),
         }
         sink_root = p.sink.root(pipeline_root=p.root)
         self.sink_store = Store(sink_root)
@@ -176,6 +177,7 @@ class Run:
                 catalog_path=f"{p.root}/catalog.duckdb",
                 state_root=p.root,
                 sink_root=sink_root,
+                sink=p.sink,
                 meta=meta,
                 partition_map=self.map,
                 config=p.config,
@@ -382,7 +384,8 @@ class Run:
                 f"({stats['events_per_s'] / 1e6:.2f}M events/s)" + " " * 20,
                 file=sys.stderr,
             )
-        self._result = Result(output=output, stats=stats, output_path=self._sink_root)
+        path = getattr(self.p.sink, "path", None) or self._sink_root
+        self._result = Result(output=output, stats=stats, output_path=path)
         return self._result
 
     def _draw(self, st: dict) -> None:

@@ -9,6 +9,11 @@ rows (pending files of a failed attempt are deleted, never published).
 - :class:`Parquet` writes a dataset directory (``part-<partition>-...parquet``).
 - :class:`Collect` keeps the output with the checkpoints and hands it back as
   ``result.output`` (an Arrow table): for tests, notebooks and small results.
+- :class:`DuckDB` appends the output to a table of a DuckDB database file.
+  Each committed output file is loaded in one DuckDB transaction together
+  with its name in a ``_rayflow_applied`` table, so a load repeated after a
+  crash is skipped: exactly-once, keyed by (partition, positions), which is
+  what an output file's name encodes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 
 from rayflow.errors import ConfigError
 
-__all__ = ["Collect", "Parquet", "Sink"]
+__all__ = ["Collect", "DuckDB", "Parquet", "Sink"]
 
 PENDING_DIR = "_pending"
 
@@ -46,6 +51,29 @@ class Parquet(Sink):
 
     def __repr__(self) -> str:
         return f"rf.sinks.Parquet({self.path!r})"
+
+
+class DuckDB(Sink):
+    """Append the output to ``table`` in the DuckDB database file ``path`` (created if needed).
+
+    Caveats: the database is held open for writing by the pipeline's manager
+    while the job runs (DuckDB allows one writer process), so read it after
+    the run. The file must be on a filesystem the manager's node can reach.
+    """
+
+    def __init__(self, path: str | os.PathLike, table: str):
+        if not path or not table:
+            raise ConfigError("rf.sinks.DuckDB needs a database path and a table name")
+        if not table.replace("_", "").isalnum():
+            raise ConfigError(f"rf.sinks.DuckDB: table must be a plain identifier, got {table!r}")
+        self.path = os.path.abspath(os.fspath(path))
+        self.table = table
+
+    def root(self, *, pipeline_root: str) -> str:
+        return f"{pipeline_root}/duckdb-sink"
+
+    def __repr__(self) -> str:
+        return f"rf.sinks.DuckDB({self.path!r}, {self.table!r})"
 
 
 class Collect(Sink):

@@ -205,6 +205,7 @@ class _ParquetSplit(Split):
     name: str
     batch_rows: int
     columns: tuple[str, ...] | None
+    schema: pa.Schema | None = None  # the source's unified schema; files lacking a column get nulls
 
     def read(self, position: int) -> Iterator[tuple[pa.RecordBatch, int]]:
         pf = pq.ParquetFile(self.name)
@@ -228,9 +229,22 @@ class _ParquetSplit(Split):
                     cut = min(skip, b.num_rows)
                     b, skip = b.slice(cut), skip - cut
                 if b.num_rows:
-                    yield b
+                    yield _conform(b, self.schema)
 
         yield from _regrid(batches(), position, self.batch_rows)
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema | None) -> pa.RecordBatch:
+    """``batch`` in ``schema``'s column order, with nulls for the columns it lacks."""
+    if schema is None or batch.schema.equals(schema):
+        return batch
+    cols = [
+        batch.column(f.name).cast(f.type)
+        if f.name in batch.schema.names
+        else pa.nulls(batch.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
 class _FileSource(Source):
@@ -250,7 +264,11 @@ class _FileSource(Source):
 
 
 class Parquet(_FileSource):
-    """Parquet file(s): a file, a directory or a glob. One split per file."""
+    """Parquet file(s): a file, a directory or a glob. One split per file.
+
+    The schema is the files' schemas unified: a column that only some files
+    have is read as nulls from the others (so a dataset can gain columns).
+    """
 
     fmt = "Parquet"
 
@@ -260,10 +278,20 @@ class Parquet(_FileSource):
 
     @cached_property
     def schema(self) -> pa.Schema:
+        """The files' schemas unified: a column some files lack is read as nulls there."""
+        schemas = []
+        for f in self._files:
+            try:
+                schemas.append(pq.read_schema(f))
+            except pa.ArrowInvalid as e:
+                raise MalformedInputError(f"{f!r} is not a readable Parquet file: {e}") from e
         try:
-            s = pq.read_schema(self._files[0])
-        except pa.ArrowInvalid as e:
-            raise MalformedInputError(f"{self._files[0]!r} is not a readable Parquet file: {e}") from e
+            s = pa.unify_schemas(schemas, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise MalformedInputError(
+                f"the Parquet files of {self._path!r} have clashing schemas: {e}"
+            ) from e
+        s = s.remove_metadata()
         return pa.schema([s.field(c) for c in self._columns]) if self._columns else s
 
     def splits(self) -> list[Split]:
@@ -275,8 +303,8 @@ class Parquet(_FileSource):
                 raise MalformedInputError(f"{f!r} is not a readable Parquet file: {e}") from e
         if rows == 0:
             raise EmptyInputError(f"the Parquet input {self._path!r} holds no rows")
-        self.schema  # noqa: B018 - validates the first footer early
-        return [_ParquetSplit(f, self._batch_rows, self._columns) for f in self._files]
+        schema = self.schema
+        return [_ParquetSplit(f, self._batch_rows, self._columns, schema) for f in self._files]
 
 
 @dataclass(frozen=True)

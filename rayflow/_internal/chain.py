@@ -41,5 +41,5 @@ class Chain:
             self._run_from(states, i + 1, self.ops[i].finish(states[i]), out)
         return out
 
-    def fingerprint(self) -> str:
-        return "|".join(op.fingerprint() for op in self.ops)
+    def spec(self) -> list[dict]:
+        return [op.spec() for op in self.ops]

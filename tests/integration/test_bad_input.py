@@ -133,7 +133,7 @@ def test_changed_job_shape_is_refused_on_resume(ray_session, tmp_path):
     t = pa.table({"key": list(range(100)), "value": [1.0] * 100})
     pipeline(rf.sources.Table(t), tmp_path).run(timeout_s=60)
     other = rf.ops.Aggregate(by="key", aggs=[("value", "max")])
-    with pytest.raises(rf.errors.IncompatibleCheckpointError, match="was written with operators"):
+    with pytest.raises(rf.errors.IncompatibleCheckpointError, match=r"adds \('value', 'max'\)"):
         pipeline(rf.sources.Table(t), tmp_path, operator=other).run(timeout_s=60)
     with pytest.raises(rf.errors.IncompatibleCheckpointError, match="partition_map"):
         rf.Pipeline(
@@ -146,3 +146,57 @@ def test_changed_job_shape_is_refused_on_resume(ray_session, tmp_path):
             checkpoint_dir=str(tmp_path / "ck"),
             progress=False,
         ).run(timeout_s=60)
+
+
+def test_resume_evolves_an_added_nullable_column(ray_session, tmp_path):
+    """Stopped midway, the job resumes over an input that gained a nullable column, with a
+    new aggregation over it; the result equals DuckDB over all the rows."""
+    import pyarrow.parquet as pq
+    from ray._common.test_utils import wait_for_condition
+
+    from rayflow.testing import assert_same_rows, duckdb_reference, throttle
+
+    d = tmp_path / "in"
+    d.mkdir()
+    a = rf.sources.Synthetic(events=60_000, keys=500, seed=3).to_table().select(["key", "value"])
+    pq.write_table(a, d / "a.parquet")
+
+    def job(aggs):
+        return rf.Pipeline(
+            name="evolve",
+            source=rf.sources.Parquet(str(d), batch_rows=2_000),
+            key="key",
+            partitions=2,
+            consumers=1,
+            operator=[throttle(30_000), rf.ops.Aggregate(by="key", aggs=aggs)],
+            checkpoint_dir=str(tmp_path / "ck"),
+            checkpoint_interval_s=0.1,
+            config=rf.EngineConfig(fetch_max_bytes=50_000),
+            progress=False,
+        )
+
+    run = job([("value", "sum")]).start()
+    wait_for_condition(lambda: any(p["committed_rows"] > 0 for p in run.status()["partitions"]), timeout=60)
+    run.stop()
+    b = pa.table({"key": [1, 4, 7], "value": [10.0, 20.0, 30.0], "extra": pa.array([7, None, 9], pa.int64())})
+    pq.write_table(b, d / "b.parquet")
+    out = job([("value", "sum"), ("extra", "count"), ("extra", "sum")]).run(timeout_s=120).output
+    both = pa.concat_tables([a, b], promote_options="default")
+    expected = duckdb_reference(
+        "SELECT key, sum(value) AS value_sum, count(extra) AS extra_count, sum(extra) AS extra_sum "
+        "FROM t GROUP BY key",
+        t=both,
+    )
+    assert_same_rows(out, expected, columns=["key", "value_sum", "extra_count", "extra_sum"])
+
+
+def test_a_finished_job_refuses_new_input(ray_session, tmp_path):
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "in"
+    d.mkdir()
+    pq.write_table(pa.table({"key": [1, 2], "value": [1.0, 2.0]}), d / "a.parquet")
+    pipeline(rf.sources.Parquet(str(d)), tmp_path).run(timeout_s=60)
+    pq.write_table(pa.table({"key": [3], "value": [3.0]}), d / "b.parquet")
+    with pytest.raises(rf.errors.IncompatibleCheckpointError, match=r"finished.*b.parquet"):
+        pipeline(rf.sources.Parquet(str(d)), tmp_path).run(timeout_s=60)

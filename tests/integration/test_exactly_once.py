@@ -13,6 +13,7 @@ import textwrap
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 import ray
@@ -165,6 +166,32 @@ def test_parquet_sink_is_exactly_once_under_kills(ray_session, tmp_path, data):
     assert len(plan.fired()) == 2, plan
     got = pads.dataset(str(out), format="parquet").to_table()
     assert_same_rows(got, data)
+
+
+def test_duckdb_sink_is_exactly_once_under_kills(ray_session, tmp_path, data):
+    plan = FaultPlan(
+        [
+            Fault(point="consumer.after_state_write", actor="consumer-1", nth=2),
+            Fault(point="manager.after_record", actor="manager", nth=5),
+        ],
+        dir=str(tmp_path / "faults"),
+    )
+    db = tmp_path / "out.duckdb"
+    result = job(
+        "duck",
+        data,
+        tmp_path,
+        consumers=2,
+        faults=plan,
+        sink=rf.sinks.DuckDB(str(db), "events"),
+        operator=[throttle(200_000), rf.ops.Filter(pc.field("value") < 500.0)],
+    ).run(timeout_s=180)
+    assert len(plan.fired()) == 2, plan
+    assert result.output is None and result.output_path == str(db)
+    con = duckdb.connect(str(db), read_only=True)
+    got = con.sql("SELECT key, value, ts FROM events").to_arrow_table()
+    con.close()
+    assert_same_rows(got, duckdb_reference("SELECT * FROM d WHERE value < 500", d=data))
 
 
 DRIVER = textwrap.dedent(

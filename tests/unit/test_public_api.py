@@ -19,7 +19,7 @@ def test_public_names_are_pinned():
     ]
     assert rf.sources.__all__ == ["CSV", "JSON", "Parquet", "Source", "Split", "Synthetic", "Table"]
     assert rf.ops.__all__ == ["Aggregate", "Filter", "Map", "Operator"]
-    assert rf.sinks.__all__ == ["Collect", "Parquet", "Sink"]
+    assert rf.sinks.__all__ == ["Collect", "DuckDB", "Parquet", "Sink"]
 
 
 def test_error_tree_mixes_in_builtins():

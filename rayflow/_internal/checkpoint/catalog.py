@@ -6,7 +6,7 @@ writer process). Tools read a consistent copy (:func:`snapshot_copy`).
 Tables:
 
 - ``meta(key, value)``: the job's shape (partition map, key, operator
-  fingerprint, input schema, split names), checked on every restart;
+  specs, input schema, split names), checked on every restart (compat.py);
 - ``commits``: one row per partition commit (lease epoch, positions per split,
   state files, output files, row counts, final flag, map version);
 - ``leases(partition, owner, lease_epoch)``: the last grant of each partition,
@@ -139,6 +139,28 @@ class Catalog:
         rows = self.con.execute("SELECT state_files FROM commits").fetchall()
         return {f for (r,) in rows for f in json.loads(r)}
 
+    def retire_state_files(self, *, keep: int) -> list[str]:
+        """Stop naming the state files of all but the last ``keep`` commits per partition.
+
+        Returns the files no row names any more (the caller deletes them). The
+        positions and row counts of old commits stay, as history.
+        """
+        rows = self.con.execute(
+            """SELECT commit_id, state_files FROM (
+                   SELECT commit_id, state_files, row_number() OVER
+                       (PARTITION BY partition ORDER BY commit_id DESC) AS rn
+                   FROM commits WHERE state_files <> '[]')
+               WHERE rn > ?""",
+            [keep],
+        ).fetchall()
+        if not rows:
+            return []
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        cur.executemany("UPDATE commits SET state_files = '[]' WHERE commit_id = ?", [[r[0]] for r in rows])
+        cur.execute("COMMIT")
+        return [f for _, files in rows for f in json.loads(files)]
+
     def record_commits(self, member: str, records: list[CommitRecord]) -> None:
         """Record several partition commits in one transaction (all or nothing)."""
         now = _now()
@@ -206,3 +228,35 @@ def snapshot_copy(path: str) -> str:
     if os.path.exists(path + ".wal"):
         shutil.copy(path + ".wal", dst + ".wal")
     return dst
+
+
+class DuckDBSinkWriter:
+    """Loads committed output files into a DuckDB table, each exactly once."""
+
+    def __init__(self, path: str, table: str):
+        self.table = table
+        self.con = _connect(path, LOCK_TIMEOUT_S)
+        self.con.execute(
+            "CREATE TABLE IF NOT EXISTS _rayflow_applied (file VARCHAR PRIMARY KEY, applied_at TIMESTAMP)"
+        )
+
+    def load(self, name: str, parquet_path: str) -> bool:
+        """Append the rows of ``parquet_path`` unless ``name`` was loaded before; one transaction."""
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            if cur.execute("SELECT count(*) FROM _rayflow_applied WHERE file = ?", [name]).fetchone()[0]:
+                cur.execute("ROLLBACK")
+                return False
+            src = f"read_parquet('{parquet_path.replace(chr(39), chr(39) * 2)}')"
+            cur.execute(f'CREATE TABLE IF NOT EXISTS "{self.table}" AS SELECT * FROM {src} LIMIT 0')
+            cur.execute(f'INSERT INTO "{self.table}" BY NAME SELECT * FROM {src}')
+            cur.execute("INSERT INTO _rayflow_applied VALUES (?, ?)", [name, _now()])
+            cur.execute("COMMIT")
+            return True
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self.con.close()

@@ -32,11 +32,18 @@ import ray
 
 from rayflow._internal.checkpoint.catalog import Catalog, CommitRecord
 from rayflow._internal.checkpoint.store import Store
+from rayflow._internal.compat import check_resume
 from rayflow._internal.group.coordinator import Coordinator, Effects
+from rayflow._internal.publish import Publisher
 from rayflow.config import EngineConfig
 from rayflow.errors import FencedError, IncompatibleCheckpointError
 from rayflow.partitioning import PartitionMap
-from rayflow.sinks import PENDING_DIR
+from rayflow.sinks import Sink
+
+#: State files kept per partition (the last commits'); older ones are deleted.
+STATE_FILES_KEPT = 3
+#: How often (at most) old state files are retired.
+RETIRE_EVERY_S = 5.0
 
 
 def _was_restarted() -> bool:
@@ -54,6 +61,7 @@ class GroupManager:
         catalog_path: str,
         state_root: str,
         sink_root: str,
+        sink: Sink,
         meta: dict[str, str],
         partition_map: PartitionMap,
         config: EngineConfig,
@@ -64,62 +72,54 @@ class GroupManager:
         self.faults = faults
         self.source_names = source_names or []
         self.config = config
-        self.catalog = Catalog(catalog_path)
-        self.state_store = Store(state_root)
-        self.sink_store = Store(sink_root)
-        self.map = partition_map
-        self._init_error: BaseException | None = None
-        try:
-            self._check_meta(meta)
-        except BaseException as e:  # raised by ready(): an actor whose __init__ fails just dies
-            self._init_error = e
-        self.group = Coordinator(
-            partition_map.num_partitions,
-            epochs=self.catalog.lease_epochs(),
-            committed=self.catalog.latest_commits(),
-        )
-        if _was_restarted():
-            # Restarted by Ray mid-run: the recorded owners come back as ghosts that
-            # may re-join and keep their leases (Coordinator.restore).
-            self.group.restore(self.catalog.lease_owners(), time.monotonic())
         self.handles: dict[str, object] = {}
         self.watches: dict[str, asyncio.Task] = {}
         self.sources: list = []
         self.moves: list[dict] = []
-        self._repair_files()
+        self._init_error: BaseException | None = None
+        try:
+            self.catalog = Catalog(catalog_path)
+            self.state_store = Store(state_root)
+            self.publisher = Publisher(sink, sink_root)
+            self.map = partition_map
+            self._check_meta(meta)
+            self.group = Coordinator(
+                partition_map.num_partitions,
+                epochs=self.catalog.lease_epochs(),
+                committed=self.catalog.latest_commits(),
+            )
+            if _was_restarted():
+                # Restarted by Ray mid-run: the recorded owners come back as ghosts that
+                # may re-join and keep their leases (Coordinator.restore).
+                self.group.restore(self.catalog.lease_owners(), time.monotonic())
+            self._repair_files()
+        except BaseException as e:  # raised by ready(): an actor whose __init__ fails just dies
+            self._init_error = e
         self._expiry: asyncio.Task | None = None  # started by ready(), inside the event loop
+        self._last_retire = 0.0
 
     # ------------------------------------------------------------------ setup
     def _check_meta(self, meta: dict[str, str]) -> None:
         old = self.catalog.get_meta()
-        if old:
-            for k in ("key", "partition_map", "operators"):
-                if k in old and old[k] != meta.get(k):
-                    raise IncompatibleCheckpointError(
-                        f"the checkpoint of pipeline {self.name!r} was written with {k} = {old[k]}, "
-                        f"but this run has {k} = {meta.get(k)}. Run with the original {k}, or start "
-                        "afresh with a new checkpoint_dir or name."
-                    )
-            old_splits = set(json.loads(old.get("splits", "[]")))
-            gone = sorted(old_splits - set(json.loads(meta.get("splits", "[]"))))
-            if gone:
-                raise IncompatibleCheckpointError(
-                    f"the checkpoint of pipeline {self.name!r} has committed positions in input "
-                    f"split(s) {gone[:5]} that this run's source does not have; resuming would "
-                    "count their rows again or lose them. Run with the original input, or start "
-                    "afresh with a new checkpoint_dir or name."
-                )
+        check_resume(self.name, old, meta)
+        committed = self.catalog.latest_commits()
+        new_splits = sorted(set(json.loads(meta["splits"])) - set(json.loads(old.get("splits", "[]"))))
+        if (
+            old
+            and new_splits
+            and len(committed) == self.map.num_partitions
+            and all(c.final for c in committed.values())
+        ):
+            raise IncompatibleCheckpointError(
+                f"pipeline {self.name!r} has finished, and its input now has new split(s) "
+                f"{new_splits[:5]}: a finished job's final output cannot be amended. Run the new "
+                "input under a new name or checkpoint_dir."
+            )
         self.catalog.set_meta(meta)
 
     def _repair_files(self) -> None:
         """Publish committed outputs left pending; delete files no commit names."""
-        committed_outputs = set(self.catalog.all_output_files())
-        for rel in self.sink_store.list_files(PENDING_DIR):
-            name = rel[len(PENDING_DIR) + 1 :]
-            if name in committed_outputs:
-                self.sink_store.move(rel, name)
-            else:
-                self.sink_store.delete(rel)
+        self.publisher.repair(set(self.catalog.all_output_files()))
         live = self._all_state_files()
         for rel in self.state_store.list_files("state"):
             if rel not in live:
@@ -259,7 +259,7 @@ class GroupManager:
                 if not self.state_store.exists(f):
                     raise FileNotFoundError(f"partition {rec.partition}: state file {f} is missing")
             for f in rec.output_files:
-                if not self.sink_store.exists(f"{PENDING_DIR}/{f}"):
+                if not self.publisher.pending_exists(f):
                     raise FileNotFoundError(f"partition {rec.partition}: output file {f} is missing")
             ok.append(rec)
         if ok:
@@ -270,8 +270,22 @@ class GroupManager:
             self._fault("manager.after_record")
             for rec in ok:
                 for f in rec.output_files:
-                    self.sink_store.move(f"{PENDING_DIR}/{f}", f)
+                    self.publisher.publish(f)
+            self._retire_old_state()
         return {"accepted": [r.partition for r in ok] + repeated, "fenced": fenced}
+
+    def _retire_old_state(self) -> None:
+        """Keep the state files of the last few commits per partition; delete older ones.
+
+        The catalog rows are updated first (they stop naming the files), then the
+        files go: a commit row never points at a missing file.
+        """
+        now = time.monotonic()
+        if now - self._last_retire < RETIRE_EVERY_S:
+            return
+        self._last_retire = now
+        for f in self.catalog.retire_state_files(keep=STATE_FILES_KEPT):
+            self.state_store.delete(f)
 
     def _fault(self, point: str) -> None:
         if self.faults is not None:
@@ -319,7 +333,9 @@ class GroupManager:
             self._expiry.cancel()
         for w in self.watches.values():
             w.cancel()
-        self.catalog.close()
+        for part in ("catalog", "publisher"):
+            if hasattr(self, part):
+                getattr(self, part).close()
 
 
 def _to_mono(firsts: dict[int, tuple[int, float]] | None) -> dict[int, tuple[int, float]] | None:
