@@ -70,7 +70,9 @@ def one_run(i, args, ref) -> dict:
     vst = ray.get(victim.status.remote(), timeout=30)
     st = run.status()
     owned = set(vst["partitions"])
-    replayed = sum(p["processed_rows"] - p["committed_rows"] for p in st["partitions"] if p["partition"] in owned)
+    replayed = sum(
+        p["processed_rows"] - p["committed_rows"] for p in st["partitions"] if p["partition"] in owned
+    )
     t_kill = time.time()
     os.kill(vst["pid"], signal.SIGKILL)
     lag_back = None
@@ -85,10 +87,10 @@ def one_run(i, args, ref) -> dict:
     got = result.output.select(["key", "value_count", "value_sum"]).sort_by("key")
     ok = got.equals(ref(source).select(["key", "value_count", "value_sum"]).sort_by("key"))
     con = duckdb.connect(snapshot_copy(os.path.join(ck, name, "catalog.duckdb")), read_only=True)
-    crash_ts = con.execute(
-        "SELECT epoch_ms(min(ts)) / 1000.0 FROM events WHERE kind = 'crash'"
-    ).fetchone()[0]
-    moves = [json.loads(d) for (d,) in con.execute("SELECT detail FROM events WHERE kind = 'move'").fetchall()]
+    crash_ts = con.execute("SELECT epoch_ms(min(ts)) / 1000.0 FROM events WHERE kind = 'crash'").fetchone()[0]
+    moves = [
+        json.loads(d) for (d,) in con.execute("SELECT detail FROM events WHERE kind = 'move'").fetchall()
+    ]
     con.close()
     shutil.rmtree(ck, ignore_errors=True)
     resumed = [m["at"] for m in moves if m["why"] == "crash" and m["partition"] in owned]
@@ -118,8 +120,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=os.path.join(HERE, "results", "recovery.json"))
     args = ap.parse_args(argv)
 
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     cache = {}
 
     def ref(source):
@@ -134,12 +141,18 @@ def main(argv=None) -> int:
     def ms(v):
         return f"{v * 1e3:,.0f}" if v is not None else "-"
 
-    print(f"\nSIGKILL of one of {args.consumers} consumers, keyed job over {args.events:,} events, "
-          f"{args.partitions} partitions, checkpoint every {args.checkpoint_interval_s} s")
-    print(f"{'run':>4}{'parts':>7}{'detect ms':>11}{'resume ms':>11}{'lag back ms':>13}{'replayed':>12}{'ok':>5}")
+    print(
+        f"\nSIGKILL of one of {args.consumers} consumers, keyed job over {args.events:,} events, "
+        f"{args.partitions} partitions, checkpoint every {args.checkpoint_interval_s} s"
+    )
+    print(
+        f"{'run':>4}{'parts':>7}{'detect ms':>11}{'resume ms':>11}{'lag back ms':>13}{'replayed':>12}{'ok':>5}"
+    )
     for r in rows:
-        print(f"{r['run']:>4}{r['partitions_of_victim']:>7}{ms(r['detect_s']):>11}{ms(r['resume_s']):>11}"
-              f"{ms(r['lag_back_s']):>13}{r['replayed_rows']:>12,}{'yes' if r['correct'] else 'NO':>5}")
+        print(
+            f"{r['run']:>4}{r['partitions_of_victim']:>7}{ms(r['detect_s']):>11}{ms(r['resume_s']):>11}"
+            f"{ms(r['lag_back_s']):>13}{r['replayed_rows']:>12,}{'yes' if r['correct'] else 'NO':>5}"
+        )
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "cpus": os.cpu_count(), "runs": rows}, f, indent=2)

@@ -269,6 +269,7 @@ class Run:
                 max_concurrency=1000,
                 scheduling_strategy="SPREAD",
             ).remote(
+                pipeline=p.name,
                 member_id=member,
                 manager=self.manager,
                 sources=self.sources,

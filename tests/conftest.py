@@ -6,6 +6,17 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pytest
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray for the whole session (never attaches to another cluster)."""
@@ -18,6 +29,14 @@ def ray_session():
         object_store_memory=400 * 1024 * 1024,
         logging_level="WARNING",
         log_to_driver=False,
+        _metrics_export_port=METRICS_PORT,
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def metrics_port(ray_session) -> int:
+    """The local node's Prometheus port."""
+    return METRICS_PORT

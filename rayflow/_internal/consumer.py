@@ -35,6 +35,7 @@ import ray
 from rayflow._internal.chain import Chain
 from rayflow._internal.checkpoint.catalog import CommitRecord
 from rayflow._internal.checkpoint.store import Store
+from rayflow._internal.metrics import ConsumerMetrics
 from rayflow._internal.source_actor import FetchResult
 from rayflow.config import EngineConfig
 from rayflow.partitioning import hash_table
@@ -67,6 +68,7 @@ class ConsumerActor:
     def __init__(
         self,
         *,
+        pipeline: str,
         member_id: str,
         manager,
         sources: list,
@@ -80,6 +82,7 @@ class ConsumerActor:
         faults=None,
     ):
         self.member_id = member_id
+        self.metrics = ConsumerMetrics(pipeline, member_id)
         self.faults = faults
         self.commit_failures = 0
         self.last_commit_error: str | None = None
@@ -176,7 +179,9 @@ class ConsumerActor:
                         continue
                     t0 = time.monotonic()
                     await asyncio.to_thread(self._process, work, batches)
-                    self.busy_s += time.monotonic() - t0
+                    took = time.monotonic() - t0
+                    self.busy_s += took
+                    self.metrics.observe(took, sum(b.num_rows for b in batches))
                     self._fault("consumer.step")
                 else:
                     self._advance(work)

@@ -34,12 +34,15 @@ from rayflow._internal.checkpoint.catalog import Catalog, CommitRecord
 from rayflow._internal.checkpoint.store import Store
 from rayflow._internal.compat import check_resume
 from rayflow._internal.group.coordinator import Coordinator, Effects
+from rayflow._internal.metrics import ManagerMetrics
 from rayflow._internal.publish import Publisher
 from rayflow.config import EngineConfig
 from rayflow.errors import FencedError, IncompatibleCheckpointError
 from rayflow.partitioning import PartitionMap
 from rayflow.sinks import Sink
 
+#: How often the manager refreshes its Prometheus gauges.
+METRICS_EVERY_S = 1.0
 #: State files kept per partition (the last commits'); older ones are deleted.
 STATE_FILES_KEPT = 3
 #: How often (at most) old state files are retired.
@@ -76,6 +79,7 @@ class GroupManager:
         self.watches: dict[str, asyncio.Task] = {}
         self.sources: list = []
         self.moves: list[dict] = []
+        self.metrics = ManagerMetrics(name)
         self._init_error: BaseException | None = None
         try:
             self.catalog = Catalog(catalog_path)
@@ -208,9 +212,20 @@ class GroupManager:
             self._gone(member_id, "crash")
 
     async def _expire_loop(self) -> None:
+        next_metrics = 0.0
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
             self._apply(self.group.expire(time.monotonic(), self.config.session_timeout_s))
+            if time.monotonic() >= next_metrics:
+                next_metrics = time.monotonic() + METRICS_EVERY_S
+                await self._publish_metrics()
+
+    async def _publish_metrics(self) -> None:
+        try:
+            sources = await asyncio.gather(*(s.stats.remote() for s in self._source_handles()))
+            self.metrics.publish(await self.status(), list(sources))
+        except Exception:  # metrics must never take the job down
+            pass
 
     def _gone(self, member_id: str, why: str) -> None:
         self._apply(self.group.member_gone(member_id, why, time.monotonic()))
