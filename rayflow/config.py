@@ -6,7 +6,7 @@ the names (``_s`` seconds, ``_bytes``, ``_rows``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from rayflow.errors import ConfigError
 
@@ -44,10 +44,25 @@ class EngineConfig:
     consumer_num_cpus: float = 0.0
     #: CPUs each source actor reserves.
     source_num_cpus: float = 0.0
+    #: Custom Ray resources each consumer needs, e.g. ``{"rayflow_consumer": 1}`` to place
+    #: consumers only on nodes started with that resource (see cluster.yaml).
+    consumer_resources: dict[str, float] = field(default_factory=dict)
+    #: Custom Ray resources each source actor needs.
+    source_resources: dict[str, float] = field(default_factory=dict)
+    #: Custom Ray resources the manager needs (it holds the catalog: keep it where that lives).
+    manager_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name.endswith("_resources"):
+                if not isinstance(v, dict) or not all(
+                    isinstance(k, str) and isinstance(x, (int, float)) and x >= 0 for k, x in v.items()
+                ):
+                    raise ConfigError(
+                        f"EngineConfig.{f.name} must map resource names to amounts >= 0, got {v!r}"
+                    )
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"EngineConfig.{f.name} must be a number, got {v!r}")
             positive = f.name not in ("consumer_num_cpus", "source_num_cpus")

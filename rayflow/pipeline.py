@@ -169,6 +169,7 @@ class Run:
                 name=f"{p.name}/manager",
                 namespace=NAMESPACE,
                 num_cpus=0,
+                resources=p.config.manager_resources,
                 max_concurrency=1000,
                 max_restarts=-1,  # reloads from the catalog; consumers re-join and keep leases
                 max_task_retries=-1,  # callers' in-flight calls go to the restarted actor
@@ -213,6 +214,7 @@ class Run:
                 name=f"{p.name}/source-{i}",
                 namespace=NAMESPACE,
                 num_cpus=p.config.source_num_cpus,
+                resources=p.config.source_resources,
                 max_restarts=-1,  # replays from the lowest committed position of its partitions
                 max_task_retries=-1,
             ).remote(
@@ -266,6 +268,7 @@ class Run:
                 name=f"{p.name}/{member}",
                 namespace=NAMESPACE,
                 num_cpus=p.config.consumer_num_cpus,
+                resources=p.config.consumer_resources,
                 max_concurrency=1000,
                 scheduling_strategy="SPREAD",
             ).remote(
