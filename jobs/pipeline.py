@@ -93,6 +93,13 @@ def main(argv=None) -> int:
         consumers=args.consumers,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_interval_s=args.checkpoint_interval_s,
+        config=rf.EngineConfig(
+            consumer_resources={"rayflow_consumer": 1},
+            source_resources={"rayflow_source": 1},
+            manager_resources={"rayflow_manager": 0.01},
+        )
+        if args.placement == "resources"
+        else None,
     )
     t0 = time.perf_counter()
     where = init_ray(args.address)
