@@ -22,7 +22,8 @@ import ray
 
 from rayflow import ops as _ops
 from rayflow._internal.chain import Chain
-from rayflow._internal.checkpoint.store import Store
+from rayflow._internal.checkpoint.catalog import catalog_path
+from rayflow._internal.checkpoint.store import Store, join
 from rayflow._internal.compat import schema_to_json
 from rayflow.config import EngineConfig
 from rayflow.errors import ConfigError, PipelineFailedError, RayflowError
@@ -112,7 +113,7 @@ class Pipeline:
     @property
     def root(self) -> str:
         """This pipeline's folder under the checkpoint directory."""
-        return f"{self.checkpoint_dir.rstrip('/')}/{self.name}"
+        return join(self.checkpoint_dir, self.name)
 
     def run(self, *, timeout_s: float | None = None) -> Result:
         """Run to the end of a bounded source; blocks. Resumes from the last commit."""
@@ -175,7 +176,7 @@ class Run:
                 max_task_retries=-1,  # callers' in-flight calls go to the restarted actor
             ).remote(
                 name=p.name,
-                catalog_path=f"{p.root}/catalog.duckdb",
+                catalog_path=catalog_path(p.root),
                 state_root=p.root,
                 sink_root=sink_root,
                 sink=p.sink,
@@ -408,7 +409,11 @@ class Run:
     def stop(self) -> None:
         """Stop: consumers commit what they have, then every actor goes. A new run resumes."""
         try:
-            self._get([c.stop.remote() for c in self.consumers.values()])
+            for ref in [c.stop.remote() for c in self.consumers.values()]:
+                try:
+                    self._get(ref)
+                except ray.exceptions.RayActorError:
+                    pass  # already dead: nothing of its own to commit
         finally:
             self._teardown()
 

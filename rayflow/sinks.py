@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+from rayflow._internal.checkpoint.store import join
 from rayflow.errors import ConfigError
 
 __all__ = ["Collect", "DuckDB", "Parquet", "Sink"]
@@ -70,7 +71,7 @@ class DuckDB(Sink):
         self.table = table
 
     def root(self, *, pipeline_root: str) -> str:
-        return f"{pipeline_root}/duckdb-sink"
+        return join(pipeline_root, "duckdb-sink")
 
     def __repr__(self) -> str:
         return f"rf.sinks.DuckDB({self.path!r}, {self.table!r})"
@@ -80,7 +81,7 @@ class Collect(Sink):
     """Collect the output into ``result.output`` (an Arrow table)."""
 
     def root(self, *, pipeline_root: str) -> str:
-        return f"{pipeline_root}/collect"
+        return join(pipeline_root, "collect")
 
     def __repr__(self) -> str:
         return "rf.sinks.Collect()"

@@ -2,6 +2,11 @@ import os
 
 # Ray 2.60 turns token auth on by default; a test cluster on loopback needs none.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Credentials for the S3-compatible test server on loopback (tests/integration/test_s3.py),
+# set before Ray starts so that every worker inherits them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "rayflow-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rayflow-test")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 import pytest
 

@@ -16,6 +16,8 @@ Tables:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ from datetime import datetime, timezone
 
 import duckdb
 
+from rayflow._internal.checkpoint.store import Store, is_remote, join
 from rayflow.errors import CheckpointError
 
 _SCHEMA = """
@@ -82,25 +85,100 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def catalog_path(root: str) -> str:
+    """Where the DuckDB file of the job under ``root`` lives.
+
+    Under a local checkpoint directory, there. Under a remote one (``s3://``),
+    DuckDB cannot open the file, so it is a local index in the temp dir, and
+    the durable form is the commit log under ``root/log`` (see :class:`Catalog`).
+    """
+    if not is_remote(root):
+        return join(root, "catalog.duckdb")
+    key = hashlib.sha256(root.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "rayflow-catalogs", key, "catalog.duckdb")
+
+
 class Catalog:
-    def __init__(self, path: str, *, lock_timeout_s: float = LOCK_TIMEOUT_S):
+    """The catalog; with ``log_root`` (a remote checkpoint directory), also a durable log.
+
+    The log is a sequence of small JSON objects under ``log_root/log/``, named by
+    a sequence number that only grows: ``<n>-c.json`` (commits), ``<n>-l.json``
+    (lease grants), ``<n>-r.json`` (state files retired), and ``meta.json``.
+    Each is written (atomically, under a unique name) *before* the DuckDB
+    transaction it mirrors, so the log is the point of truth: a manager on any
+    node rebuilds or catches up its local DuckDB index from it at start.
+    """
+
+    def __init__(self, path: str, *, log_root: str | None = None, lock_timeout_s: float = LOCK_TIMEOUT_S):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self.con = _connect(path, lock_timeout_s)
         self.con.execute(_SCHEMA)
-        self.con.execute("CHECKPOINT")
-        self._last_checkpoint = time.monotonic()
+        self.log = Store(log_root) if log_root else None
         row = self.con.execute("SELECT coalesce(max(commit_id), 0) FROM commits").fetchone()
         self._next_id = int(row[0]) + 1
+        if self.log is not None:
+            self._replay_log()
+        self.con.execute("CHECKPOINT")
+        self._last_checkpoint = time.monotonic()
+
+    # ------------------------------------------------------------------ durable log
+    def _replay_log(self) -> None:
+        applied = self._log_applied()
+        entries = []
+        for rel in self.log.list_files("log"):
+            name = rel.rsplit("/", 1)[1]
+            if name == "meta.json":
+                continue
+            n, _, kind = name.partition("-")
+            if n.isdigit() and kind in ("c.json", "l.json", "r.json"):
+                entries.append((int(n), kind[0], rel))
+        entries.sort()
+        if self.log.exists("log/meta.json"):
+            self._set_meta_local(json.loads(self.log.read_bytes("log/meta.json")))
+        for n, kind, rel in entries:
+            self._next_id = max(self._next_id, n + 1)
+            if n <= applied:
+                continue
+            body = json.loads(self.log.read_bytes(rel))
+            if kind == "c":
+                self._insert_commits(body["member"], [(i, CommitRecord(**r)) for i, r in body["records"]])
+            elif kind == "l":
+                self._upsert_leases([tuple(g) for g in body["grants"]])
+            else:
+                self._clear_state_files(body["commit_ids"])
+            self._set_meta_local({"_log_applied": str(n)})
+
+    def _append(self, kind: str, body: dict) -> int:
+        n = self._next_id
+        self._next_id += 1
+        if self.log is not None:
+            self.log.write_bytes(f"log/{n:012d}-{kind}.json", json.dumps(body).encode())
+        return n
+
+    def _mark_applied(self, n: int) -> None:
+        if self.log is not None:
+            self._set_meta_local({"_log_applied": str(n)})
 
     def close(self) -> None:
         self.con.close()
 
     # meta
     def get_meta(self) -> dict[str, str]:
-        return dict(self.con.execute("SELECT key, value FROM meta").fetchall())
+        """The job's shape as recorded (keys starting with ``_`` are the catalog's own)."""
+        rows = self.con.execute("SELECT key, value FROM meta").fetchall()
+        return {k: v for k, v in rows if not k.startswith("_")}
+
+    def _log_applied(self) -> int:
+        row = self.con.execute("SELECT value FROM meta WHERE key = '_log_applied'").fetchone()
+        return int(row[0]) if row else 0
 
     def set_meta(self, values: dict[str, str]) -> None:
+        if self.log is not None:
+            self.log.write_bytes("log/meta.json", json.dumps(values).encode())
+        self._set_meta_local(values)
+
+    def _set_meta_local(self, values: dict[str, str]) -> None:
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
         for k, v in values.items():
@@ -155,43 +233,48 @@ class Catalog:
         ).fetchall()
         if not rows:
             return []
+        ids = [r[0] for r in rows]
+        n = self._append("r", {"commit_ids": ids})
+        self._clear_state_files(ids)
+        self._mark_applied(n)
+        return [f for _, files in rows for f in json.loads(files)]
+
+    def _clear_state_files(self, commit_ids: list[int]) -> None:
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
-        cur.executemany("UPDATE commits SET state_files = '[]' WHERE commit_id = ?", [[r[0]] for r in rows])
+        cur.executemany(
+            "UPDATE commits SET state_files = '[]' WHERE commit_id = ?", [[i] for i in commit_ids]
+        )
         cur.execute("COMMIT")
-        return [f for _, files in rows for f in json.loads(files)]
 
     def record_commits(self, member: str, records: list[CommitRecord]) -> None:
         """Record several partition commits in one transaction (all or nothing)."""
+        ids = list(range(self._next_id, self._next_id + len(records)))
+        self._next_id += len(records)
+        n = ids[-1]
+        if self.log is not None:
+            body = {"member": member, "records": [(i, dataclasses.asdict(r)) for i, r in zip(ids, records)]}
+            self.log.write_bytes(f"log/{n:012d}-c.json", json.dumps(body).encode())
+        self._insert_commits(member, list(zip(ids, records)))
+        self._mark_applied(n)
+        self._maybe_checkpoint()
+
+    def _insert_commits(self, member: str, rows: list[tuple[int, CommitRecord]]) -> None:
         now = _now()
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
         try:
-            for rec in records:
+            for i, rec in rows:
                 cur.execute(
                     "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        self._next_id,
-                        rec.partition,
-                        rec.lease_epoch,
-                        member,
-                        json.dumps(rec.positions),
-                        json.dumps(rec.state_files),
-                        json.dumps(rec.output_files),
-                        rec.rows_in,
-                        rec.rows_total,
-                        rec.state_rows,
-                        rec.final,
-                        rec.map_version,
-                        now,
-                    ],
-                )
-                self._next_id += 1
+                    [i, rec.partition, rec.lease_epoch, member, json.dumps(rec.positions),
+                     json.dumps(rec.state_files), json.dumps(rec.output_files), rec.rows_in,
+                     rec.rows_total, rec.state_rows, rec.final, rec.map_version, now],
+                )  # fmt: skip
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
-        self._maybe_checkpoint()
 
     def _maybe_checkpoint(self) -> None:
         """Fold the WAL into the file now and then, so a copy read by tools is recent."""
@@ -210,6 +293,11 @@ class Catalog:
     def record_leases(self, grants: list[tuple[int, str, int]]) -> None:
         if not grants:
             return
+        n = self._append("l", {"grants": grants})
+        self._upsert_leases(grants)
+        self._mark_applied(n)
+
+    def _upsert_leases(self, grants: list[tuple[int, str, int]]) -> None:
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
         cur.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", grants)

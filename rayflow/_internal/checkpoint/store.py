@@ -15,6 +15,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
+def is_remote(root: str) -> bool:
+    return "://" in root and not root.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI, keeping a URI's query (``?endpoint_override=``)."""
+    path, sep, query = base.partition("?")
+    joined = "/".join([path.rstrip("/"), *(p.strip("/") for p in parts if p)])
+    return f"{joined}{sep}{query}"
+
+
 def _resolve(root: str) -> tuple[pafs.FileSystem, str]:
     if "://" in root:
         return pafs.FileSystem.from_uri(root)
@@ -40,6 +51,20 @@ class Store:
         pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", row_group_size=1 << 20)
         self.fs.move(tmp, full)
         return rel
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a small object atomically (a temporary name, then a move)."""
+        full = self.full(rel)
+        parent = full.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, full)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.full(rel)) as f:
+            return f.read()
 
     def read_parquet(self, rel: str) -> pa.Table:
         return pq.read_table(self.full(rel), filesystem=self.fs)

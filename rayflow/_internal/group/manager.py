@@ -31,7 +31,7 @@ import warnings
 import ray
 
 from rayflow._internal.checkpoint.catalog import Catalog, CommitRecord
-from rayflow._internal.checkpoint.store import Store
+from rayflow._internal.checkpoint.store import Store, is_remote
 from rayflow._internal.compat import check_resume
 from rayflow._internal.group.coordinator import Coordinator, Effects
 from rayflow._internal.metrics import ManagerMetrics
@@ -82,7 +82,8 @@ class GroupManager:
         self.metrics = ManagerMetrics(name)
         self._init_error: BaseException | None = None
         try:
-            self.catalog = Catalog(catalog_path)
+            # Under a remote checkpoint directory the durable catalog is a log there.
+            self.catalog = Catalog(catalog_path, log_root=state_root if is_remote(state_root) else None)
             self.state_store = Store(state_root)
             self.publisher = Publisher(sink, sink_root)
             self.map = partition_map
