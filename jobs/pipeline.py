@@ -45,6 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)"
     )
+    ap.add_argument(
+        "--placement",
+        choices=["spread", "resources"],
+        default="spread",
+        help="spread: consumers spread over all nodes (default); resources: consumers and sources only "
+        "on nodes offering the rayflow_consumer / rayflow_source resources, the manager on the node "
+        "offering rayflow_manager (see cluster.yaml)",
+    )
     return ap.parse_args(argv)
 
 

@@ -108,7 +108,6 @@ def cmd_sql(args) -> int:
 def cmd_status(args) -> int:
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "token"))
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR")
     try:
         mgr = ray.get_actor(f"{args.name}/manager", namespace="rayflow")
