@@ -24,11 +24,13 @@ from rayflow.ops import Map
 
 __all__ = [
     "FAULT_POINTS",
+    "KEYED_SQL",
     "Fault",
     "FaultPlan",
     "InjectedFault",
     "assert_same_rows",
     "duckdb_reference",
+    "keyed_reference",
     "kill_actor",
     "throttle",
 ]
@@ -45,6 +47,15 @@ def duckdb_reference(sql: str, **tables: pa.Table) -> pa.Table:
         return con.sql(sql).to_arrow_table()
     finally:
         con.close()
+
+
+#: The WORKLOAD keyed job in SQL, over a table registered as ``events``.
+KEYED_SQL = "SELECT key, count(value) AS value_count, sum(value) AS value_sum FROM events GROUP BY key"
+
+
+def keyed_reference(events: pa.Table) -> pa.Table:
+    """The expected result of the keyed job (``Aggregate(by="key", aggs=[count, sum])``) by DuckDB."""
+    return duckdb_reference(KEYED_SQL, events=events)
 
 
 def assert_same_rows(actual: pa.Table, expected: pa.Table, *, columns: list[str] | None = None) -> None:

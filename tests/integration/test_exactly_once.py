@@ -20,11 +20,18 @@ import ray
 from ray._common.test_utils import wait_for_condition
 
 import rayflow as rf
-from rayflow.testing import Fault, FaultPlan, assert_same_rows, duckdb_reference, kill_actor, throttle
+from rayflow.testing import (
+    KEYED_SQL,
+    Fault,
+    FaultPlan,
+    assert_same_rows,
+    duckdb_reference,
+    kill_actor,
+    throttle,
+)
 
 pytestmark = pytest.mark.ray
 
-KEYED_SQL = "SELECT key, count(value) AS value_count, sum(value) AS value_sum FROM events GROUP BY key"
 AGG = [("value", "count"), ("value", "sum")]
 
 

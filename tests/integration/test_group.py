@@ -12,11 +12,9 @@ from ray._common.test_utils import wait_for_condition
 
 import rayflow as rf
 from rayflow._internal.checkpoint.catalog import CommitRecord
-from rayflow.testing import assert_same_rows, duckdb_reference, throttle
+from rayflow.testing import KEYED_SQL, assert_same_rows, duckdb_reference, throttle
 
 pytestmark = pytest.mark.ray
-
-KEYED_SQL = "SELECT key, count(value) AS value_count, sum(value) AS value_sum FROM events GROUP BY key"
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import rayflow as rf
-from rayflow.testing import assert_same_rows, duckdb_reference, throttle
+from rayflow.testing import KEYED_SQL, assert_same_rows, duckdb_reference, throttle
 
 pytestmark = pytest.mark.ray
 
-KEYED_SQL = "SELECT key, count(value) AS value_count, sum(value) AS value_sum FROM events GROUP BY key"
 AGG = [("value", "count"), ("value", "sum")]
 
 

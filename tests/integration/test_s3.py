@@ -14,12 +14,10 @@ from ray._common.test_utils import wait_for_condition
 import rayflow as rf
 from rayflow._internal.checkpoint.catalog import catalog_path
 from rayflow._internal.checkpoint.store import join
-from rayflow.testing import Fault, FaultPlan, assert_same_rows, duckdb_reference, throttle
+from rayflow.testing import KEYED_SQL, Fault, FaultPlan, assert_same_rows, duckdb_reference, throttle
 
 pytestmark = pytest.mark.ray
 moto_server = pytest.importorskip("moto.server")
-
-KEYED_SQL = "SELECT key, count(value) AS value_count, sum(value) AS value_sum FROM events GROUP BY key"
 
 
 @pytest.fixture(scope="module")
