@@ -25,6 +25,9 @@ from rayflow._internal.chain import Chain
 from rayflow._internal.checkpoint.catalog import catalog_path
 from rayflow._internal.checkpoint.store import Store, join
 from rayflow._internal.compat import schema_to_json
+from rayflow._internal.consumer import ConsumerActor
+from rayflow._internal.group.manager import GroupManager
+from rayflow._internal.source_actor import SourceActor
 from rayflow.config import EngineConfig
 from rayflow.errors import ConfigError, PipelineFailedError, RayflowError
 from rayflow.partitioning import PartitionMap, key_columns
@@ -136,10 +139,6 @@ class Run:
     """A running pipeline: ``status()``, ``scale(consumers=)``, ``wait()``, ``stop()``."""
 
     def __init__(self, pipeline: Pipeline):
-        from rayflow._internal.consumer import ConsumerActor
-        from rayflow._internal.group.manager import GroupManager
-        from rayflow._internal.source_actor import SourceActor
-
         self.p = p = pipeline
         t0 = time.monotonic()
         splits = p.source.splits()
@@ -198,7 +197,6 @@ class Run:
             self._teardown()
             raise
         committed = info["positions"]
-        self._rows_at_start = None
         # Each split restarts from the lowest position any partition committed for it;
         # partitions ahead of that skip what they already have (at the source).
         start = {
@@ -238,14 +236,13 @@ class Run:
         self.desired_consumers = p.consumers
         self._next_consumer = 0
         self._add_consumers(p.consumers)
-        self._get(self.manager.activate.remote(p.consumers))
+        self._get(self.manager.activate.remote())
         status = self._get(self.manager.status.remote())
         self._rows_at_start = sum(x["committed_rows"] for x in status["partitions"])
         self.startup_s = time.monotonic() - t0
         self._t_read = time.monotonic()
         self._get([s.run.remote() for s in self.sources])
         self._last_check = 0.0
-        self._ConsumerActor = ConsumerActor
 
     # ------------------------------------------------------------------ helpers
     def _num_sources(self, splits) -> int:
@@ -258,8 +255,6 @@ class Run:
             raise _unwrap(e) from None
 
     def _add_consumers(self, n: int) -> None:
-        from rayflow._internal.consumer import ConsumerActor
-
         p = self.p
         new = []
         for _ in range(n):

@@ -197,7 +197,7 @@ class GroupManager:
         self._apply(fx)
         return epoch, kept
 
-    async def activate(self, expected_members: int) -> None:
+    async def activate(self) -> None:
         """First assignment, once the expected consumers have joined (no start-up churn)."""
         self._apply(self.group.drop_ghosts(time.monotonic()))
         self._apply(self.group.activate(time.monotonic()))
