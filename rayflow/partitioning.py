@@ -321,9 +321,30 @@ class PartitionMap:
         return self.bounds[partition], self.bounds[partition + 1]
 
     def route(self, hashes: np.ndarray) -> np.ndarray:
-        """The partition of each hash (int32), by ``searchsorted`` over the inner bounds."""
-        cuts = np.array(self.bounds[1:-1], dtype=np.uint64)
-        return np.searchsorted(cuts, hashes, side="right").astype(np.int32, copy=False)
+        """The partition of each hash (int32): the last range whose ``lo`` is <= the hash.
+
+        A binary search (``searchsorted``) costs ~20 ns a row on random hashes, most
+        of it branch misses. For the equal ranges of a uniform map the partition is
+        ``floor(h * P / 2**64)``, computed from the top 32 bits of the hash and then
+        corrected against the true bounds (at most two steps up): the same answer
+        as the search, several times faster.
+        """
+        p_count = self.num_partitions
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        if p_count == 1:
+            return np.zeros(hashes.shape[0], dtype=np.int32)
+        if self.bounds != PartitionMap.uniform(p_count).bounds or p_count >= 1 << 31:
+            cuts = np.array(self.bounds[1:-1], dtype=np.uint64)
+            return np.searchsorted(cuts, hashes, side="right").astype(np.int32, copy=False)
+        if p_count & (p_count - 1) == 0:  # a power of two: the top bits are the partition
+            return (hashes >> np.uint64(64 - p_count.bit_length() + 1)).astype(np.int32)
+        p = ((hashes >> np.uint64(32)) * np.uint64(p_count)) >> np.uint64(32)
+        # next_lo[i] = lo of partition i + 1; the last partition has no next one.
+        next_lo = np.array(self.bounds[1:-1] + (HASH_SPACE - 1,), dtype=np.uint64)
+        last = np.uint64(p_count - 1)
+        for _ in range(2):
+            p += (hashes >= next_lo[p]) & (p < last)
+        return p.astype(np.int32)
 
     def to_json(self) -> str:
         return json.dumps({"version": self.version, "bounds": [str(b) for b in self.bounds]})
@@ -348,10 +369,25 @@ def split_by_partition(
     pid = partitions.astype(np.uint16 if num_partitions <= 65535 else np.uint32, copy=False)
     order = np.argsort(pid, kind="stable")
     counts = np.bincount(pid, minlength=num_partitions)
-    out = []
-    start = 0
-    for p in np.flatnonzero(counts):
-        stop = start + int(counts[p])
-        out.append((int(p), batch.take(pa.array(order[start:stop]))))
-        start = stop
-    return out
+    present = np.flatnonzero(counts)
+    ends = np.cumsum(counts)
+    if all(_plain_numeric(c) for c in batch.columns):
+        # Fixed-width columns without nulls: permute each column once in numpy, then
+        # wrap each partition's slice zero-copy. Each sub-batch owns exactly its rows'
+        # bytes (so it pickles compactly), and the data is copied once in all.
+        cols = [c.to_numpy(zero_copy_only=True)[order] for c in batch.columns]
+        return [
+            (
+                int(p),
+                pa.RecordBatch.from_arrays(
+                    [pa.array(c[ends[p] - counts[p] : ends[p]]) for c in cols], schema=batch.schema
+                ),
+            )
+            for p in present
+        ]
+    return [(int(p), batch.take(pa.array(order[ends[p] - counts[p] : ends[p]]))) for p in present]
+
+
+def _plain_numeric(arr: pa.Array) -> bool:
+    t = arr.type
+    return arr.null_count == 0 and (pa.types.is_integer(t) or pa.types.is_floating(t)) and arr.offset == 0

@@ -200,6 +200,10 @@ def _resolve_files(path: str | os.PathLike | Sequence[str], fmt: str) -> list[st
 _DATASET_FORMAT = {"Parquet": "parquet", "CSV": "csv", "JSON": "json"}
 
 
+#: Row groups up to this size are read whole; larger ones are streamed in batches.
+_WHOLE_ROW_GROUP_ROWS = 4_000_000
+
+
 @dataclass(frozen=True)
 class _ParquetSplit(Split):
     name: str
@@ -219,12 +223,20 @@ class _ParquetSplit(Split):
         if first >= md.num_row_groups:
             return
 
+        def raw() -> Iterator[pa.RecordBatch]:
+            cols = list(self.columns) if self.columns else None
+            for i in range(first, md.num_row_groups):
+                if md.row_group(i).num_rows <= _WHOLE_ROW_GROUP_ROWS:
+                    # Reading a row group whole is about twice as fast as iter_batches.
+                    yield from (
+                        pf.read_row_group(i, columns=cols, use_threads=False).combine_chunks().to_batches()
+                    )
+                else:  # a huge row group: stream it in bounded batches
+                    yield from pf.iter_batches(batch_size=self.batch_rows, row_groups=[i], columns=cols)
+
         def batches() -> Iterator[pa.RecordBatch]:
             skip = position - start_row
-            cols = list(self.columns) if self.columns else None
-            for b in pf.iter_batches(
-                batch_size=self.batch_rows, row_groups=range(first, md.num_row_groups), columns=cols
-            ):
+            for b in raw():
                 if skip:
                     cut = min(skip, b.num_rows)
                     b, skip = b.slice(cut), skip - cut

@@ -143,3 +143,23 @@ def test_split_by_partition_is_one_exact_pass():
         assert (m.route(hash_table(b, "key")) == p).all()
         idx = b["i"].to_numpy()
         assert (np.diff(idx) > 0).all()  # input order kept within a partition
+
+
+@SETTINGS
+@given(st.integers(1, 5000), st.lists(u64, min_size=1, max_size=300))
+def test_uniform_route_equals_the_binary_search(partitions, hashes):
+    m = PartitionMap.uniform(partitions)
+    edges = [b for b in m.bounds[:-1]] + [b - 1 for b in m.bounds[1:]] + [2**64 - 1]
+    h = np.array(hashes + edges, dtype=np.uint64)
+    cuts = np.array(m.bounds[1:-1], dtype=np.uint64)
+    assert (m.route(h) == np.searchsorted(cuts, h, side="right")).all()
+
+
+def test_split_keeps_nulls_and_strings_on_the_take_path():
+    batch = pa.record_batch(
+        {"key": pa.array([1, 2, None, 4] * 50), "s": pa.array(["a", None, "c", "d"] * 50)}
+    )
+    m = PartitionMap.uniform(3)
+    parts = split_by_partition(batch, m.route(hash_table(batch, "key")), 3)
+    got = pa.Table.from_batches([b for _, b in parts])
+    assert sorted(got.to_pylist(), key=str) == sorted(batch.to_pylist(), key=str)
