@@ -91,3 +91,31 @@ def test_cli_status_checkpoints_and_sql(ray_session, tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "no rayflow checkpoints under" in bad.stderr
+
+
+def test_cli_status_reads_a_running_job_from_another_process(ray_session, tmp_path):
+    import ray
+
+    run = rf.Pipeline(
+        name="live", source=rf.sources.Synthetic(events=300_000, keys=1000), key="key", partitions=3,
+        operator=[throttle(20_000), rf.ops.Aggregate(by="key", aggs=[("value", "sum")])], consumers=2,
+        checkpoint_dir=str(tmp_path / "ck"), config=rf.EngineConfig(fetch_max_bytes=50_000), progress=False,
+    )  # fmt: skip
+    live = run.start()
+    try:
+        wait_for_condition(lambda: live.status()["processed_rows"] > 0, timeout=60)
+        address = ray.get_runtime_context().gcs_address
+        out = subprocess.run(
+            [sys.executable, "-m", "rayflow.cli", "status", "live", "--address", address],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "pipeline live: members consumer-0, consumer-1" in out.stdout, out.stdout
+        assert out.stdout.count("consumer-") >= 3 + 2  # an owner on each partition row
+        missing = subprocess.run(
+            [sys.executable, "-m", "rayflow.cli", "status", "nope", "--address", address],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert missing.returncode == 1 and "no running pipeline named 'nope'" in missing.stderr
+    finally:
+        live.stop()
