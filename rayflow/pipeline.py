@@ -40,6 +40,8 @@ NAMESPACE = "rayflow"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _POLL_S = 0.05
 _ACTOR_TIMEOUT_S = 120.0
+#: How long a status poll waits for consumers; one that is slower is reported as missing.
+_STATUS_WAIT_S = 1.0
 
 
 @dataclass
@@ -288,14 +290,25 @@ class Run:
 
     # ------------------------------------------------------------------ public
     def status(self) -> dict:
-        """Members, owners, lease epochs, rows and lag per partition, and whether it is done."""
+        """The job now, as plain data.
+
+        ``partitions``: per partition its owner, lease epoch, lease state, processed
+        and committed rows, queued rows (lag), rows/s, and whether it is final;
+        ``members``; ``consumers``: per live consumer its busy seconds, rows
+        processed and failed commit attempts; ``blocked_s``: per partition, the
+        time the source waited on its full queue; ``rows_read``,
+        ``processed_rows``, ``rebalances``, ``recoveries``, ``done``.
+        """
         st = self._get(self.manager.status.remote())
         src = self._get([s.stats.remote() for s in self.sources])
-        lag = [sum(s["queued_rows"][i] for s in src) for i in range(self.p.partitions)]
-        for part, q in zip(st["partitions"], lag):
-            part["queued_rows"] = q
+        for part in st["partitions"]:
+            i = part["partition"]
+            part["queued_rows"] = sum(s["queued_rows"][i] for s in src)
+            part["blocked_s"] = sum(s["blocked_s"][i] for s in src)
         st["rows_read"] = sum(s["rows_read"] for s in src)
         st["processed_rows"] = sum(x["processed_rows"] for x in st["partitions"])
+        keys = ("busy_s", "rows_processed", "commit_failures", "last_commit_error")
+        st["consumers"] = {n: {k: c[k] for k in keys} for n, c in self._poll_consumers().items()}
         return st
 
     def scale(self, *, consumers: int) -> None:
@@ -303,7 +316,7 @@ class Run:
         if isinstance(consumers, bool) or not isinstance(consumers, int) or consumers < 1:
             raise ConfigError(f"consumers must be an integer >= 1, got {consumers!r}")
         self.desired_consumers = consumers
-        self._check_health()  # forget (and replace) consumers that died meanwhile
+        self._poll_consumers()  # forget (and replace) consumers that died meanwhile
         cur = len(self.consumers)
         if consumers > cur:
             self._add_consumers(consumers - cur)
@@ -317,15 +330,24 @@ class Run:
         for a in actors:
             ray.kill(a)
 
-    def _check_health(self) -> None:
-        """Raise a consumer's error; replace dead consumers so the group keeps its size."""
-        dead = 0
-        for name, c in list(self.consumers.items()):
+    def _poll_consumers(self) -> dict[str, dict]:
+        """Status of every consumer that answers within a moment.
+
+        A consumer that does not answer (frozen, overloaded) is skipped, not
+        waited for: its liveness is the manager's business (session expiry).
+        A dead one is replaced, so the group keeps its size; a consumer whose
+        processing failed raises that failure here.
+        """
+        refs = {c.status.remote(): name for name, c in self.consumers.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=_STATUS_WAIT_S)
+        out, dead = {}, 0
+        for ref in ready:
+            name = refs[ref]
             try:
-                self._get(c.status.remote(), timeout=_ACTOR_TIMEOUT_S)
+                out[name] = self._get(ref)
             except ray.exceptions.RayActorError:
-                # A dead consumer: the manager has already moved its partitions to the
-                # survivors; a replacement joins and takes a fair share back.
+                # Dead: the manager has already moved its partitions to the survivors;
+                # a replacement joins and takes a fair share back.
                 self.consumers.pop(name, None)
                 dead += 1
             except RayflowError:
@@ -334,6 +356,7 @@ class Run:
                 raise PipelineFailedError(f"consumer {name!r} failed: {e}") from e
         if dead:
             self._add_consumers(min(dead, self.desired_consumers - len(self.consumers)))
+        return out
 
     def wait(self, *, timeout_s: float | None = None) -> Result:
         """Block until done (or ``timeout_s`` passes: then ``TimeoutError``, the job keeps running)."""
@@ -348,8 +371,7 @@ class Run:
                 now = time.monotonic()
                 if now - self._last_check > 0.5:
                     self._last_check = now
-                    st = self.status()
-                    self._check_health()
+                    st = self.status()  # also replaces dead consumers and raises their errors
                     if self._progress:
                         self._draw(st)
                 if deadline is not None and now > deadline:

@@ -136,3 +136,13 @@ def test_rebalance_events_record_moves_and_pauses(ray_session, tmp_path, data):
     assert {m["from"] for m in moves} == {"consumer-0"} and {m["to"] for m in moves} == {"consumer-1"}
     assert all(m["why"] == "join" and 0 <= m["pause_s"] < 30 for m in moves)
     run.wait(timeout_s=120)
+
+
+def test_status_reports_consumers_and_backpressure(ray_session, tmp_path, data):
+    run = throttled("status", data, tmp_path, consumers=2).start()
+    wait_for_condition(lambda: run.status()["processed_rows"] > 0, timeout=60)
+    st = run.status()
+    assert set(st["consumers"]) == {"consumer-0", "consumer-1"}
+    assert all(c["busy_s"] >= 0 and c["commit_failures"] == 0 for c in st["consumers"].values())
+    assert all({"queued_rows", "blocked_s", "lease_epoch", "owner"} <= set(p) for p in st["partitions"])
+    run.wait(timeout_s=120)
