@@ -423,6 +423,9 @@ class _SyntheticSplit(Split):
             yield batch, i - self.first
 
 
+_RANK_CELLS = 1 << 18
+
+
 class _SyntheticGenerator:
     def __init__(self, keys: int, seed: int, zipf_s: float):
         w = 1.0 / np.power(np.arange(1, keys + 1, dtype=np.float64), zipf_s)
@@ -433,11 +436,29 @@ class _SyntheticGenerator:
         )
         self.keys = keys
         self.seed = seed
+        # A lookup table over 2**18 equal cells of [0, 1): the rank range each cell can
+        # give. Most draws land in a cell of one rank and skip the binary search.
+        grid = np.arange(_RANK_CELLS + 1, dtype=np.float64) / _RANK_CELLS
+        self.cell_rank = np.searchsorted(self.cdf, grid, side="right").astype(np.int32)
+
+    def ranks(self, u: np.ndarray) -> np.ndarray:
+        """``searchsorted(cdf, u, side="right")`` exactly (WORKLOAD.md), about twice as fast.
+
+        For ``u`` in cell ``[g, g + 1) / C`` the answer lies between the counts of cdf
+        values <= ``g / C`` and <= ``(g + 1) / C`` (exact in float64, C a power of two);
+        where those agree it is known, elsewhere the search runs on those draws only.
+        """
+        g = (u * _RANK_CELLS).astype(np.int32)
+        lo, hi = self.cell_rank[g], self.cell_rank[g + 1]
+        r = lo.astype(np.int64)
+        open_ = np.flatnonzero(lo != hi)
+        r[open_] = np.searchsorted(self.cdf, u[open_], side="right")
+        return r
 
     def block(self, b: int, rows: int) -> pa.RecordBatch:
         """The first ``rows`` rows of block ``b`` (a prefix of the full block)."""
         u = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, b, 0]))).random(rows)
-        r = np.minimum(np.searchsorted(self.cdf, u, side="right"), self.keys - 1)
+        r = np.minimum(self.ranks(u), self.keys - 1)
         key = self.perm[r].astype(np.int64, copy=False)
         ints = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, b, 1]))).integers(
             0, SYNTHETIC_VALUE_RANGE, rows, dtype=np.int64

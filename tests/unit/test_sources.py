@@ -100,3 +100,16 @@ def test_batches_end_on_an_absolute_grid(tmp_path, position):
         (split,) = src.splits()
         ends = [end for _, end in split.read(position)]
         assert all(e % 50_000 == 0 for e in ends), (src, ends)
+
+
+@pytest.mark.parametrize(("keys", "s"), [(100_000, 1.0), (7, 1.0), (1000, 1.3), (50_000, 0.6)])
+def test_rank_lookup_equals_the_binary_search(keys, s):
+    import numpy as np
+
+    from rayflow.sources import _SyntheticGenerator
+
+    gen = _SyntheticGenerator(keys, 42, s)
+    u = np.random.default_rng(3).random(200_000)
+    edges = np.concatenate([gen.cdf, np.nextafter(gen.cdf, 0), np.nextafter(gen.cdf, 1)])
+    u = np.clip(np.concatenate([u, edges, [0.0]]), 0.0, np.nextafter(1.0, 0))
+    assert (gen.ranks(u) == np.searchsorted(gen.cdf, u, side="right")).all()
