@@ -198,14 +198,6 @@ class Run:
         except BaseException:
             self._teardown()
             raise
-        committed = info["positions"]
-        # Each split restarts from the lowest position any partition committed for it;
-        # partitions ahead of that skip what they already have (at the source).
-        start = {
-            s.name: min((committed.get(q, {}).get(s.name, 0) for q in range(p.partitions)), default=0)
-            for s in splits
-        }
-        skip = {q: pos for q, pos in committed.items()}
         n_src = self._num_sources(splits)
         # A restartable actor's constructor arguments must outlive its first start: put them
         # in the object store here and hold the references for the whole run.
@@ -221,8 +213,7 @@ class Run:
             ).remote(
                 index=i,
                 splits=self._pinned[i],
-                start=start,
-                skip=skip,
+                committed=info["positions"],
                 key=p.key,
                 partition_map=self.map,
                 config=p.config,

@@ -64,11 +64,7 @@ def assert_same_rows(actual: pa.Table, expected: pa.Table, *, columns: list[str]
     missing = [c for c in cols if c not in actual.column_names]
     assert not missing, f"result lacks columns {missing}; it has {actual.column_names}"
     a = actual.select(cols)
-    e = (
-        expected.select(cols).cast(a.schema, safe=False)
-        if expected.select(cols).schema != a.schema
-        else expected.select(cols)
-    )
+    e = expected.select(cols).cast(a.schema, safe=False)  # a no-op when the types already match
     order = [(c, "ascending") for c in cols]
     a, e = a.sort_by(order), e.sort_by(order)
     assert a.num_rows == e.num_rows, f"{a.num_rows} rows, expected {e.num_rows}"

@@ -65,8 +65,7 @@ class SourceActor:
         *,
         index: int,
         splits: list[Split],
-        start: dict[str, int],
-        skip: dict[int, dict[str, int]],
+        committed: dict[int, dict[str, int]],
         key: list[str],
         partition_map: PartitionMap,
         config: EngineConfig,
@@ -81,8 +80,6 @@ class SourceActor:
         # The first call re-reads the committed positions and replays from there.
         self._needs_restart = _was_restarted()
         self.splits = splits
-        self.start = start
-        self.skip = skip  # partition -> split -> committed position: do not serve rows before it
         self.key = key
         self.map = partition_map
         self.config = config
@@ -91,7 +88,7 @@ class SourceActor:
             PartitionQueue(p, max_rows=config.queue_max_rows, max_bytes=config.queue_max_bytes)
             for p in range(n)
         ]
-        self.frontier = {s.name: start.get(s.name, 0) for s in splits}
+        self._replay_from(committed)
         # The newest lease epoch per partition, pushed by the manager at every grant:
         # a fetch or trim under an older epoch comes from a stale owner.
         self.epochs: dict[int, int] = {}
@@ -114,16 +111,23 @@ class SourceActor:
         self._needs_restart = False
         manager = ray.get_actor(self.manager_name, namespace="rayflow")
         info = await manager.ready.remote()
-        committed = info["positions"]
+        self._replay_from(info["positions"])
+        await self.set_epochs(info["epochs"])
+        await self.run()
+
+    def _replay_from(self, committed: dict[int, dict[str, int]]) -> None:
+        """Where to read from, given the committed positions (partition -> split -> position).
+
+        Each split restarts from the lowest position any partition committed for it;
+        partitions already past it skip, here at the source, what they have.
+        """
         n = self.map.num_partitions
         self.start = {
             s.name: min((committed.get(p, {}).get(s.name, 0) for p in range(n)), default=0)
             for s in self.splits
         }
-        self.skip = dict(committed)
+        self.skip = dict(committed)  # partition -> split -> position: serve no rows before it
         self.frontier = dict(self.start)
-        await self.set_epochs(info["epochs"])
-        await self.run()
 
     async def _read_loop(self) -> None:
         try:

@@ -125,23 +125,19 @@ class GroupManager:
     def _repair_files(self) -> None:
         """Publish committed outputs left pending; delete files no commit names."""
         self.publisher.repair(set(self.catalog.all_output_files()))
-        live = self._all_state_files()
+        live = self.catalog.all_state_files()
         for rel in self.state_store.list_files("state"):
             if rel not in live:
                 self.state_store.delete(rel)
 
-    def _all_state_files(self) -> set[str]:
-        return self.catalog.all_state_files()
-
     async def ready(self) -> dict:
-        """Committed positions per partition (for the source's start), and which are final."""
+        """Committed positions and lease epochs per partition (for a (re)starting source)."""
         if self._init_error is not None:
             raise self._init_error
         self._ensure_loops()
         committed = self.group.committed
         return {
             "positions": {p: c.positions for p, c in committed.items()},
-            "final": sorted(p for p, c in committed.items() if c.final),
             "epochs": self.group.leases.epochs(),
         }
 
