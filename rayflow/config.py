@@ -26,6 +26,19 @@ HEARTBEAT_INTERVAL_S = 0.25
 #: A consumer silent for this long is presumed dead (the Ray liveness watch
 #: usually sees a crash within milliseconds; this is the backstop).
 SESSION_TIMEOUT_S = 10.0
+#: How often each partition commits (state, positions, outputs): the floor of end-to-end latency.
+CHECKPOINT_INTERVAL_S = 2.0
+#: A processing step of a consumer aims to take at most this long (the fetch size adapts to the
+#: measured cost per row), so a revocation, a commit or a stop is never far away.
+STEP_MAX_S = 0.5
+#: First wait after a failed commit; doubled after each further failure, up to the cap.
+COMMIT_RETRY_INITIAL_S = 0.1
+#: Longest wait between two commit attempts.
+COMMIT_RETRY_MAX_S = 5.0
+#: Consecutive failed commit attempts after which the job fails (``PipelineFailedError``).
+COMMIT_MAX_ATTEMPTS = 10
+#: Seconds a commit may keep failing before the job fails, whatever the attempt count.
+COMMIT_MAX_FAILING_S = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +51,12 @@ class EngineConfig:
     fetch_wait_s: float = FETCH_WAIT_S
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     session_timeout_s: float = SESSION_TIMEOUT_S
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S
+    step_max_s: float = STEP_MAX_S
+    commit_retry_initial_s: float = COMMIT_RETRY_INITIAL_S
+    commit_retry_max_s: float = COMMIT_RETRY_MAX_S
+    commit_max_attempts: int = COMMIT_MAX_ATTEMPTS
+    commit_max_failing_s: float = COMMIT_MAX_FAILING_S
     #: Source actors; a source's splits are dealt to them round-robin.
     num_sources: int = 1
     #: CPUs each consumer reserves from Ray's scheduler (0: place anywhere).
@@ -68,5 +87,6 @@ class EngineConfig:
             positive = f.name not in ("consumer_num_cpus", "source_num_cpus")
             if v < 0 or (positive and v == 0):
                 raise ConfigError(f"EngineConfig.{f.name} must be {'> 0' if positive else '>= 0'}, got {v!r}")
-        if not isinstance(self.num_sources, int):
-            raise ConfigError(f"EngineConfig.num_sources must be an integer, got {self.num_sources!r}")
+        for name in ("num_sources", "commit_max_attempts"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"EngineConfig.{name} must be an integer, got {getattr(self, name)!r}")

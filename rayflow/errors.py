@@ -15,6 +15,8 @@ also from the builtin exception a Python caller would expect, so both
     ├── CheckpointError                    committed state cannot be used as it is
     │   └── IncompatibleCheckpointError    the checkpoint was written by a different job shape
     ├── FencedError                        a stale lease epoch: the caller no longer owns the partition
+    ├── ProtocolError(RuntimeError)        a message broke the commit or lease protocol (a bug)
+    │   └── PositionGapError               rows are missing between two batches of a split
     └── PipelineFailedError(RuntimeError)  an actor of the running job failed; the cause is attached
 
 Messages say what was wrong, with the offending value, and what to do next.
@@ -84,12 +86,57 @@ class FencedError(RayflowError):
         self.epoch = epoch
         self.current_epoch = current_epoch
 
+    @classmethod
+    def stale(
+        cls, *, partition: int, epoch: int, current_epoch: int, member: str | None = None, owner=None
+    ) -> FencedError:
+        """The one way rayflow builds this error: the stale epoch, the current one, what to do."""
+        who = f" of {member!r}" if member is not None else ""
+        holder = f", owner {owner!r}" if member is not None else ""
+        return cls(
+            f"partition {partition}: lease epoch {epoch}{who} is stale (the current epoch is "
+            f"{current_epoch}{holder}); abandon the partition, drop its uncommitted state and take "
+            "the assignment of the next heartbeat",
+            partition=partition,
+            epoch=epoch,
+            current_epoch=current_epoch,
+        )
+
     def __reduce__(self):  # keep the keyword fields across Ray's pickling
         return (_rebuild_fenced, (self.args[0], self.partition, self.epoch, self.current_epoch))
 
 
 def _rebuild_fenced(message: str, partition: int, epoch: int, current_epoch: int) -> FencedError:
     return FencedError(message, partition=partition, epoch=epoch, current_epoch=current_epoch)
+
+
+class ProtocolError(RayflowError, RuntimeError):
+    """A message broke the commit or lease protocol: positions that go back, a commit after
+    the final one, a commit naming a missing file. It is a bug in rayflow (or in a custom
+    source): nothing is recorded, and the message says what was asked and what holds."""
+
+
+class PositionGapError(ProtocolError):
+    """A batch of a split starts past the position its partition has processed: rows between
+    the two would be lost. ``split``, ``partition``, ``position`` (processed so far) and
+    ``start`` (the batch's first row) name the gap."""
+
+    def __init__(self, message: str, *, split: str, partition: int, position: int, start: int):
+        super().__init__(message)
+        self.split = split
+        self.partition = partition
+        self.position = position
+        self.start = start
+
+    def __reduce__(self):
+        return (
+            _rebuild_gap,
+            (self.args[0], self.split, self.partition, self.position, self.start),
+        )
+
+
+def _rebuild_gap(message: str, split: str, partition: int, position: int, start: int) -> PositionGapError:
+    return PositionGapError(message, split=split, partition=partition, position=position, start=start)
 
 
 class PipelineFailedError(RayflowError, RuntimeError):

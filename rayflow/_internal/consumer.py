@@ -33,7 +33,7 @@ import pyarrow as pa
 import ray
 
 from rayflow._internal.chain import Chain
-from rayflow._internal.checkpoint.catalog import CommitRecord
+from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store
 from rayflow._internal.metrics import ConsumerMetrics
 from rayflow._internal.source_actor import FetchResult

@@ -11,7 +11,7 @@ import ray
 from ray._common.test_utils import wait_for_condition
 
 import rayflow as rf
-from rayflow._internal.checkpoint.catalog import CommitRecord
+from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow.testing import KEYED_SQL, assert_same_rows, duckdb_reference, throttle
 
 pytestmark = pytest.mark.ray

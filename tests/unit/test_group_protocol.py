@@ -18,7 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from rayflow._internal.checkpoint.catalog import CommitRecord
+from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.group.coordinator import Coordinator
 from rayflow._internal.group.leases import LeaseState
 from rayflow.errors import FencedError

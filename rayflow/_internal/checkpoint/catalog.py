@@ -23,11 +23,11 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import duckdb
 
+from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store, is_remote, join
 from rayflow.errors import CheckpointError
 
@@ -41,22 +41,6 @@ CREATE TABLE IF NOT EXISTS commits (
 CREATE TABLE IF NOT EXISTS leases (partition INTEGER PRIMARY KEY, owner VARCHAR, lease_epoch BIGINT);
 CREATE TABLE IF NOT EXISTS events (ts TIMESTAMP, kind VARCHAR, detail VARCHAR);
 """
-
-
-@dataclass(frozen=True, kw_only=True)
-class CommitRecord:
-    """What a consumer asks the manager to record for one partition."""
-
-    partition: int
-    lease_epoch: int
-    positions: dict[str, int]
-    state_files: list[str]
-    output_files: list[str]
-    rows_in: int
-    rows_total: int
-    state_rows: int
-    final: bool
-    map_version: int
 
 
 #: How often (at most) the manager folds the catalog's WAL into its file, so that tools

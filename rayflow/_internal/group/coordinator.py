@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rayflow._internal.checkpoint.catalog import CommitRecord
+from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.group.assignment import assign
 from rayflow._internal.group.leases import Grant, LeaseState, LeaseTable
 from rayflow.errors import FencedError

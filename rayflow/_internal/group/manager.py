@@ -30,7 +30,8 @@ import warnings
 
 import ray
 
-from rayflow._internal.checkpoint.catalog import Catalog, CommitRecord
+from rayflow._internal.checkpoint.catalog import Catalog
+from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store, is_remote
 from rayflow._internal.compat import check_resume
 from rayflow._internal.group.coordinator import Coordinator, Effects
