@@ -85,7 +85,7 @@ fi
 echo "== ray submit jobs/pipeline.py (logs: $WORK/submit.log)"
 timeout 600 "$VENV/bin/ray" submit "$WORK/cluster.yaml" jobs/pipeline.py --events "$EVENTS" \
   --partitions 8 --consumers 2 --placement resources \
-  --output "$WORK/run/out" --checkpoint-dir "$WORK/run/ck" >"$WORK/submit.log" 2>&1 || {
+  --output "$WORK/run/out" --checkpoint-dir "$WORK/run/ck" --local-paths-shared >"$WORK/submit.log" 2>&1 || {
   tail -40 "$WORK/submit.log"
   exit 1
 }

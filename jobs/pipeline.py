@@ -39,7 +39,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--partitions", type=int, default=16)
     ap.add_argument("--consumers", type=int, default=2)
     ap.add_argument("--output", default="out/pipeline", help="output Parquet directory")
-    ap.add_argument("--checkpoint-dir", default="checkpoints")
+    ap.add_argument(
+        "--checkpoint-dir",
+        default="checkpoints",
+        help="local path (relative: to this process's working directory) or s3:// URI",
+    )
+    ap.add_argument(
+        "--local-paths-shared",
+        action="store_true",
+        help="on a multi-node cluster: the local --checkpoint-dir and --output are on storage every "
+        "node reaches (a network filesystem, or nodes on one machine); without it they are refused",
+    )
     ap.add_argument("--checkpoint-interval-s", type=float, default=2.0)
     ap.add_argument("--name", default="pipeline", help="pipeline name (names actors and checkpoints)")
     ap.add_argument(
@@ -100,6 +110,7 @@ def main(argv=None) -> int:
         sink=rf.sinks.Parquet(args.output),
         consumers=args.consumers,
         checkpoint_dir=args.checkpoint_dir,
+        local_paths_shared=args.local_paths_shared,
         checkpoint_interval_s=args.checkpoint_interval_s,
         config=rf.EngineConfig(
             consumer_resources={"rayflow_consumer": 1},

@@ -2,11 +2,14 @@
 
     rayflow status NAME [--address ADDR]     live partitions, owners, epochs, lag of a running job
     rayflow checkpoints DIR                  committed epochs per partition, for each job under DIR
-    rayflow sql DIR "SELECT ..."             DuckDB SQL over the catalog (views commits, events,
-                                             leases, state) of the job under DIR (--name to pick)
+    rayflow sql DIR "SELECT ..."             DuckDB SQL over the catalog (tables commits, outputs,
+                                             events, leases; views latest, state) of the job under
+                                             DIR (--name to pick)
 
 Commands that read checkpoints work on a copy of the catalog, so they are safe
-while the job runs (DuckDB lets one process hold the live file).
+while the job runs (DuckDB lets one process hold the live file). The catalog
+keeps the latest commit of every partition for good, and recent history by
+count (``commits``: the last 50 per partition; ``events``: the last 10,000).
 """
 
 from __future__ import annotations
@@ -108,9 +111,11 @@ def cmd_sql(args) -> int:
 def cmd_status(args) -> int:
     import ray
 
+    from rayflow._internal import naming
+
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR")
     try:
-        mgr = ray.get_actor(f"{args.name}/manager", namespace="rayflow")
+        mgr = ray.get_actor(naming.manager_name(args.name), namespace=naming.NAMESPACE)
     except ValueError:
         print(f"no running pipeline named {args.name!r} on this cluster", file=sys.stderr)
         return 1
@@ -142,7 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None)
     p.set_defaults(fn=cmd_checkpoints)
     p = sub.add_parser(
-        "sql", help="DuckDB SQL over the catalog: views commits, latest, events, leases, state"
+        "sql", help="DuckDB SQL over the catalog: commits, latest, outputs, events, leases, state"
     )
     p.add_argument("dir")
     p.add_argument("query")

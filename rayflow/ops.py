@@ -54,14 +54,51 @@ class Operator:
         """What a resumed run checks against the checkpoint (``_internal/compat.py``)."""
         return {"type": type(self).__name__}
 
+    def check_input(self, schema: pa.Schema) -> pa.Schema | None:
+        """Refuse, before the job starts, an input this operator cannot process.
+
+        ``schema`` is the schema of the tables the operator will get. Raises
+        :class:`~rayflow.errors.InputError` naming the operator, the column, its
+        type and what to do. Returns the schema of the operator's output, or
+        ``None`` when it cannot be known before running (then the operators
+        after this one are not checked at start). The base class knows nothing
+        of the output: ``None``.
+        """
+        return None
+
 
 class Map(Operator):
-    """Apply ``fn`` (Arrow table -> Arrow table or record batch) to every batch."""
+    """Apply ``fn`` (Arrow table -> Arrow table or record batch) to every batch.
 
-    def __init__(self, fn: Callable[[pa.Table], pa.Table | pa.RecordBatch]):
+    What ``fn`` returns cannot be known before it runs, so the operators after
+    a Map are not checked against the input at start, unless ``output_schema``
+    declares the columns (names and types) ``fn`` returns: then they are, and
+    every output of ``fn`` is checked against it (an :class:`InputError` if it
+    differs).
+
+    An exception raised by ``fn`` fails the job, and ``run()`` / ``wait()``
+    raise that same exception (with a note naming the operator, the partition
+    and the consumer), not a wrapper.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[pa.Table], pa.Table | pa.RecordBatch],
+        *,
+        output_schema: pa.Schema | None = None,
+    ):
         if not callable(fn):
             raise ConfigError(f"rf.ops.Map needs a callable, got {fn!r}")
+        if output_schema is not None and not isinstance(output_schema, pa.Schema):
+            raise ConfigError(f"rf.ops.Map: output_schema must be a pyarrow.Schema, got {output_schema!r}")
         self.fn = fn
+        self.output_schema = output_schema
+
+    def __repr__(self) -> str:
+        return f"rf.ops.Map({getattr(self.fn, '__qualname__', self.fn)})"
+
+    def check_input(self, schema: pa.Schema) -> pa.Schema | None:
+        return self.output_schema
 
     def process(self, state, table):
         out = self.fn(table)
@@ -69,10 +106,29 @@ class Map(Operator):
             out = pa.Table.from_batches([out])
         if not isinstance(out, pa.Table):
             raise InputError(
-                f"rf.ops.Map function {getattr(self.fn, '__name__', self.fn)!r} returned "
-                f"{type(out).__name__}; it must return a pyarrow Table or RecordBatch"
+                f"{self!r}: the function returned {type(out).__name__}; it must return a pyarrow "
+                "Table or RecordBatch"
+            )
+        if self.output_schema is not None and _columns(out.schema) != _columns(self.output_schema):
+            raise InputError(
+                f"{self!r}: the function returned columns {_columns(out.schema)}, but its declared "
+                f"output_schema is {_columns(self.output_schema)}; return those columns (cast them "
+                "with table.cast(schema)) or fix output_schema"
             )
         return state, out
+
+
+def _columns(schema: pa.Schema) -> list[tuple[str, str]]:
+    return [(f.name, str(f.type)) for f in schema]
+
+
+def _empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def _first_line(e: BaseException) -> str:
+    """pyarrow's message without the schema dump some errors append."""
+    return str(e).split("\n", 1)[0]
 
 
 class Filter(Operator):
@@ -85,6 +141,21 @@ class Filter(Operator):
                 f"pc.field('value') > 10, got {expr!r}"
             )
         self.expr = expr
+
+    def __repr__(self) -> str:
+        return f"rf.ops.Filter({self.expr})"
+
+    def check_input(self, schema: pa.Schema) -> pa.Schema | None:
+        """The expression must bind to the input's columns and types; the output keeps the schema."""
+        try:
+            _empty(schema).filter(self.expr)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise InputError(
+                f"{self!r} cannot run on the input: {_first_line(e)}. The input's columns are "
+                f"{_columns(schema)}; fix the expression, or cast the column in an rf.ops.Map "
+                "before it (with output_schema=, so that the Filter is checked against it)"
+            ) from None
+        return schema
 
     def process(self, state, table):
         return state, table.filter(self.expr)
@@ -153,13 +224,41 @@ class Aggregate(Operator):
     def spec(self) -> dict:
         return {"type": "Aggregate", "by": self.by, "aggs": [[a.column, a.fn] for a in self.aggs]}
 
-    def check_input(self, schema: pa.Schema) -> None:
+    def __repr__(self) -> str:
+        return f"rf.ops.Aggregate(by={self.by}, aggs={[(a.column, a.fn) for a in self.aggs]})"
+
+    def check_input(self, schema: pa.Schema) -> pa.Schema:
+        """Every column must be there, with a type its aggregation accepts; returns the output schema.
+
+        The types are checked by pyarrow itself, on an empty table of the
+        input's schema: what it accepts here it accepts on every batch.
+        """
         missing = [c for c in self.by + [a.column for a in self.aggs] if c not in schema.names]
         if missing:
             raise InputError(
                 f"rf.ops.Aggregate uses column(s) {missing} that the input does not have; "
                 f"its columns are {schema.names}"
             )
+        empty = _empty(schema)
+        for a in self.aggs:
+            for col, fn, _ in a.partials():
+                try:
+                    empty.group_by(self.by, use_threads=False).aggregate([(col, fn)])
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+                    raise InputError(
+                        f"{self!r}: ({a.column!r}, {a.fn!r}) cannot aggregate column {col!r} of type "
+                        f"{schema.field(col).type} ({_first_line(e)}). Give the column a type it accepts: "
+                        f"cast it in an rf.ops.Map before the Aggregate (with output_schema=), "
+                        f"or read it with that type (for CSV: rf.sources.CSV(..., convert_options="
+                        f"pyarrow.csv.ConvertOptions(column_types={{{col!r}: pyarrow.float64()}})))"
+                    ) from None
+        try:
+            out = self.finish((self._partial(empty), [], 0))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise InputError(
+                f"{self!r} cannot run on the input {_columns(schema)}: {_first_line(e)}"
+            ) from None
+        return out.schema
 
     # State: (merged table or None, [pending partial tables], pending rows)
     def init_state(self):

@@ -210,9 +210,12 @@ class _ParquetSplit(Split):
     batch_rows: int
     columns: tuple[str, ...] | None
     schema: pa.Schema | None = None  # the source's unified schema; files lacking a column get nulls
+    #: Where to open the file: ``name`` made absolute in the driver, so an actor whose working
+    #: directory differs opens the same file. (``name`` stays as given: it keys positions.)
+    path: str | None = None
 
     def read(self, position: int) -> Iterator[tuple[pa.RecordBatch, int]]:
-        pf = pq.ParquetFile(self.name)
+        pf = pq.ParquetFile(self.path or self.name)
         md = pf.metadata
         first = 0
         start_row = 0
@@ -316,7 +319,10 @@ class Parquet(_FileSource):
         if rows == 0:
             raise EmptyInputError(f"the Parquet input {self._path!r} holds no rows")
         schema = self.schema
-        return [_ParquetSplit(f, self._batch_rows, self._columns, schema) for f in self._files]
+        return [
+            _ParquetSplit(f, self._batch_rows, self._columns, schema, path=os.path.abspath(f))
+            for f in self._files
+        ]
 
 
 @dataclass(frozen=True)
@@ -327,14 +333,15 @@ class _TextSplit(Split):
     fmt: str
     batch_rows: int
     options: dict = field(default_factory=dict)
+    path: str | None = None  # as in _ParquetSplit: the absolute path to open
 
     def _stream(self) -> Iterator[pa.RecordBatch]:
         try:
             if self.fmt == "CSV":
-                reader = pacsv.open_csv(self.name, **self.options)
+                reader = pacsv.open_csv(self.path or self.name, **self.options)
                 yield from reader
             else:
-                yield from pajson.read_json(self.name, **self.options).to_batches()
+                yield from pajson.read_json(self.path or self.name, **self.options).to_batches()
         except pa.ArrowInvalid as e:
             raise MalformedInputError(
                 f"{self.fmt} file {self.name!r} could not be parsed: {e}. "
@@ -368,7 +375,10 @@ class _TextSource(_FileSource):
 
     def splits(self) -> list[Split]:
         self.schema  # noqa: B018 - raises early on an empty or unparsable first file
-        return [_TextSplit(f, self.fmt, self._batch_rows, self._options) for f in self._files]
+        return [
+            _TextSplit(f, self.fmt, self._batch_rows, self._options, path=os.path.abspath(f))
+            for f in self._files
+        ]
 
 
 class CSV(_TextSource):

@@ -97,7 +97,12 @@ FAULT_POINTS = (
     "consumer.after_commit",  # the commit is recorded, the source not yet trimmed
     "manager.before_record",  # a commit is validated, the catalog transaction not yet run
     "manager.after_record",  # the catalog recorded it, its outputs are not yet published
+    "manager.publish",  # a recorded output is about to be published (each attempt)
 )
+
+
+#: Longest a ``"pause"`` fault holds an actor if the test never resumes it.
+PAUSE_MAX_S = 120.0
 
 
 class InjectedFault(RuntimeError):
@@ -108,7 +113,13 @@ class InjectedFault(RuntimeError):
 class Fault:
     """One fault: at ``point``, in the actor named ``actor`` (``consumer-1``, ``source-0``,
     ``manager``; None for any), on its ``nth`` arrival there, do ``action``: ``"kill"`` (SIGKILL
-    the actor's own process, as a crash would) or ``"raise"`` (:class:`InjectedFault`)."""
+    the actor's own process, as a crash would), ``"raise"`` (:class:`InjectedFault`) or
+    ``"pause"`` (hold that actor's thread at the point until :meth:`FaultPlan.resume`, so a test
+    can stop, scale or kill a job at an exact point of its work instead of at a time).
+
+    Each fault counts its own arrivals; an arrival that fires one fault is not counted by the
+    faults listed after it, so ``[Fault(point=p, action="raise")] * 3`` fails the first three
+    arrivals."""
 
     point: str
     actor: str | None = None
@@ -118,8 +129,8 @@ class Fault:
     def __post_init__(self) -> None:
         if self.point not in FAULT_POINTS:
             raise ValueError(f"unknown fault point {self.point!r}; use one of {FAULT_POINTS}")
-        if self.action not in ("kill", "raise"):
-            raise ValueError(f"fault action must be 'kill' or 'raise', got {self.action!r}")
+        if self.action not in ("kill", "raise", "pause"):
+            raise ValueError(f"fault action must be 'kill', 'raise' or 'pause', got {self.action!r}")
 
 
 class FaultPlan:
@@ -174,7 +185,23 @@ class FaultPlan:
                 fh.write(f"{actor} {point} #{n}\n")
             if f.action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if f.action == "pause":
+                self._hold(i)
+                return
             raise InjectedFault(f"injected fault at {point} in {actor} (#{n})")
+
+    def _hold(self, i: int) -> None:
+        """Block until the test calls :meth:`resume` (at most ``PAUSE_MAX_S``, then go on)."""
+        flag = os.path.join(self.dir, f"{i}.resume")
+        deadline = time.monotonic() + PAUSE_MAX_S
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def resume(self) -> None:
+        """Release every paused fault (those that fired, and those yet to fire)."""
+        for i in range(len(self.faults)):
+            with open(os.path.join(self.dir, f"{i}.resume"), "w"):
+                pass
 
     def fired(self) -> list[Fault]:
         return [f for i, f in enumerate(self.faults) if os.path.exists(os.path.join(self.dir, f"{i}.fired"))]
@@ -188,7 +215,9 @@ def kill_actor(pipeline_name: str, actor: str, *, how: str = "SIGKILL") -> None:
     """
     import ray
 
-    handle = ray.get_actor(f"{pipeline_name}/{actor}", namespace="rayflow")
+    from rayflow._internal import naming
+
+    handle = ray.get_actor(naming.actor_name(pipeline_name, actor), namespace=naming.NAMESPACE)
     if how == "ray.kill":
         ray.kill(handle, no_restart=True)
         return

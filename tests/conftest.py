@@ -45,3 +45,52 @@ def ray_session():
 def metrics_port(ray_session) -> int:
     """The local node's Prometheus port."""
     return METRICS_PORT
+
+
+# ----------------------------------------------------------------------------- shared data and jobs
+
+#: The keyed job's aggregations (WORKLOAD.md): per key, count and sum of value.
+KEYED_AGGS = [("value", "count"), ("value", "sum")]
+
+
+@pytest.fixture(scope="session")
+def events_1m():
+    """1M synthetic events (100k keys, seed 42): the input of the keyed job tests."""
+    import rayflow as rf
+
+    return rf.sources.Synthetic(events=1_000_000, keys=100_000, seed=42).to_table()
+
+
+@pytest.fixture(scope="session")
+def events_small(events_1m):
+    """The first 50k of :func:`events_1m`: enough for a job, quick to check."""
+    return events_1m.slice(0, 50_000)
+
+
+@pytest.fixture
+def job(tmp_path):
+    """The one job factory of the integration tests.
+
+    ``job(name, source, **kw) -> rf.Pipeline``: ``source`` is an ``rf.sources``
+    source or an Arrow table (read by ``rf.sources.Table`` in ``batch_rows``
+    batches, default 1M). Defaults: ``key="key"``, ``partitions=4``,
+    ``consumers=2``, the keyed ``Aggregate`` (count and sum of ``value``),
+    ``checkpoint_dir=tmp_path / "ck"``, ``progress=False``; any other
+    ``rf.Pipeline`` argument passes through.
+    """
+    import pyarrow as pa
+
+    import rayflow as rf
+
+    def make(name: str, source, *, batch_rows: int | None = None, **kw) -> rf.Pipeline:
+        if isinstance(source, pa.Table):
+            source = rf.sources.Table(source, **({"batch_rows": batch_rows} if batch_rows else {}))
+        kw.setdefault("key", "key")
+        kw.setdefault("partitions", 4)
+        kw.setdefault("consumers", 2)
+        kw.setdefault("operator", rf.ops.Aggregate(by=kw["key"], aggs=KEYED_AGGS))
+        kw.setdefault("checkpoint_dir", str(tmp_path / "ck"))
+        kw.setdefault("progress", False)
+        return rf.Pipeline(name=name, source=source, **kw)
+
+    return make

@@ -6,11 +6,35 @@ import pyarrow as pa
 
 from rayflow.ops import Operator
 
+#: Attribute set on an exception raised inside an operator: the driver hands such an
+#: exception back to the user as it is (``operator_error``), not wrapped in Ray's error.
+_OPERATOR_ATTR = "_rayflow_operator"
+
+
+def operator_error(e: BaseException) -> BaseException | None:
+    """The exception an operator raised, if ``e`` is one (or a Ray error whose cause is one)."""
+    cause = getattr(e, "cause", None)  # RayTaskError keeps the remote exception as .cause
+    for x in (cause, e):
+        if isinstance(x, BaseException) and _OPERATOR_ATTR in getattr(x, "__dict__", {}):
+            return x
+    return None
+
+
+def _tag(e: Exception, index: int, op: Operator, partition: int | None) -> None:
+    """Name the operator (and partition) on an exception it raised, once, in a note."""
+    if _OPERATOR_ATTR in e.__dict__:
+        return  # raised by a later operator of the same chain, already named
+    where = f" of partition {partition}" if partition is not None else ""
+    setattr(e, _OPERATOR_ATTR, f"#{index} {op!r}")
+    e.add_note(f"raised by operator #{index} {op!r}{where}")
+
 
 class Chain:
     """A list of operators run in order; stateful ones absorb input until the end.
 
     States are a list aligned with the operators (``None`` for stateless ones).
+    An exception raised by an operator propagates unchanged, with a note that
+    names the operator and the partition (see :func:`operator_error`).
     """
 
     def __init__(self, ops: list[Operator]):
@@ -20,25 +44,49 @@ class Chain:
     def init_states(self) -> list:
         return [op.init_state() for op in self.ops]
 
-    def _run_from(self, states: list, start: int, table: pa.Table | None, out: list[pa.Table]) -> None:
+    def check_input(self, schema: pa.Schema) -> None:
+        """Check each operator against the schema of its input, before the job starts.
+
+        The schema flows from one operator to the next while it is known: a
+        ``Filter`` keeps it, an ``Aggregate`` gives its output's; after an
+        operator whose output is unknown (a ``Map`` without ``output_schema``)
+        the rest is checked only when it runs.
+        """
+        for op in self.ops:
+            schema = op.check_input(schema)
+            if schema is None:
+                return
+
+    def _run_from(
+        self, states: list, start: int, table: pa.Table | None, out: list[pa.Table], partition: int | None
+    ) -> None:
         for i in range(start, len(self.ops)):
             if table is None:
                 return
-            states[i], table = self.ops[i].process(states[i], table)
+            try:
+                states[i], table = self.ops[i].process(states[i], table)
+            except Exception as e:
+                _tag(e, i, self.ops[i], partition)
+                raise
         if table is not None and table.num_rows:
             out.append(table)
 
-    def process(self, states: list, table: pa.Table) -> list[pa.Table]:
+    def process(self, states: list, table: pa.Table, *, partition: int | None = None) -> list[pa.Table]:
         """Feed one table; states are updated in place; returns the outputs."""
         out: list[pa.Table] = []
-        self._run_from(states, 0, table, out)
+        self._run_from(states, 0, table, out, partition)
         return out
 
-    def finish(self, states: list) -> list[pa.Table]:
+    def finish(self, states: list, *, partition: int | None = None) -> list[pa.Table]:
         """End of input: each stateful operator's final output flows through the rest."""
         out: list[pa.Table] = []
         for i in self.stateful_indices:
-            self._run_from(states, i + 1, self.ops[i].finish(states[i]), out)
+            try:
+                table = self.ops[i].finish(states[i])
+            except Exception as e:
+                _tag(e, i, self.ops[i], partition)
+                raise
+            self._run_from(states, i + 1, table, out, partition)
         return out
 
     def spec(self) -> list[dict]:

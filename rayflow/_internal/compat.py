@@ -1,9 +1,11 @@
 """May a run resume from a checkpoint written by an earlier run? (DESIGN §5, pure)
 
-Every catalog records the job's shape in ``meta``: the key, the partition map
-(with its hash and version), the input schema, the operator specs and the
-input splits. A new run with the same name and checkpoint directory is
-checked against it field by field:
+The resume record is one type, :class:`JobMeta`: the job's shape (the key,
+the partition map with its hash and version, the input schema, the operator
+specs and the input splits). The driver builds it, the manager stores it in
+the catalog's ``meta`` table (:meth:`JobMeta.to_dict`, JSON strings, the form
+every earlier catalog has) and checks a new run against the recorded one in
+one place, :func:`check_resume`, field by field:
 
 - key and partition map: must be equal (a changed hash or map would send keys
   to other partitions than their state).
@@ -14,7 +16,9 @@ checked against it field by field:
   input (their past rows had no value there, so the new aggregate starts from
   null, which is exact). A new aggregation over a column the committed rows
   already had is refused: those rows were never aggregated into it.
-- splits: every split with committed positions must still be there.
+- splits: every split with committed positions must still be there; and a
+  job whose every partition committed its final output takes no new split
+  (its final output cannot be amended).
 
 Anything refused raises :class:`IncompatibleCheckpointError` naming the
 column or setting and saying what to do.
@@ -23,6 +27,7 @@ column or setting and saying what to do.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -31,25 +36,100 @@ from rayflow.errors import IncompatibleCheckpointError
 _FRESH = "Run with the original setting, or start afresh with a new checkpoint_dir or name."
 
 
-def schema_to_json(schema: pa.Schema) -> str:
-    return json.dumps([[f.name, str(f.type), f.nullable] for f in schema])
+@dataclass(frozen=True, kw_only=True)
+class JobMeta:
+    """The shape of a job, as recorded with its checkpoint (the resume record).
+
+    A field that is ``None`` was not recorded (a catalog written before it
+    existed) and is not checked.
+    """
+
+    key: tuple[str, ...] | None = None
+    #: ``PartitionMap.to_json()``: compared as written.
+    partition_map: str | None = None
+    #: ``Operator.spec()`` of each operator, in chain order.
+    operators: tuple[dict, ...] | None = None
+    #: Names of the input's splits.
+    splits: tuple[str, ...] | None = None
+    #: ``(name, type, nullable)`` of each input column.
+    input_schema: tuple[tuple[str, str, bool], ...] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        key: list[str] | tuple[str, ...],
+        partition_map_json: str,
+        operators: list[dict],
+        splits: list[str],
+        schema: pa.Schema,
+    ) -> JobMeta:
+        return cls(
+            key=tuple(key),
+            partition_map=partition_map_json,
+            operators=tuple(operators),
+            splits=tuple(splits),
+            input_schema=tuple((f.name, str(f.type), f.nullable) for f in schema),
+        )
+
+    def to_dict(self) -> dict[str, str]:
+        """The catalog's ``meta`` rows: one JSON string per recorded field."""
+        out = {}
+        if self.key is not None:
+            out["key"] = json.dumps(list(self.key))
+        if self.partition_map is not None:
+            out["partition_map"] = self.partition_map
+        if self.operators is not None:
+            out["operators"] = json.dumps(list(self.operators))
+        if self.splits is not None:
+            out["splits"] = json.dumps(list(self.splits))
+        if self.input_schema is not None:
+            out["input_schema"] = json.dumps([list(c) for c in self.input_schema])
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, str]) -> JobMeta | None:
+        """Read :meth:`to_dict`'s form back; ``None`` for an empty record (a new checkpoint)."""
+        if not d:
+            return None
+
+        def load(k):
+            return json.loads(d[k]) if k in d else None
+
+        key, ops, splits, schema = load("key"), load("operators"), load("splits"), load("input_schema")
+        return cls(
+            key=tuple(key) if key is not None else None,
+            partition_map=d.get("partition_map"),
+            operators=tuple(ops) if ops is not None else None,
+            splits=tuple(splits) if splits is not None else None,
+            input_schema=tuple((n, t, bool(nl)) for n, t, nl in schema) if schema is not None else None,
+        )
 
 
 def _refuse(name: str, what: str) -> None:
     raise IncompatibleCheckpointError(f"cannot resume pipeline {name!r}: {what}. {_FRESH}")
 
 
-def check_resume(name: str, old: dict[str, str], new: dict[str, str]) -> None:
-    """Raise :class:`IncompatibleCheckpointError` unless ``new`` may resume ``old``'s checkpoint."""
-    if not old:
+def check_resume(name: str, old: JobMeta | None, new: JobMeta, *, finished: bool = False) -> None:
+    """Raise :class:`IncompatibleCheckpointError` unless ``new`` may resume ``old``'s checkpoint.
+
+    ``old`` is the recorded shape (``None``: nothing recorded, a fresh start);
+    ``finished``: every partition of the checkpoint has committed its final output.
+    """
+    if old is None:
         return
-    for k in ("key", "partition_map"):
-        if k in old and old[k] != new.get(k):
-            _refuse(name, f"it was written with {k} = {old[k]}, but this run has {k} = {new.get(k)}")
+    if old.key is not None and old.key != new.key:
+        _refuse(name, f"it was written with key = {list(old.key)}, but this run has key = {_list(new.key)}")
+    if old.partition_map is not None and old.partition_map != new.partition_map:
+        _refuse(
+            name,
+            f"it was written with partition_map = {old.partition_map}, but this run has "
+            f"partition_map = {new.partition_map}",
+        )
     old_cols: dict[str, tuple[str, bool]] = {}
-    if "input_schema" in old and "input_schema" in new:
-        old_cols = {n: (t, nl) for n, t, nl in json.loads(old["input_schema"])}
-        new_cols = {n: (t, nl) for n, t, nl in json.loads(new["input_schema"])}
+    if old.input_schema is not None and new.input_schema is not None:
+        old_cols = {n: (t, nl) for n, t, nl in old.input_schema}
+        new_cols = {n: (t, nl) for n, t, nl in new.input_schema}
         for col, (t, _) in old_cols.items():
             if col not in new_cols:
                 _refuse(name, f"input column {col!r} ({t}) is gone from the input")
@@ -61,16 +141,28 @@ def check_resume(name: str, old: dict[str, str], new: dict[str, str]) -> None:
                     name,
                     f"the new input column {col!r} ({t}) is not nullable; only nullable columns can be added",
                 )
-    if "operators" in old and "operators" in new:
-        _check_ops(name, json.loads(old["operators"]), json.loads(new["operators"]), old_cols)
-    if "splits" in old:
-        gone = sorted(set(json.loads(old["splits"])) - set(json.loads(new.get("splits", "[]"))))
+    if old.operators is not None and new.operators is not None:
+        _check_ops(name, list(old.operators), list(new.operators), old_cols)
+    if old.splits is not None:
+        new_splits = set(new.splits or ())
+        gone = sorted(set(old.splits) - new_splits)
         if gone:
             _refuse(
                 name,
                 f"input split(s) {gone[:5]} have committed positions but are not in this run's "
                 "source; resuming would count their rows again or lose them",
             )
+        added = sorted(new_splits - set(old.splits))
+        if finished and added:
+            raise IncompatibleCheckpointError(
+                f"pipeline {name!r} has finished, and its input now has new split(s) "
+                f"{added[:5]}: a finished job's final output cannot be amended. Run the new "
+                "input under a new name or checkpoint_dir."
+            )
+
+
+def _list(x):
+    return list(x) if x is not None else None
 
 
 def _check_ops(name: str, old: list[dict], new: list[dict], old_cols: dict) -> None:

@@ -1,66 +1,51 @@
-"""The ConsumerActor: owns leased partitions, runs the operator chain, commits.
+"""The ConsumerActor: a thin async shell over :mod:`partition_task` and :mod:`checkpoint.commit`.
 
-An async actor whose processing loop runs one step at a time: heartbeat (take
-and give up partitions), fetch from every source (one call per source for all
-owned partitions), process (in a worker thread, so control calls such as
-``status``, ``watch`` and ``stop`` are answered at once), and commit when the
-checkpoint interval has passed, a queue is at its bound, a partition is
-revoked, or a partition's input has ended.
+Two tasks run on the actor's event loop:
 
-The commit protocol, seen from here (:meth:`ConsumerActor._commit`):
+- **Heartbeat** (:meth:`ConsumerActor._heartbeat_loop`): every
+  ``heartbeat_interval_s`` (or at once when the manager pokes), it tells the
+  manager it is alive and takes the answer: the partitions it owns, the ones
+  to give up. It never waits for processing, so a slow operator can never get
+  the consumer's session expired (Kafka's ``max.poll.interval.ms`` problem).
+  It only *records* the answer; the processing loop applies it.
+- **Processing** (:meth:`ConsumerActor._loop`), one step at a time: apply the
+  latest assignment (load granted partitions, commit and release revoked
+  ones, drop lost ones), fetch from every source (one call per source for all
+  owned partitions), process buffered batches in a worker thread for at most
+  ``step_max_s`` (the fetch size adapts to the measured cost per byte), then
+  commit the partitions whose commit is due (:func:`partition_task.commit_due`).
+  So a revocation, a commit or a stop is never more than a step away.
 
-1. For each partition to commit: write each stateful operator's state as a
-   Parquet file sorted by ``_hash``, and the staged outputs as a pending sink
-   file, all under unique names.
-2. Ask the manager to record the commits under their lease epochs (one
-   catalog transaction). A fenced partition is dropped at once, with its
-   uncommitted state.
-3. Tell the sources to trim what is now committed.
+Commits follow the numbered protocol of :mod:`rayflow._internal.checkpoint.commit`.
+A failed commit call is reconciled with the catalog before anything is written
+again, retried with capped exponential backoff, and fails the job
+(:class:`PipelineFailedError`, naming the cause) once it has failed
+``commit_max_attempts`` times in a row or for ``commit_max_failing_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import os
 import time
-import uuid
-from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import ray
 
+from rayflow._internal import partition_task as pt
 from rayflow._internal.chain import Chain
+from rayflow._internal.checkpoint import commit as cm
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store
 from rayflow._internal.metrics import ConsumerMetrics
-from rayflow._internal.source_actor import FetchResult
 from rayflow.config import EngineConfig
-from rayflow.partitioning import hash_table
-from rayflow.sinks import PENDING_DIR
+from rayflow.errors import PipelineFailedError, RayflowError
 
 _GET_TIMEOUT_S = 120.0
-
-
-@dataclass
-class _Owned:
-    partition: int
-    epoch: int
-    states: list
-    positions: dict[str, int]
-    rows_total: int
-    rows_committed: int
-    outputs: list[pa.Table] = field(default_factory=list)
-    ended_sources: set[int] = field(default_factory=set)
-    final: bool = False
-    dirty: bool = False
-    full: bool = False
-    seq: int = 0
-    first_done: bool = False
-    finished: bool = False  # end of input seen and the final outputs staged
-    committed_positions: dict[str, int] = field(default_factory=dict)
+#: Smallest fetch budget per step: below this Ray's per-call cost dominates.
+_MIN_FETCH_BYTES = 256 * 1024
+#: Weight of the newest step in the cost-per-byte average.
+_COST_ALPHA = 0.3
 
 
 @ray.remote
@@ -77,15 +62,12 @@ class ConsumerActor:
         state_root: str,
         sink_root: str,
         map_version: int,
-        checkpoint_interval_s: float,
         config: EngineConfig,
         faults=None,
     ):
         self.member_id = member_id
         self.metrics = ConsumerMetrics(pipeline, member_id)
         self.faults = faults
-        self.commit_failures = 0
-        self.last_commit_error: str | None = None
         self.manager = manager
         self.sources = sources
         self.chain = chain
@@ -93,27 +75,45 @@ class ConsumerActor:
         self.state_store = Store(state_root)
         self.sink_store = Store(sink_root)
         self.map_version = map_version
-        self.interval_s = checkpoint_interval_s
         self.config = config
-        self.owned: dict[int, _Owned] = {}
+        self.owned: dict[int, pt.PartitionTask] = {}
         self.member_epoch = 0
         self.busy_s = 0.0
         self.rows_processed = 0
+        # Commit failures: consecutive count, since when, next attempt not before, last cause.
+        self.commit_failures = 0
+        self._failing_since: float | None = None
+        self._retry_at = 0.0
+        self.last_commit_error: str | None = None
+        self._last_commit = time.monotonic()
+        # Attempts whose commit call failed and that are not reconciled yet.
+        self._unsettled: list[CommitRecord] = []
+        self._cost_per_byte_s = 0.0  # measured processing cost, for the step's time bound
+        self._rr = 0  # round-robin start of the next step, so every partition progresses
+        # Heartbeat -> processing loop: the latest assignment and its sequence number.
+        self._assignment: dict | None = None
+        self._hb_seq = 0
+        self._released: dict[int, tuple[int, int]] = {}  # partition -> (epoch, hb seq at release)
+        self._kept: set[int] | None = None  # after a re-join: the claims the manager confirmed
+        self._firsts: dict[int, tuple[int, float]] = {}
         self._stopping = False
         self._stopped = asyncio.Event()
-        self._poke = asyncio.Event()  # set by the manager: heartbeat now (revocation or grant)
-        self._firsts: dict[int, tuple[int, float]] = {}  # partition -> (epoch, wall time of first batch)
+        self._poke = asyncio.Event()  # heartbeat now (the manager calls poke on a grant or revoke)
+        self._wake = asyncio.Event()  # the processing loop has news (an assignment, a stop)
         self._task: asyncio.Task | None = None
+        self._hb_task: asyncio.Task | None = None
         self._error: BaseException | None = None
 
     # ------------------------------------------------------------------ control
     async def start(self) -> None:
         me = ray.get_runtime_context().current_actor
         self.member_epoch, _ = await self.manager.join.remote(self.member_id, me, {})
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self._hb_task = loop.create_task(self._heartbeat_loop())
+        self._task = loop.create_task(self._loop())
 
     async def poke(self) -> None:
-        """Heartbeat at the next step instead of waiting for the period (the manager calls this)."""
+        """Heartbeat now instead of waiting for the period (the manager calls this)."""
         self._poke.set()
 
     async def watch(self) -> None:
@@ -123,14 +123,17 @@ class ConsumerActor:
     async def stop(self) -> None:
         """Graceful stop: finish the current step, commit everything, leave the group."""
         self._stopping = True
-        self._poke.set()
+        self._wake.set()
         if self._task is not None:
             try:
                 await self._task
-            except Exception:
-                pass  # kept in self._error and reported by status()
+            except BaseException:  # kept in self._error; status() reports it
+                pass
         if self._error is None:
-            await self._commit([o for o in self.owned.values() if not o.final])
+            self._retry_at = 0.0
+            await self._commit([t for t in self.owned.values() if t.needs_commit])
+        if self._hb_task is not None:
+            self._hb_task.cancel()
         await self.manager.leave.remote(self.member_id)
         self.owned.clear()
         self._stopped.set()
@@ -138,179 +141,240 @@ class ConsumerActor:
     async def status(self) -> dict:
         if self._error is not None:
             raise self._error
-        owned = dict(self.owned)  # the worker thread may change it
+        owned = dict(self.owned)
         return {
             "member": self.member_id,
             "pid": os.getpid(),
-            "partitions": {p: o.epoch for p, o in owned.items()},
+            "partitions": {p: t.epoch for p, t in owned.items()},
+            "phases": {p: t.phase.value for p, t in owned.items()},
             "rows_processed": self.rows_processed,
             "busy_s": self.busy_s,
             "commit_failures": self.commit_failures,
             "last_commit_error": self.last_commit_error,
         }
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ heartbeat task
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._poke.wait(), self.config.heartbeat_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._poke.clear()
+            try:
+                await self._heartbeat()
+            except ray.exceptions.RayActorError:
+                continue  # the manager is restarting; the next beat reaches the new one
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # a bug: fail the consumer loudly rather than go silent
+                self._error = e
+                self._wake.set()
+                raise
+
+    async def _heartbeat(self) -> None:
+        firsts, self._firsts = self._firsts, {}
+        self._hb_seq += 1
+        seq = self._hb_seq
+        processed = {p: t.rows_total for p, t in list(self.owned.items())}
+        reply = await self.manager.heartbeat.remote(self.member_id, self.member_epoch, processed, firsts)
+        if reply.get("rejoin"):
+            # The manager no longer knows this session: it restarted (then it gives back the
+            # leases it can confirm), or it expired us (then everything moved on).
+            me = ray.get_runtime_context().current_actor
+            claims = {p: t.epoch for p, t in list(self.owned.items())}
+            self.member_epoch, kept = await self.manager.join.remote(self.member_id, me, claims)
+            self._kept = set(kept)
+        else:
+            self._assignment = {**reply, "seq": seq}
+        self._wake.set()
+
+    def _apply_assignment(self) -> tuple[dict[int, int], dict, list[int]]:
+        """Apply the heartbeat's news: drop what we lost. Returns (new grants, their commits, revokes)."""
+        if self._kept is not None:
+            kept, self._kept = self._kept, None
+            for p in [p for p in self.owned if p not in kept]:
+                del self.owned[p]  # moved on while we were away: its uncommitted state goes
+        a, self._assignment = self._assignment, None
+        if a is None:
+            return {}, {}, []
+        owned: dict[int, int] = a["owned"]
+        for p in [p for p, t in self.owned.items() if owned.get(p) != t.epoch]:
+            del self.owned[p]  # lost (moved while we were presumed dead): uncommitted state goes
+        new = {}
+        for p, e in owned.items():
+            if p in self.owned:
+                continue
+            rel = self._released.get(p)
+            if rel is not None and rel[0] == e and a["seq"] <= rel[1]:
+                continue  # an answer from before our release: not a grant
+            new[p] = e
+        return new, a["commits"], [p for p in a["revoke"] if p in self.owned]
+
+    # ------------------------------------------------------------------ processing loop
     async def _loop(self) -> None:
-        next_hb = 0.0
-        last_commit = time.monotonic()
         try:
             while not self._stopping:
-                if self._poke.is_set() or time.monotonic() >= next_hb:
-                    self._poke.clear()
-                    await self._heartbeat()
-                    next_hb = time.monotonic() + self.config.heartbeat_interval_s
-                active = [o for o in self.owned.values() if not o.final]
-                if not active:
+                new, commits, revoke = self._apply_assignment()
+                if new:
+                    self.owned.update(await asyncio.to_thread(self._load, new, commits))
+                if revoke:
+                    await self._give_up(revoke)
+                running = [t for t in self.owned.values() if t.running]
+                if not running and not any(t.needs_commit for t in self.owned.values()):
+                    self._wake.clear()
                     try:
-                        await asyncio.wait_for(self._poke.wait(), self.config.heartbeat_interval_s)
+                        await asyncio.wait_for(self._wake.wait(), self.config.heartbeat_interval_s)
                     except asyncio.TimeoutError:
                         pass
                     continue
-                work = await self._fetch(active)
-                refs = [e.ref for entries, _ in work.values() for e in entries]
-                if refs:
-                    # Zero-copy reads from the object store, awaited on the loop (a
-                    # blocking ray.get in an async actor would stall control calls).
+                if running:
+                    await self._fetch(running)
+                    if any(t.buffer for t in running):
+                        await self._process_step(running)
+                    for t in running:
+                        if t.running and t.input_ended(len(self.sources)):
+                            # End of input: stateful operators emit now. Staged until committed,
+                            # and never computed twice, even if the commit must be retried.
+                            t.input_finished(
+                                await asyncio.to_thread(self.chain.finish, t.states, partition=t.partition)
+                            )
+                now = time.monotonic()
+                due = [
+                    t
+                    for t in self.owned.values()
+                    if pt.commit_due(
+                        t,
+                        now=now,
+                        last_commit=self._last_commit,
+                        interval_s=self.config.checkpoint_interval_s,
+                        retry_at=self._retry_at,
+                    )
+                ]
+                if due:
+                    await self._commit(due)
+                elif not running:
+                    # Only failed commits wait (backoff): sleep until the retry, or news.
+                    self._wake.clear()
                     try:
-                        batches = await asyncio.wait_for(asyncio.gather(*refs), _GET_TIMEOUT_S)
-                    except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
-                        # The source died with these batches; its restart serves them again.
-                        await asyncio.sleep(self.config.fetch_wait_s)
-                        continue
-                    t0 = time.monotonic()
-                    await asyncio.to_thread(self._process, work, batches)
-                    took = time.monotonic() - t0
-                    self.busy_s += took
-                    self.metrics.observe(took, sum(b.num_rows for b in batches))
-                    self._fault("consumer.step")
-                else:
-                    self._advance(work)
-                active = [o for o in active if o.partition in self.owned]
-                for o in active:
-                    if len(o.ended_sources) == len(self.sources) and not o.finished:
-                        # End of input: stateful operators emit now. Staged until committed,
-                        # and never computed twice, even if the commit must be retried.
-                        o.outputs.extend(await asyncio.to_thread(self.chain.finish, o.states))
-                        o.finished = True
-                ended = [o for o in active if o.finished]
-                due = time.monotonic() - last_commit >= self.interval_s
-                if ended or due or any(o.full for o in active):
-                    todo = active if due else [o for o in active if o.full or o.finished]
-                    await self._commit(todo)
-                    if due:
-                        last_commit = time.monotonic()
+                        await asyncio.wait_for(self._wake.wait(), max(0.01, min(self._retry_at - now, 1.0)))
+                    except asyncio.TimeoutError:
+                        pass
         except BaseException as e:
             self._error = e
             raise
 
-    async def _fetch(self, active: list[_Owned]) -> dict[int, tuple[list, list]]:
+    async def _fetch(self, running: list[pt.PartitionTask]) -> None:
+        """One fetch call per source for the partitions with nothing buffered."""
+        budget = self._step_bytes()
         calls = []
-        # fetch_max_bytes bounds one step of this consumer (so a heartbeat, a revocation or
-        # a stop is never more than one step away), shared by its partitions and sources.
-        share = max(1, self.config.fetch_max_bytes // max(1, len(active) * len(self.sources)))
         for i, src in enumerate(self.sources):
-            req = {o.partition: (o.epoch, o.positions) for o in active if i not in o.ended_sources}
+            req = {t.partition: (t.epoch, dict(t.positions)) for t in running if t.wants_fetch(i)}
             if req:
+                share = max(1, budget // len(req))
                 calls.append((i, src.fetch.remote(req, share)))
+        if not calls:
+            return
         replies = await asyncio.gather(*(c for _, c in calls), return_exceptions=True)
-        work: dict[int, tuple[list, list]] = {o.partition: ([], []) for o in active}
+        got: list[tuple[int, int, object]] = []
         for (i, _), reply in zip(calls, replies):
             if isinstance(reply, ray.exceptions.RayActorError):
                 continue  # that source is restarting: ask again next step
             if isinstance(reply, BaseException):
-                raise reply
-            for p, res in reply.items():
-                res: FetchResult
-                work[p][0].extend(res.entries)
-                work[p][1].append((i, res))
-        return work
-
-    def _advance(self, work) -> None:
-        """Apply what fetch replies say about positions and ends (no data)."""
-        for p, (_, results) in work.items():
-            o = self.owned.get(p)
-            if o is None:
-                continue
-            if any(res.fenced for _, res in results):
-                # A newer owner exists: drop the partition and its uncommitted state.
-                del self.owned[p]
-                continue
-            for i, res in results:
-                if res.frontier:
-                    for s, v in res.frontier.items():
-                        if v > o.positions.get(s, 0):
-                            o.positions[s] = v
-                            o.dirty = True
-                if res.end:
-                    o.ended_sources.add(i)
-                o.full = o.full or res.full
-
-    def _process(self, work, fetched: list[pa.RecordBatch]) -> None:
-        """Worker thread: run the chain over the fetched sub-batches, per partition."""
-        batches = iter(fetched)
-        for p, (entries, _) in work.items():
-            got = [next(batches) for _ in entries]
-            o = self.owned.get(p)
-            if o is None or not entries:
-                continue
-            for e in entries:
-                if e.start < o.positions.get(e.split, 0):
-                    # Batches end on a fixed grid (sources.py), so this cannot happen;
-                    # processing it would count rows twice, so refuse loudly.
-                    raise RuntimeError(
-                        f"partition {p}: batch [{e.start}, {e.end}) of split {e.split!r} overlaps "
-                        f"the processed position {o.positions[e.split]}"
-                    )
-            table = pa.Table.from_batches(got)
-            if not o.first_done:  # the end of this partition's pause, if it just moved here
-                o.first_done = True
-                self._firsts[p] = (o.epoch, time.time())
-            o.outputs.extend(self.chain.process(o.states, table))
-            o.rows_total += table.num_rows
-            self.rows_processed += table.num_rows
-            for e in entries:
-                if e.end > o.positions.get(e.split, 0):
-                    o.positions[e.split] = e.end
-            o.dirty = True
-        self._advance(work)
-
-    # ------------------------------------------------------------------ membership
-    async def _heartbeat(self) -> None:
-        firsts, self._firsts = self._firsts, {}
-        reply = await self.manager.heartbeat.remote(
-            self.member_id,
-            self.member_epoch,
-            {p: o.rows_total for p, o in self.owned.items()},
-            firsts,
-        )
-        if reply.get("rejoin"):
-            # The manager no longer knows this session: it restarted (then it gives back
-            # the leases it can confirm), or it expired us (then everything moved on).
-            me = ray.get_runtime_context().current_actor
-            claims = {p: o.epoch for p, o in self.owned.items()}
-            self.member_epoch, kept = await self.manager.join.remote(self.member_id, me, claims)
-            for p in list(self.owned):
-                if p not in kept:
-                    del self.owned[p]  # moved on: its uncommitted state goes
+                # A source failed (bad input, a broken split): its own error, not Ray's wrapper.
+                cause = getattr(reply, "cause", None)
+                raise cause if isinstance(cause, RayflowError) else reply
+            got += [(i, p, res) for p, res in reply.items()]
+        refs = [e.ref for _, _, res in got for e in res.entries]
+        try:
+            # Zero-copy reads from the object store, awaited on the loop (a blocking
+            # ray.get in an async actor would stall the heartbeat and control calls).
+            batches = iter(await asyncio.wait_for(asyncio.gather(*refs), _GET_TIMEOUT_S) if refs else [])
+        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+            # The source died with these batches; its restart serves them again.
+            await asyncio.sleep(self.config.fetch_wait_s)
             return
-        owned: dict[int, int] = reply["owned"]
-        for p in list(self.owned):
-            if owned.get(p) != self.owned[p].epoch:
-                del self.owned[p]  # lost (moved while we were presumed dead): uncommitted state goes
-        new = {p: e for p, e in owned.items() if p not in self.owned}
-        if new:
-            loaded = await asyncio.to_thread(self._load, new, reply["commits"])
-            self.owned.update(loaded)
-        revoke = [self.owned[p] for p in reply["revoke"] if p in self.owned]
-        if revoke:
-            await self._commit([o for o in revoke if not o.final])
-            await self.manager.release.remote(
-                self.member_id, {o.partition: o.epoch for o in revoke if o.partition in self.owned}
+        for i, p, res in got:
+            entries = [(e, next(batches)) for e in res.entries]
+            t = self.owned.get(p)
+            if t is None:
+                continue
+            t.fetch_applied(
+                pt.Fetched(
+                    source=i,
+                    entries=entries,
+                    frontier=res.frontier,
+                    end=res.end,
+                    full=res.full,
+                    fenced=res.fenced is not None,
+                )
             )
-            for o in revoke:
-                self.owned.pop(o.partition, None)
+            if t.phase is pt.Phase.FENCED:
+                del self.owned[p]
 
-    def _load(self, new: dict[int, int], commits: dict[int, CommitRecord | None]) -> dict[int, _Owned]:
+    @property
+    def _step_s(self) -> float:
+        """A step's time budget: ``step_max_s``, and at most half the checkpoint interval."""
+        return min(self.config.step_max_s, self.config.checkpoint_interval_s / 2)
+
+    def _step_bytes(self) -> int:
+        """Bytes to fetch for one step: what the measured cost processes in the step's budget."""
+        if self._cost_per_byte_s <= 0:
+            return self.config.fetch_max_bytes
+        fit = int(self._step_s / self._cost_per_byte_s)
+        return max(_MIN_FETCH_BYTES, min(self.config.fetch_max_bytes, fit))
+
+    async def _process_step(self, running: list[pt.PartitionTask]) -> None:
+        t0 = time.monotonic()
+        nbytes, rows = await asyncio.to_thread(self._process, running)
+        took = time.monotonic() - t0
+        self.busy_s += took
+        if nbytes:
+            cost = took / nbytes
+            self._cost_per_byte_s = (
+                cost
+                if self._cost_per_byte_s <= 0
+                else _COST_ALPHA * cost + (1 - _COST_ALPHA) * self._cost_per_byte_s
+            )
+        self.metrics.observe(took, rows)
+
+    def _process(self, running: list[pt.PartitionTask]) -> tuple[int, int]:
+        """Worker thread: run the chain over buffered batches, round-robin, within the step's budget.
+
+        Only mutates the tasks (never ``self.owned``): the event loop may apply
+        an assignment meanwhile, and a task dropped there is simply not committed.
+        """
+        t0 = time.monotonic()
+        budget = self._step_s
+        nbytes = rows = 0
+        n = len(running)
+        self._rr = (self._rr + 1) % max(1, n)
+        for k in range(n):
+            t = running[(self._rr + k) % n]
+            if not t.buffer or not t.running:
+                continue
+            left = budget - (time.monotonic() - t0)
+            if left <= 0 and nbytes:
+                break
+            taken = t.take(max(left, 0.0), self._cost_per_byte_s)
+            entries = [e for e, _ in taken]
+            t.check_contiguous(entries)
+            table = pa.Table.from_batches([b for _, b in taken])
+            if not t.first_done:  # the end of this partition's pause, if it just moved here
+                t.first_done = True
+                self._firsts[t.partition] = (t.epoch, time.time())
+            outputs = self.chain.process(t.states, table, partition=t.partition)
+            t.batch_processed(entries, outputs, table.num_rows)
+            nbytes += table.nbytes
+            rows += table.num_rows
+        self.rows_processed += rows
+        self._fault("consumer.step")  # in this thread: a "pause" holds the work, not the heartbeat
+        return nbytes, rows
+
+    def _load(
+        self, new: dict[int, int], commits: dict[int, CommitRecord | None]
+    ) -> dict[int, pt.PartitionTask]:
+        """Worker thread: restore newly granted partitions from their last commits."""
         out = {}
         for p, epoch in new.items():
             c = commits.get(p)
@@ -319,109 +383,158 @@ class ConsumerActor:
                 for i, f in zip(self.chain.stateful_indices, c.state_files):
                     t = self.state_store.read_parquet(f)
                     states[i] = self.chain.ops[i].state_from_table(t.drop_columns(["_hash"]))
-            out[p] = _Owned(
-                partition=p,
-                epoch=epoch,
-                states=states,
-                positions=dict(c.positions) if c else {},
-                rows_total=c.rows_total if c else 0,
-                rows_committed=c.rows_total if c else 0,
-                final=bool(c and c.final),
-                committed_positions=dict(c.positions) if c else {},
-            )
+            out[p] = pt.PartitionTask.from_commit(p, epoch, states, c)
         return out
 
-    # ------------------------------------------------------------------ commit
-    async def _commit(self, owned: list[_Owned]) -> None:
-        """Commit ``owned`` partitions that have anything new (see the module doc).
+    async def _give_up(self, revoke: list[int]) -> None:
+        """Revoked: commit what is uncommitted, then release (DESIGN §4: revoke -> commit -> release).
 
-        A failed write or a failed catalog transaction loses nothing: state,
-        positions and staged outputs stay in memory and the next commit
-        retries them. Output files are named by the positions they cover, so
-        a retry of a commit that did land rewrites the same file, never a
-        second copy, and the manager treats the repeated record as a no-op.
+        If the commit fails, the partitions are released all the same: the new
+        owner starts from the last *recorded* commit, so nothing is lost or
+        counted twice; only the work since then is redone.
         """
-        todo = [o for o in owned if o.dirty or o.finished or o.outputs]
-        if not todo:
+        tasks = [self.owned[p] for p in revoke if p in self.owned]
+        self._retry_at = 0.0  # a revocation does not wait for a backoff
+        await self._commit([t for t in tasks if t.revoked()], count_failure=False)
+        release = {t.partition: t.epoch for t in tasks if t.partition in self.owned}
+        await self.manager.release.remote(self.member_id, release)
+        for p, e in release.items():
+            self._released[p] = (e, self._hb_seq)
+            self.owned.pop(p, None)
+
+    # ------------------------------------------------------------------ commit
+    async def _commit(self, tasks: list[pt.PartitionTask], *, count_failure: bool = True) -> None:
+        """Commit ``tasks`` (protocol steps 1, 2-5 at the manager, 6; see checkpoint/commit.py)."""
+        if self._unsettled and not await self._reconcile():
+            self._failed(RuntimeError("the outcome of an earlier commit is still unknown"), count_failure)
             return
+        tasks = [t for t in tasks if t.partition in self.owned and t.needs_commit]
+        if not tasks:
+            return
+        records: list[CommitRecord] = []
         try:
-            records = await asyncio.to_thread(self._write, todo)
+            records = await asyncio.to_thread(self._write, tasks)
             self._fault("consumer.after_state_write")
             reply = await self.manager.commit.remote(self.member_id, records)
         except (Exception, ray.exceptions.RayError) as e:
-            self.commit_failures += 1
-            self.last_commit_error = f"{type(e).__name__}: {e}"
+            # Unknown outcome: the manager may have recorded some of these (a lost reply).
+            self._unsettled += records
+            if records:
+                await self._reconcile()
+            self._failed(e, count_failure)
             return
-        for p in reply["fenced"]:
-            self.owned.pop(p, None)
+        fenced = set(reply["fenced"])
+        self._settle(records, accepted=set(reply["accepted"]), fenced=fenced)
+        if fenced:
+            # A fenced attempt may still have landed: Ray retries a call whose manager died
+            # after recording it, and the restarted manager fences the retry. Only the catalog
+            # knows, so its files are deleted only once reconciled as not recorded.
+            self._unsettled += [r for r in records if r.partition in fenced]
+            await self._reconcile()
+        self._succeeded()
+
+    def _write(self, tasks: list[pt.PartitionTask]) -> list[CommitRecord]:
+        """Worker thread: step 1 for every task; a failure deletes what this call wrote."""
+        self._fault("consumer.before_state_write")
+        records: list[CommitRecord] = []
+        try:
+            for t in tasks:
+                states = {
+                    i: self.chain.ops[i].state_to_table(t.states[i]) for i in self.chain.stateful_indices
+                }
+                records.append(
+                    cm.write_commit(
+                        partition=t.partition,
+                        epoch=t.epoch,
+                        seq=t.next_seq(),
+                        state_tables=states,
+                        outputs=t.outputs,
+                        committed_positions=t.committed_positions,
+                        positions=t.positions,
+                        rows_total=t.rows_total,
+                        rows_committed=t.rows_committed,
+                        final=t.phase is pt.Phase.ENDED,
+                        map_version=self.map_version,
+                        key=self.key,
+                        state_store=self.state_store,
+                        sink_store=self.sink_store,
+                    )
+                )
+        except BaseException:
+            for rec in records:  # never sent: nothing can name them
+                cm.discard(rec, state_store=self.state_store, sink_store=self.sink_store)
+            raise
+        return records
+
+    def _settle(self, records: list[CommitRecord], *, accepted: set[int], fenced: set[int]) -> None:
+        """Apply the manager's verdict, then trim the sources (step 6)."""
         trim = {}
         for rec in records:
-            o = self.owned.get(rec.partition)
-            if o is None or rec.partition not in reply["accepted"]:
+            t = self.owned.get(rec.partition)
+            if rec.partition in fenced:
+                self.owned.pop(rec.partition, None)  # a newer owner exists: our state goes
                 continue
-            o.rows_committed = rec.rows_total
-            o.committed_positions = dict(rec.positions)
-            o.dirty = o.full = False
-            o.outputs = []
-            o.final = rec.final
-            trim[rec.partition] = (o.epoch, dict(rec.positions))
+            if rec.partition not in accepted or t is None or t.epoch != rec.lease_epoch:
+                continue
+            t.commit_recorded(rec)
+            trim[rec.partition] = (t.epoch, dict(rec.positions))
         self._fault("consumer.after_commit")
-        for src in self.sources:
-            src.trim.remote(trim)
+        if trim:
+            for src in self.sources:
+                src.trim.remote(trim)
 
-    def _write(self, todo: list[_Owned]) -> list[CommitRecord]:
-        """Worker thread: step 1 of the commit protocol."""
-        self._fault("consumer.before_state_write")
-        records = []
-        for o in todo:
-            o.seq += 1
-            tag = f"e{o.epoch:06d}-s{o.seq:06d}-{uuid.uuid4().hex[:8]}"
-            state_files = []
-            state_rows = 0
-            for i in self.chain.stateful_indices:
-                t = self.chain.ops[i].state_to_table(o.states[i])
-                t = _with_hash(t, self.key)
-                state_rows += t.num_rows
-                rel = f"state/p{o.partition:05d}/{tag}-op{i}.parquet"
-                state_files.append(self.state_store.write_parquet(rel, t))
-            output_files = []
-            outs = [t for t in o.outputs if t.num_rows]
-            if outs:
-                name = _output_name(o.partition, o.committed_positions, o.positions)
-                table = pa.concat_tables(outs, promote_options="permissive")
-                self.sink_store.write_parquet(f"{PENDING_DIR}/{name}", table)
-                output_files.append(name)
-            records.append(
-                CommitRecord(
-                    partition=o.partition,
-                    lease_epoch=o.epoch,
-                    positions=dict(o.positions),
-                    state_files=state_files,
-                    output_files=output_files,
-                    rows_in=o.rows_total - o.rows_committed,
-                    rows_total=o.rows_total,
-                    state_rows=state_rows,
-                    final=o.finished,
-                    map_version=self.map_version,
+    async def _reconcile(self) -> bool:
+        """Learn from the catalog what became of unsettled attempts (DESIGN §5). False if unknown."""
+        parts = sorted({r.partition for r in self._unsettled})
+        try:
+            recorded = await self.manager.recorded.remote(parts)
+        except (Exception, ray.exceptions.RayError) as e:
+            self.last_commit_error = f"reconcile: {type(e).__name__}: {e}"
+            return False
+        attempts, self._unsettled = self._unsettled, []
+        landed = [r for r in attempts if cm.landed(r, recorded.get(r.partition))]
+        for rec in attempts:
+            if rec not in landed:
+                await asyncio.to_thread(
+                    cm.discard, rec, state_store=self.state_store, sink_store=self.sink_store
                 )
-            )
-        return records
+        self._settle(landed, accepted={r.partition for r in landed}, fenced=set())
+        return True
+
+    def _succeeded(self) -> None:
+        self.commit_failures = 0
+        self._failing_since = None
+        self._retry_at = 0.0
+        self._last_commit = time.monotonic()
+
+    def _failed(self, e: BaseException, count: bool) -> None:
+        """Back off; past the limits (attempts or seconds), fail the job naming the cause."""
+        now = time.monotonic()
+        self.last_commit_error = f"{type(e).__name__}: {e}"
+        if not count:
+            return
+        self.commit_failures += 1
+        if self._failing_since is None:
+            self._failing_since = now
+        failing_s = now - self._failing_since
+        if (
+            self.commit_failures >= self.config.commit_max_attempts
+            or failing_s >= self.config.commit_max_failing_s
+        ):
+            raise PipelineFailedError(
+                f"consumer {self.member_id!r}: commits failed {self.commit_failures} times in a row "
+                f"over {failing_s:.1f} s (limits: EngineConfig.commit_max_attempts="
+                f"{self.config.commit_max_attempts}, commit_max_failing_s="
+                f"{self.config.commit_max_failing_s}); last cause: {type(e).__name__}: {e}. "
+                "Everything committed before stays; fix the cause (storage, permissions, the "
+                "catalog) and run the job again to resume"
+            ) from e
+        self._retry_at = now + pt.backoff_s(
+            self.commit_failures,
+            initial_s=self.config.commit_retry_initial_s,
+            max_s=self.config.commit_retry_max_s,
+        )
 
     def _fault(self, point: str) -> None:
         if self.faults is not None:
             self.faults.hit(point, self.member_id)
-
-
-def _output_name(partition: int, start: dict[str, int], end: dict[str, int]) -> str:
-    """A deterministic name for the outputs of ``partition`` between two position vectors."""
-    digest = hashlib.sha256(json.dumps([start, end], sort_keys=True).encode()).hexdigest()[:16]
-    return f"part-{partition:05d}-{digest}.parquet"
-
-
-def _with_hash(t: pa.Table, key: list[str]) -> pa.Table:
-    """The state table with its rows' key hash as ``_hash``, sorted by it (DESIGN §3)."""
-    if t.num_rows == 0 or not all(k in t.column_names for k in key):
-        return t.append_column("_hash", pa.array(np.zeros(t.num_rows, np.uint64)))
-    h = hash_table(t, key)
-    order = np.argsort(h, kind="stable")
-    return t.take(pa.array(order)).append_column("_hash", pa.array(h[order]))

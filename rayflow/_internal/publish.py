@@ -1,47 +1,49 @@
-"""Publishing committed outputs: the last step of the commit protocol (manager side).
+"""Publishing committed outputs: commit step 5, on the manager's side (see ``commit.py``).
 
 Consumers write each partition's outputs as a pending Parquet file under the
 sink's root (``_pending/<name>``). Once the catalog has recorded the commit
-naming it, the manager publishes it: a Parquet (or Collect) sink moves it to
-its final name; a DuckDB sink loads it (exactly once) and deletes it. At every
-start the manager repairs what a crash left: committed pending files are
-published, the others (from commits that never happened) deleted.
+naming it, the manager publishes it through the sink (:meth:`Sink.publish`:
+a Parquet or Collect sink moves it to its final name; a DuckDB sink loads it,
+exactly once, and deletes it). What is still to publish is read from the
+catalog (``outputs`` table), so publication is retried until it succeeds: by
+the manager's background loop, on a repeated commit, and after a restart.
+
+Every method blocks: the manager calls them on its one I/O thread.
 """
 
 from __future__ import annotations
 
-from rayflow._internal.checkpoint.catalog import DuckDBSinkWriter
+from collections.abc import Callable
+
 from rayflow._internal.checkpoint.store import Store
-from rayflow.sinks import PENDING_DIR, DuckDB, Sink
+from rayflow.sinks import PENDING_DIR, Sink
 
 
 class Publisher:
-    def __init__(self, sink: Sink, root: str):
+    def __init__(self, sink: Sink, root: str, *, fault: Callable[[str], None] | None = None):
+        self.sink = sink
         self.store = Store(root)
-        self.duckdb = DuckDBSinkWriter(sink.path, sink.table) if isinstance(sink, DuckDB) else None
+        self._fault = fault
 
     def pending_exists(self, name: str) -> bool:
         return self.store.exists(f"{PENDING_DIR}/{name}")
 
     def publish(self, name: str) -> None:
-        """Make one committed output visible; idempotent."""
-        rel = f"{PENDING_DIR}/{name}"
-        if not self.store.exists(rel):
-            return  # already published
-        if self.duckdb is None:
-            self.store.move(rel, name)
-        else:
-            self.duckdb.load(name, self.store.full(rel))
-            self.store.delete(rel)
+        """Make one committed output visible; idempotent (a published one is left as it is)."""
+        if self._fault is not None:
+            self._fault("manager.publish")
+        self.sink.publish(self.store, name)
 
-    def repair(self, committed: set[str]) -> None:
+    def delete_unrecorded(self, recorded: set[str]) -> list[str]:
+        """Delete pending files no recorded commit names (attempts that never committed, and
+        half-written temporaries); returns them. Only safe when no commit is in flight: at a
+        fresh start, never after a restart mid-run (a consumer may be about to commit one)."""
+        gone = []
         for rel in self.store.list_files(PENDING_DIR):
-            name = rel[len(PENDING_DIR) + 1 :]
-            if name in committed:
-                self.publish(name)
-            else:
+            if rel[len(PENDING_DIR) + 1 :] not in recorded:
                 self.store.delete(rel)
+                gone.append(rel)
+        return gone
 
     def close(self) -> None:
-        if self.duckdb is not None:
-            self.duckdb.close()
+        self.sink.close()

@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from rayflow.errors import ProtocolError
+
 
 class QueueState(enum.Enum):
     OPEN = "open"  # the source may still append
@@ -31,6 +33,10 @@ class Entry:
     rows: int
     nbytes: int
     payload: Any  # an ObjectRef to the sub-batch in the actor; anything in tests
+    #: Where the previous entry of this partition and split ended (or the partition's
+    #: committed position): the source read every row in ``[since, start)`` and none of
+    #: them belongs to this partition. The consumer requires ``since <= processed``.
+    since: int | None = None
 
 
 class PartitionQueue:
@@ -41,16 +47,14 @@ class PartitionQueue:
         self.entries: deque[Entry] = deque()
         self.rows = 0
         self.nbytes = 0
-        self.appended_rows = 0
         self.state = QueueState.OPEN
 
     def append(self, entry: Entry) -> None:
         if self.state is not QueueState.OPEN:
-            raise RuntimeError(f"partition {self.partition}: append to a {self.state.value} queue")
+            raise ProtocolError(f"partition {self.partition}: append to a {self.state.value} queue")
         self.entries.append(entry)
         self.rows += entry.rows
         self.nbytes += entry.nbytes
-        self.appended_rows += entry.rows
 
     def close_input(self) -> None:
         if self.state is QueueState.OPEN:

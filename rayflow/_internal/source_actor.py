@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from rayflow._internal import naming
+from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.queues import Entry, PartitionQueue
-from rayflow.config import EngineConfig
-from rayflow.errors import FencedError
-from rayflow.partitioning import PartitionMap, hash_table, split_by_partition
-from rayflow.sources import Split
+from rayflow.errors import FencedError, PositionGapError, ProtocolError
+from rayflow.partitioning import hash_table, split_by_partition
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class FetchedEntry:
     end: int
     rows: int
     ref: ray.ObjectRef
+    since: int | None = None  # see queues.Entry.since: lets the consumer prove contiguity
 
 
 @dataclass
@@ -60,35 +61,37 @@ def _was_restarted() -> bool:
 
 @ray.remote
 class SourceActor:
-    def __init__(
-        self,
-        *,
-        index: int,
-        splits: list[Split],
-        committed: dict[int, dict[str, int]],
-        key: list[str],
-        partition_map: PartitionMap,
-        config: EngineConfig,
-        manager_name: str | None = None,
-        faults=None,
-    ):
+    """Reads its share of the input's splits into per-partition queues.
+
+    Restartable (``max_restarts=-1``): its constructor takes only the job
+    file's location and its index (see ``_internal/jobfile.py``), and at start
+    as at every restart it loads its splits from the job file and asks the
+    manager for the committed positions and lease epochs before serving
+    anything. After a restart it replays each split from the lowest committed
+    position of its partitions, on its own, at the first call it gets.
+    """
+
+    def __init__(self, *, job_root: str, job_file: str, index: int):
+        job = read_job_file(job_root, job_file)
         self.index = index
         self.name = f"source-{index}"
-        self.faults = faults
-        self.manager_name = manager_name
-        # Restarted by Ray after a crash: the constructor's start positions are stale.
-        # The first call re-reads the committed positions and replays from there.
-        self._needs_restart = _was_restarted()
-        self.splits = splits
-        self.key = key
-        self.map = partition_map
-        self.config = config
-        n = partition_map.num_partitions
+        self.pipeline = job.name
+        self.faults = job.faults
+        # Restarted by Ray after a crash: it starts reading again on its own, at the
+        # first call, from the committed positions (a first start waits for run()).
+        self._restarted = _was_restarted()
+        self._synced = False
+        self._sync_lock = asyncio.Lock()
+        self.splits = list(job.splits[index])
+        self.key = list(job.key)
+        self.map = job.partition_map
+        self.config = config = job.config
+        n = self.map.num_partitions
         self.queues = [
             PartitionQueue(p, max_rows=config.queue_max_rows, max_bytes=config.queue_max_bytes)
             for p in range(n)
         ]
-        self._replay_from(committed)
+        self._replay_from({})  # until _sync() has the committed positions
         # The newest lease epoch per partition, pushed by the manager at every grant:
         # a fetch or trim under an older epoch comes from a stale owner.
         self.epochs: dict[int, int] = {}
@@ -100,20 +103,30 @@ class SourceActor:
         self._task: asyncio.Task | None = None
 
     async def run(self) -> None:
-        """Start reading (returns at once)."""
+        """Start reading, from the committed positions (returns at once)."""
+        await self._sync()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
-    async def _resume(self) -> None:
-        """After a restart: replay each split from the lowest committed position of its partitions."""
-        if not self._needs_restart:
+    async def _sync(self) -> None:
+        """Once per process: take the committed positions and lease epochs from the manager.
+
+        Every call that reads or changes the queues awaits it first, so nothing
+        is served before the positions are known. After a restart, reading
+        starts here too.
+        """
+        if self._synced:
             return
-        self._needs_restart = False
-        manager = ray.get_actor(self.manager_name, namespace="rayflow")
-        info = await manager.ready.remote()
-        self._replay_from(info["positions"])
-        await self.set_epochs(info["epochs"])
-        await self.run()
+        async with self._sync_lock:
+            if self._synced:
+                return
+            manager = ray.get_actor(naming.manager_name(self.pipeline), namespace=naming.NAMESPACE)
+            info = await manager.ready.remote()
+            self._replay_from(info["positions"])
+            await self.set_epochs(info["epochs"])
+            self._synced = True
+        if self._restarted:
+            await self.run()
 
     def _replay_from(self, committed: dict[int, dict[str, int]]) -> None:
         """Where to read from, given the committed positions (partition -> split -> position).
@@ -127,7 +140,10 @@ class SourceActor:
             for s in self.splits
         }
         self.skip = dict(committed)  # partition -> split -> position: serve no rows before it
+        # (partition, split) -> end of the last entry queued (queues.Entry.since).
+        self.since: dict[tuple[int, str], int] = {}
         self.frontier = dict(self.start)
+        self.read_end = dict(self.start)  # split -> end of the last batch read (contiguity check)
 
     async def _read_loop(self) -> None:
         try:
@@ -169,6 +185,7 @@ class SourceActor:
         except StopIteration:
             return None
         start = end - batch.num_rows
+        self._check_contiguous(name, start, end)
         self.rows_read += batch.num_rows
         parts = split_by_partition(
             batch, self.map.route(hash_table(batch, self.key)), self.map.num_partitions
@@ -189,9 +206,36 @@ class SourceActor:
             out.append((p, first, ray.put(sub), sub.num_rows, sub.nbytes))
         return end, out
 
+    def _check_contiguous(self, name: str, start: int, end: int) -> None:
+        """A split's batches must cover its rows without a gap or an overlap (DESIGN §2.1).
+
+        The first batch after a (re)start may begin before the asked position (a
+        batch grid coarser than the position); the replay skip handles that.
+        """
+        last = self.read_end.get(name, 0)
+        if start > last:
+            raise PositionGapError(
+                f"split {name!r} yielded a batch covering rows [{start}, {end}) right after "
+                f"position {last}: rows [{last}, {start}) were never read. A split's read() must "
+                "yield (batch, next_position) with next_position - len(batch) equal to the "
+                "previous next_position (see rayflow.sources.Split)",
+                split=name,
+                partition=-1,
+                position=last,
+                start=start,
+            )
+        if start < last and last != self.start.get(name, 0):
+            raise ProtocolError(
+                f"split {name!r} yielded a batch covering rows [{start}, {end}) that overlaps rows "
+                f"already read (up to {last}); a split's positions must only grow"
+            )
+        self.read_end[name] = end
+
     def _append(self, name: str, end: int, parts: list) -> None:
         for p, first, ref, rows, nbytes in parts:
-            self.queues[p].append(Entry(name, first, end, rows, nbytes, ref))
+            since = self.since.get((p, name), self.skip.get(p, {}).get(name, 0))
+            self.queues[p].append(Entry(name, first, end, rows, nbytes, ref, since))
+            self.since[(p, name)] = end
         self.frontier[name] = end
 
     async def set_epochs(self, epochs: dict[int, int]) -> None:
@@ -204,13 +248,7 @@ class SourceActor:
         cur = self.epochs.get(p, 0)
         if epoch >= cur:
             return None
-        return FencedError(
-            f"partition {p}: lease epoch {epoch} is stale (current {cur}); abandon the partition "
-            "and take the assignment of the next heartbeat",
-            partition=p,
-            epoch=epoch,
-            current_epoch=cur,
-        )
+        return FencedError.stale(partition=p, epoch=epoch, current_epoch=cur)
 
     async def fetch(
         self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int
@@ -220,7 +258,7 @@ class SourceActor:
         A partition asked under a stale lease epoch gets no data, only ``fenced``.
         Waits up to ``fetch_wait_s`` for data when none is due (long poll).
         """
-        await self._resume()
+        await self._sync()
         if self.error is not None:
             raise self.error
         res = self._serve(requests, max_bytes)
@@ -245,7 +283,7 @@ class SourceActor:
             q = self.queues[p]
             entries, rest = q.after(positions, max_bytes)
             r = FetchResult(
-                entries=[FetchedEntry(e.split, e.start, e.end, e.rows, e.payload) for e in entries],
+                entries=[FetchedEntry(e.split, e.start, e.end, e.rows, e.payload, e.since) for e in entries],
                 full=q.full,
             )
             if not rest:
@@ -259,7 +297,7 @@ class SourceActor:
 
         Returns the partitions refused for a stale epoch (nothing trimmed there).
         """
-        await self._resume()
+        await self._sync()
         fenced = []
         for p, (epoch, positions) in committed.items():
             if self._fenced(p, epoch) is not None:
@@ -271,7 +309,7 @@ class SourceActor:
         return fenced
 
     async def stats(self) -> dict:
-        await self._resume()
+        await self._sync()
         if self.error is not None:
             raise self.error
         return {

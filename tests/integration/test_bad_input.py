@@ -23,59 +23,56 @@ pytestmark = pytest.mark.ray
 AGG = rf.ops.Aggregate(by="key", aggs=[("value", "sum")])
 
 
-def pipeline(source, tmp_path, key="key", **kw):
-    kw.setdefault("operator", AGG)
-    return rf.Pipeline(
-        name="bad",
-        source=source,
-        key=key,
-        partitions=2,
-        consumers=1,
-        checkpoint_dir=str(tmp_path / "ck"),
-        progress=False,
-        **kw,
-    )
+@pytest.fixture
+def pipeline(job):
+    """``pipeline(source, **kw)``: the job of this file (``job`` from conftest), named ``bad``."""
+
+    def make(source, **kw):
+        kw.setdefault("operator", AGG)
+        return job("bad", source, partitions=2, consumers=1, **kw)
+
+    return make
 
 
-def test_missing_key_column(ray_session, tmp_path):
+def test_missing_key_column(ray_session, tmp_path, pipeline):
     t = pa.table({"user": [1, 2], "value": [1.0, 2.0]})
     with pytest.raises(
         MissingKeyColumnError, match=r"key column 'key' is not in the input.*\['user', 'value'\]"
     ):
-        pipeline(rf.sources.Table(t), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.Table(t)).run(timeout_s=60)
     with pytest.raises(KeyError):  # catchable as the builtin too
-        pipeline(rf.sources.Table(t), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.Table(t)).run(timeout_s=60)
 
 
-def test_unsupported_key_type(ray_session, tmp_path):
+def test_unsupported_key_type(ray_session, tmp_path, pipeline):
     t = pa.table({"key": [1.5, 2.5], "value": [1.0, 2.0]})
     with pytest.raises(UnsupportedKeyTypeError, match=r"'key' has type double.*cast the column to int64"):
-        pipeline(rf.sources.Table(t), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.Table(t)).run(timeout_s=60)
 
 
-def test_empty_inputs(ray_session, tmp_path):
+def test_empty_inputs(ray_session, tmp_path, pipeline):
     empty = pa.table({"key": pa.array([], pa.int64()), "value": pa.array([], pa.float64())})
     with pytest.raises(EmptyInputError, match="holds no rows"):
-        pipeline(rf.sources.Table(empty), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.Table(empty)).run(timeout_s=60)
     pq.write_table(empty, tmp_path / "empty.parquet")
     with pytest.raises(EmptyInputError, match="holds no rows"):
-        pipeline(rf.sources.Parquet(str(tmp_path / "empty.parquet")), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.Parquet(str(tmp_path / "empty.parquet"))).run(timeout_s=60)
     (tmp_path / "empty.csv").write_text("key,value\n")
     with pytest.raises(EmptyInputError, match="holds no rows"):
-        pipeline(rf.sources.CSV(str(tmp_path / "empty.csv")), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.CSV(str(tmp_path / "empty.csv"))).run(timeout_s=60)
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(EmptyInputError, match="holds no Parquet files"):
-        pipeline(rf.sources.Parquet(str(tmp_path / "emptydir")), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.Parquet(str(tmp_path / "emptydir"))).run(timeout_s=60)
 
 
-def test_missing_file(ray_session, tmp_path):
+def test_missing_file(ray_session, tmp_path, pipeline):
     with pytest.raises(SourceNotFoundError, match=r"does not exist; pass an existing file"):
-        pipeline(rf.sources.Parquet(str(tmp_path / "nope.parquet")), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.Parquet(str(tmp_path / "nope.parquet"))).run(timeout_s=60)
     with pytest.raises(FileNotFoundError, match="matched no CSV files"):
-        pipeline(rf.sources.CSV(str(tmp_path / "nope-*.csv")), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.CSV(str(tmp_path / "nope-*.csv"))).run(timeout_s=60)
 
 
-def test_malformed_csv_row_mid_stream(ray_session, tmp_path):
+def test_malformed_csv_row_mid_stream(ray_session, tmp_path, pipeline):
     good = pa.table({"key": list(range(20_000)), "value": [1.0] * 20_000})
     path = tmp_path / "in.csv"
     pacsv.write_csv(good, path)
@@ -83,7 +80,7 @@ def test_malformed_csv_row_mid_stream(ray_session, tmp_path):
         f.write("7,1.0,extra\n")  # one column too many
     opts = {"read_options": pacsv.ReadOptions(block_size=1 << 14)}
     with pytest.raises(MalformedInputError, match=r"in.csv' could not be parsed.*Expected 2 columns, got 3"):
-        pipeline(rf.sources.CSV(str(path), batch_rows=1000, **opts), tmp_path).run(timeout_s=120)
+        pipeline(rf.sources.CSV(str(path), batch_rows=1000, **opts)).run(timeout_s=120)
     # Nothing recorded as committed beyond what was processed: no final commit, and
     # every committed row count is covered by its positions.
     con = duckdb.connect(str(tmp_path / "ck" / "bad" / "catalog.duckdb"), read_only=True)
@@ -92,11 +89,11 @@ def test_malformed_csv_row_mid_stream(ray_session, tmp_path):
     assert finals == 0
 
 
-def test_malformed_csv_at_start(ray_session, tmp_path):
+def test_malformed_csv_at_start(ray_session, tmp_path, pipeline):
     path = tmp_path / "bad.csv"
     path.write_text("key,value\n1,2.0\n3\n")
     with pytest.raises(MalformedInputError, match="Expected 2 columns, got 1"):
-        pipeline(rf.sources.CSV(str(path)), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.CSV(str(path))).run(timeout_s=60)
 
 
 @pytest.mark.parametrize(
@@ -129,26 +126,17 @@ def test_aggregate_must_group_by_the_key(tmp_path):
         )
 
 
-def test_changed_job_shape_is_refused_on_resume(ray_session, tmp_path):
+def test_changed_job_shape_is_refused_on_resume(ray_session, job, pipeline):
     t = pa.table({"key": list(range(100)), "value": [1.0] * 100})
-    pipeline(rf.sources.Table(t), tmp_path).run(timeout_s=60)
+    pipeline(rf.sources.Table(t)).run(timeout_s=60)
     other = rf.ops.Aggregate(by="key", aggs=[("value", "max")])
     with pytest.raises(rf.errors.IncompatibleCheckpointError, match=r"adds \('value', 'max'\)"):
-        pipeline(rf.sources.Table(t), tmp_path, operator=other).run(timeout_s=60)
+        pipeline(rf.sources.Table(t), operator=other).run(timeout_s=60)
     with pytest.raises(rf.errors.IncompatibleCheckpointError, match="partition_map"):
-        rf.Pipeline(
-            name="bad",
-            source=rf.sources.Table(t),
-            key="key",
-            partitions=3,
-            consumers=1,
-            operator=AGG,
-            checkpoint_dir=str(tmp_path / "ck"),
-            progress=False,
-        ).run(timeout_s=60)
+        job("bad", rf.sources.Table(t), partitions=3, consumers=1, operator=AGG).run(timeout_s=60)
 
 
-def test_resume_evolves_an_added_nullable_column(ray_session, tmp_path):
+def test_resume_evolves_an_added_nullable_column(ray_session, tmp_path, job):
     """Stopped midway, the job resumes over an input that gained a nullable column, with a
     new aggregation over it; the result equals DuckDB over all the rows."""
     import pyarrow.parquet as pq
@@ -161,26 +149,23 @@ def test_resume_evolves_an_added_nullable_column(ray_session, tmp_path):
     a = rf.sources.Synthetic(events=60_000, keys=500, seed=3).to_table().select(["key", "value"])
     pq.write_table(a, d / "a.parquet")
 
-    def job(aggs):
-        return rf.Pipeline(
-            name="evolve",
-            source=rf.sources.Parquet(str(d), batch_rows=2_000),
-            key="key",
+    def evolve(aggs):
+        return job(
+            "evolve",
+            rf.sources.Parquet(str(d), batch_rows=2_000),
             partitions=2,
             consumers=1,
             operator=[throttle(30_000), rf.ops.Aggregate(by="key", aggs=aggs)],
-            checkpoint_dir=str(tmp_path / "ck"),
             checkpoint_interval_s=0.1,
             config=rf.EngineConfig(fetch_max_bytes=50_000),
-            progress=False,
         )
 
-    run = job([("value", "sum")]).start()
+    run = evolve([("value", "sum")]).start()
     wait_for_condition(lambda: any(p["committed_rows"] > 0 for p in run.status()["partitions"]), timeout=60)
     run.stop()
     b = pa.table({"key": [1, 4, 7], "value": [10.0, 20.0, 30.0], "extra": pa.array([7, None, 9], pa.int64())})
     pq.write_table(b, d / "b.parquet")
-    out = job([("value", "sum"), ("extra", "count"), ("extra", "sum")]).run(timeout_s=120).output
+    out = evolve([("value", "sum"), ("extra", "count"), ("extra", "sum")]).run(timeout_s=120).output
     both = pa.concat_tables([a, b], promote_options="default")
     expected = duckdb_reference(
         "SELECT key, sum(value) AS value_sum, count(extra) AS extra_count, sum(extra) AS extra_sum "
@@ -190,13 +175,49 @@ def test_resume_evolves_an_added_nullable_column(ray_session, tmp_path):
     assert_same_rows(out, expected, columns=["key", "value_sum", "extra_count", "extra_sum"])
 
 
-def test_a_finished_job_refuses_new_input(ray_session, tmp_path):
+def test_a_finished_job_refuses_new_input(ray_session, tmp_path, pipeline):
     import pyarrow.parquet as pq
 
     d = tmp_path / "in"
     d.mkdir()
     pq.write_table(pa.table({"key": [1, 2], "value": [1.0, 2.0]}), d / "a.parquet")
-    pipeline(rf.sources.Parquet(str(d)), tmp_path).run(timeout_s=60)
+    pipeline(rf.sources.Parquet(str(d))).run(timeout_s=60)
     pq.write_table(pa.table({"key": [3], "value": [3.0]}), d / "b.parquet")
     with pytest.raises(rf.errors.IncompatibleCheckpointError, match=r"finished.*b.parquet"):
-        pipeline(rf.sources.Parquet(str(d)), tmp_path).run(timeout_s=60)
+        pipeline(rf.sources.Parquet(str(d))).run(timeout_s=60)
+
+
+def test_a_column_of_the_wrong_type_is_refused_before_the_job_starts(ray_session, tmp_path, pipeline):
+    """A CSV whose ``value`` column reads as strings: refused at start with what to do, not
+    failed in a consumer with a Ray traceback."""
+    path = tmp_path / "in.csv"
+    path.write_text('key,value\n1,"12,5"\n2,"3,0"\n1,"1,0"\n')  # decimal commas: read as strings
+    with pytest.raises(rf.errors.InputError) as e:
+        pipeline(rf.sources.CSV(str(path))).run(timeout_s=60)
+    msg = str(e.value)
+    assert msg.startswith("rf.ops.Aggregate(by=['key'], aggs=[('value', 'sum')]): ('value', 'sum')"), msg
+    assert "column 'value' of type string" in msg and "rf.ops.Map" in msg and "column_types" in msg
+    assert "Traceback" not in msg and len(msg) < 800
+    assert not (tmp_path / "ck" / "bad").exists(), "nothing may start (or be written) for a refused job"
+    # Told what to do, the user reads the column as numbers, and the job runs.
+    opts = pacsv.ConvertOptions(column_types={"value": pa.float64()}, decimal_point=",")
+    out = pipeline(rf.sources.CSV(str(path), convert_options=opts)).run(timeout_s=60).output
+    assert sorted(out.to_pylist(), key=lambda r: r["key"]) == [
+        {"key": 1, "value_sum": 13.5},
+        {"key": 2, "value_sum": 3.0},
+    ]
+
+
+def test_an_error_in_a_user_function_comes_back_as_itself(ray_session, tmp_path, pipeline):
+    t = pa.table({"key": list(range(100)), "value": [1.0] * 100})
+
+    def explode(table):
+        return table.append_column("r", pa.array([1 / 0] * table.num_rows))
+
+    with pytest.raises(ZeroDivisionError) as e:
+        pipeline(rf.sources.Table(t), operator=rf.ops.Map(explode)).run(timeout_s=60)
+    assert type(e.value) is ZeroDivisionError, type(e.value)  # not a RayTaskError
+    assert str(e.value) == "division by zero"
+    notes = "\n".join(e.value.__notes__)
+    assert "raised by operator #0 rf.ops.Map(" in notes and "explode" in notes
+    assert "of partition" in notes and "in consumer 'consumer-0' of pipeline 'bad'" in notes

@@ -67,6 +67,7 @@ def test_ray_job_submit_runs_the_flagship(cluster, tmp_path):
         "job", "submit", "--address", cluster, "--working-dir", ROOT, "--",
         "python", "jobs/pipeline.py", "--events", "300000", "--partitions", "4", "--consumers", "2",
         "--output", str(out), "--checkpoint-dir", str(tmp_path / "ck"),
+        "--local-paths-shared",  # both nodes are on this machine
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while True:  # the head's job agent comes up a little after `ray start` returns

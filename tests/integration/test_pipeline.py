@@ -20,30 +20,17 @@ pytestmark = pytest.mark.ray
 AGG = [("value", "count"), ("value", "sum")]
 
 
-@pytest.fixture(scope="module")
-def events_1m() -> pa.Table:
-    return rf.sources.Synthetic(events=1_000_000, keys=100_000, seed=42).to_table()
-
-
-def keyed(name, source, tmp_path, **kw) -> rf.Pipeline:
-    kw.setdefault("partitions", 8)
-    kw.setdefault("operator", rf.ops.Aggregate(by="key", aggs=AGG))
-    return rf.Pipeline(
-        name=name, source=source, key="key", checkpoint_dir=str(tmp_path / "ck"), progress=False, **kw
-    )
-
-
 @pytest.mark.parametrize("consumers", [1, 3])
-def test_keyed_1m_equals_duckdb(ray_session, tmp_path, events_1m, consumers):
-    result = keyed(
-        f"keyed-{consumers}", rf.sources.Synthetic(events=1_000_000), tmp_path, consumers=consumers
+def test_keyed_1m_equals_duckdb(ray_session, job, events_1m, consumers):
+    result = job(
+        f"keyed-{consumers}", rf.sources.Synthetic(events=1_000_000), partitions=8, consumers=consumers
     ).run(timeout_s=300)
     assert_same_rows(result.output, duckdb_reference(KEYED_SQL, events=events_1m))
     assert result.stats["events"] == 1_000_000
     assert result.stats["consumers"] == consumers
 
 
-def test_parquet_sink_and_source_directory(ray_session, tmp_path, events_1m):
+def test_parquet_sink_and_source_directory(ray_session, tmp_path, job, events_1m):
     src_dir = tmp_path / "in"
     src_dir.mkdir()
     for i in range(3):  # three files -> three splits
@@ -51,10 +38,10 @@ def test_parquet_sink_and_source_directory(ray_session, tmp_path, events_1m):
             events_1m.slice(i * 300_000, 300_000), src_dir / f"part-{i}.parquet", row_group_size=70_000
         )
     out_dir = tmp_path / "out"
-    result = keyed(
+    result = job(
         "pq",
         rf.sources.Parquet(str(src_dir), batch_rows=100_000),
-        tmp_path,
+        partitions=8,
         sink=rf.sinks.Parquet(str(out_dir)),
         consumers=2,
     ).run(timeout_s=300)
@@ -74,7 +61,7 @@ def test_parquet_sink_and_source_directory(ray_session, tmp_path, events_1m):
     assert (h[1:] >= h[:-1]).all()
 
 
-def test_csv_and_json_glob_sources(ray_session, tmp_path):
+def test_csv_and_json_glob_sources(ray_session, tmp_path, job):
     t = pa.table(
         {
             "user": pa.array([f"u{i % 37}" for i in range(5_000)]),
@@ -92,66 +79,61 @@ def test_csv_and_json_glob_sources(ray_session, tmp_path):
         ("csv", rf.sources.CSV(str(tmp_path / "in-*.csv"), batch_rows=700)),
         ("json", rf.sources.JSON(str(tmp_path / "in.json"), batch_rows=700)),
     ):
-        result = rf.Pipeline(
-            name=name,
-            source=source,
-            key="user",
-            partitions=4,
-            consumers=2,
-            operator=rf.ops.Aggregate(
-                by="user", aggs=[("amount", "count"), ("amount", "sum"), ("amount", "max")]
-            ),
-            checkpoint_dir=str(tmp_path / "ck"),
-            progress=False,
-        ).run(timeout_s=300)
+        aggs = [("amount", "count"), ("amount", "sum"), ("amount", "max")]
+        result = job(name, source, key="user", operator=rf.ops.Aggregate(by="user", aggs=aggs)).run(
+            timeout_s=300
+        )
         assert_same_rows(result.output, expected)
 
 
-def test_map_filter_chain_outputs_every_row_once(ray_session, tmp_path, events_1m):
+def test_map_filter_chain_outputs_every_row_once(ray_session, job, events_1m):
     chain = [
         rf.ops.Filter(pc.field("value") < 100.0),
         rf.ops.Map(lambda t: t.append_column("double", pc.multiply(t["value"], 2.0))),
     ]
     small = events_1m.slice(0, 200_000)
-    result = rf.Pipeline(
-        name="chain",
-        source=rf.sources.Table(small, batch_rows=25_000),
-        key="key",
-        partitions=4,
-        operator=chain,
-        consumers=2,
-        checkpoint_dir=str(tmp_path / "ck"),
-        checkpoint_interval_s=0.2,
-        progress=False,
-    ).run(timeout_s=300)
+    result = job("chain", small, batch_rows=25_000, operator=chain, checkpoint_interval_s=0.2).run(
+        timeout_s=300
+    )
     expected = duckdb_reference(
         "SELECT key, value, ts, value * 2 AS double FROM events WHERE value < 100", events=small
     )
     assert_same_rows(result.output, expected)
 
 
-def test_resume_after_stop_gives_the_uninterrupted_result(ray_session, tmp_path, events_1m):
-    data = events_1m.slice(0, 400_000)
-    expected = duckdb_reference(KEYED_SQL, events=data)
-
-    def make():
-        return keyed(
-            "resume",
-            rf.sources.Table(data, batch_rows=20_000),
-            tmp_path,
-            partitions=4,
-            consumers=2,
-            operator=[throttle(200_000), rf.ops.Aggregate(by="key", aggs=AGG)],
-            checkpoint_interval_s=0.1,
-            config=rf.EngineConfig(fetch_max_bytes=100_000),
-        )
+def test_resume_after_stop_gives_the_uninterrupted_result(ray_session, tmp_path, job, events_1m):
+    """Stopped at a fault point (consumer-0 held after its third step), not at a time."""
+    import threading
 
     from ray._common.test_utils import wait_for_condition
 
-    run = make().start()
-    wait_for_condition(lambda: 0 < run.status()["processed_rows"], timeout=60)
-    wait_for_condition(lambda: any(p["committed_rows"] > 0 for p in run.status()["partitions"]), timeout=60)
-    run.stop()
+    from rayflow.testing import Fault, FaultPlan
+
+    data = events_1m.slice(0, 400_000)
+    expected = duckdb_reference(KEYED_SQL, events=data)
+
+    def make(faults=None):
+        return job(
+            "resume",
+            rf.sources.Table(data, batch_rows=20_000),
+            partitions=4,
+            consumers=2,
+            operator=[throttle(400_000), rf.ops.Aggregate(by="key", aggs=AGG)],
+            checkpoint_interval_s=0.1,
+            config=rf.EngineConfig(fetch_max_bytes=100_000),
+            faults=faults,
+        )
+
+    plan = FaultPlan(
+        [Fault(point="consumer.step", actor="consumer-0", nth=3, action="pause")], dir=str(tmp_path / "f")
+    )
+    run = make(plan).start()
+    wait_for_condition(lambda: bool(plan.fired()), timeout=60)
+    stopper = threading.Thread(target=run.stop)
+    stopper.start()  # the stop waits for consumer-0's held step: release it
+    plan.resume()
+    stopper.join(timeout=120)
+    assert not stopper.is_alive(), "stop() did not return"
     con = duckdb.connect(str(tmp_path / "ck" / "resume" / "catalog.duckdb"), read_only=True)
     committed, finals = con.execute(
         "SELECT sum(rows_total), count(*) FILTER (WHERE final) FROM (SELECT * FROM commits "
@@ -164,21 +146,19 @@ def test_resume_after_stop_gives_the_uninterrupted_result(ray_session, tmp_path,
     assert result.stats["events"] == data.num_rows - committed
 
 
-def test_running_a_finished_job_again_returns_the_same_output(ray_session, tmp_path, events_1m):
-    data = events_1m.slice(0, 50_000)
-    first = keyed("again", rf.sources.Table(data), tmp_path, partitions=2, consumers=1).run(timeout_s=120)
-    second = keyed("again", rf.sources.Table(data), tmp_path, partitions=2, consumers=1).run(timeout_s=120)
+def test_running_a_finished_job_again_returns_the_same_output(ray_session, job, events_small):
+    first = job("again", events_small, partitions=2, consumers=1).run(timeout_s=120)
+    second = job("again", events_small, partitions=2, consumers=1).run(timeout_s=120)
     assert second.stats["events"] == 0
     assert_same_rows(second.output, first.output)
 
 
-def test_mean_min_max_aggregate(ray_session, tmp_path, events_1m):
+def test_mean_min_max_aggregate(ray_session, job, events_1m):
     data = events_1m.slice(0, 100_000)
     aggs = [("value", "mean"), ("value", "min"), ("value", "max"), ("ts", "count")]
-    result = keyed(
+    result = job(
         "mean",
         rf.sources.Table(data, batch_rows=10_000),
-        tmp_path,
         partitions=3,
         consumers=2,
         operator=rf.ops.Aggregate(by="key", aggs=aggs),
@@ -194,3 +174,87 @@ def test_mean_min_max_aggregate(ray_session, tmp_path, events_1m):
         "SELECT max(abs(g.value_mean - e.value_mean)) AS d FROM g JOIN e USING (key)", g=got, e=expected
     )
     assert j["d"][0].as_py() < 1e-9
+
+
+def _object_refs(obj, depth: int = 3) -> list:
+    """ObjectRefs reachable from ``obj`` through attributes, lists, tuples and dicts."""
+    import ray
+
+    if isinstance(obj, ray.ObjectRef):
+        return [obj]
+    if depth == 0:
+        return []
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("rayflow"):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [r for x in items for r in _object_refs(x, depth - 1)]
+
+
+def test_source_and_manager_restart_with_no_object_ref_held(ray_session, tmp_path, job, events_1m):
+    """Defect 8: restartable actors must not depend on constructor arguments in the object
+    store (ray-project/ray#53727). The driver holds no reference at all; the source and the
+    manager are killed midway and restarted by Ray; the job still ends exactly once."""
+    import gc
+
+    from ray._common.test_utils import wait_for_condition
+
+    from rayflow.testing import Fault, FaultPlan
+
+    data = events_1m.slice(0, 120_000)  # ~3 MB: Ray would put it in the object store
+    plan = FaultPlan(
+        [
+            Fault(point="source.batch", actor="source-0", nth=6),
+            Fault(point="manager.before_record", actor="manager", nth=3),
+        ],
+        dir=str(tmp_path / "faults"),
+    )
+    run = job(
+        "restarts",
+        rf.sources.Table(data, batch_rows=5_000),
+        partitions=4,
+        consumers=2,
+        operator=[throttle(100_000), rf.ops.Aggregate(by="key", aggs=AGG)],
+        checkpoint_interval_s=0.1,
+        config=rf.EngineConfig(fetch_max_bytes=100_000),
+        faults=plan,
+    ).start()
+    gc.collect()
+    assert _object_refs(run) == [], "the driver must not pin constructor arguments"
+    wait_for_condition(lambda: len(plan.fired()) == 2, timeout=120)
+    result = run.wait(timeout_s=300)
+    assert_same_rows(result.output, duckdb_reference(KEYED_SQL, events=data))
+
+
+def test_relative_paths_resolve_in_the_driver_cwd(ray_session, tmp_path, monkeypatch, job, events_1m):
+    """Defect 9: relative checkpoint and sink paths mean the driver's working directory, not
+    each actor's (Ray's workers run elsewhere)."""
+    import os
+
+    import ray
+
+    driver = tmp_path / "driver"
+    driver.mkdir()
+    monkeypatch.chdir(driver)
+    probe = ray.remote(lambda: os.getcwd())
+    assert ray.get(probe.remote(), timeout=60) != str(driver), "the test needs actors in another cwd"
+    data = events_1m.slice(0, 20_000)
+    import pyarrow.parquet as pq
+
+    pq.write_table(data, driver / "in.parquet")
+    result = job(
+        "relative",
+        rf.sources.Parquet("in.parquet"),  # a relative input path too
+        partitions=2,
+        consumers=1,
+        sink=rf.sinks.Parquet("out"),
+        checkpoint_dir="ck",
+    ).run(timeout_s=120)
+    assert result.output_path == str(driver / "out")
+    assert (driver / "ck" / "relative" / "catalog.duckdb").exists()
+    out = pads.dataset(str(driver / "out"), format="parquet").to_table()
+    assert_same_rows(out, duckdb_reference(KEYED_SQL, events=data))

@@ -2,32 +2,48 @@
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 import pytest
 
 import rayflow as rf
-from rayflow._internal.compat import check_resume, schema_to_json
+from rayflow._internal.compat import JobMeta, check_resume
 from rayflow.errors import IncompatibleCheckpointError
 
 BASE_SCHEMA = pa.schema([("key", pa.int64()), ("value", pa.float64())])
 
 
-def meta(schema=BASE_SCHEMA, aggs=(("value", "sum"),), by="key", partitions=4, splits=("a",)):
-    return {
-        "key": json.dumps(["key"]),
-        "partition_map": rf.partitioning.PartitionMap.uniform(partitions).to_json(),
-        "input_schema": schema_to_json(schema),
-        "operators": json.dumps([rf.ops.Aggregate(by=by, aggs=list(aggs)).spec()]),
-        "splits": json.dumps(list(splits)),
-    }
+def meta(schema=BASE_SCHEMA, aggs=(("value", "sum"),), by="key", partitions=4, splits=("a",)) -> JobMeta:
+    return JobMeta.build(
+        key=["key"],
+        partition_map_json=rf.partitioning.PartitionMap.uniform(partitions).to_json(),
+        operators=[rf.ops.Aggregate(by=by, aggs=list(aggs)).spec()],
+        splits=list(splits),
+        schema=schema,
+    )
 
 
 def test_same_shape_and_new_splits_resume():
     check_resume("j", meta(), meta())
     check_resume("j", meta(), meta(splits=("a", "b")))
-    check_resume("j", {}, meta())
+    check_resume("j", None, meta())
+
+
+def test_the_record_round_trips_through_the_catalog_form():
+    m = meta()
+    assert JobMeta.from_dict(m.to_dict()) == m
+    assert JobMeta.from_dict({}) is None
+    # A record of an older catalog (no splits, no schema) checks what it has.
+    old = JobMeta.from_dict({k: v for k, v in m.to_dict().items() if k in ("key", "partition_map")})
+    assert old.splits is None and old.input_schema is None
+    check_resume("j", old, meta(splits=("b",)))
+    with pytest.raises(IncompatibleCheckpointError, match="partition_map"):
+        check_resume("j", old, meta(partitions=5))
+
+
+def test_a_finished_job_takes_no_new_split():
+    check_resume("j", meta(), meta(splits=("a", "b")), finished=False)
+    with pytest.raises(IncompatibleCheckpointError, match=r"has finished.*\['b'\]"):
+        check_resume("j", meta(), meta(splits=("a", "b")), finished=True)
 
 
 def test_added_nullable_column_with_a_new_aggregation_evolves():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rayflow._internal.group.leases import LeaseState, LeaseTable
-from rayflow.errors import FencedError
+from rayflow.errors import FencedError, ProtocolError
 
 
 def test_unassigned_to_owned():
@@ -30,6 +30,15 @@ def test_revoking_back_to_owned_when_the_owner_is_picked_again():
     t.rebalance({0: "b"})
     t.rebalance({0: "a"})
     assert (t.leases[0].state, t.leases[0].epoch) == (LeaseState.OWNED, 1)
+
+
+def test_revoking_to_revoking_when_a_third_member_is_picked():
+    t = LeaseTable(1)
+    t.rebalance({0: "a"})
+    t.rebalance({0: "b"})
+    assert t.rebalance({0: "c"}) == []
+    lease = t.leases[0]
+    assert (lease.state, lease.owner, lease.target, lease.epoch) == (LeaseState.REVOKING, "a", "c", 1)
 
 
 def test_revoking_to_owned_by_the_target_on_release():
@@ -63,6 +72,55 @@ def test_revoking_cancelled_when_the_target_dies():
     t.rebalance({0: "b"})
     assert t.drop_member("b") == []
     assert (t.leases[0].state, t.leases[0].owner) == (LeaseState.OWNED, "a")
+
+
+def test_owned_stays_owned_on_a_release_after_a_cancelled_revocation():
+    """Defect 2 of issue 8: a late release must not leave the partition without an owner."""
+    t = LeaseTable(1)
+    t.rebalance({0: "a"})
+    t.rebalance({0: "b"})
+    t.drop_member("b")  # the revocation is cancelled while "a" commits ...
+    assert t.release(0, "a", 1) is None  # ... so its release changes nothing
+    lease = t.leases[0]
+    assert (lease.state, lease.owner, lease.target, lease.epoch) == (LeaseState.OWNED, "a", None, 1)
+    assert t.unassigned() == set()
+
+
+def test_owned_to_unassigned_on_free():
+    t = LeaseTable(2)
+    t.rebalance({0: "a", 1: "a"})
+    t.free(0)
+    assert (t.leases[0].state, t.leases[0].owner, t.leases[0].epoch) == (LeaseState.UNASSIGNED, None, 1)
+    assert t.unassigned() == {0}
+    with pytest.raises(FencedError):
+        t.check(0, "a", 1)
+    (g,) = t.rebalance({0: "b", 1: "a"})
+    assert (g.partition, g.owner, g.epoch, g.previous_owner) == (0, "b", 2, None)
+
+
+def test_revoking_to_unassigned_on_free():
+    t = LeaseTable(1)
+    t.rebalance({0: "a"})
+    t.rebalance({0: "b"})
+    t.free(0)
+    lease = t.leases[0]
+    assert (lease.state, lease.owner, lease.target) == (LeaseState.UNASSIGNED, None, None)
+
+
+def test_unassigned_to_owned_on_restore_owner():
+    t = LeaseTable(2, {0: 7})
+    t.restore_owner(0, "a")
+    lease = t.leases[0]
+    assert (lease.state, lease.owner, lease.epoch) == (LeaseState.OWNED, "a", 7)  # the same grant
+    t.check(0, "a", 7)
+    assert t.holds(0, "a", 7) and not t.holds(0, "a", 6) and not t.holds(1, "a", 0)
+
+
+def test_restore_owner_of_a_held_lease_is_a_protocol_error():
+    t = LeaseTable(1)
+    t.rebalance({0: "a"})
+    with pytest.raises(ProtocolError, match="restore a fresh table only"):
+        t.restore_owner(0, "b")
 
 
 def test_stale_epoch_is_fenced_with_what_to_do():

@@ -83,3 +83,77 @@ def test_operator_argument_errors():
         rf.ops.Map(lambda t: 1).process(None, pa.table({"a": [1]}))
     with pytest.raises(rf.errors.ConfigError, match="queue_max_rows must be > 0"):
         rf.EngineConfig(queue_max_rows=0)
+
+
+SCHEMA = pa.schema([("k", pa.int64()), ("v", pa.string()), ("x", pa.float64())])
+
+
+def test_aggregate_refuses_a_column_type_at_check_with_what_to_do():
+    agg = rf.ops.Aggregate(by="k", aggs=[("x", "sum"), ("v", "sum")])
+    with pytest.raises(rf.errors.InputError) as e:
+        Chain([agg]).check_input(SCHEMA)
+    msg = str(e.value)
+    assert msg.startswith("rf.ops.Aggregate(by=['k'], aggs=[('x', 'sum'), ('v', 'sum')]): ('v', 'sum')")
+    assert "column 'v' of type string" in msg and "cast it in an rf.ops.Map" in msg
+    assert "column_types" in msg
+    # count, min and max take strings; mean needs numbers
+    Chain([rf.ops.Aggregate(by="k", aggs=[("v", "count"), ("v", "min"), ("v", "max")])]).check_input(SCHEMA)
+    with pytest.raises(rf.errors.InputError, match=r"\('v', 'mean'\) cannot aggregate column 'v'"):
+        Chain([rf.ops.Aggregate(by="k", aggs=[("v", "mean")])]).check_input(SCHEMA)
+
+
+def test_the_schema_flows_through_filters_and_declared_maps_only():
+    bad = rf.ops.Aggregate(by="k", aggs=[("v", "sum")])
+    with pytest.raises(rf.errors.InputError, match="column 'v' of type string"):
+        Chain([rf.ops.Filter(pc.field("x") > 0), bad]).check_input(SCHEMA)
+    # After a Map the schema is unknown: the rest is checked only when it runs.
+    Chain([rf.ops.Map(lambda t: t), bad]).check_input(SCHEMA)
+    # ... unless the Map declares its output schema.
+    cast = pa.schema([("k", pa.int64()), ("v", pa.float64())])
+    to_float = rf.ops.Map(lambda t: t.select(["k", "v"]).cast(cast), output_schema=cast)
+    Chain([to_float, bad]).check_input(SCHEMA)
+    with pytest.raises(rf.errors.InputError, match="column 'v' of type string"):
+        Chain([rf.ops.Map(lambda t: t, output_schema=SCHEMA), bad]).check_input(SCHEMA)
+    # An Aggregate's output schema flows on.
+    with pytest.raises(rf.errors.InputError, match=r"uses column\(s\) \['x'\]"):
+        Chain(
+            [rf.ops.Aggregate(by="k", aggs=[("x", "sum")]), rf.ops.Aggregate(by="k", aggs=[("x", "max")])]
+        ).check_input(SCHEMA)
+
+
+def test_filter_is_checked_against_the_input():
+    with pytest.raises(
+        rf.errors.InputError,
+        match=r"rf.ops.Filter\(.*cannot run on the input: No match for FieldRef.Name\(zz\)",
+    ):
+        Chain([rf.ops.Filter(pc.field("zz") > 1)]).check_input(SCHEMA)
+    with pytest.raises(rf.errors.InputError, match="greater"):
+        Chain([rf.ops.Filter(pc.field("v") > 1)]).check_input(SCHEMA)
+
+
+def test_a_declared_map_schema_is_enforced():
+    m = rf.ops.Map(lambda t: t, output_schema=pa.schema([("k", pa.int64())]))
+    with pytest.raises(rf.errors.InputError, match="declared output_schema"):
+        m.process(None, pa.table({"k": [1], "v": ["a"]}))
+    with pytest.raises(rf.errors.ConfigError, match="output_schema must be a pyarrow.Schema"):
+        rf.ops.Map(lambda t: t, output_schema={"k": "int64"})
+
+
+def test_an_operator_error_comes_out_as_itself_naming_the_operator():
+    from rayflow._internal.chain import operator_error
+
+    def boom(t):
+        return t.append_column("r", pa.array([1 / 0] * t.num_rows))
+
+    chain = Chain([rf.ops.Filter(pc.field("x") > 0), rf.ops.Map(boom)])
+    with pytest.raises(ZeroDivisionError, match="division by zero") as e:
+        chain.process(chain.init_states(), pa.table({"x": [1.0]}), partition=3)
+    assert operator_error(e.value) is e.value
+    assert e.value.__notes__ == [
+        "raised by operator #1 rf.ops.Map(test_an_operator_error_comes_out_as_itself_naming_the_operator.<locals>.boom) of partition 3"
+    ]
+    import pickle
+
+    again = pickle.loads(pickle.dumps(e.value))  # as Ray ships it back to the driver
+    assert operator_error(again) is again and again.__notes__ == e.value.__notes__
+    assert operator_error(ValueError("not from an operator")) is None

@@ -1,17 +1,28 @@
 """The DuckDB catalog: the single point of truth of what is committed (DESIGN §5).
 
 Only the GroupManager opens the live file for writing (DuckDB allows one
-writer process). Tools read a consistent copy (:func:`snapshot_copy`).
+writer process), and only from its one I/O thread: every method here blocks.
+Tools read a consistent copy (:func:`snapshot_copy`).
 
 Tables:
 
 - ``meta(key, value)``: the job's shape (partition map, key, operator
   specs, input schema, split names), checked on every restart (compat.py);
+  keys starting with ``_`` are the catalog's own (``_log_applied``);
 - ``commits``: one row per partition commit (lease epoch, positions per split,
   state files, output files, row counts, final flag, map version);
+- ``outputs(file, partition, commit_id, published)``: every recorded output
+  file and whether it is published yet, so publication is driven by the
+  catalog (commit step 5) without listing directories or scanning commits;
 - ``leases(partition, owner, lease_epoch)``: the last grant of each partition,
   so epochs keep increasing across manager restarts;
 - ``events(ts, kind, detail)``: joins, leaves, rebalances, failures.
+
+Growth is bounded (:meth:`Catalog.trim`): the latest commit of each partition
+is kept for good (recovery), and so is every row that names live state files
+or an unpublished output; older history is kept by count. The ``outputs``
+rows of published files go with their commits, unless the sink reads its
+output back from that list (``Sink.keeps_output_list``: the Collect sink).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import duckdb
@@ -41,7 +53,12 @@ CREATE TABLE IF NOT EXISTS commits (
 CREATE TABLE IF NOT EXISTS leases (partition INTEGER PRIMARY KEY, owner VARCHAR, lease_epoch BIGINT);
 CREATE TABLE IF NOT EXISTS events (ts TIMESTAMP, kind VARCHAR, detail VARCHAR);
 """
-
+_OUTPUTS = """CREATE TABLE outputs (
+    file VARCHAR PRIMARY KEY, partition INTEGER, commit_id BIGINT, published BOOLEAN)"""
+_COMMIT_COLUMNS = (
+    "commit_id, partition, lease_epoch, member, positions, state_files, output_files, rows_in, "
+    "rows_total, state_rows, final, map_version, committed_at"
+)
 
 #: How often (at most) the manager folds the catalog's WAL into its file, so that tools
 #: reading a copy of a live catalog (``rayflow sql``) see commits at most this old.
@@ -49,6 +66,20 @@ CHECKPOINT_EVERY_S = 1.0
 #: How long to wait for the catalog's write lock: the processes of a run that just died
 #: (a crashed driver's actors) need a few seconds to be reaped by Ray and let go of it.
 LOCK_TIMEOUT_S = 60.0
+#: Commits kept per partition as history for ``rayflow sql``; older rows are trimmed. The latest
+#: one (recovery) and any naming live state files are kept whatever their age. 50 keeps minutes of
+#: history at the default 2 s interval while the table stays small enough to rebuild in
+#: milliseconds (partitions x 50 rows).
+COMMITS_KEPT_PER_PARTITION = 50
+#: Events kept (the newest); older ones are trimmed. A rebalance writes a few, so this covers
+#: thousands of rebalances: enough for ``bench/recovery.py`` and a post-mortem.
+EVENTS_KEPT = 10_000
+#: Entries of a remote commit log after which it is compacted into a snapshot (at the manager's
+#: next trim): bounds what a manager lists and reads at start (the snapshot plus about this many
+#: entries), at the cost of rewriting the (bounded) catalog once per this many commit calls.
+LOG_SNAPSHOT_EVERY = 100
+#: Log objects read at once when a manager catches up with a remote log.
+_LOG_READERS = 16
 
 
 def _connect(path: str, lock_timeout_s: float) -> duckdb.DuckDBPyConnection:
@@ -82,6 +113,29 @@ def catalog_path(root: str) -> str:
     return os.path.join(tempfile.gettempdir(), "rayflow-catalogs", key, "catalog.duckdb")
 
 
+def _record(row) -> CommitRecord:
+    """A ``commits`` row (partition, lease_epoch, positions, ... map_version) as a record."""
+    return CommitRecord(
+        partition=row[0],
+        lease_epoch=row[1],
+        positions=json.loads(row[2]),
+        state_files=json.loads(row[3]),
+        output_files=json.loads(row[4]),
+        rows_in=row[5],
+        rows_total=row[6],
+        state_rows=row[7],
+        final=row[8],
+        map_version=row[9],
+    )
+
+
+class IndexBehindLog(CheckpointError):
+    """A commit reached the durable (remote) log, then the local DuckDB index failed to take it.
+
+    The commit happened (the log is the point of truth): the caller treats it as recorded and
+    calls :meth:`Catalog.catch_up` to bring the index up to the log."""
+
+
 class Catalog:
     """The catalog; with ``log_root`` (a remote checkpoint directory), also a durable log.
 
@@ -91,6 +145,16 @@ class Catalog:
     Each is written (atomically, under a unique name) *before* the DuckDB
     transaction it mirrors, so the log is the point of truth: a manager on any
     node rebuilds or catches up its local DuckDB index from it at start.
+
+    The log is compacted (:meth:`compact_log`): ``snapshot-<n>.json`` holds the
+    whole catalog as of entry ``n`` (commits, outputs with their published
+    flags, leases), and the entries up to ``n`` are then deleted. A start reads
+    the newest snapshot (if its index is older) and the entries after it, so
+    start-up time does not grow with the job's age.
+
+    Caveats: events are not logged (a manager on another node starts with
+    none); published flags are logged only by snapshots, so a rebuild checks
+    the outputs recorded after the snapshot again (publication is idempotent).
     """
 
     def __init__(self, path: str, *, log_root: str | None = None, lock_timeout_s: float = LOCK_TIMEOUT_S):
@@ -98,64 +162,157 @@ class Catalog:
         self.path = path
         self.con = _connect(path, lock_timeout_s)
         self.con.execute(_SCHEMA)
+        self._create_outputs()
         self.log = Store(log_root) if log_root else None
         row = self.con.execute("SELECT coalesce(max(commit_id), 0) FROM commits").fetchone()
-        self._next_id = int(row[0]) + 1
+        self._next_id = max(int(row[0]), self._log_applied()) + 1
+        self._log_entries = 0  # entries in the remote log after its newest snapshot
         if self.log is not None:
             self._replay_log()
         self.con.execute("CHECKPOINT")
         self._last_checkpoint = time.monotonic()
 
+    def _create_outputs(self) -> None:
+        """Create ``outputs``; in a catalog written before it existed, fill it from ``commits``
+        (as unpublished: publishing checks each file, and does nothing for published ones)."""
+        exists = self.con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'outputs'"
+        ).fetchone()[0]
+        if exists:
+            return
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        cur.execute(_OUTPUTS)
+        cur.execute(
+            """INSERT INTO outputs SELECT f, partition, max(commit_id), false FROM
+                   (SELECT unnest(CAST(output_files AS VARCHAR[])) AS f, partition, commit_id FROM commits)
+               GROUP BY f, partition"""
+        )
+        cur.execute("COMMIT")
+
     # ------------------------------------------------------------------ durable log
     def _replay_log(self) -> None:
+        """Catch the local index up with the log: the newest snapshot (if the index is older),
+        then the entries after it, read in parallel and applied in order in one transaction."""
         applied = self._log_applied()
-        entries = []
+        snapshots, entries, has_meta = [], [], False
         for rel in self.log.list_files("log"):
             name = rel.rsplit("/", 1)[1]
             if name == "meta.json":
-                continue
-            n, _, kind = name.partition("-")
-            if n.isdigit() and kind in ("c.json", "l.json", "r.json"):
-                entries.append((int(n), kind[0], rel))
-        entries.sort()
-        if self.log.exists("log/meta.json"):
-            self._set_meta_local(json.loads(self.log.read_bytes("log/meta.json")))
-        for n, kind, rel in entries:
-            self._next_id = max(self._next_id, n + 1)
-            if n <= applied:
-                continue
-            body = json.loads(self.log.read_bytes(rel))
-            if kind == "c":
-                self._insert_commits(body["member"], [(i, CommitRecord(**r)) for i, r in body["records"]])
-            elif kind == "l":
-                self._upsert_leases([tuple(g) for g in body["grants"]])
+                has_meta = True
+            elif name.startswith("snapshot-") and name.endswith(".json"):
+                n = name[len("snapshot-") : -len(".json")]
+                if n.isdigit():
+                    snapshots.append((int(n), rel))
             else:
-                self._clear_state_files(body["commit_ids"])
-            self._set_meta_local({"_log_applied": str(n)})
+                n, _, kind = name.partition("-")
+                if n.isdigit() and kind in ("c.json", "l.json", "r.json"):
+                    entries.append((int(n), kind[0], rel))
+        entries.sort()
+        seq = max(snapshots)[0] if snapshots else 0
+        if seq > applied:  # the local index is older than the snapshot (or absent): reload it
+            self._load_snapshot(json.loads(self.log.read_bytes(max(snapshots)[1])))
+        self._next_id = max([self._next_id, seq + 1] + [n + 1 for n, _, _ in entries])
+        if has_meta:
+            self._set_meta_local(json.loads(self.log.read_bytes("log/meta.json")))
+        todo = [(n, kind, rel) for n, kind, rel in entries if n > max(applied, seq)]
+        self._log_entries = sum(1 for n, _, _ in entries if n > seq)
+        if not todo:
+            return
+        # Object stores answer one small GET in tens of milliseconds: read them side by side.
+        with ThreadPoolExecutor(max_workers=_LOG_READERS) as pool:
+            bodies = list(pool.map(lambda e: json.loads(self.log.read_bytes(e[2])), todo))
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        for (_, kind, _), body in zip(todo, bodies):
+            if kind == "c":
+                records = [(i, CommitRecord(**r)) for i, r in body["records"]]
+                self._insert_commits(cur, body["member"], records)
+            elif kind == "l":
+                self._upsert_leases(cur, [tuple(g) for g in body["grants"]])
+            else:
+                self._clear_state_files(cur, body["commit_ids"])
+        self._set_applied(cur, todo[-1][0])
+        cur.execute("COMMIT")
 
-    def _append(self, kind: str, body: dict) -> int:
-        n = self._next_id
-        self._next_id += 1
+    def _write_log(self, n: int, kind: str, body: dict) -> None:
         if self.log is not None:
             self.log.write_bytes(f"log/{n:012d}-{kind}.json", json.dumps(body).encode())
-        return n
+            self._log_entries += 1
 
-    def _mark_applied(self, n: int) -> None:
+    def _take_id(self, count: int = 1) -> list[int]:
+        ids = list(range(self._next_id, self._next_id + count))
+        self._next_id += count
+        return ids
+
+    def _set_applied(self, cur, n: int) -> None:
         if self.log is not None:
-            self._set_meta_local({"_log_applied": str(n)})
-
-    def close(self) -> None:
-        self.con.close()
-
-    # meta
-    def get_meta(self) -> dict[str, str]:
-        """The job's shape as recorded (keys starting with ``_`` are the catalog's own)."""
-        rows = self.con.execute("SELECT key, value FROM meta").fetchall()
-        return {k: v for k, v in rows if not k.startswith("_")}
+            cur.execute("INSERT OR REPLACE INTO meta VALUES ('_log_applied', ?)", [str(n)])
 
     def _log_applied(self) -> int:
         row = self.con.execute("SELECT value FROM meta WHERE key = '_log_applied'").fetchone()
         return int(row[0]) if row else 0
+
+    def compact_log(self, *, force: bool = False) -> bool:
+        """Fold the remote log into a snapshot once it has enough entries; True if it did.
+
+        Order matters for a crash at any point: the snapshot is written
+        (atomically) first, then older entries and snapshots are deleted; a
+        start ignores entries at or below the newest snapshot's sequence.
+        """
+        if self.log is None or (self._log_entries < LOG_SNAPSHOT_EVERY and not force):
+            return False
+        seq = self._log_applied()
+        if seq == 0:
+            return False
+        commits = self.con.execute(
+            f"SELECT {_COMMIT_COLUMNS.replace('committed_at', 'CAST(committed_at AS VARCHAR)')} "
+            "FROM commits ORDER BY commit_id"
+        ).fetchall()
+        body = {
+            "seq": seq,
+            "next_id": self._next_id,
+            "commits": [list(r) for r in commits],
+            "outputs": [list(r) for r in self.con.execute("SELECT * FROM outputs").fetchall()],
+            "leases": [list(r) for r in self.con.execute("SELECT * FROM leases").fetchall()],
+        }
+        self.log.write_bytes(f"log/snapshot-{seq:012d}.json", json.dumps(body).encode())
+        for rel in self.log.list_files("log"):
+            name = rel.rsplit("/", 1)[1]
+            snapshot = name.startswith("snapshot-")
+            n = name[len("snapshot-") : -len(".json")] if snapshot else name.partition("-")[0]
+            if n.isdigit() and (int(n) < seq or (int(n) == seq and not snapshot)):
+                self.log.delete(rel)
+        self._log_entries = 0
+        return True
+
+    def _load_snapshot(self, body: dict) -> None:
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        for table in ("commits", "outputs", "leases"):
+            cur.execute(f"DELETE FROM {table}")
+        if body["commits"]:
+            cur.executemany(
+                f"INSERT INTO commits ({_COMMIT_COLUMNS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TIMESTAMP))",
+                body["commits"],
+            )
+        if body["outputs"]:
+            cur.executemany("INSERT INTO outputs VALUES (?, ?, ?, ?)", body["outputs"])
+        if body["leases"]:
+            cur.executemany("INSERT INTO leases VALUES (?, ?, ?)", body["leases"])
+        self._set_applied(cur, body["seq"])
+        cur.execute("COMMIT")
+        self._next_id = max(self._next_id, int(body["next_id"]))
+
+    def close(self) -> None:
+        self.con.close()
+
+    # ------------------------------------------------------------------ meta
+    def get_meta(self) -> dict[str, str]:
+        """The job's shape as recorded (keys starting with ``_`` are the catalog's own)."""
+        rows = self.con.execute("SELECT key, value FROM meta").fetchall()
+        return {k: v for k, v in rows if not k.startswith("_")}
 
     def set_meta(self, values: dict[str, str]) -> None:
         if self.log is not None:
@@ -169,36 +326,94 @@ class Catalog:
             cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [k, v])
         cur.execute("COMMIT")
 
-    # commits
+    # ------------------------------------------------------------------ commits
     def latest_commits(self) -> dict[int, CommitRecord]:
         rows = self.con.execute(
             """SELECT partition, lease_epoch, positions, state_files, output_files, rows_in,
                       rows_total, state_rows, final, map_version
                FROM commits QUALIFY row_number() OVER (PARTITION BY partition ORDER BY commit_id DESC) = 1"""
         ).fetchall()
-        return {
-            r[0]: CommitRecord(
-                partition=r[0],
-                lease_epoch=r[1],
-                positions=json.loads(r[2]),
-                state_files=json.loads(r[3]),
-                output_files=json.loads(r[4]),
-                rows_in=r[5],
-                rows_total=r[6],
-                state_rows=r[7],
-                final=r[8],
-                map_version=r[9],
-            )
-            for r in rows
-        }
+        return {r[0]: _record(r) for r in rows}
 
-    def all_output_files(self) -> list[str]:
-        """Every committed output file, once each, in commit order."""
-        rows = self.con.execute("SELECT output_files FROM commits ORDER BY commit_id").fetchall()
-        return list(dict.fromkeys(f for (r,) in rows for f in json.loads(r)))
+    def record_commits(self, member: str, records: list[CommitRecord]) -> None:
+        """Record several partition commits, and their outputs as unpublished, all or nothing.
 
+        Under a remote checkpoint directory the log entry is written first;
+        once it is, the commits happened (a restart replays it).
+        """
+        ids = self._take_id(len(records))
+        body = {"member": member, "records": [(i, dataclasses.asdict(r)) for i, r in zip(ids, records)]}
+        self._write_log(ids[-1], "c", body)
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            self._insert_commits(cur, member, list(zip(ids, records)))
+            self._set_applied(cur, ids[-1])
+            cur.execute("COMMIT")
+        except BaseException as e:
+            cur.execute("ROLLBACK")
+            if self.log is not None:
+                raise IndexBehindLog(
+                    f"commits {ids[0]}-{ids[-1]} are in the durable log but not in the local index: {e}"
+                ) from e
+            raise
+        self._maybe_checkpoint()
+
+    def catch_up(self) -> None:
+        """Bring the local index up to the durable log (after :class:`IndexBehindLog`)."""
+        if self.log is not None:
+            self._replay_log()
+
+    def _insert_commits(self, cur, member: str, rows: list[tuple[int, CommitRecord]]) -> None:
+        now = _now()
+        cur.executemany(
+            f"INSERT INTO commits ({_COMMIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                [i, rec.partition, rec.lease_epoch, member, json.dumps(rec.positions),
+                 json.dumps(rec.state_files), json.dumps(rec.output_files), rec.rows_in,
+                 rec.rows_total, rec.state_rows, rec.final, rec.map_version, now]
+                for i, rec in rows
+            ],
+        )  # fmt: skip
+        outputs = [[f, rec.partition, i, False] for i, rec in rows for f in rec.output_files]
+        if outputs:
+            # A name is a function of the positions it covers, so a second recording of the same
+            # name can only be the same rows: it is published (again) like a new one.
+            cur.executemany("INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?)", outputs)
+
+    def _maybe_checkpoint(self) -> None:
+        """Fold the WAL into the file now and then, so a copy read by tools is recent."""
+        now = time.monotonic()
+        if now - self._last_checkpoint >= CHECKPOINT_EVERY_S:
+            self.con.execute("CHECKPOINT")
+            self._last_checkpoint = now
+
+    # ------------------------------------------------------------------ outputs
+    def unpublished_outputs(self) -> list[str]:
+        """Recorded output files not yet published, in commit order."""
+        rows = self.con.execute("SELECT file FROM outputs WHERE NOT published ORDER BY commit_id, file")
+        return [f for (f,) in rows.fetchall()]
+
+    def set_published(self, published: list[str], pending: list[str] = ()) -> None:
+        """Mark outputs published, and others pending again (a repeat's copy whose publication
+        failed), in one transaction. Files no longer listed (trimmed) are ignored."""
+        rows = [[True, f] for f in published] + [[False, f] for f in pending]
+        if not rows:
+            return
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        cur.executemany("UPDATE outputs SET published = ? WHERE file = ?", rows)
+        cur.execute("COMMIT")
+
+    def output_files(self) -> list[str]:
+        """The recorded output files still listed, in commit order: all of them when the
+        trim keeps published outputs (a Collect sink), else the recent and unpublished ones."""
+        rows = self.con.execute("SELECT file FROM outputs ORDER BY commit_id, file").fetchall()
+        return [f for (f,) in rows]
+
+    # ------------------------------------------------------------------ state files
     def all_state_files(self) -> set[str]:
-        rows = self.con.execute("SELECT state_files FROM commits").fetchall()
+        rows = self.con.execute("SELECT state_files FROM commits WHERE state_files <> '[]'").fetchall()
         return {f for (r,) in rows for f in json.loads(r)}
 
     def retire_state_files(self, *, keep: int) -> list[str]:
@@ -218,56 +433,60 @@ class Catalog:
         if not rows:
             return []
         ids = [r[0] for r in rows]
-        n = self._append("r", {"commit_ids": ids})
-        self._clear_state_files(ids)
-        self._mark_applied(n)
-        return [f for _, files in rows for f in json.loads(files)]
-
-    def _clear_state_files(self, commit_ids: list[int]) -> None:
+        (n,) = self._take_id()
+        self._write_log(n, "r", {"commit_ids": ids})
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
+        self._clear_state_files(cur, ids)
+        self._set_applied(cur, n)
+        cur.execute("COMMIT")
+        return [f for _, files in rows for f in json.loads(files)]
+
+    def _clear_state_files(self, cur, commit_ids: list[int]) -> None:
         cur.executemany(
             "UPDATE commits SET state_files = '[]' WHERE commit_id = ?", [[i] for i in commit_ids]
         )
-        cur.execute("COMMIT")
 
-    def record_commits(self, member: str, records: list[CommitRecord]) -> None:
-        """Record several partition commits in one transaction (all or nothing)."""
-        ids = list(range(self._next_id, self._next_id + len(records)))
-        self._next_id += len(records)
-        n = ids[-1]
-        if self.log is not None:
-            body = {"member": member, "records": [(i, dataclasses.asdict(r)) for i, r in zip(ids, records)]}
-            self.log.write_bytes(f"log/{n:012d}-c.json", json.dumps(body).encode())
-        self._insert_commits(member, list(zip(ids, records)))
-        self._mark_applied(n)
-        self._maybe_checkpoint()
+    # ------------------------------------------------------------------ growth
+    def trim(
+        self,
+        *,
+        keep_published_outputs: bool,
+        commits_kept: int = COMMITS_KEPT_PER_PARTITION,
+        events_kept: int = EVENTS_KEPT,
+    ) -> dict[str, int]:
+        """Delete history beyond the retention: returns the rows deleted per table.
 
-    def _insert_commits(self, member: str, rows: list[tuple[int, CommitRecord]]) -> None:
-        now = _now()
+        Kept whatever their age: the latest commit of each partition (what
+        recovery reads), commits that name state files (retired first, by
+        :meth:`retire_state_files`), unpublished outputs, and, with
+        ``keep_published_outputs``, every output row.
+        """
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
-        try:
-            for i, rec in rows:
-                cur.execute(
-                    "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [i, rec.partition, rec.lease_epoch, member, json.dumps(rec.positions),
-                     json.dumps(rec.state_files), json.dumps(rec.output_files), rec.rows_in,
-                     rec.rows_total, rec.state_rows, rec.final, rec.map_version, now],
-                )  # fmt: skip
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
+        commits = cur.execute(
+            """DELETE FROM commits WHERE commit_id IN (
+                   SELECT commit_id FROM (
+                       SELECT commit_id, state_files, row_number() OVER
+                           (PARTITION BY partition ORDER BY commit_id DESC) AS rn FROM commits)
+                   WHERE rn > ? AND state_files = '[]')""",
+            [max(1, commits_kept)],
+        ).fetchone()[0]
+        outputs = 0
+        if not keep_published_outputs:
+            outputs = cur.execute(
+                """DELETE FROM outputs WHERE published
+                       AND commit_id NOT IN (SELECT commit_id FROM commits)"""
+            ).fetchone()[0]
+        events = cur.execute(
+            """DELETE FROM events WHERE ts < (
+                   SELECT min(ts) FROM (SELECT ts FROM events ORDER BY ts DESC LIMIT ?))""",
+            [events_kept],
+        ).fetchone()[0]
+        cur.execute("COMMIT")
+        return {"commits": int(commits), "outputs": int(outputs), "events": int(events)}
 
-    def _maybe_checkpoint(self) -> None:
-        """Fold the WAL into the file now and then, so a copy read by tools is recent."""
-        now = time.monotonic()
-        if now - self._last_checkpoint >= CHECKPOINT_EVERY_S:
-            self.con.execute("CHECKPOINT")
-            self._last_checkpoint = now
-
-    # leases
+    # ------------------------------------------------------------------ leases
     def lease_owners(self) -> dict[int, str]:
         return dict(self.con.execute("SELECT partition, owner FROM leases").fetchall())
 
@@ -277,19 +496,24 @@ class Catalog:
     def record_leases(self, grants: list[tuple[int, str, int]]) -> None:
         if not grants:
             return
-        n = self._append("l", {"grants": grants})
-        self._upsert_leases(grants)
-        self._mark_applied(n)
-
-    def _upsert_leases(self, grants: list[tuple[int, str, int]]) -> None:
+        (n,) = self._take_id()
+        self._write_log(n, "l", {"grants": grants})
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
-        cur.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", grants)
+        self._upsert_leases(cur, grants)
+        self._set_applied(cur, n)
         cur.execute("COMMIT")
 
-    # events
-    def record_event(self, kind: str, detail: dict) -> None:
-        self.con.cursor().execute("INSERT INTO events VALUES (?, ?, ?)", [_now(), kind, json.dumps(detail)])
+    def _upsert_leases(self, cur, grants: list[tuple[int, str, int]]) -> None:
+        cur.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", grants)
+
+    # ------------------------------------------------------------------ events
+    def record_events(self, events: list[tuple[str, dict]]) -> None:
+        if not events:
+            return
+        now = _now()
+        cur = self.con.cursor()
+        cur.executemany("INSERT INTO events VALUES (?, ?, ?)", [[now, k, json.dumps(d)] for k, d in events])
 
 
 def snapshot_copy(path: str) -> str:
@@ -300,35 +524,3 @@ def snapshot_copy(path: str) -> str:
     if os.path.exists(path + ".wal"):
         shutil.copy(path + ".wal", dst + ".wal")
     return dst
-
-
-class DuckDBSinkWriter:
-    """Loads committed output files into a DuckDB table, each exactly once."""
-
-    def __init__(self, path: str, table: str):
-        self.table = table
-        self.con = _connect(path, LOCK_TIMEOUT_S)
-        self.con.execute(
-            "CREATE TABLE IF NOT EXISTS _rayflow_applied (file VARCHAR PRIMARY KEY, applied_at TIMESTAMP)"
-        )
-
-    def load(self, name: str, parquet_path: str) -> bool:
-        """Append the rows of ``parquet_path`` unless ``name`` was loaded before; one transaction."""
-        cur = self.con.cursor()
-        cur.execute("BEGIN TRANSACTION")
-        try:
-            if cur.execute("SELECT count(*) FROM _rayflow_applied WHERE file = ?", [name]).fetchone()[0]:
-                cur.execute("ROLLBACK")
-                return False
-            src = f"read_parquet('{parquet_path.replace(chr(39), chr(39) * 2)}')"
-            cur.execute(f'CREATE TABLE IF NOT EXISTS "{self.table}" AS SELECT * FROM {src} LIMIT 0')
-            cur.execute(f'INSERT INTO "{self.table}" BY NAME SELECT * FROM {src}')
-            cur.execute("INSERT INTO _rayflow_applied VALUES (?, ?)", [name, _now()])
-            cur.execute("COMMIT")
-            return True
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-
-    def close(self) -> None:
-        self.con.close()

@@ -1,16 +1,61 @@
-"""The commit protocol (DESIGN §5): what a commit is, and its steps in order.
+"""The commit protocol (DESIGN §5): what a commit is, and its steps, in order.
 
-(The full protocol docstring is written with the consumer rework of issue 8.)
+A commit makes one partition's progress durable: its operator state, its
+positions per split, and the outputs it staged since the last commit. The
+steps, numbered once here and in ``docs/checkpoints.md``:
+
+1. **Write** (consumer, :func:`write_commit`). Each stateful operator's state
+   goes to a Parquet file sorted by ``_hash`` under a unique name
+   (``state/p<partition>/e<epoch>-s<seq>-<uuid>-op<i>.parquet``); the staged
+   outputs go to one file in the sink's pending area, named by the positions
+   it covers (:func:`output_name`), so a retry rewrites the same name and
+   never adds a second copy. Nothing is visible yet.
+2. **Validate and fence** (manager, ``Coordinator.check_commit``). The caller
+   must hold the partition under the record's lease epoch (checked first: a
+   stale owner is fenced even when it repeats the last recorded commit); an
+   exact repeat of the recorded commit is a no-op; positions never go back;
+   nothing follows a final commit; every file named exists.
+3. **Durable log** (manager; remote checkpoint directories only). The record
+   is appended to the commit log in the bucket before the catalog row.
+4. **Catalog transaction** (manager). All records of one call are one DuckDB
+   transaction. From here on the commit *happened*: the catalog row is the
+   single point of truth.
+5. **Publish** (manager, driven by the catalog). The outputs the row names are
+   made visible (moved out of the pending area, or loaded into a DuckDB
+   table). Idempotent and retried by the manager, on repeats and at start,
+   never left to the consumer that asked.
+6. **Trim** (consumer -> sources). The sources drop queued entries the
+   committed positions cover, under the lease epoch (a stale one is refused).
+7. **Retire** (manager). State files of older commits stop being named by the
+   catalog first, then are deleted: a row never points at a missing file.
+
+After a commit call that failed (an error, a lost reply, a manager restart),
+the consumer does not know whether step 4 happened. Before it writes or
+stages anything again it **reconciles** (:func:`landed`): it asks the manager
+for the partition's latest recorded commit; if that is its attempt, the
+attempt counts as committed (its outputs will be published by the manager);
+otherwise the attempt's files are deleted (:func:`discard`) and its state,
+positions and staged outputs stay in memory for the next attempt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import uuid
 from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from rayflow._internal.checkpoint.store import Store
+from rayflow.partitioning import hash_table
+from rayflow.sinks import PENDING_DIR
 
 
 @dataclass(frozen=True, kw_only=True)
 class CommitRecord:
-    """What a consumer asks the manager to record for one partition."""
+    """What a consumer asks the manager to record for one partition (step 1's result)."""
 
     partition: int
     lease_epoch: int
@@ -22,3 +67,107 @@ class CommitRecord:
     state_rows: int
     final: bool
     map_version: int
+
+
+def output_name(partition: int, start: dict[str, int], end: dict[str, int]) -> str:
+    """A deterministic name for the outputs of ``partition`` between two position vectors.
+
+    The same positions always give the same name, so a commit retried after a
+    lost reply rewrites (and, if it had landed, re-publishes) the same file.
+    """
+    digest = hashlib.sha256(json.dumps([start, end], sort_keys=True).encode()).hexdigest()[:16]
+    return f"part-{partition:05d}-{digest}.parquet"
+
+
+def pending_path(name: str) -> str:
+    """Where an output file waits, relative to the sink root, until its commit is recorded."""
+    return f"{PENDING_DIR}/{name}"
+
+
+def with_hash(t: pa.Table, key: list[str]) -> pa.Table:
+    """The state table with its rows' key hash as ``_hash``, sorted by it (DESIGN §3)."""
+    if t.num_rows == 0 or not all(k in t.column_names for k in key):
+        return t.append_column("_hash", pa.array(np.zeros(t.num_rows, np.uint64)))
+    h = hash_table(t, key)
+    order = np.argsort(h, kind="stable")
+    return t.take(pa.array(order)).append_column("_hash", pa.array(h[order]))
+
+
+def write_commit(
+    *,
+    partition: int,
+    epoch: int,
+    seq: int,
+    state_tables: dict[int, pa.Table],
+    outputs: list[pa.Table],
+    committed_positions: dict[str, int],
+    positions: dict[str, int],
+    rows_total: int,
+    rows_committed: int,
+    final: bool,
+    map_version: int,
+    key: list[str],
+    state_store: Store,
+    sink_store: Store,
+) -> CommitRecord:
+    """Step 1: write state files and the pending output file; return the record to send.
+
+    ``state_tables`` maps each stateful operator's index to its state as a
+    table. Blocking I/O: call it from a worker thread.
+    """
+    tag = f"e{epoch:06d}-s{seq:06d}-{uuid.uuid4().hex[:8]}"
+    state_files, state_rows = [], 0
+    for i, table in state_tables.items():
+        t = with_hash(table, key)
+        state_rows += t.num_rows
+        state_files.append(state_store.write_parquet(f"state/p{partition:05d}/{tag}-op{i}.parquet", t))
+    output_files = []
+    outs = [t for t in outputs if t.num_rows]
+    if outs:
+        name = output_name(partition, committed_positions, positions)
+        sink_store.write_parquet(pending_path(name), pa.concat_tables(outs, promote_options="permissive"))
+        output_files.append(name)
+    return CommitRecord(
+        partition=partition,
+        lease_epoch=epoch,
+        positions=dict(positions),
+        state_files=state_files,
+        output_files=output_files,
+        rows_in=rows_total - rows_committed,
+        rows_total=rows_total,
+        state_rows=state_rows,
+        final=final,
+        map_version=map_version,
+    )
+
+
+def landed(attempt: CommitRecord, recorded: CommitRecord | None) -> bool:
+    """Reconcile: is ``recorded`` (the partition's latest catalog row) this attempt?
+
+    State files carry a unique name per attempt, so equal state files, epoch,
+    positions and final flag identify the attempt exactly. (An attempt of a
+    stateless chain names no state file; then equal epoch, positions, final
+    flag and outputs identify it: a second attempt with the same positions
+    writes the same output name, so either one landing is the same commit.)
+    """
+    return (
+        recorded is not None
+        and recorded.lease_epoch == attempt.lease_epoch
+        and recorded.positions == attempt.positions
+        and recorded.final == attempt.final
+        and recorded.state_files == attempt.state_files
+        and recorded.output_files == attempt.output_files
+    )
+
+
+def discard(attempt: CommitRecord, *, state_store: Store, sink_store: Store) -> None:
+    """Delete the files of an attempt that did not land (reconciled: not recorded).
+
+    Safe because nothing names them: state files are unique per attempt, and
+    an output name of an unrecorded attempt is named by no recorded commit (a
+    later attempt over the same positions writes it again).
+    """
+    for f in attempt.state_files:
+        state_store.delete(f)
+    for name in attempt.output_files:
+        sink_store.delete(pending_path(name))

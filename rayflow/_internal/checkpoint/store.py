@@ -88,7 +88,3 @@ class Store:
         sel = pafs.FileSelector(self.full(rel_dir), recursive=True, allow_not_found=True)
         n = len(self.base) + 1
         return sorted(i.path[n:] for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)
-
-    def delete_dir(self, rel_dir: str) -> None:
-        if self.fs.get_file_info(self.full(rel_dir)).type != pafs.FileType.NotFound:
-            self.fs.delete_dir(self.full(rel_dir))

@@ -3,7 +3,8 @@
 No Ray, no I/O, no clock of its own (``now`` is passed in), so the whole
 protocol runs in unit tests and Hypothesis state machines. Each call returns
 :class:`Effects`: what the actor shell must do (persist grants, wake members,
-record events), never doing it itself.
+record events), never doing it itself. Leases change only through
+:class:`~rayflow._internal.group.leases.LeaseTable` methods.
 
 Membership (KIP-848 style, server-side and incremental):
 
@@ -11,14 +12,34 @@ Membership (KIP-848 style, server-side and incremental):
   the target comes from :func:`assignment.assign`, and only partitions whose
   owner changes are revoked (no global barrier).
 - ``heartbeat`` answers the member's assignment: the partitions it owns with
-  their lease epochs and last commits, and the ones to give up.
+  their lease epochs and last commits (``commits``: a partition it does not
+  hold in memory is loaded from there), and the ones to give up.
 - ``release`` is the owner giving up a revoked partition after committing
-  it; it is then granted to its target from that commit.
+  it; it is then granted to its target from that commit. A release acts only
+  on a lease REVOKING from that owner under that epoch: if the revocation was
+  cancelled meanwhile (the target left, died, or a rebalance picked the owner
+  again), the release is a no-op reported in an event, the owner keeps the
+  lease, and its next heartbeat lists the partition again, with its last
+  commit, for it to reload. A stale release is ignored (and reported).
 - ``member_gone`` (leave, crash seen by Ray, or an expired session) hands the
   member's partitions straight to new owners from their last commits.
 
-Commits are validated here (fencing, positions never go back) and applied
-after the catalog has recorded them.
+Liveness: every call that can leave a non-final lease without an owner
+(``member_gone``, a ghost's ``join`` that does not claim everything it held)
+rebalances before it returns, so such a lease is granted at once whenever a
+member can take it. Final partitions are never granted.
+
+Restart: a new coordinator is built from the catalog (lease epochs, latest
+commits), and :meth:`Coordinator.restore` makes the recorded owners *ghosts*
+that hold their leases under the recorded epochs. A ghost that re-joins keeps
+the partitions it claims with matching epochs; the rest are freed and
+reassigned. A ghost that never re-joins is expired like any silent member.
+
+Commits: :meth:`Coordinator.check_commit` fences first (a stale epoch is
+refused even when the record repeats the last recorded one), then recognizes
+an exact repeat, then validates (positions never go back, nothing after a
+final commit). :meth:`Coordinator.apply_commit` is called once the catalog
+has recorded the commit.
 """
 
 from __future__ import annotations
@@ -27,8 +48,8 @@ from dataclasses import dataclass, field
 
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.group.assignment import assign
-from rayflow._internal.group.leases import Grant, LeaseState, LeaseTable
-from rayflow.errors import FencedError
+from rayflow._internal.group.leases import Grant, LeaseTable
+from rayflow.errors import FencedError, ProtocolError
 
 #: Weight of the newest sample in the per-partition load average.
 _LOAD_ALPHA = 0.3
@@ -54,7 +75,6 @@ class Member:
     id: str
     epoch: int
     last_seen: float
-    capacity: float = 1.0
     ghost: bool = False  # restored from the catalog after a restart, not yet re-joined
     processed: dict[int, int] = field(default_factory=dict)
 
@@ -94,7 +114,11 @@ class Coordinator:
         known = [self.load[p] for p in live if self.load.get(p, 0) > 0]
         default = sum(known) / len(known) if known else 1.0
         loads = {p: self.load.get(p) or default for p in live}
-        return assign(loads, {m.id: m.capacity for m in self.members.values()}, self.leases.owners())
+        # A ghost takes no new partition (it may never come back); what it holds moves to
+        # live members unless it re-joins first, when the next rebalance gives it back.
+        # Every member weighs the same today; assign() takes capacities for tiers to come.
+        takers = {m.id: 1.0 for m in self.members.values() if not m.ghost}
+        return assign(loads, takers, self.leases.owners())
 
     # ------------------------------------------------------------------ transitions
     def _grants(self, grants: list[Grant], fx: Effects) -> None:
@@ -142,19 +166,8 @@ class Coordinator:
         self.active = True
         return self.rebalance("start", now)
 
-    def is_duplicate(self, rec: CommitRecord) -> bool:
-        """Is ``rec`` a repeat of the last recorded commit (a retry after a lost reply)?"""
-        prev = self.committed.get(rec.partition)
-        return (
-            prev is not None
-            and prev.lease_epoch == rec.lease_epoch
-            and prev.positions == rec.positions
-            and prev.final == rec.final
-            and set(rec.output_files) <= set(prev.output_files)
-        )
-
     def join(
-        self, member_id: str, now: float, claims: dict[int, int] | None = None, capacity: float = 1.0
+        self, member_id: str, now: float, claims: dict[int, int] | None = None
     ) -> tuple[int, set[int], Effects]:
         """Admit a member; returns its member epoch, the claimed partitions it keeps, and effects.
 
@@ -168,33 +181,33 @@ class Coordinator:
         kept: set[int] = set()
         old = self.members.get(member_id)
         if old is not None and old.ghost:
-            for p, epoch in (claims or {}).items():
-                lease = self.leases.leases.get(p)
-                if lease is not None and lease.owner == member_id and lease.epoch == epoch:
-                    kept.add(p)
+            kept = {p for p, epoch in (claims or {}).items() if self.leases.holds(p, member_id, epoch)}
             del self.members[member_id]
-            for p in set(self.leases.owned_by(member_id)) - kept:  # held but not claimed: free it
+            for p in sorted(set(self.leases.owned_by(member_id)) - kept):
+                # Held but not claimed: the member dropped it (or never got its grant). It is
+                # granted again by the rebalance below.
                 self._pause_since.setdefault(p, (now, "rejoin", member_id))
-                self.leases.leases[p].owner = None
-                self.leases.leases[p].state = LeaseState.UNASSIGNED
+                self.leases.free(p)
         elif old is not None:  # a re-join: whatever it held is gone with its old session
             fx.add(self.member_gone(member_id, "rejoin", now))
         self.member_epoch += 1
-        self.members[member_id] = Member(member_id, self.member_epoch, now, capacity)
+        self.members[member_id] = Member(member_id, self.member_epoch, now)
         fx.events.append(("join", {"member": member_id, "epoch": self.member_epoch, "kept": sorted(kept)}))
         return self.member_epoch, kept, fx.add(self.rebalance("join", now))
 
     def restore(self, owners: dict[int, str], now: float) -> None:
         """After a coordinator restart: the recorded owners become ghost members.
 
-        A ghost keeps its partitions until it re-joins (and claims them) or its
-        session times out like any silent member; the group is active at once.
+        ``owners`` must be the owners the catalog recorded with the lease epochs
+        this coordinator was built from (each the grantee of that epoch): a
+        restored lease keeps its epoch. A ghost keeps its partitions until it
+        re-joins (and claims them) or its session times out like any silent
+        member; the group is active at once. Final partitions are not restored.
         """
-        for p, owner in owners.items():
+        for p, owner in sorted(owners.items()):
             if owner is None or p not in self.leases.leases or self.final(p):
                 continue
-            lease = self.leases.leases[p]
-            lease.owner, lease.state = owner, LeaseState.OWNED
+            self.leases.restore_owner(p, owner)
             if owner not in self.members:
                 self.members[owner] = Member(owner, -1, now, ghost=True)
         self.active = True
@@ -266,31 +279,77 @@ class Coordinator:
         return reply, fx
 
     def release(self, member_id: str, partitions: dict[int, int]) -> Effects:
-        """The member gives up revoked partitions (it has committed them); stale ones are ignored."""
+        """The member gives up revoked partitions (it has committed them and dropped them).
+
+        Each release acts only on a lease REVOKING from ``member_id`` under the
+        given epoch, and grants it to the revocation's target. Anything else
+        changes nothing and is reported in a ``release`` event: a lease the
+        member still owns because its revocation was cancelled (``kept``; the
+        member is woken so that its next heartbeat, which lists the partition
+        with its last commit, comes soon) or a stale epoch (``stale``).
+        """
         fx = Effects()
-        for p, epoch in partitions.items():
+        granted, kept, stale = [], [], []
+        for p, epoch in sorted(partitions.items()):
             try:
                 g = self.leases.release(p, member_id, epoch)
             except FencedError:
+                stale.append(p)
                 continue
-            if g is not None:
+            if g is None:
+                kept.append(p)
+            else:
+                granted.append(p)
                 self._grants([g], fx)
+        if kept:
+            fx.pokes.add(member_id)
+        if kept or stale:  # a plain release shows as the move it completes
+            detail = {"member": member_id, "granted": granted, "kept": kept, "stale": stale}
+            fx.events.append(("release", detail))
         return fx
 
     # ------------------------------------------------------------------ commits
-    def validate_commit(self, member_id: str, rec: CommitRecord) -> None:
-        """Raise :class:`FencedError` for a stale lease, ``ValueError`` if positions would go back."""
+    def check_commit(self, member_id: str, rec: CommitRecord) -> bool:
+        """Check ``rec`` before the catalog records it; True if it repeats the last recorded one.
+
+        In this order:
+
+        1. Fence: raise :class:`FencedError` unless ``member_id`` holds the
+           partition under ``rec.lease_epoch``. First, so a zombie's retry of a
+           commit that did land is refused once its lease has moved on.
+        2. Repeat: return True if ``rec`` repeats the last recorded commit of
+           its partition (same lease epoch, positions and finality, no output
+           file that commit does not name): a retry after a lost reply, to be
+           answered accepted and not recorded again.
+        3. Validate: raise :class:`ProtocolError` if the partition's last
+           commit was final, or if ``rec`` moves a split's position back.
+           Return False: ``rec`` is new and may be recorded.
+        """
         self.leases.check(rec.partition, member_id, rec.lease_epoch)
         prev = self.committed.get(rec.partition)
-        if prev is not None:
-            back = {s: v for s, v in prev.positions.items() if rec.positions.get(s, 0) < v}
-            if back:
-                raise ValueError(
-                    f"partition {rec.partition}: a commit may not move positions back ({back} -> "
-                    f"{ {s: rec.positions.get(s, 0) for s in back} }); this is a bug, please report it"
-                )
-            if prev.final:
-                raise ValueError(f"partition {rec.partition} is final; nothing may be committed after it")
+        if prev is None:
+            return False
+        if (
+            prev.lease_epoch == rec.lease_epoch
+            and prev.positions == rec.positions
+            and prev.final == rec.final
+            and set(rec.output_files) <= set(prev.output_files)
+        ):
+            return True
+        if prev.final:
+            raise ProtocolError(
+                f"partition {rec.partition} is final (its last commit, lease epoch "
+                f"{prev.lease_epoch}, ended its input); nothing may be committed after it, "
+                f"yet {member_id!r} sent a commit under epoch {rec.lease_epoch}; this is a bug, "
+                "please report it"
+            )
+        back = {s: v for s, v in prev.positions.items() if rec.positions.get(s, 0) < v}
+        if back:
+            raise ProtocolError(
+                f"partition {rec.partition}: a commit may not move positions back ({back} -> "
+                f"{ {s: rec.positions.get(s, 0) for s in back} }); this is a bug, please report it"
+            )
+        return False
 
     def apply_commit(self, rec: CommitRecord) -> None:
         """Called once the catalog has recorded ``rec``."""

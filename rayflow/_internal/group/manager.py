@@ -1,4 +1,4 @@
-"""The GroupManager actor: membership, leases, commits (DESIGN §2.3, §4).
+"""The GroupManager actor: membership, leases, commits (DESIGN §2.3, §4, §5).
 
 A thin async shell over the pure parts: :func:`assignment.assign` decides the
 target owners, :class:`leases.LeaseTable` moves partitions between owners, and
@@ -8,39 +8,76 @@ Death of a consumer is seen two ways: each member has one outstanding
 ``watch()`` call, which Ray fails within milliseconds of the actor's death;
 and a member whose heartbeat is older than ``session_timeout_s`` is expired.
 
-The commit protocol, seen from here (``commit``):
+**The event loop never blocks.** It answers heartbeats, joins, releases and
+commits. Every blocking operation (DuckDB transactions, remote log writes and
+``exists`` checks, ``CHECKPOINT``, publication, retirement, trimming) runs on
+*one* worker thread (``_io``): DuckDB keeps a single writer, and one thread
+keeps the remote log in order. A slow catalog write or publication delays
+commits; it never delays a heartbeat, so it never expires a session.
 
-1. The consumer has already written its state and output files under unique
-   names (never overwritten).
-2. Every record is checked: the caller must hold the partition under the
-   record's lease epoch (else :class:`FencedError`), positions never go back,
-   and every file it names exists.
-3. All records of the call go into the catalog in one DuckDB transaction.
-4. Only then are the output files published (moved out of the pending area).
-   A crash between 3 and 4 is repaired on the next start, which publishes
-   what committed rows name and deletes what no row names.
+**Commits and lease changes are atomic with respect to each other.** A commit
+awaits the I/O thread between its fencing check and its application. Had a
+lease moved in between (a member gone, a release, a rebalance), the new owner
+would restore from a commit older than the one being recorded, and count rows
+twice. So one ``asyncio.Lock`` (``_lock``) is held by the commit path (check ->
+record -> apply) and by every transition that changes leases (join, leave,
+release, a member gone, expiry, activate). Heartbeats take no lock and wait
+for no I/O: they refresh liveness and read the leases. (A second, weaker
+guard: the I/O thread runs in order, so a grant made after a commit's record
+was queued is recorded, and visible, only after that commit is applied.)
+
+**A grant is recorded before it is visible.** A transition records its grants
+in the catalog (under the lock) before the grantee is poked and the sources
+get the new epoch, and until then heartbeat replies withhold the grant
+(``_durable``). Otherwise a manager crash after handing out an unrecorded
+epoch would restart from the older record and grant the same epoch again:
+two incarnations of one lease that fencing (owner and epoch) cannot tell
+apart when the grantee is the same member.
+
+The commit protocol, seen from here (steps as numbered in ``checkpoint/commit.py``):
+
+2. :meth:`Coordinator.check_commit` fences first, then recognizes a repeat of
+   the recorded commit, then validates; every file a new record names must
+   exist (else :class:`ProtocolError`, and nothing is recorded).
+3-4. All new records of the call are logged (remote checkpoint directories)
+   and recorded in one catalog transaction, with their outputs marked
+   unpublished; then applied in memory.
+5. Publication, driven by the catalog: tried at once, and retried with
+   backoff by the maintenance loop until it succeeds, on every repeat of the
+   commit, and after a restart (the catalog lists what is unpublished). Once
+   step 4 is done, ``commit`` never raises because of publication: failures
+   are counted in :meth:`status` (``publish_pending``, ``publish_failures``,
+   ``last_publish_error``), and a job whose publication keeps failing is
+   reported ``failed``.
+7. Retirement of old state files, and trimming of the catalog's history, by
+   the maintenance loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import collections
+import functools
+import logging
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 
-from rayflow._internal.checkpoint.catalog import Catalog
+from rayflow._internal import naming
+from rayflow._internal.checkpoint.catalog import Catalog, IndexBehindLog
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store, is_remote
-from rayflow._internal.compat import check_resume
+from rayflow._internal.compat import JobMeta, check_resume
 from rayflow._internal.group.coordinator import Coordinator, Effects
+from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.metrics import ManagerMetrics
 from rayflow._internal.publish import Publisher
 from rayflow.config import EngineConfig
-from rayflow.errors import FencedError, IncompatibleCheckpointError
-from rayflow.partitioning import PartitionMap
-from rayflow.sinks import Sink
+from rayflow.errors import FencedError, ProtocolError
+
+logger = logging.getLogger(__name__)
 
 #: How often the manager refreshes its Prometheus gauges.
 METRICS_EVERY_S = 1.0
@@ -48,6 +85,21 @@ METRICS_EVERY_S = 1.0
 STATE_FILES_KEPT = 3
 #: How often (at most) old state files are retired.
 RETIRE_EVERY_S = 5.0
+#: How often the catalog's history is trimmed and a remote log compacted: both are cheap, and
+#: between two runs the catalog grows by at most this many seconds of commits.
+TRIM_EVERY_S = 30.0
+#: Period of the maintenance loop (publication retries, retirement, trimming).
+MAINTAIN_EVERY_S = 0.2
+#: First wait before publication is retried after a failure; doubled after each further failure.
+PUBLISH_RETRY_INITIAL_S = 0.2
+#: Longest wait between two publication attempts.
+PUBLISH_RETRY_MAX_S = 10.0
+#: Outputs published per job of the I/O thread by the retry loop, so that commits interleave
+#: with a long backlog instead of waiting for all of it.
+PUBLISH_BATCH = 16
+#: Completed moves kept in memory for :meth:`GroupManager.moves_since` (the catalog's events keep
+#: more): enough for the benchmarks and tests that read them, bounded for a long-running job.
+MOVES_KEPT = 1_000
 
 
 def _was_restarted() -> bool:
@@ -58,124 +110,182 @@ def _was_restarted() -> bool:
 
 @ray.remote
 class GroupManager:
-    def __init__(
-        self,
-        *,
-        name: str,
-        catalog_path: str,
-        state_root: str,
-        sink_root: str,
-        sink: Sink,
-        meta: dict[str, str],
-        partition_map: PartitionMap,
-        config: EngineConfig,
-        source_names: list[str] | None = None,
-        faults=None,
-    ):
+    def __init__(self, *, name: str, job_root: str, job_file: str):
+        """``job_root``/``job_file``: where the driver wrote this run's job file. The manager
+        is restartable, so it takes only these small values and loads the rest from the file
+        at start and at every restart (``_internal/jobfile.py``, ray-project/ray#53727)."""
         self.name = name
-        self.faults = faults
-        self.source_names = source_names or []
-        self.config = config
+        self.faults = None
+        self.source_names: list[str] = []
+        self.config = EngineConfig()
         self.handles: dict[str, object] = {}
         self.watches: dict[str, asyncio.Task] = {}
         self.sources: list = []
-        self.moves: list[dict] = []
         self.metrics = ManagerMetrics(name)
         self._init_error: BaseException | None = None
+        # Every blocking call runs here, one at a time (see the module doc).
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayflow-manager-io")
+        self._lock = asyncio.Lock()  # commits and lease changes (see the module doc)
+        self._closed = False
+        self._index_behind = False  # a logged commit is missing from the local index (catch_up)
+        self._durable: dict[int, int] = {}  # partition -> highest lease epoch the catalog holds
+        self._grants_unrecorded: list[tuple[int, str, int]] = []  # a failed record_leases, retried
+        self._unpublished: dict[str, None] = {}  # recorded outputs not yet published (ordered)
+        self._publish_failures = 0
+        self._publish_streak = 0  # consecutive failed attempts
+        self._publish_failing_since: float | None = None
+        self._publish_retry_at = 0.0
+        self._last_publish_error: str | None = None
+        self._maintenance_failures = 0
+        self._last_maintenance_error: str | None = None
+        self._moves: collections.deque[dict] = collections.deque(maxlen=MOVES_KEPT)
+        self._moves_total = 0
+        self._loops: list[asyncio.Task] = []  # started by the first call, inside the event loop
         try:
-            # Under a remote checkpoint directory the durable catalog is a log there.
-            self.catalog = Catalog(catalog_path, log_root=state_root if is_remote(state_root) else None)
-            self.state_store = Store(state_root)
-            self.publisher = Publisher(sink, sink_root)
-            self.map = partition_map
-            self._check_meta(meta)
-            self.group = Coordinator(
-                partition_map.num_partitions,
-                epochs=self.catalog.lease_epochs(),
-                committed=self.catalog.latest_commits(),
-            )
-            if _was_restarted():
-                # Restarted by Ray mid-run: the recorded owners come back as ghosts that
-                # may re-join and keep their leases (Coordinator.restore).
-                self.group.restore(self.catalog.lease_owners(), time.monotonic())
-            self._repair_files()
+            self._io.submit(self._start, job_root, job_file, _was_restarted()).result()
         except BaseException as e:  # raised by ready(): an actor whose __init__ fails just dies
             self._init_error = e
-        self._expiry: asyncio.Task | None = None  # started by ready(), inside the event loop
-        self._last_retire = 0.0
 
-    # ------------------------------------------------------------------ setup
-    def _check_meta(self, meta: dict[str, str]) -> None:
-        old = self.catalog.get_meta()
-        check_resume(self.name, old, meta)
+    # ------------------------------------------------------------------ setup (I/O thread)
+    def _start(self, job_root: str, job_file: str, restarted: bool) -> None:
+        job = read_job_file(job_root, job_file)
+        self.faults = job.faults
+        self.source_names = job.source_names
+        self.config = job.config
+        self.sink = job.sink
+        state_root = job.root
+        # Under a remote checkpoint directory the durable catalog is a log there.
+        self.catalog = Catalog(job.catalog_path, log_root=state_root if is_remote(state_root) else None)
+        self.state_store = Store(state_root)
+        self.publisher = Publisher(job.sink, job.sink_root, fault=self._fault)
+        self.map = partition_map = job.partition_map
+        self._check_meta(job.meta)
+        epochs = self.catalog.lease_epochs()
+        self.group = Coordinator(
+            partition_map.num_partitions, epochs=epochs, committed=self.catalog.latest_commits()
+        )
+        self._durable = dict(epochs)
+        if restarted:
+            # Restarted by Ray mid-run: the recorded owners come back as ghosts that
+            # may re-join and keep their leases (Coordinator.restore).
+            self.group.restore(self.catalog.lease_owners(), time.monotonic())
+        self._repair_files(restarted)
+
+    def _check_meta(self, meta: JobMeta) -> None:
+        """May this run resume the checkpoint? (``compat.check_resume``, the one place it is decided.)"""
         committed = self.catalog.latest_commits()
-        new_splits = sorted(set(json.loads(meta["splits"])) - set(json.loads(old.get("splits", "[]"))))
-        if (
-            old
-            and new_splits
-            and len(committed) == self.map.num_partitions
-            and all(c.final for c in committed.values())
-        ):
-            raise IncompatibleCheckpointError(
-                f"pipeline {self.name!r} has finished, and its input now has new split(s) "
-                f"{new_splits[:5]}: a finished job's final output cannot be amended. Run the new "
-                "input under a new name or checkpoint_dir."
-            )
-        self.catalog.set_meta(meta)
+        finished = len(committed) == self.map.num_partitions and all(c.final for c in committed.values())
+        check_resume(self.name, JobMeta.from_dict(self.catalog.get_meta()), meta, finished=finished)
+        self.catalog.set_meta(meta.to_dict())
 
-    def _repair_files(self) -> None:
-        """Publish committed outputs left pending; delete files no commit names."""
-        self.publisher.repair(set(self.catalog.all_output_files()))
+    def _repair_files(self, restarted: bool) -> None:
+        """What a crash left: recorded outputs still to publish (the maintenance loop publishes
+        them), and, at a fresh start, files that no commit names (deleted).
+
+        After a restart mid-run a consumer may be about to commit files the
+        catalog does not name yet, so nothing is deleted then; the next fresh
+        start collects what is left.
+        """
+        unpublished = self.catalog.unpublished_outputs()
+        self._unpublished = dict.fromkeys(unpublished)
+        if restarted:
+            return
+        self.publisher.delete_unrecorded(set(unpublished))
         live = self.catalog.all_state_files()
         for rel in self.state_store.list_files("state"):
             if rel not in live:
                 self.state_store.delete(rel)
 
+    async def _in_io(self, fn, *args):
+        """Run the blocking ``fn(*args)`` on the I/O thread; the loop stays free meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, functools.partial(fn, *args))
+
+    def _in_io_later(self, fn, *args) -> None:
+        """Queue ``fn(*args)`` on the I/O thread without waiting (events: order kept, loss logged)."""
+        if self._closed:
+            return
+        self._io.submit(fn, *args).add_done_callback(self._log_io_failure)
+
+    def _log_io_failure(self, fut: Future) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            self._maintenance_failures += 1
+            self._last_maintenance_error = f"{type(fut.exception()).__name__}: {fut.exception()}"
+            logger.warning("rayflow manager %s: catalog write failed: %s", self.name, fut.exception())
+
+    # ------------------------------------------------------------------ start
     async def ready(self) -> dict:
         """Committed positions and lease epochs per partition (for a (re)starting source)."""
         if self._init_error is not None:
             raise self._init_error
         self._ensure_loops()
         committed = self.group.committed
-        return {
-            "positions": {p: c.positions for p, c in committed.items()},
-            "epochs": self.group.leases.epochs(),
-        }
+        return {"positions": {p: c.positions for p, c in committed.items()}, "epochs": dict(self._durable)}
 
     def _ensure_loops(self) -> None:
-        """Start the expiry loop (inside the event loop; after a restart, on the first call)."""
-        if self._expiry is None:
-            self._expiry = asyncio.get_running_loop().create_task(self._expire_loop())
-
-    def _apply(self, fx: Effects) -> None:
-        """Carry out a decision: persist grants, tell the sources, wake members, log events."""
-        if fx.grants:
-            self.catalog.record_leases([(g.partition, g.owner, g.epoch) for g in fx.grants])
-            for src in self._source_handles():
-                src.set_epochs.remote({g.partition: g.epoch for g in fx.grants})
-        for move in fx.moves:  # the coordinator runs on monotonic time; the log on wall time
-            move["at"] += time.time() - time.monotonic()
-        for member_id in fx.pokes:
-            h = self.handles.get(member_id)
-            if h is not None:
-                h.poke.remote()
-        for kind, detail in fx.events:
-            self.catalog.record_event(kind, detail)
-        self.moves += fx.moves
+        """Start the expiry and maintenance loops (inside the event loop; after a restart, on
+        the first call, whichever it is)."""
+        if not self._loops and self._init_error is None:
+            loop = asyncio.get_running_loop()
+            self._loops = [loop.create_task(self._expire_loop()), loop.create_task(self._maintain_loop())]
 
     async def set_sources(self, sources: list) -> None:
         self.sources = sources
         for src in sources:
-            src.set_epochs.remote(self.group.leases.epochs())
+            src.set_epochs.remote(dict(self._durable))
 
     def _source_handles(self) -> list:
         """The source actors; after a restart of this actor, found again by name."""
         if not self.sources and self.source_names:
             try:
-                self.sources = [ray.get_actor(n, namespace="rayflow") for n in self.source_names]
+                self.sources = [ray.get_actor(n, namespace=naming.NAMESPACE) for n in self.source_names]
             except ValueError:
                 return []
         return self.sources
+
+    # ------------------------------------------------------------------ effects
+    async def _apply(self, fx: Effects) -> None:
+        """Carry out a lease decision (the caller holds ``_lock``): record its grants, then make
+        them visible (sources' epochs, pokes); log its events and moves."""
+        if fx.grants:
+            self._grants_unrecorded += [(g.partition, g.owner, g.epoch) for g in fx.grants]
+            await self._record_grants()
+        self._note(fx)
+
+    async def _record_grants(self) -> None:
+        """Record the grants not yet in the catalog, then make them visible. If the write fails
+        they stay withheld from heartbeats, and the maintenance loop retries."""
+        grants, self._grants_unrecorded = self._grants_unrecorded, []
+        if not grants:
+            return
+        try:
+            await self._in_io(self.catalog.record_leases, grants)
+        except Exception as e:  # retried by the maintenance loop; until then the grant is withheld
+            self._grants_unrecorded = grants + self._grants_unrecorded
+            self._maintenance_failed("recording lease grants", e)
+            return
+        for p, _, epoch in grants:
+            self._durable[p] = max(self._durable.get(p, 0), epoch)
+        for src in self._source_handles():
+            src.set_epochs.remote({p: epoch for p, _, epoch in grants})
+        for owner in {owner for _, owner, _ in grants}:
+            h = self.handles.get(owner)
+            if h is not None:
+                h.poke.remote()
+
+    def _note(self, fx: Effects) -> None:
+        """The effects that need no waiting: wake members, keep moves, queue events."""
+        granted = {g.owner for g in fx.grants}
+        for member_id in fx.pokes - granted:  # grantees are poked once their grant is recorded
+            h = self.handles.get(member_id)
+            if h is not None:
+                h.poke.remote()
+        shift = time.time() - time.monotonic()  # the coordinator runs on monotonic time, the log on wall
+        for move in fx.moves:
+            move["at"] += shift
+            self._moves.append(move)
+            self._moves_total += 1
+        if fx.events:
+            self._in_io_later(self.catalog.record_events, list(fx.events))
 
     # ------------------------------------------------------------------ membership
     async def join(
@@ -183,37 +293,43 @@ class GroupManager:
     ) -> tuple[int, set[int]]:
         """Admit a consumer; returns its member epoch and the claimed partitions it keeps."""
         self._ensure_loops()
-        epoch, kept, fx = self.group.join(member_id, time.monotonic(), claims)
-        self.handles[member_id] = handle
-        old = self.watches.pop(member_id, None)
-        if old is not None:
-            old.cancel()
-        self.watches[member_id] = asyncio.get_running_loop().create_task(
-            self._watch(member_id, epoch, handle)
-        )
-        self._apply(fx)
+        async with self._lock:
+            epoch, kept, fx = self.group.join(member_id, time.monotonic(), claims)
+            self.handles[member_id] = handle
+            old = self.watches.pop(member_id, None)
+            if old is not None:
+                old.cancel()
+            self.watches[member_id] = asyncio.get_running_loop().create_task(
+                self._watch(member_id, epoch, handle)
+            )
+            await self._apply(fx)
         return epoch, kept
 
     async def activate(self) -> None:
         """First assignment, once the expected consumers have joined (no start-up churn)."""
-        self._apply(self.group.drop_ghosts(time.monotonic()))
-        self._apply(self.group.activate(time.monotonic()))
+        async with self._lock:
+            await self._apply(self.group.drop_ghosts(time.monotonic()))
+            await self._apply(self.group.activate(time.monotonic()))
 
     async def _watch(self, member_id: str, epoch: int, handle) -> None:
         """Ray fails this call within milliseconds of the member's death."""
         try:
             await handle.watch.remote()
-        except Exception:
-            pass
-        m = self.group.members.get(member_id)
-        if m is not None and m.epoch == epoch:
-            self._gone(member_id, "crash")
+            why = "leave"  # it returned: the member stopped (its leave() normally came first)
+        except Exception as e:  # the call failed: the member is gone, which is handled below
+            why = "crash"
+            logger.debug("rayflow manager %s: watch of %s ended: %r", self.name, member_id, e)
+        async with self._lock:
+            m = self.group.members.get(member_id)
+            if m is not None and m.epoch == epoch:
+                await self._apply(self.group.member_gone(member_id, why, time.monotonic()))
 
     async def _expire_loop(self) -> None:
         next_metrics = 0.0
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
-            self._apply(self.group.expire(time.monotonic(), self.config.session_timeout_s))
+            async with self._lock:
+                await self._apply(self.group.expire(time.monotonic(), self.config.session_timeout_s))
             if time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + METRICS_EVERY_S
                 await self._publish_metrics()
@@ -222,17 +338,15 @@ class GroupManager:
         try:
             sources = await asyncio.gather(*(s.stats.remote() for s in self._source_handles()))
             self.metrics.publish(await self.status(), list(sources))
-        except Exception:  # metrics must never take the job down
-            pass
-
-    def _gone(self, member_id: str, why: str) -> None:
-        self._apply(self.group.member_gone(member_id, why, time.monotonic()))
+        except Exception as e:  # metrics must never take the job down; a source may be restarting
+            logger.debug("rayflow manager %s: metrics not published: %r", self.name, e)
 
     async def leave(self, member_id: str) -> None:
         watch = self.watches.pop(member_id, None)
         if watch is not None:
             watch.cancel()
-        self._gone(member_id, "leave")
+        async with self._lock:
+            await self._apply(self.group.member_gone(member_id, "leave", time.monotonic()))
         self.handles.pop(member_id, None)
 
     # ------------------------------------------------------------------ heartbeat
@@ -243,49 +357,203 @@ class GroupManager:
         processed: dict[int, int],
         firsts: dict[int, tuple[int, float]] | None = None,
     ) -> dict:
-        """The member's assignment (see :meth:`Coordinator.heartbeat`)."""
+        """The member's assignment (see :meth:`Coordinator.heartbeat`). Never waits for I/O or
+        for the lock, and never hands out a grant the catalog does not hold yet."""
         self._ensure_loops()
         reply, fx = self.group.heartbeat(
             member_id, member_epoch, time.monotonic(), processed, _to_mono(firsts)
         )
-        self._apply(fx)
+        if fx.grants:  # not made by heartbeats today; if ever, recorded before they show
+            asyncio.get_running_loop().create_task(self._apply_locked(fx))
+        else:
+            self._note(fx)
+        if "owned" in reply:
+            hidden = {p for p, e in reply["owned"].items() if self._durable.get(p, 0) < e}
+            if hidden:
+                reply["owned"] = {p: e for p, e in reply["owned"].items() if p not in hidden}
+                reply["commits"] = {p: c for p, c in reply["commits"].items() if p not in hidden}
+                reply["revoke"] = [p for p in reply["revoke"] if p not in hidden]
         return reply
+
+    async def _apply_locked(self, fx: Effects) -> None:
+        async with self._lock:
+            await self._apply(fx)
 
     async def release(self, member_id: str, partitions: dict[int, int]) -> None:
         """The member gives up revoked partitions (it has committed them)."""
-        self._apply(self.group.release(member_id, partitions))
+        async with self._lock:
+            await self._apply(self.group.release(member_id, partitions))
 
     # ------------------------------------------------------------------ commits
     async def commit(self, member_id: str, records: list[CommitRecord]) -> dict:
-        """Validate and record commits (see the module doc). Returns accepted and fenced partitions."""
-        ok, fenced, repeated = [], [], []
+        """Validate, record and publish commits (see the module doc).
+
+        Returns ``{"accepted": [partitions], "fenced": [partitions]}``; a repeat
+        of the recorded commit is accepted (and its outputs published again,
+        idempotently). Raises :class:`ProtocolError` (nothing recorded) for a
+        record that breaks the protocol or names a missing file.
+        """
+        self._ensure_loops()
+        fresh: list[CommitRecord] = []
+        repeated: list[CommitRecord] = []
+        fenced: list[int] = []
+        stale_outputs: list[str] = []
+        async with self._lock:
+            for rec in records:
+                try:
+                    repeat = self.group.check_commit(member_id, rec)  # fences first
+                except FencedError:
+                    fenced.append(rec.partition)
+                    # A stale owner may repeat a commit that did land (its reply was lost, then
+                    # the lease moved or the manager restarted). Its recorded outputs are
+                    # published before the reply, so that its clean-up finds nothing to delete.
+                    prev = self.group.committed.get(rec.partition)
+                    if prev is not None:
+                        stale_outputs += [f for f in rec.output_files if f in prev.output_files]
+                    continue
+                (repeated if repeat else fresh).append(rec)
+            if fresh:
+                try:
+                    await self._in_io(self._record, member_id, fresh)
+                except IndexBehindLog as e:
+                    # In the durable log, so the commits happened: apply them and answer as
+                    # recorded; the maintenance loop brings the local index up to the log.
+                    self._index_behind = True
+                    self._maintenance_failed("indexing logged commits", e)
+                for rec in fresh:
+                    self.group.apply_commit(rec)
+                    self._unpublished.update(dict.fromkeys(rec.output_files))
+                self._fault("manager.after_record")
+        # Step 5, outside the lock: publication changes no lease, and never fails a recorded commit.
+        await self._publish([f for rec in fresh + repeated for f in rec.output_files] + stale_outputs)
+        return {"accepted": [r.partition for r in fresh + repeated], "fenced": fenced}
+
+    def _record(self, member_id: str, records: list[CommitRecord]) -> None:
+        """Commit steps 2 (the files exist) to 4, on the I/O thread."""
         for rec in records:
-            if self.group.is_duplicate(rec):
-                repeated.append(rec.partition)  # a retry of a commit that landed: a no-op
-                continue
-            try:
-                self.group.validate_commit(member_id, rec)
-            except FencedError:
-                fenced.append(rec.partition)
-                continue
             for f in rec.state_files:
                 if not self.state_store.exists(f):
-                    raise FileNotFoundError(f"partition {rec.partition}: state file {f} is missing")
+                    raise ProtocolError(
+                        f"partition {rec.partition}: the commit of {member_id!r} names the state file "
+                        f"{f}, which does not exist; nothing was recorded"
+                    )
             for f in rec.output_files:
                 if not self.publisher.pending_exists(f):
-                    raise FileNotFoundError(f"partition {rec.partition}: output file {f} is missing")
-            ok.append(rec)
-        if ok:
-            self._fault("manager.before_record")
-            self.catalog.record_commits(member_id, ok)
-            for rec in ok:
-                self.group.apply_commit(rec)
-            self._fault("manager.after_record")
-            for rec in ok:
-                for f in rec.output_files:
-                    self.publisher.publish(f)
-            self._retire_old_state()
-        return {"accepted": [r.partition for r in ok] + repeated, "fenced": fenced}
+                    raise ProtocolError(
+                        f"partition {rec.partition}: the commit of {member_id!r} names the output file "
+                        f"{f}, which is not in the pending area; nothing was recorded"
+                    )
+        self._fault("manager.before_record")
+        self.catalog.record_commits(member_id, records)
+
+    async def recorded(self, partitions: list[int]) -> dict[int, CommitRecord | None]:
+        """The latest recorded commit of each partition (None: none yet).
+
+        What a consumer whose ``commit`` call failed reconciles with (DESIGN §5).
+        It waits for a commit in flight (it takes the commit lock), so a commit
+        whose reply was lost is seen here once it has landed.
+        """
+        async with self._lock:
+            return {p: self.group.committed.get(p) for p in partitions}
+
+    def _fault(self, point: str) -> None:
+        if self.faults is not None:
+            self.faults.hit(point, "manager")
+
+    # ------------------------------------------------------------------ publication
+    async def _publish(self, files: list[str]) -> None:
+        """Try to publish ``files`` once (on the I/O thread); failures are kept for a retry."""
+        if not files:
+            return
+        try:
+            done, failed, error = await self._in_io(self._publish_files, files)
+        except Exception as e:  # the catalog update failed: all of them are tried again
+            done, failed, error = [], files, e
+        for f in done:
+            self._unpublished.pop(f, None)
+        self._unpublished.update(dict.fromkeys(failed))
+        now = time.monotonic()
+        if error is not None:
+            self._publish_failures += 1
+            self._publish_streak += 1
+            self._last_publish_error = f"{type(error).__name__}: {error}"
+            if self._publish_failing_since is None:
+                self._publish_failing_since = now
+            wait = min(PUBLISH_RETRY_MAX_S, PUBLISH_RETRY_INITIAL_S * 2 ** (self._publish_streak - 1))
+            self._publish_retry_at = now + wait
+            logger.warning(
+                "rayflow manager %s: publishing failed (%d in a row, retry in %.1f s): %s",
+                self.name, self._publish_streak, wait, self._last_publish_error,
+            )  # fmt: skip
+        elif not self._unpublished:
+            self._publish_streak = 0
+            self._publish_failing_since = None
+
+    def _publish_files(self, files: list[str]) -> tuple[list[str], list[str], BaseException | None]:
+        """On the I/O thread: publish each file, then record which are published."""
+        done, failed, error = [], [], None
+        for f in files:
+            try:
+                self.publisher.publish(f)
+                done.append(f)
+            except Exception as e:  # kept pending in the catalog; reported and retried by the manager
+                failed.append(f)
+                error = e
+        self.catalog.set_published(done, failed)
+        return done, failed, error
+
+    def _publish_stuck(self) -> str | None:
+        """Why the job must fail, if publication has kept failing past the commit limits."""
+        since = self._publish_failing_since
+        if since is None or self._publish_streak < self.config.commit_max_attempts:
+            return None
+        failing_s = time.monotonic() - since
+        if failing_s < self.config.commit_max_failing_s:
+            return None
+        return (
+            f"publishing committed outputs has failed {self._publish_streak} times in a row for "
+            f"{failing_s:.0f} s ({len(self._unpublished)} outputs pending; the last error: "
+            f"{self._last_publish_error}). The commits are recorded: fix the cause (the sink's "
+            "storage or database) and run again to publish them."
+        )
+
+    # ------------------------------------------------------------------ maintenance
+    async def _maintain_loop(self) -> None:
+        """Retries publication (with backoff) and unrecorded grants; retires old state files;
+        trims the catalog. Nothing here may stop the loop: failures are counted and logged."""
+        next_retire = next_trim = time.monotonic()
+        while True:
+            await asyncio.sleep(MAINTAIN_EVERY_S)
+            now = time.monotonic()
+            if self._grants_unrecorded:
+                async with self._lock:
+                    await self._record_grants()
+            if self._index_behind:
+                async with self._lock:
+                    try:
+                        await self._in_io(self.catalog.catch_up)
+                        self._index_behind = False
+                    except Exception as e:  # tried again at the next period
+                        self._maintenance_failed("catching the index up with the log", e)
+            if self._unpublished and now >= self._publish_retry_at:
+                await self._publish(list(self._unpublished)[:PUBLISH_BATCH])
+            if now >= next_retire:
+                next_retire = now + RETIRE_EVERY_S
+                await self._maintain("retiring state files", self._retire_old_state)
+            if now >= next_trim:
+                next_trim = now + TRIM_EVERY_S
+                await self._maintain("trimming the catalog", self._trim)
+
+    async def _maintain(self, what: str, fn) -> None:
+        try:
+            await self._in_io(fn)
+        except Exception as e:  # retried at the next period
+            self._maintenance_failed(what, e)
+
+    def _maintenance_failed(self, what: str, e: BaseException) -> None:
+        self._maintenance_failures += 1
+        self._last_maintenance_error = f"{what}: {type(e).__name__}: {e}"
+        logger.warning("rayflow manager %s: %s", self.name, self._last_maintenance_error)
 
     def _retire_old_state(self) -> None:
         """Keep the state files of the last few commits per partition; delete older ones.
@@ -293,19 +561,21 @@ class GroupManager:
         The catalog rows are updated first (they stop naming the files), then the
         files go: a commit row never points at a missing file.
         """
-        now = time.monotonic()
-        if now - self._last_retire < RETIRE_EVERY_S:
-            return
-        self._last_retire = now
         for f in self.catalog.retire_state_files(keep=STATE_FILES_KEPT):
             self.state_store.delete(f)
 
-    def _fault(self, point: str) -> None:
-        if self.faults is not None:
-            self.faults.hit(point, "manager")
+    def _trim(self) -> None:
+        self.catalog.trim(keep_published_outputs=self.sink.keeps_output_list)
+        self.catalog.compact_log()
 
     # ------------------------------------------------------------------ status
     async def status(self) -> dict:
+        """The group as plain data, from memory (no I/O).
+
+        ``done``: every partition's final commit is recorded *and* every
+        recorded output is published. ``failed``: None, or why the job cannot
+        finish (publication keeps failing), for the driver to raise.
+        """
         parts = []
         g = self.group
         for p in range(self.map.num_partitions):
@@ -329,23 +599,41 @@ class GroupManager:
         return {
             "partitions": parts,
             "members": sorted(g.members),
-            "done": g.done(),
+            # Restored from the catalog after a restart of this actor, not yet re-joined.
+            "ghosts": sorted(m.id for m in g.members.values() if m.ghost),
+            "done": g.done() and not self._unpublished,
+            "failed": self._publish_stuck(),
             "rebalances": g.rebalances,
             "recoveries": g.recoveries,
+            "publish_pending": len(self._unpublished),
+            "publish_failures": self._publish_failures,
+            "last_publish_error": self._last_publish_error,
+            "maintenance_failures": self._maintenance_failures,
+            "last_maintenance_error": self._last_maintenance_error,
         }
 
     async def moves_since(self, index: int = 0) -> list[dict]:
-        """Completed partition moves (with their pause), from ``index`` on."""
-        return self.moves[index:]
+        """Completed partition moves (with their pause), from the ``index``-th on (counting
+        from the start of this manager; only the last ``MOVES_KEPT`` are kept)."""
+        first = self._moves_total - len(self._moves)
+        return list(self._moves)[max(0, index - first) :]
 
     async def output_files(self) -> list[str]:
-        return self.catalog.all_output_files()
+        """The recorded output files, in commit order (all of them for a sink that keeps its
+        list, such as Collect; recent and unpublished ones otherwise)."""
+        return await self._in_io(self.catalog.output_files)
 
     async def close(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        for w in self.watches.values():
-            w.cancel()
+        for task in self._loops + list(self.watches.values()):
+            task.cancel()
+        self._loops = []
+        if self._closed:
+            return
+        self._closed = True
+        await self._in_io(self._close_io)  # after the queued event writes: the thread is FIFO
+        self._io.shutdown(wait=False)
+
+    def _close_io(self) -> None:
         for part in ("catalog", "publisher"):
             if hasattr(self, part):
                 getattr(self, part).close()

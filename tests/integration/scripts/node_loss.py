@@ -53,6 +53,7 @@ def main(ck: str, lose: str) -> None:
         consumers=4,
         operator=[throttle(60_000), rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")])],
         checkpoint_dir=ck,
+        local_paths_shared=True,  # every node of this test cluster is on this machine
         checkpoint_interval_s=0.2,
         progress=False,
         config=rf.EngineConfig(

@@ -1,0 +1,252 @@
+"""One owned partition inside a consumer: its phase and transitions (pure: no Ray, no I/O).
+
+A :class:`PartitionTask` holds what a consumer keeps for one leased
+partition: the operator states, the processed and committed positions per
+split, the outputs staged since the last commit, and fetched batches not yet
+processed. Its :class:`Phase` says what is due next:
+
+- ``CLEAN``: everything processed is committed.
+- ``DIRTY``: rows were processed or positions moved since the last commit.
+- ``BACKLOGGED``: dirty, and a source's queue for it is at its bound: commit
+  now, so the source can trim it and read on.
+- ``ENDED``: the input ended and the final outputs are staged: the final
+  commit is due.
+- ``FINAL``: the final commit is recorded; nothing more happens here.
+- ``FENCED``: a newer owner exists; the consumer drops the task with its
+  uncommitted state.
+
+Transitions, each a method named for its trigger (unit-tested by name in
+``tests/unit/test_partition_task.py``): :meth:`fetch_applied`,
+:meth:`batch_processed`, :meth:`commit_recorded`, :meth:`revoked` (the
+consumer commits, then releases) and :meth:`fenced`. When a commit is due is
+the pure policy :func:`commit_due`.
+
+Positions are contiguous per split: an entry's ``since`` (where the source's
+previous entry for this partition ended) must not be past the processed
+position (else rows were lost: :class:`PositionGapError`), and its ``start``
+must not be before it (else rows would count twice: :class:`ProtocolError`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from rayflow._internal.checkpoint.commit import CommitRecord
+from rayflow.errors import PositionGapError, ProtocolError
+
+
+class Phase(enum.Enum):
+    CLEAN = "clean"
+    DIRTY = "dirty"
+    BACKLOGGED = "backlogged"
+    ENDED = "ended"
+    FINAL = "final"
+    FENCED = "fenced"
+
+
+#: Phases in which the task still fetches and processes input.
+RUNNING = (Phase.CLEAN, Phase.DIRTY, Phase.BACKLOGGED)
+
+
+@dataclass
+class Fetched:
+    """What one fetch reply says for this partition (a source's ``FetchResult``, unpacked)."""
+
+    source: int
+    entries: list  # (entry, batch) pairs; entry has split, start, end, rows, since
+    frontier: dict[str, int] | None = None
+    end: bool = False
+    full: bool = False
+    fenced: bool = False
+
+
+@dataclass
+class PartitionTask:
+    partition: int
+    epoch: int
+    states: list
+    positions: dict[str, int]
+    committed_positions: dict[str, int]
+    rows_total: int = 0
+    rows_committed: int = 0
+    phase: Phase = Phase.CLEAN
+    outputs: list[pa.Table] = field(default_factory=list)
+    ended_sources: set[int] = field(default_factory=set)
+    #: Fetched entries not yet processed, in order, with the frontier/end their fetch
+    #: reported (applied only once they are processed).
+    buffer: deque = field(default_factory=deque)
+    pending: list[Fetched] = field(default_factory=list)
+    seq: int = 0
+    first_done: bool = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_commit(
+        cls, partition: int, epoch: int, states: list, commit: CommitRecord | None
+    ) -> PartitionTask:
+        """A newly granted partition, restored from its last recorded commit (or from scratch)."""
+        positions = dict(commit.positions) if commit else {}
+        rows = commit.rows_total if commit else 0
+        return cls(
+            partition=partition,
+            epoch=epoch,
+            states=states,
+            positions=positions,
+            committed_positions=dict(positions),
+            rows_total=rows,
+            rows_committed=rows,
+            phase=Phase.FINAL if commit is not None and commit.final else Phase.CLEAN,
+        )
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def running(self) -> bool:
+        return self.phase in RUNNING
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(b.nbytes for _, b in self.buffer)
+
+    def wants_fetch(self, source: int) -> bool:
+        """Fetch from ``source`` only when nothing fetched is waiting and its input goes on."""
+        return self.running and not self.buffer and source not in self.ended_sources
+
+    def input_ended(self, num_sources: int) -> bool:
+        return len(self.ended_sources) == num_sources and not self.buffer
+
+    # ------------------------------------------------------------------ transitions
+    def fenced(self) -> None:
+        """A source or the manager refused our lease epoch: a newer owner exists."""
+        self.phase = Phase.FENCED
+        self.buffer.clear()
+        self.pending.clear()
+        self.outputs = []
+
+    def fetch_applied(self, got: Fetched) -> None:
+        """A fetch reply arrived: buffer its entries; positions move only as they are processed."""
+        if self.phase is Phase.FENCED:
+            return
+        if got.fenced:
+            self.fenced()
+            return
+        self.buffer.extend(got.entries)
+        self.pending.append(got)
+        if not self.buffer:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        """The buffer is drained: what the fetches said about positions and ends now holds."""
+        for got in self.pending:
+            if got.frontier:
+                for s, v in got.frontier.items():
+                    if v > self.positions.get(s, 0):
+                        self.positions[s] = v
+                        self._progress()
+            if got.end:
+                self.ended_sources.add(got.source)
+            if got.full and self.phase is Phase.DIRTY:
+                self.phase = Phase.BACKLOGGED
+        self.pending = []
+
+    def _progress(self) -> None:
+        if self.phase is Phase.CLEAN:
+            self.phase = Phase.DIRTY
+
+    def take(self, max_cost_s: float, cost_per_byte_s: float) -> list:
+        """Buffered (entry, batch) pairs to process next: at least one, within ``max_cost_s``."""
+        out, cost = [], 0.0
+        while self.buffer:
+            nbytes = self.buffer[0][1].nbytes
+            if out and cost + nbytes * cost_per_byte_s > max_cost_s:
+                break
+            out.append(self.buffer.popleft())
+            cost += nbytes * cost_per_byte_s
+        return out
+
+    def check_contiguous(self, entries: list) -> None:
+        """Refuse a gap (rows lost) or an overlap (rows counted twice) before processing."""
+        pos = dict(self.positions)
+        for e in entries:
+            at = pos.get(e.split, 0)
+            since = e.since if e.since is not None else e.start
+            if since > at:
+                raise PositionGapError(
+                    f"partition {self.partition}: split {e.split!r} jumps from processed position "
+                    f"{at} to a batch whose coverage starts at {since} (rows [{at}, {since}) never "
+                    f"arrived); nothing was committed past {at}. This is a bug in rayflow or in a "
+                    "custom source's positions: please report it with this message",
+                    split=e.split,
+                    partition=self.partition,
+                    position=at,
+                    start=since,
+                )
+            if e.start < at:
+                raise ProtocolError(
+                    f"partition {self.partition}: batch [{e.start}, {e.end}) of split {e.split!r} "
+                    f"overlaps the processed position {at}; processing it would count rows twice"
+                )
+            pos[e.split] = e.end
+
+    def batch_processed(self, entries: list, outputs: list[pa.Table], rows: int) -> None:
+        """The chain ran over ``entries`` (checked contiguous): stage outputs, move positions."""
+        self.outputs.extend(outputs)
+        self.rows_total += rows
+        for e in entries:
+            if e.end > self.positions.get(e.split, 0):
+                self.positions[e.split] = e.end
+        self._progress()
+        if not self.buffer:
+            self._apply_pending()
+
+    def input_finished(self, outputs: list[pa.Table]) -> None:
+        """End of input: the stateful operators' final outputs are staged; the final commit is due."""
+        self.outputs.extend(outputs)
+        self.phase = Phase.ENDED
+
+    def commit_recorded(self, rec: CommitRecord) -> None:
+        """The catalog recorded ``rec`` (or reconciliation found it there)."""
+        self.committed_positions = dict(rec.positions)
+        self.rows_committed = rec.rows_total
+        self.outputs = []
+        if rec.final:
+            self.phase = Phase.FINAL
+        elif self.phase in (Phase.DIRTY, Phase.BACKLOGGED) and self.positions == rec.positions:
+            self.phase = Phase.CLEAN
+
+    def revoked(self) -> bool:
+        """The manager wants this partition elsewhere: is there anything to commit first?"""
+        return self.needs_commit
+
+    @property
+    def needs_commit(self) -> bool:
+        return self.phase in (Phase.DIRTY, Phase.BACKLOGGED, Phase.ENDED) or bool(self.outputs)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+def commit_due(
+    task: PartitionTask, *, now: float, last_commit: float, interval_s: float, retry_at: float
+) -> bool:
+    """The commit policy: is a commit of ``task`` due now?
+
+    Due at once when the input ended (the final commit) or a source queue is
+    at its bound; otherwise when it has progress and the checkpoint interval
+    has passed since the consumer's last commit. Never before ``retry_at``
+    (the backoff after a failed commit), so a failing commit cannot spin.
+    """
+    if now < retry_at or not task.needs_commit:
+        return False
+    if task.phase in (Phase.ENDED, Phase.BACKLOGGED):
+        return True
+    return now - last_commit >= interval_s
+
+
+def backoff_s(failures: int, *, initial_s: float, max_s: float) -> float:
+    """Wait before the next attempt after ``failures`` consecutive failed commits (exponential, capped)."""
+    return min(max_s, initial_s * (2 ** max(0, failures - 1)))

@@ -1,0 +1,540 @@
+"""The driver: start a job, watch it, scale it, stop it (DESIGN §9).
+
+:class:`Run` starts a job from a :class:`JobSpec` (the plain, validated spec
+that the public ``Pipeline`` hands over; this module never imports
+``Pipeline``) in named steps, each a method, in this order:
+
+1. **resolve paths** (:func:`resolve_paths`): the checkpoint directory and
+   the sink path become absolute in the driver's working directory (URIs are
+   left as they are); every actor gets them resolved, so none depends on its
+   own working directory.
+2. **check input** (:func:`check_input`): the splits, the key columns, and
+   every operator against the input's schema (types included), before
+   anything starts.
+3. **check storage** (:func:`check_storage`): on a multi-node cluster a
+   node-local checkpoint directory or sink path is refused, unless the user
+   says it is shared.
+4. **write the job file** (``_internal/jobfile.py``): what the restartable
+   actors load at start and at every restart.
+5. **start the manager**: it checks the resume record (``compat.JobMeta``)
+   against the catalog and repairs what a crash left.
+6. **start the sources**, 7. **start the consumers** (they join the group),
+8. **activate** (the first assignment, once the consumers are in),
+9. **start reading**.
+
+If a step fails, the actors started so far are stopped and the error is
+raised as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import ray
+
+from rayflow._internal import naming
+from rayflow._internal.chain import Chain, operator_error
+from rayflow._internal.checkpoint.catalog import catalog_path
+from rayflow._internal.checkpoint.store import Store, is_remote, join
+from rayflow._internal.compat import JobMeta
+from rayflow._internal.consumer import ConsumerActor
+from rayflow._internal.group.manager import GroupManager
+from rayflow._internal.jobfile import JobFile, delete_job_files, write_job_file
+from rayflow._internal.source_actor import SourceActor
+from rayflow.config import EngineConfig
+from rayflow.errors import ConfigError, PipelineFailedError, RayflowError
+from rayflow.ops import Operator
+from rayflow.partitioning import PartitionMap, key_columns
+from rayflow.sinks import Sink
+from rayflow.sources import Source, Split, Synthetic
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.05
+_ACTOR_TIMEOUT_S = 120.0
+#: How long a status poll waits for consumers; one that is slower is reported as missing.
+_STATUS_WAIT_S = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """A job as the public ``Pipeline`` validated it: plain values, nothing that runs."""
+
+    name: str
+    source: Source
+    key: tuple[str, ...]
+    partitions: int
+    operators: tuple[Operator, ...]
+    sink: Sink
+    consumers: int
+    #: As the user gave it (relative paths are resolved at start, in the driver).
+    checkpoint_dir: str
+    #: The user says local paths are on storage every node reaches (see :func:`check_storage`).
+    local_paths_shared: bool = False
+    config: EngineConfig = field(default_factory=EngineConfig)
+    progress: bool | None = None
+    #: A ``rayflow.testing.FaultPlan`` (tests and benchmarks only).
+    faults: object = None
+
+
+@dataclass
+class Result:
+    """What a finished run hands back.
+
+    ``output``: the output as one Arrow table for :class:`rf.sinks.Collect`
+    (else ``None``). ``stats``: ``events`` (processed by this run),
+    ``seconds`` (first read to last commit), ``events_per_s``, ``startup_s``,
+    ``rebalances``, ``recoveries``, ``partitions``, ``consumers``.
+    ``output_path``: where the output is (absolute, or a URI).
+    """
+
+    output: pa.Table | None
+    stats: dict = field(default_factory=dict)
+    output_path: str | None = None
+
+
+# ----------------------------------------------------------------------------- start steps (pure)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """A job's locations, resolved: absolute local paths or URIs."""
+
+    checkpoint_dir: str
+    #: ``<checkpoint_dir>/<name>``: state files, catalog, job files, Collect's output.
+    root: str
+    catalog: str
+    sink_root: str
+    #: What ``Result.output_path`` reports.
+    output_path: str
+
+
+def absolute(path: str, cwd: str | None = None) -> str:
+    """``path`` made absolute against ``cwd`` (default: this process's); a URI is left as it is."""
+    if "://" in path:
+        return path
+    path = os.path.expanduser(path)
+    return os.path.normpath(os.path.join(cwd or os.getcwd(), path))
+
+
+def resolve_paths(spec: JobSpec, cwd: str | None = None) -> Paths:
+    """Step 1: resolve the checkpoint directory and the sink's path against the driver's cwd."""
+    ck = absolute(spec.checkpoint_dir, cwd)
+    root = join(ck, spec.name)
+    sink_root = absolute(spec.sink.root(pipeline_root=root), cwd)
+    path = getattr(spec.sink, "path", None)
+    return Paths(
+        checkpoint_dir=ck,
+        root=root,
+        catalog=catalog_path(root),
+        sink_root=sink_root,
+        output_path=absolute(path, cwd) if path else sink_root,
+    )
+
+
+def check_input(spec: JobSpec) -> tuple[list[Split], pa.Schema]:
+    """Step 2: the splits and schema of the input, checked against the key and every operator."""
+    splits = spec.source.splits()
+    schema = spec.source.schema
+    key_columns(schema, list(spec.key))
+    Chain(list(spec.operators)).check_input(schema)
+    return splits, schema
+
+
+def check_storage(paths: Paths, *, alive_nodes: int, shared: bool) -> None:
+    """Step 3: refuse node-local paths on a multi-node cluster unless the user says they are shared.
+
+    Every node must reach the checkpoint directory (a restarted actor, or a
+    partition moved to another node, reads what another node wrote), and the
+    sink's directory (consumers stage there, the manager publishes).
+    """
+    if alive_nodes <= 1 or shared:
+        return
+    inside = paths.sink_root.startswith(paths.checkpoint_dir.rstrip("/") + "/")
+    wanted = [paths.checkpoint_dir] + ([] if inside else [paths.sink_root])
+    local = [p for p in wanted if not is_remote(p)]
+    if local:
+        raise ConfigError(
+            f"this Ray cluster has {alive_nodes} nodes, and the path(s) {local} are on the local "
+            "disk of each node: actors on other nodes would not see each other's checkpoints and "
+            "files. Use storage every node reaches: an s3:// (or other pyarrow.fs) URI as "
+            "checkpoint_dir, or a network filesystem mounted at the same path on every node, "
+            "and then say so with Pipeline(local_paths_shared=True)"
+        )
+
+
+def _alive_nodes() -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """What the user should see for an error that came back from an actor.
+
+    A rayflow error, or an exception raised by one of the user's operators,
+    comes back as it is (with its message first), not inside Ray's error.
+    Anything else is an actor of the job failing: :class:`PipelineFailedError`
+    with the cause attached.
+    """
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, RayflowError):
+        return cause
+    op_err = operator_error(e)
+    if op_err is not None:
+        return op_err
+    if isinstance(e, ray.exceptions.RayTaskError):
+        what = type(cause).__name__ if cause is not None else "an error"
+        failed = PipelineFailedError(f"an actor of the job failed with {what}: {cause}")
+        failed.__cause__ = cause if isinstance(cause, BaseException) else e
+        return failed
+    return e
+
+
+class Run:
+    """A running pipeline: ``status()``, ``scale(consumers=)``, ``wait()``, ``stop()``.
+
+    Attributes: ``manager`` (the GroupManager actor), ``sources`` (the source
+    actors), ``consumers`` (member id -> consumer actor), ``paths``
+    (:class:`Paths`), ``startup_s``.
+    """
+
+    def __init__(self, spec: JobSpec):
+        t0 = time.monotonic()
+        self.spec = spec
+        self._actors: list = []
+        self._result: Result | None = None
+        self._job_file: str | None = None
+        self._progress = spec.progress if spec.progress is not None else sys.stderr.isatty()
+        self.consumers: dict[str, object] = {}
+        self.desired_consumers = spec.consumers
+        self._next_consumer = 0
+        self.paths = resolve_paths(spec)
+        splits, schema = check_input(spec)
+        self._total_rows = spec.source.events if isinstance(spec.source, Synthetic) else None
+        if not ray.is_initialized():
+            ray.init(logging_level="WARNING", log_to_driver=True)
+        check_storage(self.paths, alive_nodes=_alive_nodes(), shared=spec.local_paths_shared)
+        self.map = PartitionMap.uniform(spec.partitions)
+        self.chain = Chain(list(spec.operators))
+        self.sink_store = Store(self.paths.sink_root)
+        try:
+            self._write_job_file(splits, schema)
+            self._start_manager()
+            self._start_sources()
+            self._add_consumers(spec.consumers)
+            self._activate()
+            self.startup_s = time.monotonic() - t0
+            self._start_reading()
+        except BaseException:
+            self._teardown()
+            raise
+        self._last_check = 0.0
+
+    # ------------------------------------------------------------------ start steps
+    def _write_job_file(self, splits: list[Split], schema: pa.Schema) -> None:
+        """Step 4: what the manager and the sources load at start and at every restart."""
+        spec, n_src = self.spec, max(1, min(self.spec.config.num_sources, len(splits)))
+        self.job = JobFile(
+            name=spec.name,
+            root=self.paths.root,
+            catalog_path=self.paths.catalog,
+            sink_root=self.paths.sink_root,
+            sink=spec.sink,
+            meta=JobMeta.build(
+                key=spec.key,
+                partition_map_json=self.map.to_json(),
+                operators=self.chain.spec(),
+                splits=[s.name for s in splits],
+                schema=schema,
+            ),
+            partition_map=self.map,
+            config=spec.config,
+            key=spec.key,
+            splits=tuple(tuple(splits[i::n_src]) for i in range(n_src)),
+            faults=spec.faults,
+        )
+        self._job_file = write_job_file(self.job)
+
+    def _start_manager(self) -> None:
+        """Step 5: the GroupManager (restartable: reloads from the catalog; consumers keep leases)."""
+        spec, name = self.spec, naming.manager_name(self.spec.name)
+        _wait_name_free(name)
+        try:
+            self.manager = GroupManager.options(
+                name=name,
+                namespace=naming.NAMESPACE,
+                num_cpus=0,
+                resources=spec.config.manager_resources,
+                max_concurrency=1000,
+                max_restarts=-1,  # reloads from the catalog; consumers re-join and keep leases
+                max_task_retries=-1,  # callers' in-flight calls go to the restarted actor
+            ).remote(name=spec.name, job_root=self.paths.root, job_file=self._job_file)
+        except ValueError as e:
+            raise ConfigError(
+                f"a pipeline named {spec.name!r} is already running on this Ray cluster; stop it "
+                "first or choose another name"
+            ) from e
+        self._actors.append(self.manager)
+        self._get(self.manager.ready.remote())
+        # The name is ours now: job files of earlier runs (a crashed driver's) can go.
+        delete_job_files(self.paths.root, keep=self._job_file)
+
+    def _start_sources(self) -> None:
+        """Step 6: the source actors (restartable: replay from the lowest committed position)."""
+        spec = self.spec
+        self.sources = [
+            SourceActor.options(
+                name=naming.source_name(spec.name, i),
+                namespace=naming.NAMESPACE,
+                num_cpus=spec.config.source_num_cpus,
+                resources=spec.config.source_resources,
+                max_restarts=-1,
+                max_task_retries=-1,
+            ).remote(job_root=self.paths.root, job_file=self._job_file, index=i)
+            for i in range(len(self.job.splits))
+        ]
+        self._actors.extend(self.sources)
+        self._get(self.manager.set_sources.remote(self.sources))
+
+    def _add_consumers(self, n: int) -> None:
+        """Step 7 (and scaling up): consumers join the group; not restartable, a dead one is replaced."""
+        spec, new = self.spec, []
+        for _ in range(n):
+            member = f"consumer-{self._next_consumer}"
+            self._next_consumer += 1
+            actor = ConsumerActor.options(
+                name=naming.consumer_name(spec.name, member),
+                namespace=naming.NAMESPACE,
+                num_cpus=spec.config.consumer_num_cpus,
+                resources=spec.config.consumer_resources,
+                max_concurrency=1000,
+                scheduling_strategy="SPREAD",
+            ).remote(
+                pipeline=spec.name,
+                member_id=member,
+                manager=self.manager,
+                sources=self.sources,
+                chain=self.chain,
+                key=list(spec.key),
+                state_root=self.paths.root,
+                sink_root=self.paths.sink_root,
+                map_version=self.map.version,
+                config=spec.config,
+                faults=spec.faults,
+            )
+            self.consumers[member] = actor
+            self._actors.append(actor)
+            new.append(actor)
+        self._get([a.start.remote() for a in new])
+
+    def _activate(self) -> None:
+        """Step 8: the first assignment, once the expected consumers have joined."""
+        self._get(self.manager.activate.remote())
+        status = self._get(self.manager.status.remote())
+        self._rows_at_start = sum(x["committed_rows"] for x in status["partitions"])
+
+    def _start_reading(self) -> None:
+        """Step 9: the sources start reading, from the committed positions."""
+        self._t_read = time.monotonic()
+        self._get([s.run.remote() for s in self.sources])
+
+    # ------------------------------------------------------------------ helpers
+    def _get(self, refs, timeout: float = _ACTOR_TIMEOUT_S):
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+
+    # ------------------------------------------------------------------ public
+    def status(self) -> dict:
+        """The job now, as plain data.
+
+        ``partitions``: per partition its owner, lease epoch, lease state, processed
+        and committed rows, queued rows (lag), rows/s, and whether it is final;
+        ``members``; ``consumers``: per live consumer its busy seconds, rows
+        processed and failed commit attempts; ``blocked_s``: per partition, the
+        time the source waited on its full queue; ``rows_read``,
+        ``processed_rows``, ``rebalances``, ``recoveries``, ``done``.
+        """
+        st = self._get(self.manager.status.remote())
+        src = self._get([s.stats.remote() for s in self.sources])
+        for part in st["partitions"]:
+            i = part["partition"]
+            part["queued_rows"] = sum(s["queued_rows"][i] for s in src)
+            part["blocked_s"] = sum(s["blocked_s"][i] for s in src)
+        st["rows_read"] = sum(s["rows_read"] for s in src)
+        st["processed_rows"] = sum(x["processed_rows"] for x in st["partitions"])
+        keys = ("busy_s", "rows_processed", "commit_failures", "last_commit_error")
+        st["consumers"] = {n: {k: c[k] for k in keys} for n, c in self._poll_consumers().items()}
+        return st
+
+    def scale(self, *, consumers: int) -> None:
+        """Change the number of consumers while the job runs (graceful on the way down)."""
+        if isinstance(consumers, bool) or not isinstance(consumers, int) or consumers < 1:
+            raise ConfigError(f"consumers must be an integer >= 1, got {consumers!r}")
+        self.desired_consumers = consumers
+        self._poll_consumers()  # forget (and replace) consumers that died meanwhile
+        cur = len(self.consumers)
+        if consumers > cur:
+            self._add_consumers(consumers - cur)
+        leaving = sorted(self.consumers, key=lambda m: int(m.split("-")[1]))[consumers:]
+        actors = [self.consumers.pop(m) for m in leaving]
+        for ref in [a.stop.remote() for a in actors]:  # graceful: each commits, then leaves
+            try:
+                self._get(ref)
+            except ray.exceptions.RayActorError:
+                pass  # died on its way out: the manager recovers its partitions
+        for a in actors:
+            ray.kill(a)
+
+    def _poll_consumers(self) -> dict[str, dict]:
+        """Status of every consumer that answers within a moment.
+
+        A consumer that does not answer (frozen, overloaded) is skipped, not
+        waited for: its liveness is the manager's business (session expiry).
+        A dead one is replaced, so the group keeps its size; a consumer whose
+        processing failed raises that failure here: a user operator's own
+        exception as it is (with a note naming the consumer), anything else as
+        a rayflow error.
+        """
+        refs = {c.status.remote(): name for name, c in self.consumers.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=_STATUS_WAIT_S)
+        out, dead = {}, 0
+        for ref in ready:
+            name = refs[ref]
+            try:
+                out[name] = ray.get(ref, timeout=_ACTOR_TIMEOUT_S)
+            except ray.exceptions.RayActorError:
+                # Dead: the manager has already moved its partitions to the survivors;
+                # a replacement joins and takes a fair share back.
+                self.consumers.pop(name, None)
+                dead += 1
+            except ray.exceptions.RayTaskError as e:
+                err = _unwrap(e)
+                if operator_error(err) is not None:
+                    err.add_note(f"in consumer {name!r} of pipeline {self.spec.name!r}")
+                    raise err from None
+                if isinstance(err, RayflowError):
+                    raise err from None
+                raise PipelineFailedError(f"consumer {name!r} failed: {err}") from err
+        if dead:
+            self._add_consumers(min(dead, self.desired_consumers - len(self.consumers)))
+        return out
+
+    def wait(self, *, timeout_s: float | None = None) -> Result:
+        """Block until done (or ``timeout_s`` passes: then ``TimeoutError``, the job keeps running)."""
+        if self._result is not None:
+            return self._result
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while True:
+                st = self._get(self.manager.status.remote())
+                if st["done"]:
+                    break
+                if st.get("failed"):  # publication of recorded outputs keeps failing
+                    raise PipelineFailedError(st["failed"])
+                now = time.monotonic()
+                if now - self._last_check > 0.5:
+                    self._last_check = now
+                    st = self.status()  # also replaces dead consumers and raises their errors
+                    if self._progress:
+                        self._draw(st)
+                if deadline is not None and now > deadline:
+                    raise TimeoutError(f"pipeline {self.spec.name!r} not done after {timeout_s} s")
+                time.sleep(_POLL_S)
+        except TimeoutError:
+            raise
+        except BaseException:
+            self._teardown()
+            raise
+        seconds = time.monotonic() - self._t_read
+        files = self._get(self.manager.output_files.remote())
+        events = sum(x["committed_rows"] for x in st["partitions"]) - self._rows_at_start
+        stats = {
+            "events": events,
+            "seconds": seconds,
+            "events_per_s": events / seconds if seconds > 0 else 0.0,
+            "startup_s": self.startup_s,
+            "rebalances": st["rebalances"],
+            "recoveries": st["recoveries"],
+            "partitions": self.spec.partitions,
+            "consumers": len(self.consumers),
+        }
+        output = self.spec.sink.read_output(self.sink_store, files)
+        self._teardown()
+        if self._progress:
+            print(
+                f"\r[{self.spec.name}] done: {events:,} events in {seconds:.2f} s "
+                f"({stats['events_per_s'] / 1e6:.2f}M events/s)" + " " * 20,
+                file=sys.stderr,
+            )
+        self._result = Result(output=output, stats=stats, output_path=self.paths.output_path)
+        return self._result
+
+    def _draw(self, st: dict) -> None:
+        done = st["processed_rows"]
+        el = max(time.monotonic() - self._t_read, 1e-9)
+        total = f"/{self._total_rows:,}" if self._total_rows else ""
+        lag = sum(x["queued_rows"] for x in st["partitions"])
+        print(
+            f"\r[{self.spec.name}] {done:,}{total} events  {done / el / 1e6:.2f}M/s  "
+            f"lag {lag:,}  consumers {len(st['members'])}   ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def stop(self) -> None:
+        """Stop: consumers commit what they have, then every actor goes. A new run resumes."""
+        try:
+            for ref in [c.stop.remote() for c in self.consumers.values()]:
+                try:
+                    self._get(ref)
+                except ray.exceptions.RayActorError:
+                    pass  # already dead: nothing of its own to commit
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        """Stop every actor of the run (best effort: each failure is logged), then its job file."""
+        if not self._actors:
+            return
+        actors, self._actors = self._actors, []
+        if actors[0] is getattr(self, "manager", None):
+            try:
+                ray.get(self.manager.close.remote(), timeout=10)
+            except (ray.exceptions.RayError, RayflowError) as e:
+                logger.warning("rayflow: closing the manager of %r failed: %s", self.spec.name, e)
+        for a in actors:
+            try:
+                ray.kill(a)
+            except (ray.exceptions.RayError, ValueError) as e:
+                logger.warning("rayflow: killing an actor of %r failed: %s", self.spec.name, e)
+        if self._job_file is not None:  # only this run's: the name may be another run's now
+            try:
+                Store(self.paths.root).delete(self._job_file)
+            except OSError as e:
+                logger.warning("rayflow: could not delete the job file of %r: %s", self.spec.name, e)
+
+
+def _wait_name_free(name: str, timeout_s: float = 10.0) -> None:
+    """A killed named actor frees its name a moment later; wait for that, briefly.
+
+    A live actor of that name (another running pipeline) keeps it: then the
+    creation fails with a clear error.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            handle = ray.get_actor(name, namespace=naming.NAMESPACE)
+        except ValueError:
+            return
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=1.0)
+            return  # alive: let the creation report the conflict
+        except (ray.exceptions.RayError, TimeoutError):
+            time.sleep(0.1)

@@ -1,0 +1,189 @@
+"""The catalog without Ray: outputs driven to publication, bounded growth, the compacted log."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pytest
+
+from rayflow._internal.checkpoint import catalog as catalog_mod
+from rayflow._internal.checkpoint.catalog import Catalog
+from rayflow._internal.checkpoint.commit import CommitRecord
+from rayflow._internal.checkpoint.store import Store
+
+
+def rec(p: int, pos: int, *, epoch: int = 1, outputs=(), state=(), final: bool = False) -> CommitRecord:
+    return CommitRecord(
+        partition=p,
+        lease_epoch=epoch,
+        positions={"s": pos},
+        state_files=list(state),
+        output_files=list(outputs),
+        rows_in=1,
+        rows_total=pos,
+        state_rows=0,
+        final=final,
+        map_version=1,
+    )
+
+
+def fill(cat: Catalog, partitions: int, commits: int, *, outputs: bool = True) -> None:
+    for i in range(1, commits + 1):
+        cat.record_commits(
+            "m",
+            [rec(p, i, outputs=[f"out-{p}-{i}.parquet"] if outputs else ()) for p in range(partitions)],
+        )
+
+
+def test_recorded_outputs_are_unpublished_until_marked(tmp_path):
+    cat = Catalog(str(tmp_path / "c.duckdb"))
+    cat.record_commits("m", [rec(0, 5, outputs=["a.parquet"]), rec(1, 7, outputs=["b.parquet"])])
+    assert cat.unpublished_outputs() == ["a.parquet", "b.parquet"]
+    cat.set_published(["a.parquet"])
+    assert cat.unpublished_outputs() == ["b.parquet"]
+    cat.set_published(["b.parquet"], ["a.parquet"])  # a repeat's copy of a failed again
+    assert cat.unpublished_outputs() == ["a.parquet"]
+    assert cat.output_files() == ["a.parquet", "b.parquet"]
+    cat.close()
+
+
+def test_trim_keeps_latest_commits_live_state_and_unpublished_outputs(tmp_path):
+    cat = Catalog(str(tmp_path / "c.duckdb"))
+    fill(cat, partitions=2, commits=30)
+    cat.record_commits("m", [rec(0, 31, state=["state/keep.parquet"])])
+    cat.set_published([f"out-{p}-{i}.parquet" for p in range(2) for i in range(1, 25)])
+    cat.record_events([("join", {"member": f"c{i}"}) for i in range(20)])
+    deleted = cat.trim(keep_published_outputs=False, commits_kept=5, events_kept=3)
+    assert deleted["commits"] == 2 * 30 + 1 - 2 * 5
+    latest = cat.latest_commits()
+    assert latest[0].positions == {"s": 31} and latest[1].positions == {"s": 30}
+    assert cat.all_state_files() == {"state/keep.parquet"}
+    # Published outputs of trimmed commits go; unpublished ones stay whatever their age.
+    assert cat.unpublished_outputs() == [f"out-{p}-{i}.parquet" for i in range(25, 31) for p in range(2)]
+    assert set(cat.output_files()) == {f"out-{p}-{i}.parquet" for p in range(2) for i in range(25, 31)}
+    assert cat.con.execute("SELECT count(*) FROM events").fetchone()[0] <= 20
+    cat.close()
+
+
+def test_trim_never_deletes_a_commit_that_names_state_files(tmp_path):
+    cat = Catalog(str(tmp_path / "c.duckdb"))
+    for i in range(1, 11):
+        cat.record_commits("m", [rec(0, i, state=[f"state/{i}.parquet"])])
+    cat.trim(keep_published_outputs=False, commits_kept=1)
+    assert len(cat.all_state_files()) == 10  # not retired yet: every row stays
+    retired = cat.retire_state_files(keep=3)
+    assert len(retired) == 7
+    cat.trim(keep_published_outputs=False, commits_kept=1)
+    assert cat.all_state_files() == {f"state/{i}.parquet" for i in (8, 9, 10)}
+    assert cat.con.execute("SELECT count(*) FROM commits").fetchone()[0] == 3
+    cat.close()
+
+
+def test_a_collect_sink_keeps_its_whole_output_list(tmp_path):
+    cat = Catalog(str(tmp_path / "c.duckdb"))
+    fill(cat, partitions=1, commits=20)
+    cat.set_published(cat.unpublished_outputs())
+    cat.trim(keep_published_outputs=True, commits_kept=2)
+    assert cat.output_files() == [f"out-0-{i}.parquet" for i in range(1, 21)]
+    cat.close()
+
+
+def test_a_catalog_from_before_the_outputs_table_lists_its_outputs_to_publish(tmp_path):
+    path = str(tmp_path / "c.duckdb")
+    con = duckdb.connect(path)
+    con.execute(catalog_mod._SCHEMA)
+    con.execute(
+        "INSERT INTO commits VALUES (1, 0, 1, 'm', '{\"s\": 5}', '[]', '[\"x.parquet\", \"y.parquet\"]', "
+        "5, 5, 0, false, 1, now())"
+    )
+    con.close()
+    cat = Catalog(path)
+    assert sorted(cat.unpublished_outputs()) == ["x.parquet", "y.parquet"]
+    cat.close()
+
+
+def test_remote_log_is_compacted_and_rebuilt_from_snapshot_plus_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(catalog_mod, "LOG_SNAPSHOT_EVERY", 10)
+    log_root = str(tmp_path / "bucket")
+    cat = Catalog(str(tmp_path / "node-a" / "c.duckdb"), log_root=log_root)
+    cat.set_meta({"key": '["key"]'})
+    cat.record_leases([(0, "c0", 1), (1, "c1", 1)])
+    fill(cat, partitions=2, commits=12)
+    cat.set_published([f"out-{p}-{i}.parquet" for p in range(2) for i in range(1, 11)])
+    assert cat.compact_log()
+    fill_after = [rec(p, 13, outputs=[f"out-{p}-13.parquet"]) for p in range(2)]
+    cat.record_commits("m", fill_after)
+    cat.record_leases([(1, "c0", 2)])
+    expected = (cat.latest_commits(), cat.unpublished_outputs(), cat.lease_owners(), cat.lease_epochs())
+    cat.close()
+
+    names = [r.rsplit("/", 1)[1] for r in Store(log_root).list_files("log")]
+    snapshots = [n for n in names if n.startswith("snapshot-")]
+    entries = [n for n in names if n[0].isdigit()]
+    assert len(snapshots) == 1 and len(entries) == 2, names  # everything older went into the snapshot
+
+    # Another node: no local index. It rebuilds the same catalog from the snapshot and the entries.
+    other = Catalog(str(tmp_path / "node-b" / "c.duckdb"), log_root=log_root)
+    got = (other.latest_commits(), other.unpublished_outputs(), other.lease_owners(), other.lease_epochs())
+    assert got == expected
+    assert other.get_meta() == {"key": '["key"]'}
+    # New ids continue after the log's, so a later entry never hides under the snapshot.
+    other.record_commits("m", [rec(0, 14)])
+    assert other.latest_commits()[0].positions == {"s": 14}
+    other.close()
+
+
+def test_a_local_index_newer_than_the_snapshot_is_caught_up_not_reloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(catalog_mod, "LOG_SNAPSHOT_EVERY", 5)
+    log_root = str(tmp_path / "bucket")
+    path = str(tmp_path / "node" / "c.duckdb")
+    cat = Catalog(path, log_root=log_root)
+    fill(cat, partitions=1, commits=6)
+    cat.compact_log()
+    cat.record_events([("join", {"member": "c0"})])  # local only: survives a catch-up
+    cat.close()
+    Store(log_root).write_bytes(
+        "log/000000000100-c.json",
+        json.dumps({"member": "m", "records": [(100, rec(0, 99).__dict__)]}).encode(),
+    )
+    again = Catalog(path, log_root=log_root)
+    assert again.latest_commits()[0].positions == {"s": 99}
+    assert again.con.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+    again.close()
+
+
+@pytest.mark.parametrize("commits", [50, 150])
+def test_start_reads_a_bounded_log(tmp_path, monkeypatch, commits):
+    """However many commits a job made, a start lists a snapshot and fewer than
+    LOG_SNAPSHOT_EVERY entries (the manager compacts with every trim)."""
+    monkeypatch.setattr(catalog_mod, "LOG_SNAPSHOT_EVERY", 20)
+    log_root = str(tmp_path / "bucket")
+    cat = Catalog(str(tmp_path / "a" / "c.duckdb"), log_root=log_root)
+    for i in range(1, commits + 1):
+        cat.record_commits("m", [rec(0, i)])
+        if i % 20 == 0:
+            cat.trim(keep_published_outputs=False, commits_kept=5)
+            cat.compact_log()
+    cat.close()
+    assert len(Store(log_root).list_files("log")) <= 20 + 1
+
+
+def test_a_logged_commit_the_index_missed_is_caught_up_from_the_log(tmp_path, monkeypatch):
+    """The log is the point of truth: a commit in it happened even if the local insert failed."""
+    cat = Catalog(str(tmp_path / "a" / "c.duckdb"), log_root=str(tmp_path / "bucket"))
+    cat.record_commits("m", [rec(0, 5)])
+    real = cat._insert_commits
+
+    def broken(*args, **kwargs):
+        raise duckdb.IOException("disk full")
+
+    monkeypatch.setattr(cat, "_insert_commits", broken)
+    with pytest.raises(catalog_mod.IndexBehindLog, match="durable log"):
+        cat.record_commits("m", [rec(0, 9, outputs=["late.parquet"])])
+    assert cat.latest_commits()[0].positions == {"s": 5}
+    monkeypatch.setattr(cat, "_insert_commits", real)
+    cat.catch_up()
+    assert cat.latest_commits()[0].positions == {"s": 9}
+    assert cat.unpublished_outputs() == ["late.parquet"]
+    cat.close()
