@@ -311,6 +311,10 @@ class ConsumerActor:
             )
             if t.phase is pt.Phase.FENCED:
                 del self.owned[p]
+            elif res.full and not res.entries and t.phase is pt.Phase.CLEAN:
+                # The source's queue is full of rows we have committed, yet no trim of ours
+                # reached them (they were queued again after it): trim again, or it waits for ever.
+                self.sources[i].trim.remote({p: (t.epoch, dict(t.committed_positions))})
 
     @property
     def _step_s(self) -> float:

@@ -233,6 +233,8 @@ class SourceActor:
 
     def _append(self, name: str, end: int, parts: list) -> None:
         for p, first, ref, rows, nbytes in parts:
+            if end <= self.skip.get(p, {}).get(name, 0):
+                continue  # committed meanwhile (a trim after this batch was prepared)
             since = self.since.get((p, name), self.skip.get(p, {}).get(name, 0))
             self.queues[p].append(Entry(name, first, end, rows, nbytes, ref, since))
             self.since[(p, name)] = end
@@ -304,6 +306,13 @@ class SourceActor:
                 fenced.append(p)
                 continue
             self.queues[p].trim(positions)
+            # What is committed need never be queued again: a replay that is still below these
+            # positions (this actor restarted after its last look at the catalog) skips them,
+            # instead of queueing rows no trim will come for.
+            skip = dict(self.skip.get(p, {}))
+            for split, pos in positions.items():
+                skip[split] = max(skip.get(split, 0), pos)
+            self.skip[p] = skip
         async with self._changed:
             self._changed.notify_all()
         return fenced

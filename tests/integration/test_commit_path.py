@@ -222,3 +222,125 @@ def test_a_gap_in_positions_fails_with_the_split_and_positions(ray_session, tmp_
         job.run(timeout_s=120)
     assert err.value.split == "gappy" and (err.value.position, err.value.start) == (5, 15), err.value
     assert "[5, 15)" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- found by review
+def test_a_fenced_zombie_never_deletes_the_new_owners_recorded_output(ray_session, tmp_path):
+    """consumer-0 freezes with its final attempt written; consumer-1 takes over, reaches the same
+    positions and records its final commit while publication fails; the zombie then thaws, is
+    fenced and cleans up its attempt. It must not delete consumer-1's pending output."""
+    import ray
+
+    n = 2_000
+    data = pa.table(
+        {"key": pa.array([i % 7 for i in range(n)], pa.int64()), "value": [float(i) for i in range(n)]}
+    )
+    faults = [Fault(point="consumer.after_state_write", actor="consumer-0", action="pause")]
+    faults += [Fault(point="manager.publish", action="raise") for _ in range(3)]
+    plan = FaultPlan(faults, dir=str(tmp_path / "f"))
+    out = tmp_path / "out"
+    job = rf.Pipeline(
+        name="zombie",
+        source=rf.sources.Table(data, batch_rows=500),
+        key="key",
+        partitions=1,
+        operator=rf.ops.Map(lambda t: t),
+        sink=rf.sinks.Parquet(out),
+        consumers=2,
+        checkpoint_dir=str(tmp_path / "ck"),
+        checkpoint_interval_s=1000.0,
+        config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=2.0),
+        faults=plan,
+        progress=False,
+    )
+    run = job.start()
+
+    def taken_over_and_final() -> bool:
+        part = ray.get(run.manager.status.remote(), timeout=30)["partitions"][0]
+        return part["final"] and part["owner"] != "consumer-0"
+
+    from ray._common.test_utils import wait_for_condition
+
+    wait_for_condition(taken_over_and_final, timeout=60)
+    plan.resume()  # the zombie thaws: fenced, it reconciles and deletes what did not land
+    run.wait(timeout_s=120)
+    assert glob_count(out) == n
+    assert pending_files(out) == []
+
+
+class _SlowAfterMarkSplit(Split):
+    """Reads on a 500-row grid; once ``marker`` exists, slowly (a long replay)."""
+
+    name = "slow"
+
+    def __init__(self, table: pa.Table, marker: str):
+        self.table, self.marker = table, marker
+
+    def read(self, position: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+        import os
+
+        n, step = self.table.num_rows, 500
+        start = position
+        while start < n:
+            end = min((start // step + 1) * step, n)
+            if os.path.exists(self.marker):
+                time.sleep(0.02)
+            yield self.table.slice(start, end - start).combine_chunks().to_batches()[0], end
+            start = end
+
+
+class _SlowAfterMark(Source):
+    def __init__(self, table: pa.Table, marker: str):
+        self.table, self.marker = table, marker
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.table.schema
+
+    def splits(self) -> list[Split]:
+        return [_SlowAfterMarkSplit(self.table, self.marker)]
+
+
+def test_a_source_restarted_during_a_commit_does_not_queue_committed_rows_for_ever(ray_session, tmp_path):
+    """The restarted source replays from what was committed when it looked; the commit that
+    lands meanwhile must still trim what it covers, or the full queue stops the job."""
+    from ray._common.test_utils import wait_for_condition
+
+    from rayflow.testing import kill_actor
+
+    n = 60_000
+    keys = [1 if i % 1000 == 0 else 0 for i in range(n)]  # partition of key 0 heavy, key 1 rare
+    data = pa.table({"key": pa.array(keys, pa.int64()), "value": [float(i) for i in range(n)]})
+    plan = FaultPlan(
+        [Fault(point="manager.before_record", actor="manager", nth=3, action="pause")],
+        dir=str(tmp_path / "f"),
+    )
+    marker = str(tmp_path / "slow")
+    job = rf.Pipeline(
+        name="staleskip",
+        source=_SlowAfterMark(data, marker),
+        key="key",
+        partitions=2,
+        operator=rf.ops.Map(lambda t: t),
+        consumers=1,
+        checkpoint_dir=str(tmp_path / "ck"),
+        checkpoint_interval_s=1000.0,  # commits only when a queue is full
+        config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=5.0, queue_max_rows=2000),
+        faults=plan,
+        progress=False,
+    )
+    run = job.start()
+    wait_for_condition(lambda: bool(plan.fired()), timeout=60)
+    open(marker, "w").close()
+    kill_actor("staleskip", "source-0")
+
+    def synced() -> bool:  # the restarted source has read the committed positions
+        try:
+            run.status()
+            return True
+        except Exception:
+            return False
+
+    wait_for_condition(synced, timeout=60)
+    plan.resume()
+    assert_same_rows(run.wait(timeout_s=120).output, data)

@@ -7,9 +7,10 @@ steps, numbered once here and in ``docs/checkpoints.md``:
 1. **Write** (consumer, :func:`write_commit`). Each stateful operator's state
    goes to a Parquet file sorted by ``_hash`` under a unique name
    (``state/p<partition>/e<epoch>-s<seq>-<uuid>-op<i>.parquet``); the staged
-   outputs go to one file in the sink's pending area, named by the positions
-   it covers (:func:`output_name`), so a retry rewrites the same name and
-   never adds a second copy. Nothing is visible yet.
+   outputs go to one file in the sink's pending area, named by the lease epoch
+   and the positions it covers (:func:`output_name`), so a repeat by the same
+   owner rewrites the same name and never adds a second copy. Nothing is
+   visible yet.
 2. **Validate and fence** (manager, ``Coordinator.check_commit``). The caller
    must hold the partition under the record's lease epoch (checked first: a
    stale owner is fenced even when it repeats the last recorded commit); an
@@ -69,14 +70,19 @@ class CommitRecord:
     map_version: int
 
 
-def output_name(partition: int, start: dict[str, int], end: dict[str, int]) -> str:
-    """A deterministic name for the outputs of ``partition`` between two position vectors.
+def output_name(partition: int, epoch: int, start: dict[str, int], end: dict[str, int]) -> str:
+    """A deterministic name for the outputs of ``partition`` under lease ``epoch`` between two
+    position vectors.
 
-    The same positions always give the same name, so a commit retried after a
-    lost reply rewrites (and, if it had landed, re-publishes) the same file.
+    The same owner over the same positions always writes the same name, so an
+    attempt repeated after a lost reply rewrites (and, if it had landed,
+    re-publishes) the same file, never a second copy. The epoch keeps owners
+    apart: a new owner restored from the same commit reaches the same positions
+    and must not share a name with a fenced zombie, whose clean-up
+    (:func:`discard`) would otherwise delete the new owner's recorded output.
     """
     digest = hashlib.sha256(json.dumps([start, end], sort_keys=True).encode()).hexdigest()[:16]
-    return f"part-{partition:05d}-{digest}.parquet"
+    return f"part-{partition:05d}-e{epoch:06d}-{digest}.parquet"
 
 
 def pending_path(name: str) -> str:
@@ -124,7 +130,7 @@ def write_commit(
     output_files = []
     outs = [t for t in outputs if t.num_rows]
     if outs:
-        name = output_name(partition, committed_positions, positions)
+        name = output_name(partition, epoch, committed_positions, positions)
         sink_store.write_parquet(pending_path(name), pa.concat_tables(outs, promote_options="permissive"))
         output_files.append(name)
     return CommitRecord(
@@ -163,9 +169,10 @@ def landed(attempt: CommitRecord, recorded: CommitRecord | None) -> bool:
 def discard(attempt: CommitRecord, *, state_store: Store, sink_store: Store) -> None:
     """Delete the files of an attempt that did not land (reconciled: not recorded).
 
-    Safe because nothing names them: state files are unique per attempt, and
-    an output name of an unrecorded attempt is named by no recorded commit (a
-    later attempt over the same positions writes it again).
+    Safe because nothing names them: state files are unique per attempt; an
+    output name carries the owner's lease epoch and positions, and within one
+    epoch only this owner commits, and reconciles before it writes again, so
+    no recorded commit names the output of an attempt that did not land.
     """
     for f in attempt.state_files:
         state_store.delete(f)
