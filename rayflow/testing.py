@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from rayflow.errors import ConfigError
 from rayflow.ops import Map
 
 __all__ = [
@@ -128,9 +129,9 @@ class Fault:
 
     def __post_init__(self) -> None:
         if self.point not in FAULT_POINTS:
-            raise ValueError(f"unknown fault point {self.point!r}; use one of {FAULT_POINTS}")
+            raise ConfigError(f"unknown fault point {self.point!r}; use one of {FAULT_POINTS}")
         if self.action not in ("kill", "raise", "pause"):
-            raise ValueError(f"fault action must be 'kill', 'raise' or 'pause', got {self.action!r}")
+            raise ConfigError(f"fault action must be 'kill', 'raise' or 'pause', got {self.action!r}")
 
 
 class FaultPlan:

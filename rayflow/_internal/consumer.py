@@ -39,11 +39,17 @@ from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store
 from rayflow._internal.metrics import ConsumerMetrics
 from rayflow.config import EngineConfig
-from rayflow.errors import PipelineFailedError, RayflowError
+from rayflow.errors import CheckpointError, PipelineFailedError, RayflowError
 
 _GET_TIMEOUT_S = 120.0
+#: Longest wait for one call to the manager (it answers from memory, or after one catalog
+#: transaction): past it the outcome is unknown, and the commit path reconciles.
+_CALL_TIMEOUT_S = 120.0
 #: Smallest fetch budget per step: below this Ray's per-call cost dominates.
 _MIN_FETCH_BYTES = 256 * 1024
+#: Fetch budget of the first step, before any cost is measured: small, so that even a very
+#: slow operator's first step stays short; the budget adapts from the second step on.
+_FIRST_STEP_BYTES = 1024 * 1024
 #: Weight of the newest step in the cost-per-byte average.
 _COST_ALPHA = 0.3
 
@@ -79,6 +85,7 @@ class ConsumerActor:
         self.owned: dict[int, pt.PartitionTask] = {}
         self.member_epoch = 0
         self.busy_s = 0.0
+        self.steps = 0  # processing steps run (each bounded by the step's time budget)
         self.rows_processed = 0
         # Commit failures: consecutive count, since when, next attempt not before, last cause.
         self.commit_failures = 0
@@ -107,7 +114,7 @@ class ConsumerActor:
     # ------------------------------------------------------------------ control
     async def start(self) -> None:
         me = ray.get_runtime_context().current_actor
-        self.member_epoch, _ = await self.manager.join.remote(self.member_id, me, {})
+        self.member_epoch, _ = await _call(self.manager.join.remote(self.member_id, me, {}))
         loop = asyncio.get_running_loop()
         self._hb_task = loop.create_task(self._heartbeat_loop())
         self._task = loop.create_task(self._loop())
@@ -134,7 +141,10 @@ class ConsumerActor:
             await self._commit([t for t in self.owned.values() if t.needs_commit])
         if self._hb_task is not None:
             self._hb_task.cancel()
-        await self.manager.leave.remote(self.member_id)
+        try:
+            await _call(self.manager.leave.remote(self.member_id))
+        except (Exception, ray.exceptions.RayError) as e:  # it sees us gone through its watch anyway
+            self.last_commit_error = f"leave: {type(e).__name__}: {e}"
         self.owned.clear()
         self._stopped.set()
 
@@ -149,6 +159,7 @@ class ConsumerActor:
             "phases": {p: t.phase.value for p, t in owned.items()},
             "rows_processed": self.rows_processed,
             "busy_s": self.busy_s,
+            "steps": self.steps,
             "commit_failures": self.commit_failures,
             "last_commit_error": self.last_commit_error,
         }
@@ -163,8 +174,8 @@ class ConsumerActor:
             self._poke.clear()
             try:
                 await self._heartbeat()
-            except ray.exceptions.RayActorError:
-                continue  # the manager is restarting; the next beat reaches the new one
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                continue  # the manager is restarting or busy; the next beat reaches it
             except asyncio.CancelledError:
                 raise
             except BaseException as e:  # a bug: fail the consumer loudly rather than go silent
@@ -177,13 +188,15 @@ class ConsumerActor:
         self._hb_seq += 1
         seq = self._hb_seq
         processed = {p: t.rows_total for p, t in list(self.owned.items())}
-        reply = await self.manager.heartbeat.remote(self.member_id, self.member_epoch, processed, firsts)
+        reply = await _call(
+            self.manager.heartbeat.remote(self.member_id, self.member_epoch, processed, firsts)
+        )
         if reply.get("rejoin"):
             # The manager no longer knows this session: it restarted (then it gives back the
             # leases it can confirm), or it expired us (then everything moved on).
             me = ray.get_runtime_context().current_actor
             claims = {p: t.epoch for p, t in list(self.owned.items())}
-            self.member_epoch, kept = await self.manager.join.remote(self.member_id, me, claims)
+            self.member_epoch, kept = await _call(self.manager.join.remote(self.member_id, me, claims))
             self._kept = set(kept)
         else:
             self._assignment = {**reply, "seq": seq}
@@ -272,14 +285,14 @@ class ConsumerActor:
             req = {t.partition: (t.epoch, dict(t.positions)) for t in running if t.wants_fetch(i)}
             if req:
                 share = max(1, budget // len(req))
-                calls.append((i, src.fetch.remote(req, share)))
+                calls.append((i, _call(src.fetch.remote(req, share))))
         if not calls:
             return
         replies = await asyncio.gather(*(c for _, c in calls), return_exceptions=True)
         got: list[tuple[int, int, object]] = []
         for (i, _), reply in zip(calls, replies):
-            if isinstance(reply, ray.exceptions.RayActorError):
-                continue  # that source is restarting: ask again next step
+            if isinstance(reply, (ray.exceptions.RayActorError, asyncio.TimeoutError)):
+                continue  # that source is restarting (or stuck): ask again next step
             if isinstance(reply, BaseException):
                 # A source failed (bad input, a broken split): its own error, not Ray's wrapper.
                 cause = getattr(reply, "cause", None)
@@ -323,8 +336,8 @@ class ConsumerActor:
 
     def _step_bytes(self) -> int:
         """Bytes to fetch for one step: what the measured cost processes in the step's budget."""
-        if self._cost_per_byte_s <= 0:
-            return self.config.fetch_max_bytes
+        if self._cost_per_byte_s <= 0:  # nothing measured yet: start small, then adapt
+            return min(self.config.fetch_max_bytes, _FIRST_STEP_BYTES)
         fit = int(self._step_s / self._cost_per_byte_s)
         return max(_MIN_FETCH_BYTES, min(self.config.fetch_max_bytes, fit))
 
@@ -333,6 +346,7 @@ class ConsumerActor:
         nbytes, rows = await asyncio.to_thread(self._process, running)
         took = time.monotonic() - t0
         self.busy_s += took
+        self.steps += 1
         if nbytes:
             cost = took / nbytes
             self._cost_per_byte_s = (
@@ -401,7 +415,12 @@ class ConsumerActor:
         self._retry_at = 0.0  # a revocation does not wait for a backoff
         await self._commit([t for t in tasks if t.revoked()], count_failure=False)
         release = {t.partition: t.epoch for t in tasks if t.partition in self.owned}
-        await self.manager.release.remote(self.member_id, release)
+        try:
+            await _call(self.manager.release.remote(self.member_id, release))
+        except (Exception, ray.exceptions.RayError) as e:
+            # Kept for now: the next heartbeat revokes them again, and this runs again.
+            self.last_commit_error = f"release: {type(e).__name__}: {e}"
+            return
         for p, e in release.items():
             self._released[p] = (e, self._hb_seq)
             self.owned.pop(p, None)
@@ -410,7 +429,12 @@ class ConsumerActor:
     async def _commit(self, tasks: list[pt.PartitionTask], *, count_failure: bool = True) -> None:
         """Commit ``tasks`` (protocol steps 1, 2-5 at the manager, 6; see checkpoint/commit.py)."""
         if self._unsettled and not await self._reconcile():
-            self._failed(RuntimeError("the outcome of an earlier commit is still unknown"), count_failure)
+            self._failed(
+                CheckpointError(
+                    "the outcome of an earlier commit is still unknown: the manager did not answer"
+                ),
+                count_failure,
+            )
             return
         tasks = [t for t in tasks if t.partition in self.owned and t.needs_commit]
         if not tasks:
@@ -419,7 +443,7 @@ class ConsumerActor:
         try:
             records = await asyncio.to_thread(self._write, tasks)
             self._fault("consumer.after_state_write")
-            reply = await self.manager.commit.remote(self.member_id, records)
+            reply = await _call(self.manager.commit.remote(self.member_id, records))
         except (Exception, ray.exceptions.RayError) as e:
             # Unknown outcome: the manager may have recorded some of these (a lost reply).
             self._unsettled += records
@@ -491,17 +515,33 @@ class ConsumerActor:
         """Learn from the catalog what became of unsettled attempts (DESIGN §5). False if unknown."""
         parts = sorted({r.partition for r in self._unsettled})
         try:
-            recorded = await self.manager.recorded.remote(parts)
+            recorded = await _call(self.manager.recorded.remote(parts))
         except (Exception, ray.exceptions.RayError) as e:
             self.last_commit_error = f"reconcile: {type(e).__name__}: {e}"
             return False
         attempts, self._unsettled = self._unsettled, []
-        landed = [r for r in attempts if cm.landed(r, recorded.get(r.partition))]
-        for rec in attempts:
-            if rec not in landed:
+        outcomes = [(r, cm.outcome(r, recorded.get(r.partition))) for r in attempts]
+        for rec, how in outcomes:
+            if how == "lost":
                 await asyncio.to_thread(
                     cm.discard, rec, state_store=self.state_store, sink_store=self.sink_store
                 )
+            elif how == "unknown":
+                self.owned.pop(rec.partition, None)  # a newer owner has committed it
+                files = rec.state_files + rec.output_files
+                try:
+                    named = await _call(self.manager.named.remote(rec.partition, files))
+                except (Exception, ray.exceptions.RayError) as e:  # left for the next fresh start
+                    self.last_commit_error = f"reconcile: {type(e).__name__}: {e}"
+                    continue
+                await asyncio.to_thread(
+                    cm.discard,
+                    rec,
+                    state_store=self.state_store,
+                    sink_store=self.sink_store,
+                    keep=frozenset(named),
+                )
+        landed = [r for r, how in outcomes if how == "landed"]
         self._settle(landed, accepted={r.partition for r in landed}, fenced=set())
         return True
 
@@ -542,3 +582,8 @@ class ConsumerActor:
     def _fault(self, point: str) -> None:
         if self.faults is not None:
             self.faults.hit(point, self.member_id)
+
+
+async def _call(ref, timeout_s: float = _CALL_TIMEOUT_S):
+    """Await an actor call, at most ``timeout_s`` (``asyncio.TimeoutError`` past it)."""
+    return await asyncio.wait_for(ref, timeout_s)

@@ -368,7 +368,7 @@ class Run:
             part["blocked_s"] = sum(s["blocked_s"][i] for s in src)
         st["rows_read"] = sum(s["rows_read"] for s in src)
         st["processed_rows"] = sum(x["processed_rows"] for x in st["partitions"])
-        keys = ("busy_s", "rows_processed", "commit_failures", "last_commit_error")
+        keys = ("busy_s", "steps", "rows_processed", "commit_failures", "last_commit_error")
         st["consumers"] = {n: {k: c[k] for k in keys} for n, c in self._poll_consumers().items()}
         return st
 
@@ -383,13 +383,15 @@ class Run:
             self._add_consumers(consumers - cur)
         leaving = sorted(self.consumers, key=lambda m: int(m.split("-")[1]))[consumers:]
         actors = [self.consumers.pop(m) for m in leaving]
-        for ref in [a.stop.remote() for a in actors]:  # graceful: each commits, then leaves
-            try:
-                self._get(ref)
-            except ray.exceptions.RayActorError:
-                pass  # died on its way out: the manager recovers its partitions
-        for a in actors:
-            ray.kill(a)
+        try:
+            for ref in [a.stop.remote() for a in actors]:  # graceful: each commits, then leaves
+                try:
+                    self._get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    pass  # died or stuck on its way out: killed below; its partitions recover
+        finally:
+            for a in actors:
+                ray.kill(a)
 
     def _poll_consumers(self) -> dict[str, dict]:
         """Status of every consumer that answers within a moment.
@@ -494,8 +496,8 @@ class Run:
             for ref in [c.stop.remote() for c in self.consumers.values()]:
                 try:
                     self._get(ref)
-                except ray.exceptions.RayActorError:
-                    pass  # already dead: nothing of its own to commit
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    pass  # dead, or stuck past the timeout: a new run resumes from its last commit
         finally:
             self._teardown()
 

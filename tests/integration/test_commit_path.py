@@ -7,6 +7,7 @@ which); each checks the result against the input, never against timing.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 
@@ -123,8 +124,8 @@ def test_a_commit_that_keeps_failing_fails_the_job_and_cleans_up(ray_session, tm
     plan = FaultPlan(faults, dir=str(tmp_path / "f"))
     config = rf.EngineConfig(
         heartbeat_interval_s=0.1,
-        commit_retry_initial_s=0.05,
-        commit_retry_max_s=0.2,
+        commit_retry_initial_s=0.2,
+        commit_retry_max_s=0.5,
         commit_max_attempts=4,
     )
     job = map_job("failing", tmp_path, five_rows(), sink=None, faults=plan, config=config)
@@ -132,7 +133,12 @@ def test_a_commit_that_keeps_failing_fails_the_job_and_cleans_up(ray_session, tm
         job.run(timeout_s=120)
     msg = str(err.value)
     assert "InjectedFault" in msg and "4 times" in msg and "commit_max_attempts" in msg, msg
-    assert len(plan.fired()) == 4, "each attempt waits for its backoff: exactly 4 attempts"
+    assert len(plan.fired()) == 4, "4 attempts, then the job fails"
+    # Backoff: the attempts are spaced by at least 0.2, 0.4 and 0.5 s (a lower bound that load
+    # can only raise). Each fault marks its firing in a file of its own.
+    fired_at = sorted(os.path.getmtime(tmp_path / "f" / f"{i}.fired") for i in range(4))
+    gaps = [b - a for a, b in zip(fired_at, fired_at[1:])]
+    assert all(g >= w * 0.9 for g, w in zip(gaps, [0.2, 0.4, 0.5])), f"no backoff between attempts: {gaps}"
     root = tmp_path / "ck" / "failing"
     con = duckdb.connect(str(root / "catalog.duckdb"), read_only=True)
     named = {f for (r,) in con.execute("SELECT state_files FROM commits").fetchall() for f in json.loads(r)}
@@ -151,29 +157,74 @@ def test_a_transient_commit_failure_is_retried(ray_session, tmp_path):
 
 
 # ----------------------------------------------------------------------------- defect 4
-def test_a_step_slower_than_the_session_timeout_does_not_expire_the_consumer(ray_session, tmp_path):
-    """A Map costing 20 us per row; one fetch would take ~4 s against a 1 s session (was: livelock)."""
-    data = rf.sources.Synthetic(events=200_000, keys=2_000, seed=5).to_table()
+AGG = [("value", "count"), ("value", "sum")]
+
+
+def sleeping_map(cost_s_per_row: float) -> rf.ops.Map:
+    """A Map that costs ``cost_s_per_row`` per row (it sleeps: a call to a slow service)."""
 
     def slow(t: pa.Table) -> pa.Table:
-        time.sleep(t.num_rows * 20e-6)
+        time.sleep(t.num_rows * cost_s_per_row)
         return t
 
+    return rf.ops.Map(slow)
+
+
+def test_one_batch_slower_than_the_session_timeout_does_not_expire_the_consumer(ray_session, tmp_path):
+    """Heartbeats are not work: one sub-batch costs 2 s against a 1 s session (was: livelock).
+
+    A step cannot split a sub-batch, so only a heartbeat of its own keeps the session."""
+    data = rf.sources.Synthetic(events=150_000, keys=2_000, seed=5).to_table()
     job = rf.Pipeline(
-        name="slow",
+        name="slowbatch",
         source=rf.sources.Table(data, batch_rows=50_000),
         key="key",
-        partitions=4,
-        operator=[rf.ops.Map(slow), rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")])],
+        partitions=1,  # one sub-batch = one source batch = 50k rows = 2 s
+        operator=[sleeping_map(40e-6), rf.ops.Aggregate(by="key", aggs=AGG)],
         consumers=1,
         checkpoint_dir=str(tmp_path / "ck"),
         checkpoint_interval_s=0.5,
-        config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=1.0, step_max_s=0.2),
+        config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=1.0),
         progress=False,
     )
     result = job.run(timeout_s=240)
     assert result.stats["recoveries"] == 0, "the consumer was expired while it worked"
     assert_same_rows(result.output, keyed_reference(data))
+
+
+def test_a_step_is_bounded_by_time_not_only_by_bytes(ray_session, tmp_path):
+    """200k rows at 20 us each (4 s of work) with 0.2 s steps: many short steps, not one long one.
+
+    The count of steps is a lower bound that load can only raise (a slower step measures a
+    higher cost per byte and fetches less), so it is no timing assertion. Without the time
+    bound a step takes a whole 32 MB fetch: the 4.8 MB input in one or two steps."""
+    from ray._common.test_utils import wait_for_condition
+
+    data = rf.sources.Synthetic(events=200_000, keys=2_000, seed=6).to_table()
+    job = rf.Pipeline(
+        name="steps",
+        source=rf.sources.Table(data, batch_rows=2_000),
+        key="key",
+        partitions=4,
+        operator=[sleeping_map(20e-6), rf.ops.Aggregate(by="key", aggs=AGG)],
+        consumers=1,
+        checkpoint_dir=str(tmp_path / "ck"),
+        checkpoint_interval_s=1.0,
+        config=rf.EngineConfig(heartbeat_interval_s=0.1, step_max_s=0.2),
+        progress=False,
+    )
+    run = job.start()
+    steps: list[int] = []
+
+    def done() -> bool:
+        st = run.status()
+        steps[:] = [c["steps"] for c in st["consumers"].values()]
+        return st["done"]
+
+    wait_for_condition(done, timeout=240, retry_interval_ms=200)
+    result = run.wait(timeout_s=60)
+    assert_same_rows(result.output, keyed_reference(data))
+    assert steps and steps[0] >= 10, f"{steps} steps for 4 s of work in 0.2 s steps"
 
 
 # ----------------------------------------------------------------------------- defect 6

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pytest
 
-from rayflow._internal.checkpoint.commit import CommitRecord, landed
+from rayflow._internal.checkpoint.commit import CommitRecord, landed, outcome
 from rayflow._internal.partition_task import (
     Fetched,
     PartitionTask,
@@ -188,3 +188,13 @@ def test_landed_identifies_the_attempt_exactly():
     assert not landed(a, record({"a": 5}, state_files=("state/y",), outputs=("part-1",)))
     assert not landed(a, record({"a": 4}, state_files=("state/x",), outputs=("part-1",)))
     assert not landed(a, record({"a": 5}, epoch=2, state_files=("state/x",), outputs=("part-1",)))
+
+
+def test_outcome_deletes_only_what_no_row_can_name():
+    a = record({"a": 5}, epoch=2, state_files=("state/x",), outputs=("part-1",))
+    assert outcome(a, a) == "landed"
+    assert outcome(a, None) == "lost"  # nothing recorded at all
+    assert outcome(a, record({"a": 3}, epoch=2, state_files=("state/w",))) == "lost"  # our older one
+    assert outcome(a, record({"a": 3}, epoch=1, state_files=("state/v",))) == "lost"  # before our lease
+    # A newer owner committed since: ours may have landed first, and history may name its files.
+    assert outcome(a, record({"a": 9}, epoch=3, state_files=("state/z",))) == "unknown"

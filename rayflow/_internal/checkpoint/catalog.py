@@ -412,6 +412,13 @@ class Catalog:
         return [f for (f,) in rows]
 
     # ------------------------------------------------------------------ state files
+    def named_files(self, partition: int) -> set[str]:
+        """Every state file and output file a commit row of ``partition`` still names."""
+        rows = self.con.execute(
+            "SELECT state_files, output_files FROM commits WHERE partition = ?", [partition]
+        ).fetchall()
+        return {f for st, out in rows for f in (*json.loads(st), *json.loads(out))}
+
     def all_state_files(self) -> set[str]:
         rows = self.con.execute("SELECT state_files FROM commits WHERE state_files <> '[]'").fetchall()
         return {f for (r,) in rows for f in json.loads(r)}

@@ -32,11 +32,13 @@ steps, numbered once here and in ``docs/checkpoints.md``:
 
 After a commit call that failed (an error, a lost reply, a manager restart),
 the consumer does not know whether step 4 happened. Before it writes or
-stages anything again it **reconciles** (:func:`landed`): it asks the manager
+stages anything again it **reconciles** (:func:`outcome`): it asks the manager
 for the partition's latest recorded commit; if that is its attempt, the
 attempt counts as committed (its outputs will be published by the manager);
-otherwise the attempt's files are deleted (:func:`discard`) and its state,
-positions and staged outputs stay in memory for the next attempt.
+if it is older, from this owner or before, the attempt's files are deleted
+(:func:`discard`) and its state, positions and staged outputs stay in memory
+for the next attempt; if a newer owner has committed since, nothing is
+deleted (the attempt may be history the catalog still names).
 """
 
 from __future__ import annotations
@@ -147,6 +149,26 @@ def write_commit(
     )
 
 
+def outcome(attempt: CommitRecord, recorded: CommitRecord | None) -> str:
+    """Reconcile one attempt with its partition's latest catalog row.
+
+    - ``"landed"``: the row is this attempt (:func:`landed`).
+    - ``"lost"``: the row is older than the attempt, from this owner's lease or
+      an earlier one (or there is none). This owner commits the partition
+      alone and never writes again before reconciling, so the attempt was not
+      recorded: its files may be deleted (:func:`discard`).
+    - ``"unknown"``: the row comes from a newer lease. The attempt may have
+      landed before the partition moved on (a row the catalog keeps as
+      history may name its files): the manager is asked which of its files a
+      row names (``GroupManager.named``), and only the others are deleted.
+    """
+    if landed(attempt, recorded):
+        return "landed"
+    if recorded is None or recorded.lease_epoch <= attempt.lease_epoch:
+        return "lost"
+    return "unknown"
+
+
 def landed(attempt: CommitRecord, recorded: CommitRecord | None) -> bool:
     """Reconcile: is ``recorded`` (the partition's latest catalog row) this attempt?
 
@@ -166,7 +188,9 @@ def landed(attempt: CommitRecord, recorded: CommitRecord | None) -> bool:
     )
 
 
-def discard(attempt: CommitRecord, *, state_store: Store, sink_store: Store) -> None:
+def discard(
+    attempt: CommitRecord, *, state_store: Store, sink_store: Store, keep: frozenset[str] = frozenset()
+) -> None:
     """Delete the files of an attempt that did not land (reconciled: not recorded).
 
     Safe because nothing names them: state files are unique per attempt; an
@@ -175,6 +199,8 @@ def discard(attempt: CommitRecord, *, state_store: Store, sink_store: Store) -> 
     no recorded commit names the output of an attempt that did not land.
     """
     for f in attempt.state_files:
-        state_store.delete(f)
+        if f not in keep:
+            state_store.delete(f)
     for name in attempt.output_files:
-        sink_store.delete(pending_path(name))
+        if name not in keep:
+            sink_store.delete(pending_path(name))

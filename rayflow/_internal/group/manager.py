@@ -336,7 +336,9 @@ class GroupManager:
 
     async def _publish_metrics(self) -> None:
         try:
-            sources = await asyncio.gather(*(s.stats.remote() for s in self._source_handles()))
+            sources = await asyncio.wait_for(
+                asyncio.gather(*(s.stats.remote() for s in self._source_handles())), METRICS_EVERY_S * 5
+            )
             self.metrics.publish(await self.status(), list(sources))
         except Exception as e:  # metrics must never take the job down; a source may be restarting
             logger.debug("rayflow manager %s: metrics not published: %r", self.name, e)
@@ -455,6 +457,16 @@ class GroupManager:
         """
         async with self._lock:
             return {p: self.group.committed.get(p) for p in partitions}
+
+    async def named(self, partition: int, files: list[str]) -> list[str]:
+        """Which of ``files`` (state files, output names) a commit row of ``partition`` names.
+
+        A consumer whose attempt's outcome is unknown (a newer owner has committed since)
+        deletes only the files no row names. Under the commit lock, so no commit is in flight.
+        """
+        async with self._lock:
+            named = await self._in_io(self.catalog.named_files, partition)
+        return [f for f in files if f in named]
 
     def _fault(self, point: str) -> None:
         if self.faults is not None:
