@@ -67,30 +67,34 @@ def events_small(events_1m):
     return events_1m.slice(0, 50_000)
 
 
-@pytest.fixture
-def job(tmp_path):
-    """The one job factory of the integration tests.
+def make_job(tmp_path, name: str, source, *, batch_rows: int | None = None, **kw):
+    """The one job factory of the integration tests (the ``job`` fixture binds ``tmp_path``).
 
-    ``job(name, source, **kw) -> rf.Pipeline``: ``source`` is an ``rf.sources``
-    source or an Arrow table (read by ``rf.sources.Table`` in ``batch_rows``
-    batches, default 1M). Defaults: ``key="key"``, ``partitions=4``,
-    ``consumers=2``, the keyed ``Aggregate`` (count and sum of ``value``),
-    ``checkpoint_dir=tmp_path / "ck"``, ``progress=False``; any other
+    ``make_job(tmp_path, name, source, **kw) -> rf.Pipeline``: ``source`` is an
+    ``rf.sources`` source or an Arrow table (read by ``rf.sources.Table`` in
+    ``batch_rows`` batches, default 1M). Defaults: ``key="key"``,
+    ``partitions=4``, ``consumers=2``, the keyed ``Aggregate`` (count and sum of
+    ``value``), ``checkpoint_dir=tmp_path / "ck"``, ``progress=False``; any other
     ``rf.Pipeline`` argument passes through.
     """
     import pyarrow as pa
 
     import rayflow as rf
 
-    def make(name: str, source, *, batch_rows: int | None = None, **kw) -> rf.Pipeline:
-        if isinstance(source, pa.Table):
-            source = rf.sources.Table(source, **({"batch_rows": batch_rows} if batch_rows else {}))
-        kw.setdefault("key", "key")
-        kw.setdefault("partitions", 4)
-        kw.setdefault("consumers", 2)
-        kw.setdefault("operator", rf.ops.Aggregate(by=kw["key"], aggs=KEYED_AGGS))
-        kw.setdefault("checkpoint_dir", str(tmp_path / "ck"))
-        kw.setdefault("progress", False)
-        return rf.Pipeline(name=name, source=source, **kw)
+    if isinstance(source, pa.Table):
+        source = rf.sources.Table(source, **({"batch_rows": batch_rows} if batch_rows else {}))
+    kw.setdefault("key", "key")
+    kw.setdefault("partitions", 4)
+    kw.setdefault("consumers", 2)
+    kw.setdefault("operator", rf.ops.Aggregate(by=kw["key"], aggs=KEYED_AGGS))
+    kw.setdefault("checkpoint_dir", str(tmp_path / "ck"))
+    kw.setdefault("progress", False)
+    return rf.Pipeline(name=name, source=source, **kw)
 
-    return make
+
+@pytest.fixture
+def job(tmp_path):
+    """:func:`make_job` bound to this test's ``tmp_path``: ``job(name, source, **kw)``."""
+    import functools
+
+    return functools.partial(make_job, tmp_path)

@@ -18,6 +18,7 @@ import pytest
 import rayflow as rf
 from rayflow.sources import Source, Split
 from rayflow.testing import Fault, FaultPlan, assert_same_rows, keyed_reference
+from tests.conftest import make_job
 
 pytestmark = pytest.mark.ray
 
@@ -42,19 +43,17 @@ def glob_count(out) -> int:
 
 
 def map_job(name, tmp_path, table, *, sink, faults, consumers=1, config=FAST, partitions=1):
-    return rf.Pipeline(
-        name=name,
-        source=rf.sources.Table(table, batch_rows=2),
-        key="key",
+    return make_job(
+        tmp_path,
+        name,
+        rf.sources.Table(table, batch_rows=2),
         partitions=partitions,
         operator=rf.ops.Map(lambda t: t),
         sink=sink,
         consumers=consumers,
-        checkpoint_dir=str(tmp_path / "ck"),
         checkpoint_interval_s=0.05,
         config=config,
         faults=faults,
-        progress=False,
     )
 
 
@@ -86,19 +85,17 @@ def test_three_failures_after_record_leave_nothing_pending(ray_session, tmp_path
         dir=str(tmp_path / "f"),
     )
     out = tmp_path / "out"
-    job = rf.Pipeline(
-        name="three",
-        source=rf.sources.Table(data, batch_rows=1_000),
-        key="key",
+    job = make_job(
+        tmp_path,
+        "three",
+        rf.sources.Table(data, batch_rows=1_000),
         partitions=4,
         operator=rf.ops.Map(lambda t: t),
         sink=rf.sinks.Parquet(out),
         consumers=2,
-        checkpoint_dir=str(tmp_path / "ck"),
         checkpoint_interval_s=0.05,
         config=FAST,
         faults=plan,
-        progress=False,
     )
     job.run(timeout_s=180)
     assert len(plan.fired()) == 3, plan
@@ -175,17 +172,15 @@ def test_one_batch_slower_than_the_session_timeout_does_not_expire_the_consumer(
 
     A step cannot split a sub-batch, so only a heartbeat of its own keeps the session."""
     data = rf.sources.Synthetic(events=150_000, keys=2_000, seed=5).to_table()
-    job = rf.Pipeline(
-        name="slowbatch",
-        source=rf.sources.Table(data, batch_rows=50_000),
-        key="key",
+    job = make_job(
+        tmp_path,
+        "slowbatch",
+        rf.sources.Table(data, batch_rows=50_000),
         partitions=1,  # one sub-batch = one source batch = 50k rows = 2 s
         operator=[sleeping_map(40e-6), rf.ops.Aggregate(by="key", aggs=AGG)],
         consumers=1,
-        checkpoint_dir=str(tmp_path / "ck"),
         checkpoint_interval_s=0.5,
         config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=1.0),
-        progress=False,
     )
     result = job.run(timeout_s=240)
     assert result.stats["recoveries"] == 0, "the consumer was expired while it worked"
@@ -201,17 +196,15 @@ def test_a_step_is_bounded_by_time_not_only_by_bytes(ray_session, tmp_path):
     from ray._common.test_utils import wait_for_condition
 
     data = rf.sources.Synthetic(events=200_000, keys=2_000, seed=6).to_table()
-    job = rf.Pipeline(
-        name="steps",
-        source=rf.sources.Table(data, batch_rows=2_000),
-        key="key",
+    job = make_job(
+        tmp_path,
+        "steps",
+        rf.sources.Table(data, batch_rows=2_000),
         partitions=4,
         operator=[sleeping_map(20e-6), rf.ops.Aggregate(by="key", aggs=AGG)],
         consumers=1,
-        checkpoint_dir=str(tmp_path / "ck"),
         checkpoint_interval_s=1.0,
         config=rf.EngineConfig(heartbeat_interval_s=0.1, step_max_s=0.2),
-        progress=False,
     )
     run = job.start()
     steps: list[int] = []
@@ -259,15 +252,13 @@ class _Gappy(Source):
 
 def test_a_gap_in_positions_fails_with_the_split_and_positions(ray_session, tmp_path):
     table = pa.table({"key": pa.array([7] * 20, pa.int64()), "value": [1.0] * 20})
-    job = rf.Pipeline(
-        name="gap",
-        source=_Gappy(table),
-        key="key",
+    job = make_job(
+        tmp_path,
+        "gap",
+        _Gappy(table),
         partitions=1,
         consumers=1,
-        checkpoint_dir=str(tmp_path / "ck"),
         config=FAST,
-        progress=False,
     )
     with pytest.raises(rf.errors.PositionGapError) as err:
         job.run(timeout_s=120)
@@ -290,19 +281,17 @@ def test_a_fenced_zombie_never_deletes_the_new_owners_recorded_output(ray_sessio
     faults += [Fault(point="manager.publish", action="raise") for _ in range(3)]
     plan = FaultPlan(faults, dir=str(tmp_path / "f"))
     out = tmp_path / "out"
-    job = rf.Pipeline(
-        name="zombie",
-        source=rf.sources.Table(data, batch_rows=500),
-        key="key",
+    job = make_job(
+        tmp_path,
+        "zombie",
+        rf.sources.Table(data, batch_rows=500),
         partitions=1,
         operator=rf.ops.Map(lambda t: t),
         sink=rf.sinks.Parquet(out),
         consumers=2,
-        checkpoint_dir=str(tmp_path / "ck"),
         checkpoint_interval_s=1000.0,
         config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=2.0),
         faults=plan,
-        progress=False,
     )
     run = job.start()
 
@@ -367,18 +356,16 @@ def test_a_source_restarted_during_a_commit_does_not_queue_committed_rows_for_ev
         dir=str(tmp_path / "f"),
     )
     marker = str(tmp_path / "slow")
-    job = rf.Pipeline(
-        name="staleskip",
-        source=_SlowAfterMark(data, marker),
-        key="key",
+    job = make_job(
+        tmp_path,
+        "staleskip",
+        _SlowAfterMark(data, marker),
         partitions=2,
         operator=rf.ops.Map(lambda t: t),
         consumers=1,
-        checkpoint_dir=str(tmp_path / "ck"),
         checkpoint_interval_s=1000.0,  # commits only when a queue is full
         config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=5.0, queue_max_rows=2000),
         faults=plan,
-        progress=False,
     )
     run = job.start()
     wait_for_condition(lambda: bool(plan.fired()), timeout=60)

@@ -29,6 +29,7 @@ from rayflow.testing import (
     kill_actor,
     throttle,
 )
+from tests.conftest import make_job
 
 pytestmark = pytest.mark.ray
 
@@ -46,19 +47,19 @@ def expected(data) -> pa.Table:
 
 
 def job(name, data, tmp_path, *, consumers, faults=None, operator=None, sink=None, rows_per_s=200_000):
-    return rf.Pipeline(
-        name=name,
-        source=rf.sources.Table(data, batch_rows=10_000),
-        key="key",
+    """A throttled keyed job, slow enough for faults to land midway."""
+    return make_job(
+        tmp_path,
+        name,
+        data,
+        batch_rows=10_000,
         partitions=6,
         operator=operator or [throttle(rows_per_s), rf.ops.Aggregate(by="key", aggs=AGG)],
         sink=sink,
         consumers=consumers,
-        checkpoint_dir=str(tmp_path / "ck"),
         checkpoint_interval_s=0.15,
         config=rf.EngineConfig(fetch_max_bytes=150_000, heartbeat_interval_s=0.1, session_timeout_s=5.0),
         faults=faults,
-        progress=False,
     )
 
 

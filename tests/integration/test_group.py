@@ -15,6 +15,7 @@ from ray._common.test_utils import wait_for_condition
 import rayflow as rf
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow.testing import KEYED_SQL, Fault, FaultPlan, assert_same_rows, duckdb_reference, throttle
+from tests.conftest import make_job
 
 pytestmark = pytest.mark.ray
 
@@ -31,21 +32,20 @@ def expected(data) -> pa.Table:
 
 def throttled(name, data, tmp_path, *, consumers, rows_per_s=150_000, faults=None, **cfg) -> rf.Pipeline:
     """A job slow enough (~2-4 s on 2 cores) to act on while it runs."""
-    return rf.Pipeline(
-        name=name,
-        source=rf.sources.Table(data, batch_rows=10_000),
-        key="key",
+    return make_job(
+        tmp_path,
+        name,
+        data,
+        batch_rows=10_000,
         partitions=8,
         operator=[
             throttle(rows_per_s),
             rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")]),
         ],
         consumers=consumers,
-        checkpoint_dir=str(tmp_path / "ck"),
         checkpoint_interval_s=0.2,
         config=rf.EngineConfig(fetch_max_bytes=200_000, heartbeat_interval_s=0.1, **cfg),
         faults=faults,
-        progress=False,
     )
 
 
