@@ -349,10 +349,11 @@ class ConsumerActor:
         self.steps += 1
         if nbytes:
             cost = took / nbytes
+            prev = self._cost_per_byte_s
+            # A cheaper step is believed at once (the first steps pay one-off warm-up costs that
+            # would otherwise keep the budget small for many steps); a dearer one is smoothed.
             self._cost_per_byte_s = (
-                cost
-                if self._cost_per_byte_s <= 0
-                else _COST_ALPHA * cost + (1 - _COST_ALPHA) * self._cost_per_byte_s
+                cost if prev <= 0 or cost < prev else _COST_ALPHA * cost + (1 - _COST_ALPHA) * prev
             )
         self.metrics.observe(took, rows)
 
