@@ -39,6 +39,9 @@ COMMIT_RETRY_MAX_S = 5.0
 COMMIT_MAX_ATTEMPTS = 10
 #: Seconds a commit may keep failing before the job fails, whatever the attempt count.
 COMMIT_MAX_FAILING_S = 120.0
+#: Longest a consumer waits for one call to the manager or a source; past it the outcome is
+#: unknown (a commit is then reconciled with the catalog before anything new is staged).
+CALL_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +60,7 @@ class EngineConfig:
     commit_retry_max_s: float = COMMIT_RETRY_MAX_S
     commit_max_attempts: int = COMMIT_MAX_ATTEMPTS
     commit_max_failing_s: float = COMMIT_MAX_FAILING_S
+    call_timeout_s: float = CALL_TIMEOUT_S
     #: Source actors; a source's splits are dealt to them round-robin.
     num_sources: int = 1
     #: CPUs each consumer reserves from Ray's scheduler (0: place anywhere).

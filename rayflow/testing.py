@@ -98,6 +98,7 @@ FAULT_POINTS = (
     "consumer.after_commit",  # the commit is recorded, the source not yet trimmed
     "manager.before_record",  # a commit is validated, the catalog transaction not yet run
     "manager.after_record",  # the catalog recorded it, its outputs are not yet published
+    "manager.restart",  # a manager restarted by Ray, before it loads the catalog (pause: a slow restart)
     "manager.publish",  # a recorded output is about to be published (each attempt)
 )
 

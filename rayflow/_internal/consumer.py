@@ -42,9 +42,6 @@ from rayflow.config import EngineConfig
 from rayflow.errors import CheckpointError, PipelineFailedError, RayflowError
 
 _GET_TIMEOUT_S = 120.0
-#: Longest wait for one call to the manager (it answers from memory, or after one catalog
-#: transaction): past it the outcome is unknown, and the commit path reconciles.
-_CALL_TIMEOUT_S = 120.0
 #: Smallest fetch budget per step: below this Ray's per-call cost dominates.
 _MIN_FETCH_BYTES = 256 * 1024
 #: Fetch budget of the first step, before any cost is measured: small, so that even a very
@@ -114,7 +111,9 @@ class ConsumerActor:
     # ------------------------------------------------------------------ control
     async def start(self) -> None:
         me = ray.get_runtime_context().current_actor
-        self.member_epoch, _ = await _call(self.manager.join.remote(self.member_id, me, {}))
+        self.member_epoch, _ = await _call(
+            self.manager.join.remote(self.member_id, me, {}), self.config.call_timeout_s
+        )
         loop = asyncio.get_running_loop()
         self._hb_task = loop.create_task(self._heartbeat_loop())
         self._task = loop.create_task(self._loop())
@@ -142,7 +141,7 @@ class ConsumerActor:
         if self._hb_task is not None:
             self._hb_task.cancel()
         try:
-            await _call(self.manager.leave.remote(self.member_id))
+            await _call(self.manager.leave.remote(self.member_id), self.config.call_timeout_s)
         except (Exception, ray.exceptions.RayError) as e:  # it sees us gone through its watch anyway
             self.last_commit_error = f"leave: {type(e).__name__}: {e}"
         self.owned.clear()
@@ -189,14 +188,17 @@ class ConsumerActor:
         seq = self._hb_seq
         processed = {p: t.rows_total for p, t in list(self.owned.items())}
         reply = await _call(
-            self.manager.heartbeat.remote(self.member_id, self.member_epoch, processed, firsts)
+            self.manager.heartbeat.remote(self.member_id, self.member_epoch, processed, firsts),
+            self.config.call_timeout_s,
         )
         if reply.get("rejoin"):
             # The manager no longer knows this session: it restarted (then it gives back the
             # leases it can confirm), or it expired us (then everything moved on).
             me = ray.get_runtime_context().current_actor
             claims = {p: t.epoch for p, t in list(self.owned.items())}
-            self.member_epoch, kept = await _call(self.manager.join.remote(self.member_id, me, claims))
+            self.member_epoch, kept = await _call(
+                self.manager.join.remote(self.member_id, me, claims), self.config.call_timeout_s
+            )
             self._kept = set(kept)
         else:
             self._assignment = {**reply, "seq": seq}
@@ -212,8 +214,10 @@ class ConsumerActor:
         if a is None:
             return {}, {}, []
         owned: dict[int, int] = a["owned"]
-        for p in [p for p, t in self.owned.items() if owned.get(p) != t.epoch]:
-            del self.owned[p]  # lost (moved while we were presumed dead): uncommitted state goes
+        # Lost (moved while we were presumed dead): uncommitted state goes. An answer listing an
+        # older epoch than ours predates a renewal of ours (reconcile): stale, not a loss.
+        for p in [p for p, t in self.owned.items() if p not in owned or owned[p] > t.epoch]:
+            del self.owned[p]
         new = {}
         for p, e in owned.items():
             if p in self.owned:
@@ -228,6 +232,8 @@ class ConsumerActor:
     async def _loop(self) -> None:
         try:
             while not self._stopping:
+                if self._unsettled and not await self._settle_first():
+                    continue
                 new, commits, revoke = self._apply_assignment()
                 if new:
                     self.owned.update(await asyncio.to_thread(self._load, new, commits))
@@ -277,6 +283,29 @@ class ConsumerActor:
             self._error = e
             raise
 
+    async def _settle_first(self) -> bool:
+        """An earlier commit's outcome is unknown: learn it before staging anything new.
+
+        Processing on would stage outputs that a late-landing attempt does not
+        cover, and that its reconciliation could then not tell apart (DESIGN §5).
+        Retried with the commit backoff; counts as a failed commit attempt.
+        """
+        now = time.monotonic()
+        if now < self._retry_at:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(self._retry_at - now, 1.0))
+            except asyncio.TimeoutError:
+                pass
+            return False
+        if await self._reconcile():
+            return True
+        self._failed(
+            CheckpointError("the outcome of an earlier commit is still unknown: the manager did not answer"),
+            True,
+        )
+        return False
+
     async def _fetch(self, running: list[pt.PartitionTask]) -> None:
         """One fetch call per source for the partitions with nothing buffered."""
         budget = self._step_bytes()
@@ -285,7 +314,7 @@ class ConsumerActor:
             req = {t.partition: (t.epoch, dict(t.positions)) for t in running if t.wants_fetch(i)}
             if req:
                 share = max(1, budget // len(req))
-                calls.append((i, _call(src.fetch.remote(req, share))))
+                calls.append((i, _call(src.fetch.remote(req, share), self.config.call_timeout_s)))
         if not calls:
             return
         replies = await asyncio.gather(*(c for _, c in calls), return_exceptions=True)
@@ -417,7 +446,7 @@ class ConsumerActor:
         await self._commit([t for t in tasks if t.revoked()], count_failure=False)
         release = {t.partition: t.epoch for t in tasks if t.partition in self.owned}
         try:
-            await _call(self.manager.release.remote(self.member_id, release))
+            await _call(self.manager.release.remote(self.member_id, release), self.config.call_timeout_s)
         except (Exception, ray.exceptions.RayError) as e:
             # Kept for now: the next heartbeat revokes them again, and this runs again.
             self.last_commit_error = f"release: {type(e).__name__}: {e}"
@@ -444,7 +473,9 @@ class ConsumerActor:
         try:
             records = await asyncio.to_thread(self._write, tasks)
             self._fault("consumer.after_state_write")
-            reply = await _call(self.manager.commit.remote(self.member_id, records))
+            reply = await _call(
+                self.manager.commit.remote(self.member_id, records), self.config.call_timeout_s
+            )
         except (Exception, ray.exceptions.RayError) as e:
             # Unknown outcome: the manager may have recorded some of these (a lost reply).
             self._unsettled += records
@@ -513,25 +544,47 @@ class ConsumerActor:
                 src.trim.remote(trim)
 
     async def _reconcile(self) -> bool:
-        """Learn from the catalog what became of unsettled attempts (DESIGN §5). False if unknown."""
-        parts = sorted({r.partition for r in self._unsettled})
+        """Learn from the catalog what became of unsettled attempts (DESIGN §5). False if unknown.
+
+        The manager first renews each lease we still hold under an attempt's epoch
+        (``GroupManager.reconcile``): an attempt that has not landed by then never
+        will (a commit call Ray retries on a restarted manager is fenced), so the
+        verdict of :func:`commit.outcome` is final, and the task goes on under the
+        new epoch.
+        """
+        asked = {r.partition: r.lease_epoch for r in self._unsettled}
         try:
-            recorded = await _call(self.manager.recorded.remote(parts))
+            answer = await _call(
+                self.manager.reconcile.remote(self.member_id, asked), self.config.call_timeout_s
+            )
         except (Exception, ray.exceptions.RayError) as e:
             self.last_commit_error = f"reconcile: {type(e).__name__}: {e}"
             return False
         attempts, self._unsettled = self._unsettled, []
-        outcomes = [(r, cm.outcome(r, recorded.get(r.partition))) for r in attempts]
-        for rec, how in outcomes:
+        trim = {}
+        for rec in attempts:
+            new_epoch, latest = answer[rec.partition]
+            how = cm.outcome(rec, latest)
+            t = self.owned.get(rec.partition)
+            if t is not None and t.epoch == rec.lease_epoch:
+                if how == "landed":
+                    t.commit_recorded(rec)
+                if new_epoch is None or how == "unknown":
+                    del self.owned[rec.partition]  # no longer ours: a newer owner has it
+                else:
+                    t.epoch = new_epoch
+                    if how == "landed":
+                        trim[rec.partition] = (new_epoch, dict(rec.positions))
             if how == "lost":
                 await asyncio.to_thread(
                     cm.discard, rec, state_store=self.state_store, sink_store=self.sink_store
                 )
             elif how == "unknown":
-                self.owned.pop(rec.partition, None)  # a newer owner has committed it
                 files = rec.state_files + rec.output_files
                 try:
-                    named = await _call(self.manager.named.remote(rec.partition, files))
+                    named = await _call(
+                        self.manager.named.remote(rec.partition, files), self.config.call_timeout_s
+                    )
                 except (Exception, ray.exceptions.RayError) as e:  # left for the next fresh start
                     self.last_commit_error = f"reconcile: {type(e).__name__}: {e}"
                     continue
@@ -542,8 +595,10 @@ class ConsumerActor:
                     sink_store=self.sink_store,
                     keep=frozenset(named),
                 )
-        landed = [r for r, how in outcomes if how == "landed"]
-        self._settle(landed, accepted={r.partition for r in landed}, fenced=set())
+        if trim:
+            self._fault("consumer.after_commit")
+            for src in self.sources:
+                src.trim.remote(trim)
         return True
 
     def _succeeded(self) -> None:
@@ -585,6 +640,6 @@ class ConsumerActor:
             self.faults.hit(point, self.member_id)
 
 
-async def _call(ref, timeout_s: float = _CALL_TIMEOUT_S):
+async def _call(ref, timeout_s: float):
     """Await an actor call, at most ``timeout_s`` (``asyncio.TimeoutError`` past it)."""
     return await asyncio.wait_for(ref, timeout_s)

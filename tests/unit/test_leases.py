@@ -146,3 +146,30 @@ def test_fenced_error_survives_pickling():
 
     e = pickle.loads(pickle.dumps(FencedError("x", partition=3, epoch=1, current_epoch=2)))
     assert (e.partition, e.epoch, e.current_epoch) == (3, 1, 2)
+
+
+def test_owned_to_owned_under_a_new_epoch_on_renew():
+    t = LeaseTable(2)
+    t.rebalance({0: "a", 1: "a"})
+    g = t.renew(0, "a", 1)
+    assert (g.partition, g.owner, g.epoch) == (0, "a", 2)
+    assert t.leases[0].owner == "a" and t.leases[0].state is LeaseState.OWNED
+    with pytest.raises(FencedError):
+        t.check(0, "a", 1)  # what was sent under the old epoch can no longer land
+
+
+def test_revoking_stays_revoking_on_renew():
+    t = LeaseTable(1)
+    t.rebalance({0: "a"})
+    t.rebalance({0: "b"})
+    t.renew(0, "a", 1)
+    assert t.leases[0].state is LeaseState.REVOKING and t.leases[0].target == "b"
+    assert t.release(0, "a", 2).owner == "b"
+
+
+def test_renew_by_a_stale_owner_is_fenced():
+    t = LeaseTable(1)
+    t.rebalance({0: "a"})
+    t.renew(0, "a", 1)
+    with pytest.raises(FencedError):
+        t.renew(0, "a", 1)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -42,6 +43,8 @@ import duckdb
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store, is_remote, join
 from rayflow.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -164,6 +167,7 @@ class Catalog:
         self.con.execute(_SCHEMA)
         self._create_outputs()
         self.log = Store(log_root) if log_root else None
+        self._missed: list[tuple[int, dict]] = []  # logged commit entries the index missed
         row = self.con.execute("SELECT coalesce(max(commit_id), 0) FROM commits").fetchone()
         self._next_id = max(int(row[0]), self._log_applied()) + 1
         self._log_entries = 0  # entries in the remote log after its newest snapshot
@@ -353,6 +357,7 @@ class Catalog:
         except BaseException as e:
             cur.execute("ROLLBACK")
             if self.log is not None:
+                self._missed.append((ids[-1], body))
                 raise IndexBehindLog(
                     f"commits {ids[0]}-{ids[-1]} are in the durable log but not in the local index: {e}"
                 ) from e
@@ -360,9 +365,24 @@ class Catalog:
         self._maybe_checkpoint()
 
     def catch_up(self) -> None:
-        """Bring the local index up to the durable log (after :class:`IndexBehindLog`)."""
-        if self.log is not None:
-            self._replay_log()
+        """Index the logged commits the local index missed (after :class:`IndexBehindLog`).
+
+        Replays exactly those entries: later commits may have moved the index's
+        applied marker past them, so a plain replay from the marker would skip them.
+        """
+        while self._missed:
+            _, body = self._missed[0]
+            cur = self.con.cursor()
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                self._insert_commits(
+                    cur, body["member"], [(i, CommitRecord(**r)) for i, r in body["records"]]
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            self._missed.pop(0)
 
     def _insert_commits(self, cur, member: str, rows: list[tuple[int, CommitRecord]]) -> None:
         now = _now()
@@ -385,8 +405,11 @@ class Catalog:
         """Fold the WAL into the file now and then, so a copy read by tools is recent."""
         now = time.monotonic()
         if now - self._last_checkpoint >= CHECKPOINT_EVERY_S:
-            self.con.execute("CHECKPOINT")
             self._last_checkpoint = now
+            try:
+                self.con.execute("CHECKPOINT")
+            except duckdb.Error as e:  # only freshness for readers of a copy: never fail a commit
+                logger.warning("rayflow catalog %s: CHECKPOINT failed (retried later): %s", self.path, e)
 
     # ------------------------------------------------------------------ outputs
     def unpublished_outputs(self) -> list[str]:
@@ -417,7 +440,10 @@ class Catalog:
         rows = self.con.execute(
             "SELECT state_files, output_files FROM commits WHERE partition = ?", [partition]
         ).fetchall()
-        return {f for st, out in rows for f in (*json.loads(st), *json.loads(out))}
+        named = {f for st, out in rows for f in (*json.loads(st), *json.loads(out))}
+        # A trimmed commit row's unpublished outputs live on in ``outputs``.
+        rows = self.con.execute("SELECT file FROM outputs WHERE partition = ?", [partition]).fetchall()
+        return named | {f for (f,) in rows}
 
     def all_state_files(self) -> set[str]:
         rows = self.con.execute("SELECT state_files FROM commits WHERE state_files <> '[]'").fetchall()

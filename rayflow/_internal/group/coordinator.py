@@ -278,6 +278,22 @@ class Coordinator:
         }
         return reply, fx
 
+    def renew(self, member_id: str, partitions: dict[int, int]) -> tuple[dict[int, int | None], Effects]:
+        """The member fences its own unknown-outcome commits: each partition it holds under
+        the given epoch gets epoch + 1 (``LeaseTable.renew``); returns the new epoch per
+        partition, None where it no longer holds it. The grants must be recorded (effects)."""
+        fx = Effects()
+        epochs: dict[int, int | None] = {}
+        for p, epoch in sorted(partitions.items()):
+            try:
+                g = self.leases.renew(p, member_id, epoch)
+            except FencedError:
+                epochs[p] = None
+                continue
+            epochs[p] = g.epoch
+            fx.grants.append(g)
+        return epochs, fx
+
     def release(self, member_id: str, partitions: dict[int, int]) -> Effects:
         """The member gives up revoked partitions (it has committed them and dropped them).
 

@@ -25,6 +25,8 @@ Transitions, one method each (each tested by name in ``tests/unit/test_leases.py
   no-op, reported as such, and the caller, which has dropped the partition,
   finds it in its next heartbeat's assignment and reloads it from its commit.
   A release under a stale epoch raises :class:`FencedError`.
+- OWNED or REVOKING -> the same under epoch + 1: ``renew`` (the owner fences
+  an attempt whose outcome it does not know).
 - OWNED or REVOKING -> OWNED (new owner) or UNASSIGNED: the owner is gone
   (crash, expired lease, left) and ``drop_member`` reassigns it straight from
   the last commit (epoch + 1), or frees it where no target is given.
@@ -188,6 +190,20 @@ class LeaseTable:
             else:
                 grants.append(self._grant(lease, want))
         return grants
+
+    def renew(self, partition: int, member: str, epoch: int) -> Grant:
+        """OWNED or REVOKING -> the same, under ``epoch + 1``: the owner fences its own past.
+
+        A consumer that does not know whether a commit it sent under ``epoch``
+        landed asks for this before it decides: once the epoch has moved, that
+        commit (say, retried by Ray after a manager restart) can no longer land,
+        so what the catalog holds then is final. Raises :class:`FencedError`
+        unless ``member`` holds the lease under ``epoch``.
+        """
+        self.check(partition, member, epoch)
+        lease = self.leases[partition]
+        lease.epoch += 1
+        return Grant(partition, member, lease.epoch, member)
 
     def free(self, partition: int) -> None:
         """Its owner is no longer there and nobody is named to follow: OWNED or REVOKING ->

@@ -75,7 +75,7 @@ from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.metrics import ManagerMetrics
 from rayflow._internal.publish import Publisher
 from rayflow.config import EngineConfig
-from rayflow.errors import FencedError, ProtocolError
+from rayflow.errors import CheckpointError, FencedError, ProtocolError
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,8 @@ class GroupManager:
     def _start(self, job_root: str, job_file: str, restarted: bool) -> None:
         job = read_job_file(job_root, job_file)
         self.faults = job.faults
+        if restarted:
+            self._fault("manager.restart")
         self.source_names = job.source_names
         self.config = job.config
         self.sink = job.sink
@@ -457,6 +459,28 @@ class GroupManager:
         """
         async with self._lock:
             return {p: self.group.committed.get(p) for p in partitions}
+
+    async def reconcile(
+        self, member_id: str, attempts: dict[int, int]
+    ) -> dict[int, tuple[int | None, CommitRecord | None]]:
+        """For a consumer whose commit call failed: fence the attempts, then say what landed.
+
+        ``attempts``: partition -> the lease epoch the attempt was sent under.
+        Each lease the member still holds under that epoch is renewed (epoch + 1,
+        recorded before this answers), so the attempt, if it has not landed yet
+        (a call Ray will retry after a restart of this actor), never will: the
+        latest recorded commit returned is final. Returns, per partition, the
+        member's new epoch (None: it no longer holds it) and that commit.
+        """
+        async with self._lock:
+            epochs, fx = self.group.renew(member_id, attempts)
+            await self._apply(fx)
+            if any(e is not None and self._durable.get(p, 0) < e for p, e in epochs.items()):
+                # Not durable: after a restart the old epoch would hold again. The caller retries.
+                raise CheckpointError(
+                    f"could not record the renewed leases of {member_id!r}: {self._last_maintenance_error}"
+                )
+            return {p: (epochs[p], self.group.committed.get(p)) for p in attempts}
 
     async def named(self, partition: int, files: list[str]) -> list[str]:
         """Which of ``files`` (state files, output names) a commit row of ``partition`` names.
