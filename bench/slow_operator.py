@@ -26,11 +26,11 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import duckdb
-import pyarrow as pa
 import ray
 from throughput import HERE, make_input, reference, same
 
 import rayflow as rf
+from rayflow.testing import throttle
 
 
 def main(argv=None) -> int:
@@ -50,11 +50,7 @@ def main(argv=None) -> int:
     path = make_input(args.events, args.keys, args.seed, args.data_dir)
     _, expected = reference(path, threads=True)
     cost_s = args.cost_us * 1e-6
-
-    def slow(t: pa.Table) -> pa.Table:
-        time.sleep(t.num_rows * cost_s)
-        return t
-
+    slow = throttle(1.0 / cost_s)  # sleeps cost_s per row: a call to a slow service
     ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     ck = tempfile.mkdtemp(prefix="rayflow-slow-")
     job = rf.Pipeline(
@@ -62,7 +58,7 @@ def main(argv=None) -> int:
         source=rf.sources.Parquet(path),
         key="key",
         partitions=args.partitions,
-        operator=[rf.ops.Map(slow), rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")])],
+        operator=[slow, rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")])],
         consumers=args.consumers,
         checkpoint_dir=ck,
         checkpoint_interval_s=2.0,

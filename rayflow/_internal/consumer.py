@@ -300,10 +300,7 @@ class ConsumerActor:
             return False
         if await self._reconcile():
             return True
-        self._failed(
-            CheckpointError("the outcome of an earlier commit is still unknown: the manager did not answer"),
-            True,
-        )
+        self._failed(_outcome_unknown(), True)
         return False
 
     async def _fetch(self, running: list[pt.PartitionTask]) -> None:
@@ -459,12 +456,7 @@ class ConsumerActor:
     async def _commit(self, tasks: list[pt.PartitionTask], *, count_failure: bool = True) -> None:
         """Commit ``tasks`` (protocol steps 1, 2-5 at the manager, 6; see checkpoint/commit.py)."""
         if self._unsettled and not await self._reconcile():
-            self._failed(
-                CheckpointError(
-                    "the outcome of an earlier commit is still unknown: the manager did not answer"
-                ),
-                count_failure,
-            )
+            self._failed(_outcome_unknown(), count_failure)
             return
         tasks = [t for t in tasks if t.partition in self.owned and t.needs_commit]
         if not tasks:
@@ -638,6 +630,10 @@ class ConsumerActor:
     def _fault(self, point: str) -> None:
         if self.faults is not None:
             self.faults.hit(point, self.member_id)
+
+
+def _outcome_unknown() -> CheckpointError:
+    return CheckpointError("the outcome of an earlier commit is still unknown: the manager did not answer")
 
 
 async def _call(ref, timeout_s: float):

@@ -107,10 +107,6 @@ class PartitionTask:
     def running(self) -> bool:
         return self.phase in RUNNING
 
-    @property
-    def buffered_bytes(self) -> int:
-        return sum(b.nbytes for _, b in self.buffer)
-
     def wants_fetch(self, source: int) -> bool:
         """Fetch from ``source`` only when nothing fetched is waiting and its input goes on."""
         return self.running and not self.buffer and source not in self.ended_sources

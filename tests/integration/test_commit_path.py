@@ -17,7 +17,7 @@ import pytest
 
 import rayflow as rf
 from rayflow.sources import Source, Split
-from rayflow.testing import Fault, FaultPlan, assert_same_rows, keyed_reference
+from rayflow.testing import Fault, FaultPlan, assert_same_rows, keyed_reference, throttle
 from tests.conftest import make_job
 
 pytestmark = pytest.mark.ray
@@ -157,16 +157,6 @@ def test_a_transient_commit_failure_is_retried(ray_session, tmp_path):
 AGG = [("value", "count"), ("value", "sum")]
 
 
-def sleeping_map(cost_s_per_row: float) -> rf.ops.Map:
-    """A Map that costs ``cost_s_per_row`` per row (it sleeps: a call to a slow service)."""
-
-    def slow(t: pa.Table) -> pa.Table:
-        time.sleep(t.num_rows * cost_s_per_row)
-        return t
-
-    return rf.ops.Map(slow)
-
-
 def test_one_batch_slower_than_the_session_timeout_does_not_expire_the_consumer(ray_session, tmp_path):
     """Heartbeats are not work: one sub-batch costs 2 s against a 1 s session (was: livelock).
 
@@ -177,7 +167,7 @@ def test_one_batch_slower_than_the_session_timeout_does_not_expire_the_consumer(
         "slowbatch",
         rf.sources.Table(data, batch_rows=50_000),
         partitions=1,  # one sub-batch = one source batch = 50k rows = 2 s
-        operator=[sleeping_map(40e-6), rf.ops.Aggregate(by="key", aggs=AGG)],
+        operator=[throttle(25_000), rf.ops.Aggregate(by="key", aggs=AGG)],
         consumers=1,
         checkpoint_interval_s=0.5,
         config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=1.0),
@@ -201,7 +191,7 @@ def test_a_step_is_bounded_by_time_not_only_by_bytes(ray_session, tmp_path):
         "steps",
         rf.sources.Table(data, batch_rows=2_000),
         partitions=4,
-        operator=[sleeping_map(20e-6), rf.ops.Aggregate(by="key", aggs=AGG)],
+        operator=[throttle(50_000), rf.ops.Aggregate(by="key", aggs=AGG)],
         consumers=1,
         checkpoint_interval_s=1.0,
         config=rf.EngineConfig(heartbeat_interval_s=0.1, step_max_s=0.2),
@@ -397,8 +387,6 @@ def test_a_commit_retried_by_ray_after_a_slow_manager_restart_counts_once(ray_se
     import pyarrow.dataset as pads
     import ray
     from ray._common.test_utils import wait_for_condition
-
-    from rayflow.testing import throttle
 
     n = 60_000
     data = pa.table({"id": np.arange(n), "key": np.arange(n) % 997, "value": np.ones(n)})

@@ -54,7 +54,9 @@ def progressed(run, fraction, total):
 
 
 def test_scale_up_and_down_mid_job(ray_session, tmp_path, data, expected):
-    run = throttled("scale", data, tmp_path, consumers=2).start()
+    # Slow enough that the job is still running when the new consumers are in, even when
+    # starting them takes seconds (a loaded machine): else every partition is final first.
+    run = throttled("scale", data, tmp_path, consumers=2, rows_per_s=40_000).start()
     wait_for_condition(progressed(run, 0.1, data.num_rows), timeout=60)
     run.scale(consumers=4)
     wait_for_condition(lambda: len(run.status()["members"]) == 4, timeout=30)

@@ -401,19 +401,14 @@ class GroupManager:
         fresh: list[CommitRecord] = []
         repeated: list[CommitRecord] = []
         fenced: list[int] = []
-        stale_outputs: list[str] = []
         async with self._lock:
             for rec in records:
                 try:
                     repeat = self.group.check_commit(member_id, rec)  # fences first
                 except FencedError:
+                    # A stale owner (even one repeating a commit that did land): it reconciles, and
+                    # deletes only files no commit row names (GroupManager.named).
                     fenced.append(rec.partition)
-                    # A stale owner may repeat a commit that did land (its reply was lost, then
-                    # the lease moved or the manager restarted). Its recorded outputs are
-                    # published before the reply, so that its clean-up finds nothing to delete.
-                    prev = self.group.committed.get(rec.partition)
-                    if prev is not None:
-                        stale_outputs += [f for f in rec.output_files if f in prev.output_files]
                     continue
                 (repeated if repeat else fresh).append(rec)
             if fresh:
@@ -429,7 +424,7 @@ class GroupManager:
                     self._unpublished.update(dict.fromkeys(rec.output_files))
                 self._fault("manager.after_record")
         # Step 5, outside the lock: publication changes no lease, and never fails a recorded commit.
-        await self._publish([f for rec in fresh + repeated for f in rec.output_files] + stale_outputs)
+        await self._publish([f for rec in fresh + repeated for f in rec.output_files])
         return {"accepted": [r.partition for r in fresh + repeated], "fenced": fenced}
 
     def _record(self, member_id: str, records: list[CommitRecord]) -> None:
@@ -453,9 +448,9 @@ class GroupManager:
     async def recorded(self, partitions: list[int]) -> dict[int, CommitRecord | None]:
         """The latest recorded commit of each partition (None: none yet).
 
-        What a consumer whose ``commit`` call failed reconciles with (DESIGN §5).
-        It waits for a commit in flight (it takes the commit lock), so a commit
-        whose reply was lost is seen here once it has landed.
+        A read for tools and tests; a consumer whose ``commit`` call failed uses
+        :meth:`reconcile`, which also fences the attempt. It waits for a commit in
+        flight (it takes the commit lock).
         """
         async with self._lock:
             return {p: self.group.committed.get(p) for p in partitions}
