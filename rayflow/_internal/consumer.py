@@ -199,6 +199,9 @@ class ConsumerActor:
             self.member_epoch, kept = await _call(
                 self.manager.join.remote(self.member_id, me, claims), self.config.call_timeout_s
             )
+            # Answers from the old session are void: applying one after the re-join would grant
+            # partitions that moved on, from commits whose state files may be retired since.
+            self._assignment = None
             self._kept = set(kept)
         else:
             self._assignment = {**reply, "seq": seq}
