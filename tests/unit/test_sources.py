@@ -106,7 +106,7 @@ def test_batches_end_on_an_absolute_grid(tmp_path, position):
 def test_rank_lookup_equals_the_binary_search(keys, s):
     import numpy as np
 
-    from rayflow.sources import _SyntheticGenerator
+    from rayflow.sources.synthetic import _SyntheticGenerator
 
     gen = _SyntheticGenerator(keys, 42, s)
     u = np.random.default_rng(3).random(200_000)

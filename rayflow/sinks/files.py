@@ -1,0 +1,51 @@
+"""File sinks: :class:`Parquet` (a dataset directory) and :class:`Collect` (``result.output``)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from rayflow.errors import ConfigError
+from rayflow.sinks.base import Sink, _under
+
+if TYPE_CHECKING:
+    from rayflow._internal.checkpoint.store import Store
+
+
+class Parquet(Sink):
+    """A Parquet dataset directory (local path or ``pyarrow.fs`` URI).
+
+    Files starting with ``_`` (the pending area) are ignored by
+    ``pyarrow.dataset``, DuckDB's ``read_parquet('dir/*.parquet')`` and Spark.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        if not path:
+            raise ConfigError("rf.sinks.Parquet needs a directory path")
+        self.path = os.fspath(path)
+
+    def root(self, *, pipeline_root: str) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"rf.sinks.Parquet({self.path!r})"
+
+
+class Collect(Sink):
+    """Collect the output into ``result.output`` (an Arrow table)."""
+
+    # The list of files is the result: it grows with the output, which the driver holds in
+    # memory at the end anyway, so keeping it costs a fraction of what the result does.
+    keeps_output_list = True
+
+    def root(self, *, pipeline_root: str) -> str:
+        return _under(pipeline_root, "collect")
+
+    def read_output(self, store: Store, files: list[str]) -> pa.Table:
+        tables = [store.read_parquet(f) for f in files]
+        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+    def __repr__(self) -> str:
+        return "rf.sinks.Collect()"
