@@ -26,6 +26,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from rayflow.errors import ConfigError
@@ -34,24 +35,85 @@ from rayflow.errors import ConfigError
 #: Arrow's per-kernel cost vanish per row, small enough to keep progress smooth.
 DEFAULT_BATCH_ROWS = 1_000_000
 
+#: An unbounded split with no data yields an empty batch at least this often (see Split).
+IDLE_TICK_S = 0.5
+
 
 class Split(ABC):
-    """One independently readable, replayable part of a source. Picklable."""
+    """One independently readable, replayable part of a source. Picklable.
 
-    #: A stable name (file path, block range); recorded with committed positions.
+    **Unbounded splits** (``unbounded = True``: a Kafka topic partition, a paced
+    generator) keep the contract above, and besides:
+
+    - ``read`` may wait for data and never end. It waits without busy polling
+      (a broker poll with a timeout, a sleep until the next row is due), and
+      when no data comes it yields an *idle tick* at least every
+      :data:`IDLE_TICK_S`: an empty batch (the source's schema) whose
+      ``next_position`` is the current position (or, with ``dense = False``,
+      past positions that hold no rows). Ticks let the source actor stop the
+      read, and tell a quiet split from a stuck one.
+    - The source actor closes the generator (``close()``) when it stops
+      reading, so a ``try/finally`` in ``read`` releases what it holds.
+
+    **Positions with gaps** (``dense = False``: Kafka offsets, where
+    transaction markers and compaction leave holes): a batch covers the
+    positions ``[previous next_position, next_position)``, not
+    ``next_position - num_rows``, and :meth:`row_positions` gives each row's
+    own position (the source actor needs it to cut a batch at a committed
+    position on replay).
+    """
+
+    #: A stable name (file path, block range, ``topic/partition``); recorded with committed positions.
     name: str
+    #: ``read`` may wait for data and never end (see the class doc).
+    unbounded: bool = False
+    #: Positions count rows: a batch covers ``[next_position - num_rows, next_position)``.
+    dense: bool = True
 
     @abstractmethod
     def read(self, position: int) -> Iterator[tuple[pa.RecordBatch, int]]:
         """Yield ``(batch, next_position)`` from row ``position`` on (see module doc)."""
 
+    def row_positions(self, batch: pa.RecordBatch) -> np.ndarray:
+        """The position of each row of ``batch`` (int64, ascending). Only called when ``dense`` is
+        False; a dense split's rows are at ``next_position - num_rows + arange(num_rows)``."""
+        raise NotImplementedError(f"{type(self).__name__} has dense=False but no row_positions()")
+
+    def available(self) -> int | None:
+        """The position just past the newest row that could be read now (Kafka's high
+        watermark; the rows due so far of a paced generator), for lag; ``None`` if unknown.
+
+        Called by the source actor from a worker thread, at most about once a
+        second; may block briefly (a broker round trip). Never treat it as the
+        end of the data: a broker's watermark can trail what it holds.
+        """
+        return None
+
 
 class Source(ABC):
-    """A set of splits sharing one schema."""
+    """A set of splits sharing one schema.
+
+    A *dynamic* source (``dynamic = True``: a watched directory, a Kafka topic
+    that may gain partitions) is asked for its splits again while the job
+    runs, every ``EngineConfig.discovery_interval_s``, by the source actors:
+    splits with new names are read from position 0 (or their committed
+    position), splits already known keep going. A job whose source is
+    :attr:`unbounded` never ends on its own: it runs until ``run.stop()``.
+    """
+
+    #: ``splits()`` may return new splits while the job runs (see the class doc).
+    dynamic: bool = False
+
+    @property
+    def unbounded(self) -> bool:
+        """The job never ends on its own: a split is unbounded, or splits may keep appearing."""
+        return self.dynamic
 
     @abstractmethod
     def splits(self) -> list[Split]:
-        """Resolve the splits. Raises :class:`SourceNotFoundError` / :class:`EmptyInputError`."""
+        """Resolve the splits. Raises :class:`SourceNotFoundError` / :class:`EmptyInputError`
+        (a dynamic source returns what exists now, possibly nothing, rather than raise
+        ``EmptyInputError``)."""
 
     @property
     @abstractmethod
