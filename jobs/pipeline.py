@@ -1,6 +1,7 @@
 """The flagship job: the WORKLOAD keyed job (per key: count and sum of value).
 
     python jobs/pipeline.py                         # 10M synthetic events on a local Ray
+    python jobs/pipeline.py --rate 200000           # a live stream until Ctrl-C (or SIGTERM)
     python jobs/pipeline.py --input data/ --key user_id --value amount
     ray submit cluster.yaml jobs/pipeline.py        # on a running cluster
     ray job submit --working-dir . -- python jobs/pipeline.py
@@ -11,13 +12,22 @@ otherwise starts a local Ray instance sized to this machine. Writes
 ``<key>, count, sum`` as a Parquet dataset to ``--output`` and prints a
 summary. Running it again with the same ``--checkpoint-dir`` resumes from the
 last commit (a finished job returns at once).
+
+With ``--rate`` the input is a live, paced stream (unbounded unless
+``--events`` bounds it): the job runs until Ctrl-C or SIGTERM (``ray job
+stop`` sends it to the driver; give it time with ``RAY_JOB_STOP_WAIT_TIME_S``),
+then stops gracefully (the sources stop reading, every consumer commits what
+it processed and leaves), prints its summary, and the next run resumes where
+it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -30,7 +40,18 @@ import rayflow as rf
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="rayflow flagship: per-key count and sum over a stream")
-    ap.add_argument("--events", type=int, default=10_000_000, help="synthetic events (default 10M)")
+    ap.add_argument(
+        "--events",
+        type=int,
+        default=None,
+        help="synthetic events (default: 10M; with --rate: unbounded, until Ctrl-C or SIGTERM)",
+    )
+    ap.add_argument(
+        "--rate",
+        type=int,
+        default=None,
+        help="events/s: a live synthetic stream, each event released at its time (ts = generation time)",
+    )
     ap.add_argument("--keys", type=int, default=100_000, help="distinct synthetic keys (default 100k)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--input", help="Parquet/CSV/JSON file, directory or glob instead of the generator")
@@ -67,8 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_source(args) -> rf.sources.Source:
+    """The input: the generator (paced with --rate), or a file, directory or glob (by extension).
+    Stream inputs (a Kafka topic, a watched directory) are one more branch each here."""
     if not args.input:
-        return rf.sources.Synthetic(events=args.events, keys=args.keys, seed=args.seed)
+        return rf.sources.Synthetic(events=args.events, rate=args.rate, keys=args.keys, seed=args.seed)
     path = args.input
     probe = path.lower()
     if ".csv" in probe:
@@ -124,19 +147,25 @@ def main(argv=None) -> int:
     where = init_ray(args.address)
     init_s = time.perf_counter() - t0
     try:
-        result = pipeline.run()
+        result = run_until_stopped(pipeline) if source.unbounded else pipeline.run()
     except rf.errors.RayflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = result.stats
     import pyarrow.dataset as ds
 
-    out = ds.dataset(args.output, format="parquet").to_table()
+    out = (
+        latest_per_key(ds.dataset(args.output, format="parquet").to_table(), args.key)
+        if os.path.isdir(args.output)
+        else pa.table({"count": pa.array([], pa.int64()), "sum": pa.array([], pa.float64())})
+    )
     print(
         f"rayflow pipeline {args.name!r} on {where} (ray.init {init_s:.1f} s, start-up {s['startup_s']:.1f} s)"
     )
     print(f"  input       {source!r}")
     print(f"  processed   {s['events']:,} events in {s['seconds']:.2f} s = {s['events_per_s']:,.0f} events/s")
+    if s.get("stopped"):
+        print("  stopped     committed; run again with the same --checkpoint-dir to resume")
     print(
         f"  partitions  {s['partitions']}, consumers {s['consumers']}, rebalances {s['rebalances']}, "
         f"recoveries {s['recoveries']}"
@@ -147,6 +176,45 @@ def main(argv=None) -> int:
             f"total sum {pc.sum(out['sum']).as_py():,.4f} -> {os.path.abspath(args.output)}"
         )
     return 0
+
+
+def latest_per_key(table: pa.Table, key: str) -> pa.Table:
+    """The output as a table of one row per key: a job over a live input writes, at each commit,
+    the keys that changed (with their ``_version``); the latest version of each key counts."""
+    if "_version" not in table.column_names or table.num_rows == 0:
+        return table
+    order = pc.sort_indices(table, [(key, "ascending"), ("_version", "descending")])
+    table = table.take(order)
+    keys = table[key].combine_chunks()
+    first = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1))  # a key's first (latest) row
+    return table.filter(pa.concat_arrays([pa.array([True]), first]))
+
+
+def run_until_stopped(pipeline: rf.Pipeline) -> rf.Result:
+    """Run an unbounded job until Ctrl-C or SIGTERM, then stop it gracefully; returns its result.
+
+    The handlers only set a flag: the stop (Ray calls, commits) runs here, in the main
+    thread, never inside a signal handler. A second signal during the stop is ignored.
+    """
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        if not stop.is_set():
+            print(f"\n{signal.Signals(signum).name}: stopping (draining and committing)...", file=sys.stderr)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run = pipeline.start()
+        while not stop.is_set():
+            try:
+                return run.wait(timeout_s=0.5)  # returns only if the job fails (raises) or ends
+            except TimeoutError:
+                continue
+        return run.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

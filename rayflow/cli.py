@@ -5,11 +5,27 @@
     rayflow sql DIR "SELECT ..."             DuckDB SQL over the catalog (tables commits, outputs,
                                              events, leases; views latest, state) of the job under
                                              DIR (--name to pick)
+    rayflow sql --pipeline NAME "SELECT ..." the output of a running job, live, through its manager
+                                             (a DuckDB sink's database; a Parquet sink's views
+                                             output and latest) [--address ADDR]
+    rayflow sql --output PATH "SELECT ..."   a sink's output on disk: a Parquet directory (views
+                                             output: every row; latest: the latest row per key of
+                                             an upsert stream) or a DuckDB database file
+    (any sql: --to FILE.parquet writes the result there instead of printing it)
 
 Commands that read checkpoints work on a copy of the catalog, so they are safe
 while the job runs (DuckDB lets one process hold the live file). The catalog
 keeps the latest commit of every partition for good, and recent history by
 count (``commits``: the last 50 per partition; ``events``: the last 10,000).
+
+A DuckDB sink's database is held by the running job's manager (one writer
+process), so it is read live with ``--pipeline`` (read-only statements; each
+partition as of its last published commit), and with ``--output`` only once
+the job has ended. An upsert stream (``rf.ops.Aggregate`` over an unbounded
+input, or ``emit="changes"``) written to Parquet holds every version of a
+key, one file per commit and partition; ``latest`` keeps the row with the
+highest ``_version`` of each key: ``SELECT * FROM output QUALIFY row_number()
+OVER (PARTITION BY <key> ORDER BY _version DESC) = 1``.
 """
 
 from __future__ import annotations
@@ -63,8 +79,10 @@ def _open_copy(job_dir: str):
 
 
 def _print(rel) -> None:
-    cols = rel.columns
-    rows = rel.fetchall()
+    _print_rows(rel.columns, rel.fetchall())
+
+
+def _print_rows(cols: list[str], rows: list[tuple]) -> None:
     widths = [
         max(len(str(c)), *(len(_fmt(r[i])) for r in rows)) if rows else len(str(c))
         for i, c in enumerate(cols)
@@ -72,6 +90,11 @@ def _print(rel) -> None:
     print("  ".join(str(c).ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(_fmt(v).ljust(w) for v, w in zip(r, widths)))
+
+
+def _print_table(t) -> None:
+    cols = t.column_names
+    _print_rows(cols, [tuple(r[c] for c in cols) for r in t.to_pylist()])
 
 
 def _fmt(v) -> str:
@@ -98,14 +121,69 @@ def cmd_checkpoints(args) -> int:
 
 
 def cmd_sql(args) -> int:
-    ((_, job_dir),) = _catalogs(args.dir, args.name)[:1]
+    if (args.pipeline or args.output) and len(args.args) != 1:
+        raise RayflowError("with --pipeline or --output, give only the query")
+    if args.pipeline and args.output:
+        raise RayflowError("give --pipeline NAME (a running job) or --output PATH (on disk), not both")
+    if args.pipeline or args.output:
+        result = _query_pipeline(args) if args.pipeline else _query_output(args.output, args.args[0])
+        if args.to:
+            import pyarrow.parquet as pq
+
+            pq.write_table(result, args.to)
+        else:
+            _print_table(result)
+        return 0
+    if len(args.args) != 2:
+        raise RayflowError(
+            'usage: rayflow sql DIR "SELECT ..." (or --pipeline NAME / --output PATH "SELECT ...")'
+        )
+    dir_, query = args.args
+    ((_, job_dir),) = _catalogs(dir_, args.name)[:1]
     con, tmp = _open_copy(job_dir)
     try:
-        _print(con.sql(args.query))
+        if args.to:
+            import pyarrow.parquet as pq
+
+            pq.write_table(con.sql(query).to_arrow_table(), args.to)
+        else:
+            _print(con.sql(query))
     finally:
         con.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _query_pipeline(args):
+    """The query, run by the manager of the running pipeline ``args.pipeline`` (it holds the sink)."""
+    import ray
+
+    from rayflow._internal import naming
+
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR")
+    try:
+        mgr = ray.get_actor(naming.manager_name(args.pipeline), namespace=naming.NAMESPACE)
+    except ValueError:
+        raise RayflowError(f"no running pipeline named {args.pipeline!r} on this cluster") from None
+    try:
+        return ray.get(mgr.query.remote(args.args[0]), timeout=120)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        raise (cause if isinstance(cause, RayflowError) else e) from None
+
+
+def _query_output(path: str, query: str):
+    """The query over a sink's output on disk: a Parquet directory or a DuckDB database file."""
+    if os.path.isdir(path) or "://" in path:
+        from rayflow._internal.checkpoint.store import Store
+        from rayflow.sinks.duckdb import query_files
+
+        return query_files(Store(path), query)
+    if not os.path.exists(path):
+        raise RayflowError(f"no sink output at {path!r} (a Parquet directory or a DuckDB file)")
+    from rayflow.sinks.duckdb import query_database
+
+    return query_database(os.path.abspath(path), query)
 
 
 def cmd_status(args) -> int:
@@ -147,11 +225,22 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None)
     p.set_defaults(fn=cmd_checkpoints)
     p = sub.add_parser(
-        "sql", help="DuckDB SQL over the catalog: commits, latest, outputs, events, leases, state"
+        "sql",
+        help="DuckDB SQL over the catalog (commits, latest, outputs, events, leases, state), or over "
+        "a sink's output: live through a running pipeline (--pipeline) or on disk (--output)",
+        description="rayflow sql DIR QUERY: the catalog of the job under DIR (a copy: safe while it "
+        "runs). rayflow sql --pipeline NAME QUERY: the output of a running pipeline, through its "
+        "manager (a DuckDB sink's table, live; a Parquet sink's views). rayflow sql --output PATH "
+        "QUERY: a Parquet sink directory or a DuckDB sink file. Over Parquet output the views are "
+        "output (every row) and latest (the latest row per key of an upsert stream, by _version: "
+        "what rf.ops.Aggregate emits over an unbounded input). Queries are read-only.",
     )
-    p.add_argument("dir")
-    p.add_argument("query")
-    p.add_argument("--name", default=None)
+    p.add_argument("args", nargs="+", metavar="[DIR] QUERY")
+    p.add_argument("--name", default=None, help="the job under DIR (when DIR holds several)")
+    p.add_argument("--pipeline", default=None, help="query the output of this running pipeline")
+    p.add_argument("--output", default=None, help="query this sink output (Parquet dir or DuckDB file)")
+    p.add_argument("--address", default=None, help="the Ray cluster of --pipeline")
+    p.add_argument("--to", default=None, help="write the result to this Parquet file instead of printing")
     p.set_defaults(fn=cmd_sql)
     args = ap.parse_args(argv)
     try:

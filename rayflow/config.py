@@ -42,6 +42,10 @@ COMMIT_MAX_FAILING_S = 120.0
 #: Longest a consumer waits for one call to the manager or a source; past it the outcome is
 #: unknown (a commit is then reconciled with the catalog before anything new is staged).
 CALL_TIMEOUT_S = 120.0
+#: How often the source actors ask a *dynamic* source (a watched directory, a Kafka topic) for
+#: its splits again: the delay before a new file or topic partition is read. A listing per
+#: second is cheap for a directory or a broker, and short next to a checkpoint interval.
+DISCOVERY_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +65,11 @@ class EngineConfig:
     commit_max_attempts: int = COMMIT_MAX_ATTEMPTS
     commit_max_failing_s: float = COMMIT_MAX_FAILING_S
     call_timeout_s: float = CALL_TIMEOUT_S
-    #: Source actors; a source's splits are dealt to them round-robin.
+    #: Seconds between two listings of a dynamic source's splits (``Source.dynamic``).
+    discovery_interval_s: float = DISCOVERY_INTERVAL_S
+    #: Source actors; a source's splits are dealt to them round-robin (the splits a dynamic
+    #: source gains while the job runs: by a stable hash of their names). A bounded source
+    #: starts no more actors than it has splits; a dynamic one starts all of them.
     num_sources: int = 1
     #: CPUs each consumer reserves from Ray's scheduler (0: place anywhere).
     consumer_num_cpus: float = 0.0

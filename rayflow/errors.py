@@ -11,7 +11,11 @@ also from the builtin exception a Python caller would expect, so both
     │   ├── UnsupportedKeyTypeError(TypeError)  the key column's type cannot be hashed
     │   ├── EmptyInputError                the source has no rows (or no files)
     │   ├── SourceNotFoundError(FileNotFoundError)  a file, directory or glob matched nothing
-    │   └── MalformedInputError            a row or file could not be parsed
+    │   │   └── TopicNotFoundError         a Kafka topic (or partition) does not exist
+    │   ├── MalformedInputError            a row or file could not be parsed
+    │   │   └── BadRecordError             a Kafka message could not be decoded (partition, offset)
+    │   └── PositionOutOfRangeError        a committed position is no longer in the input (retention)
+    ├── BrokerUnreachableError(ConnectionError)  a Kafka broker did not answer within the timeout
     ├── CheckpointError                    committed state cannot be used as it is
     │   └── IncompatibleCheckpointError    the checkpoint was written by a different job shape
     ├── FencedError                        a stale lease epoch: the caller no longer owns the partition
@@ -63,6 +67,50 @@ class SourceNotFoundError(InputError, FileNotFoundError):
 
 class MalformedInputError(InputError):
     """A row or file of the input could not be parsed."""
+
+
+class TopicNotFoundError(SourceNotFoundError):
+    """A Kafka topic, or a partition of it, does not exist on the broker. ``topic`` names it."""
+
+    def __init__(self, message: str, *, topic: str):
+        super().__init__(message)
+        self.topic = topic
+
+    def __reduce__(self):  # keep the keyword field across Ray's pickling
+        return (_rebuild_topic_not_found, (self.args[0], self.topic))
+
+
+def _rebuild_topic_not_found(message: str, topic: str) -> TopicNotFoundError:
+    return TopicNotFoundError(message, topic=topic)
+
+
+class BadRecordError(MalformedInputError):
+    """A Kafka message could not be decoded (``on_bad_record="fail"``). ``topic``,
+    ``partition`` and ``offset`` name the message; the message text says why."""
+
+    def __init__(self, message: str, *, topic: str, partition: int, offset: int):
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+
+    def __reduce__(self):
+        return (_rebuild_bad_record, (self.args[0], self.topic, self.partition, self.offset))
+
+
+def _rebuild_bad_record(message: str, topic: str, partition: int, offset: int) -> BadRecordError:
+    return BadRecordError(message, topic=topic, partition=partition, offset=offset)
+
+
+class PositionOutOfRangeError(InputError):
+    """A position to resume from is no longer in the input: the Kafka broker deleted that
+    offset (retention, compaction of the whole range). Rows would be lost silently if reading
+    went on, so it stops; start a new job (another ``name``) to read what is left."""
+
+
+class BrokerUnreachableError(RayflowError, ConnectionError):
+    """A Kafka broker did not answer within the timeout (``connect_timeout_s``), or did not
+    acknowledge produced messages in time. Check ``bootstrap_servers`` and that the broker runs."""
 
 
 class CheckpointError(RayflowError):

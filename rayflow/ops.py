@@ -6,16 +6,22 @@ so it is cheap to merge, to snapshot to Parquet and to restore.
 
 - :class:`Map` — ``fn(table) -> table``, stateless.
 - :class:`Filter` — keeps the rows where a ``pyarrow.compute`` expression holds.
-- :class:`Aggregate` — per-key aggregates over the whole (bounded) stream,
-  emitted once, when the input ends. Supports ``count``, ``sum``, ``min``,
-  ``max`` and ``mean`` with pyarrow's output naming (``value_count``, ...).
+- :class:`Aggregate` — per-key aggregates. Over a bounded input, emitted
+  once, when the input ends; over an unbounded one (or with
+  ``emit="changes"``), an upsert stream: at each commit, the keys that changed
+  since the previous commit with their new values (DESIGN §11). Supports
+  ``count``, ``sum``, ``min``, ``max`` and ``mean`` with pyarrow's output
+  naming (``value_count``, ...).
 
 A list of operators is a chain: each one's output is the next one's input, and
-what a stateful operator emits when the input ends flows through the rest.
+what a stateful operator emits when the input ends (:meth:`Operator.finish`),
+or at a commit (:meth:`Operator.flush`), flows through the rest.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayflow.errors import ConfigError, InputError
+from rayflow.sinks.base import UPSERT_KEY_METADATA, VERSION_COLUMN
 
 __all__ = ["Aggregate", "Filter", "Map", "Operator"]
 
@@ -43,6 +50,29 @@ class Operator:
     def finish(self, state) -> pa.Table | None:
         """Output to emit when the bounded input ends (stateful operators)."""
         return None
+
+    def for_input(self, *, unbounded: bool) -> Operator:
+        """This operator as it runs over a bounded or an unbounded input (the consumer asks once,
+        at start); the default runs the same either way."""
+        return self
+
+    @property
+    def emits_changes(self) -> bool:
+        """Whether :meth:`flush` emits at each commit (and :meth:`finish` is not called)."""
+        return False
+
+    def flush(self, state, *, version: int) -> tuple[object, pa.Table | None]:
+        """A commit is about to snapshot ``state``: return ``(new_state, output or None)``, the
+        output being what changed since the previous flush, as an upsert stream whose
+        ``_version`` column is ``version`` (see ``rayflow/sinks/base.py``).
+
+        Guarantee the engine relies on (exactly-once): the returned state
+        carries no change that the output lacks, so the snapshot taken right
+        after and the output staged with it describe the same history, and a
+        new owner restored from that snapshot emits exactly the keys changed
+        after it. Called only when :attr:`emits_changes`.
+        """
+        return state, None
 
     def state_to_table(self, state) -> pa.Table:
         raise NotImplementedError
@@ -184,29 +214,74 @@ _MERGE = {"count": "sum", "sum": "sum", "min": "min", "max": "max"}
 SUPPORTED_AGGS = ("count", "sum", "min", "max", "mean")
 
 
+#: What an Aggregate emits: ``"final"`` (once, at the end of a bounded input) or ``"changes"``
+#: (at each commit, the keys changed since the previous one: an upsert stream).
+EMIT_MODES = ("final", "changes")
+
+
 class Aggregate(Operator):
-    """Per-key aggregates over the whole stream, emitted when the input ends.
+    """Per-key aggregates: the final result of a bounded input, or an upsert stream.
 
     ``by`` is a column or list of columns and must include the pipeline's key
     columns (so a group never spans two partitions). ``aggs`` is a list of
     ``(column, function)`` with function one of ``count``, ``sum``, ``min``,
     ``max``, ``mean``; outputs are named ``<column>_<function>``.
 
+    ``emit`` says what is emitted, and when:
+
+    - ``"final"``: every group once, when the bounded input ends (the columns
+      ``by`` + outputs); over an unbounded input, never.
+    - ``"changes"``: at each commit of a partition, the groups that changed
+      since its previous commit, with their new cumulative values: an upsert
+      stream (DESIGN §11). Columns ``by`` + outputs + ``_version`` (int64);
+      the schema metadata ``rayflow.upsert_key`` names the ``by`` columns
+      (``rayflow/sinks/base.py``). The latest row of a group (highest
+      ``_version``) is its current value; at the end of a bounded input, the
+      latest rows equal the ``"final"`` result. ``rf.sinks.DuckDB`` applies
+      the stream as upserts into a keyed table; over a Parquet sink ``rayflow
+      sql`` offers the view ``latest``.
+    - ``None`` (default): ``"changes"`` when the source is unbounded (its job
+      never ends, so a final result never comes), else ``"final"``.
+
+    ``_version`` is ``lease_epoch * 2**40 + n``, ``n`` counting the flushes of
+    the partition's current owner: it increases across the commits of a
+    partition, across failed and retried attempts (rows of one output file
+    may repeat a key: the highest version wins) and across owners (lease
+    epochs only grow, a new owner's flushes outrank every earlier one).
+
+    Exactly-once (see :meth:`Operator.flush`): the change set is not part of
+    the checkpoint; every commit flushes it first and stages its output with
+    that commit, so the committed state never holds a change its committed
+    outputs lack, and a new owner restored from it emits exactly the groups
+    changed after it. An operator after the Aggregate sees the upserts as
+    batches: a ``Filter`` keeps the stream keyed; a ``Map`` must keep the key
+    columns, ``_version`` and the schema metadata for a sink to upsert (else
+    the rows are appended).
+
     State is one Arrow table per partition: the group columns plus mergeable
     partials (``mean`` keeps a sum and a count). Each batch is aggregated with
     pyarrow's ``group_by``; partials are merged into the state lazily, once
     they outgrow it, so the cost per batch does not grow with the key count.
-    ``count`` counts non-null values, as pyarrow and SQL's ``count(col)`` do.
+    In ``"changes"`` mode the groups a batch touched are kept as Arrow key
+    columns until the next flush, which merges the state and marks the
+    changed groups in one ``group_by`` (as costly as the snapshot that
+    follows it anyway). ``count`` counts non-null values, as pyarrow and SQL's
+    ``count(col)`` do; null groups are groups, as in SQL.
     """
 
     stateful = True
 
-    def __init__(self, by: str | Sequence[str], aggs: Sequence[tuple[str, str]]):
+    def __init__(self, by: str | Sequence[str], aggs: Sequence[tuple[str, str]], *, emit: str | None = None):
         self.by = [by] if isinstance(by, str) else list(by)
         if not self.by:
             raise ConfigError("rf.ops.Aggregate needs at least one group column in by=")
         if not aggs:
             raise ConfigError("rf.ops.Aggregate needs at least one (column, function) in aggs=")
+        if emit is not None and emit not in EMIT_MODES:
+            raise ConfigError(
+                f"rf.ops.Aggregate: emit must be one of {EMIT_MODES} (or None: changes over an "
+                f"unbounded source, final otherwise), got {emit!r}"
+            )
         parsed = []
         for a in aggs:
             if not (isinstance(a, (tuple, list)) and len(a) == 2):
@@ -219,19 +294,43 @@ class Aggregate(Operator):
                 )
             parsed.append(_Agg(col, fn))
         self.aggs = parsed
+        self.emit = emit
+        if emit != "final" and VERSION_COLUMN in self.by + [a.out for a in parsed]:
+            raise ConfigError(
+                f"rf.ops.Aggregate: {VERSION_COLUMN!r} is the version column of the upsert stream "
+                "it emits; rename that column (in an rf.ops.Map before it), or use emit='final'"
+            )
         self._partials = list(dict.fromkeys(p for a in parsed for p in a.partials()))
 
     def spec(self) -> dict:
-        return {"type": "Aggregate", "by": self.by, "aggs": [[a.column, a.fn] for a in self.aggs]}
+        out = {"type": "Aggregate", "by": self.by, "aggs": [[a.column, a.fn] for a in self.aggs]}
+        if self.emit is not None:  # absent when unset, as in every checkpoint written before it existed
+            out["emit"] = self.emit
+        return out
 
     def __repr__(self) -> str:
-        return f"rf.ops.Aggregate(by={self.by}, aggs={[(a.column, a.fn) for a in self.aggs]})"
+        emit = f", emit={self.emit!r}" if self.emit is not None else ""
+        return f"rf.ops.Aggregate(by={self.by}, aggs={[(a.column, a.fn) for a in self.aggs]}{emit})"
+
+    def for_input(self, *, unbounded: bool) -> Aggregate:
+        """Resolve ``emit=None``: ``"changes"`` over an unbounded input, ``"final"`` otherwise."""
+        if self.emit is not None:
+            return self
+        resolved = copy.copy(self)
+        resolved.emit = "changes" if unbounded else "final"
+        return resolved
+
+    @property
+    def emits_changes(self) -> bool:
+        return self.emit == "changes"
 
     def check_input(self, schema: pa.Schema) -> pa.Schema:
         """Every column must be there, with a type its aggregation accepts; returns the output schema.
 
         The types are checked by pyarrow itself, on an empty table of the
-        input's schema: what it accepts here it accepts on every batch.
+        input's schema: what it accepts here it accepts on every batch. (With
+        ``emit=None`` the schema returned is the final one, without
+        ``_version``: the source decides the mode only when the job runs.)
         """
         missing = [c for c in self.by + [a.column for a in self.aggs] if c not in schema.names]
         if missing:
@@ -253,16 +352,19 @@ class Aggregate(Operator):
                         f"pyarrow.csv.ConvertOptions(column_types={{{col!r}: pyarrow.float64()}})))"
                     ) from None
         try:
-            out = self.finish((self._partial(empty), [], 0))
+            out = self._present(self._partial(empty))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
             raise InputError(
                 f"{self!r} cannot run on the input {_columns(schema)}: {_first_line(e)}"
             ) from None
+        if self.emits_changes:
+            out = self._upserts(out, 0)
         return out.schema
 
-    # State: (merged table or None, [pending partial tables], pending rows)
+    # State: (merged table or None, [pending partial tables], pending rows,
+    #         [key tables of the groups changed since the last flush] ("changes" mode only))
     def init_state(self):
-        return (None, [], 0)
+        return (None, [], 0, [])
 
     def _partial(self, table: pa.Table) -> pa.Table:
         res = table.group_by(self.by, use_threads=False).aggregate([(c, f) for c, f, _ in self._partials])
@@ -270,37 +372,39 @@ class Aggregate(Operator):
         cols = [res.column(c) for c in self.by] + [res.column(f"{c}_{f}") for c, f, _ in self._partials]
         return pa.Table.from_arrays(cols, names=names)
 
-    def _merge(self, tables: list[pa.Table]) -> pa.Table:
+    def _merge(self, tables: list[pa.Table], extra: list[tuple[str, str]] = ()) -> pa.Table:
+        """Merge partial tables by group; ``extra`` are further (column, function) aggregations."""
         t = pa.concat_tables(tables, promote_options="permissive")
-        res = t.group_by(self.by, use_threads=False).aggregate([(s, _MERGE[f]) for _, f, s in self._partials])
-        cols = [res.column(c) for c in self.by] + [
-            res.column(f"{s}_{_MERGE[f]}") for _, f, s in self._partials
-        ]
-        return pa.Table.from_arrays(cols, names=self.by + [s for _, _, s in self._partials])
+        merges = [(s, _MERGE[f]) for _, f, s in self._partials]
+        res = t.group_by(self.by, use_threads=False).aggregate(merges + list(extra))
+        names = self.by + [s for _, _, s in self._partials] + [f"{c}_{f}" for c, f in extra]
+        cols = [res.column(c) for c in self.by] + [res.column(f"{s}_{m}") for s, m in merges]
+        cols += [res.column(f"{c}_{f}") for c, f in extra]
+        return pa.Table.from_arrays(cols, names=names)
 
     def process(self, state, table):
-        merged, pending, pending_rows = state
+        merged, pending, pending_rows, changed = state
         if table.num_rows == 0:
             return state, None
         part = self._partial(table)
         pending = pending + [part]
         pending_rows += part.num_rows
+        if self.emits_changes:  # the batch's groups, unique already: a zero-copy selection
+            changed = changed + [part.select(self.by)]
         # Merge once the partials outgrow the state: amortized O(rows) per batch.
         if pending_rows >= max(65_536, merged.num_rows if merged is not None else 0):
             merged = self._merge(([merged] if merged is not None else []) + pending)
             pending, pending_rows = [], 0
-        return (merged, pending, pending_rows), None
+        return (merged, pending, pending_rows, changed), None
 
     def _compact(self, state) -> pa.Table | None:
-        merged, pending, _ = state
+        merged, pending = state[0], state[1]
         if not pending:
             return merged
         return self._merge(([merged] if merged is not None else []) + pending)
 
-    def finish(self, state) -> pa.Table | None:
-        t = self._compact(state)
-        if t is None:
-            return None
+    def _present(self, t: pa.Table) -> pa.Table:
+        """The output columns (``by`` + aggregates) of a merged partial table."""
         cols, names = [t.column(c) for c in self.by], list(self.by)
         for a in self.aggs:
             if a.fn == "mean":
@@ -312,6 +416,40 @@ class Aggregate(Operator):
             names.append(a.out)
         return pa.Table.from_arrays(cols, names=names)
 
+    def _upserts(self, t: pa.Table, version: int) -> pa.Table:
+        """``t`` as an upsert stream: the version column, and the key named in the metadata."""
+        t = t.append_column(VERSION_COLUMN, pa.repeat(pa.scalar(version, pa.int64()), t.num_rows))
+        return t.replace_schema_metadata({UPSERT_KEY_METADATA: json.dumps(self.by).encode()})
+
+    def finish(self, state) -> pa.Table | None:
+        t = self._compact(state)
+        if t is None:
+            return None
+        return self._present(t)
+
+    def flush(self, state, *, version: int) -> tuple[object, pa.Table | None]:
+        """The groups changed since the last flush, with their cumulative values (see the class doc).
+
+        One ``group_by`` over the state, the pending partials and the changed
+        keys (flagged) merges the state and tells the changed groups at once;
+        null groups match as in the merge itself (a join would not match them).
+        The change set is emptied: the returned state carries no unflushed change.
+        """
+        merged, pending, _, changed = state
+        if not changed:
+            return state, None
+        flag = "_rayflow_changed"
+        base = ([merged] if merged is not None else []) + pending
+        base = [t.append_column(flag, pa.repeat(pa.scalar(False), t.num_rows)) for t in base]
+        keys = pa.concat_tables(changed, promote_options="permissive")
+        keys = keys.append_column(flag, pa.repeat(pa.scalar(True), keys.num_rows))
+        # The key rows' partial columns are null: every merge function skips nulls.
+        res = self._merge(base + [keys], extra=[(flag, "any")])
+        is_changed = res.column(f"{flag}_any")
+        merged = res.drop_columns([f"{flag}_any"])
+        out = self._present(merged.filter(is_changed))
+        return (merged, [], 0, []), self._upserts(out, version)
+
     def state_to_table(self, state) -> pa.Table:
         t = self._compact(state)
         return t if t is not None else pa.table({c: pa.array([], pa.null()) for c in self.by})
@@ -321,7 +459,8 @@ class Aggregate(Operator):
 
         The resume check (``_internal/compat.py``) only lets an aggregation be
         added over a column that is new in the input, whose past rows had no
-        value: for those an empty partial (count 0, else null) is exact.
+        value: for those an empty partial (count 0, else null) is exact. The
+        change set starts empty: a snapshot is taken right after a flush.
         """
         if table.num_rows == 0:
             return self.init_state()
@@ -331,7 +470,7 @@ class Aggregate(Operator):
                     pa.array([0] * table.num_rows, pa.int64()) if fn == "count" else pa.nulls(table.num_rows)
                 )
                 table = table.append_column(col, fill)
-        return (table.select(self.by + [s for _, _, s in self._partials]), [], 0)
+        return (table.select(self.by + [s for _, _, s in self._partials]), [], 0, [])
 
 
 def as_chain(operator: Operator | Sequence[Operator] | None) -> list[Operator]:

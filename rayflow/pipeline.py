@@ -163,7 +163,19 @@ class Pipeline:
         )
 
     def run(self, *, timeout_s: float | None = None) -> Result:
-        """Run to the end of a bounded source; blocks. Resumes from the last commit."""
+        """Run to the end of a bounded source; blocks. Resumes from the last commit.
+
+        An unbounded source (``Source.unbounded``: a Kafka topic, a watched
+        directory, a paced ``Synthetic``) has no end to run to: this raises
+        :class:`ConfigError`; use ``run = pipeline.start()``, then ``run.stop()``.
+        """
+        if self._spec.source.unbounded:
+            raise ConfigError(
+                f"the source {self._spec.source!r} is unbounded: the job never ends on its own, so "
+                "run() would never return. Start it with run = pipeline.start(), watch it with "
+                "run.status(), and end it with result = run.stop() (it drains, commits and returns "
+                "the run's result; the next start resumes)"
+            )
         return self.start().wait(timeout_s=timeout_s)
 
     def start(self) -> Run:

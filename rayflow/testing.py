@@ -8,6 +8,8 @@
 - :class:`FaultPlan` injects crashes and failures at named points of the
   commit path (``Pipeline(faults=...)``), at a given arrival or on a seeded
   random schedule; :func:`kill_actor` kills an actor by name.
+- :class:`VisibilityLog` wraps a sink and logs when each published output row
+  became visible (``bench/latency.py``'s end-to-end latency).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import pyarrow as pa
 
 from rayflow.errors import ConfigError
 from rayflow.ops import Map
+from rayflow.sinks import Sink
+from rayflow.sinks.base import PENDING_DIR
 
 __all__ = [
     "FAULT_POINTS",
@@ -29,6 +33,7 @@ __all__ = [
     "Fault",
     "FaultPlan",
     "InjectedFault",
+    "VisibilityLog",
     "assert_same_rows",
     "duckdb_reference",
     "keyed_reference",
@@ -225,3 +230,54 @@ def kill_actor(pipeline_name: str, actor: str, *, how: str = "SIGKILL") -> None:
         return
     pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
     os.kill(pid, signal.SIGKILL)
+
+
+class VisibilityLog(Sink):
+    """A sink that publishes through ``inner`` and logs when each output row became visible.
+
+    For every published output file it writes ``<log_dir>/<file name>``: the
+    file's ``columns`` plus ``visible_at_ms`` (wall-clock ms, taken right after
+    ``inner.publish`` returned, i.e. once a reader of the sink can see the
+    rows). Idempotent like any publication: a file already logged is not
+    logged again. ``log_dir`` is a local directory on the manager's node.
+    Benchmarks join the log with the input to get each event's end-to-end
+    latency (``bench/latency.py``).
+    """
+
+    def __init__(self, inner: Sink, log_dir: str | os.PathLike, *, columns: list[str]):
+        if not isinstance(inner, Sink):
+            raise ConfigError(f"VisibilityLog wraps an rf.sinks sink, got {inner!r}")
+        self.inner = inner
+        self.log_dir = os.path.abspath(os.fspath(log_dir))
+        self.columns = list(columns)
+        self.keeps_output_list = inner.keeps_output_list
+
+    def root(self, *, pipeline_root: str) -> str:
+        return self.inner.root(pipeline_root=pipeline_root)
+
+    def publish(self, store, name: str) -> None:
+        import pyarrow.parquet as pq
+
+        log = os.path.join(self.log_dir, name)
+        pending = f"{PENDING_DIR}/{name}"
+        rows = store.read_parquet(pending).select(self.columns) if store.exists(pending) else None
+        self.inner.publish(store, name)
+        if rows is None or os.path.exists(log):
+            return  # published (and logged) by an earlier call
+        now = int(time.time() * 1000)
+        rows = rows.append_column("visible_at_ms", pa.array([now] * rows.num_rows, pa.int64()))
+        os.makedirs(self.log_dir, exist_ok=True)
+        pq.write_table(rows, log + ".tmp")
+        os.replace(log + ".tmp", log)
+
+    def read_output(self, store, files):
+        return self.inner.read_output(store, files)
+
+    def query(self, store, sql: str) -> pa.Table:
+        return self.inner.query(store, sql)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __repr__(self) -> str:
+        return f"rayflow.testing.VisibilityLog({self.inner!r}, {self.log_dir!r})"

@@ -10,6 +10,8 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 import pytest
 
+pytest_plugins = ["tests.kafka_broker"]  # the tansu Kafka broker: kafka_broker, kafka
+
 
 def free_port() -> int:
     import socket

@@ -30,7 +30,8 @@ def _tag(e: Exception, index: int, op: Operator, partition: int | None) -> None:
 
 
 class Chain:
-    """A list of operators run in order; stateful ones absorb input until the end.
+    """A list of operators run in order; stateful ones absorb input and emit at the end
+    (:meth:`finish`) or at each commit (:meth:`flush`, operators that emit changes).
 
     States are a list aligned with the operators (``None`` for stateless ones).
     An exception raised by an operator propagates unchanged, with a note that
@@ -40,6 +41,13 @@ class Chain:
     def __init__(self, ops: list[Operator]):
         self.ops = ops
         self.stateful_indices = [i for i, op in enumerate(ops) if op.stateful]
+        #: Stateful operators that emit their changes at each commit (:meth:`flush`).
+        self.changes_indices = [i for i in self.stateful_indices if ops[i].emits_changes]
+
+    def for_input(self, *, unbounded: bool) -> Chain:
+        """The chain as it runs over a bounded or an unbounded input (``Operator.for_input``:
+        an ``Aggregate(emit=None)`` emits changes over an unbounded one)."""
+        return Chain([op.for_input(unbounded=unbounded) for op in self.ops])
 
     def init_states(self) -> list:
         return [op.init_state() for op in self.ops]
@@ -77,12 +85,39 @@ class Chain:
         self._run_from(states, 0, table, out, partition)
         return out
 
-    def finish(self, states: list, *, partition: int | None = None) -> list[pa.Table]:
-        """End of input: each stateful operator's final output flows through the rest."""
+    def finish(self, states: list, *, version: int = 0, partition: int | None = None) -> list[pa.Table]:
+        """End of input: each stateful operator's final output flows through the rest.
+
+        An operator that emits changes flushes instead (its last changes, as
+        ``version``): its earlier flushes already emitted the rest.
+        """
         out: list[pa.Table] = []
         for i in self.stateful_indices:
+            op = self.ops[i]
             try:
-                table = self.ops[i].finish(states[i])
+                if op.emits_changes:
+                    states[i], table = op.flush(states[i], version=version)
+                else:
+                    table = op.finish(states[i])
+            except Exception as e:
+                _tag(e, i, op, partition)
+                raise
+            self._run_from(states, i + 1, table, out, partition)
+        return out
+
+    def flush(self, states: list, *, version: int, partition: int | None = None) -> list[pa.Table]:
+        """A commit is due: each change-emitting operator's changes since its last flush, with
+        ``version``, flow through the rest (in chain order, so a later one flushes what an
+        earlier one's changes changed in it). States are updated in place.
+
+        The caller stages the outputs with the commit it is about to write, and
+        never calls this twice for one commit: the changes are gone from the
+        states once returned (see ``Operator.flush``).
+        """
+        out: list[pa.Table] = []
+        for i in self.changes_indices:
+            try:
+                states[i], table = self.ops[i].flush(states[i], version=version)
             except Exception as e:
                 _tag(e, i, self.ops[i], partition)
                 raise

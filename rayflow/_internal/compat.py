@@ -18,7 +18,12 @@ one place, :func:`check_resume`, field by field:
   already had is refused: those rows were never aggregated into it.
 - splits: every split with committed positions must still be there; and a
   job whose every partition committed its final output takes no new split
-  (its final output cannot be amended).
+  (its final output cannot be amended). A *dynamic* source (a watched
+  directory, a Kafka topic) is not held to its old split list: its splits
+  come and go while it runs (the catalog's known splits say which it has
+  had), and a split it no longer lists is simply not read again. A run with a
+  source that is not dynamic must still list every split the checkpoint has
+  read, discovered ones included.
 
 Anything refused raises :class:`IncompatibleCheckpointError` naming the
 column or setting and saying what to do.
@@ -53,6 +58,8 @@ class JobMeta:
     splits: tuple[str, ...] | None = None
     #: ``(name, type, nullable)`` of each input column.
     input_schema: tuple[tuple[str, str, bool], ...] | None = None
+    #: The source is dynamic (``Source.dynamic``): its split list may change between runs.
+    dynamic: bool | None = None
 
     @classmethod
     def build(
@@ -63,6 +70,7 @@ class JobMeta:
         operators: list[dict],
         splits: list[str],
         schema: pa.Schema,
+        dynamic: bool = False,
     ) -> JobMeta:
         return cls(
             key=tuple(key),
@@ -70,6 +78,7 @@ class JobMeta:
             operators=tuple(operators),
             splits=tuple(splits),
             input_schema=tuple((f.name, str(f.type), f.nullable) for f in schema),
+            dynamic=bool(dynamic),
         )
 
     def to_dict(self) -> dict[str, str]:
@@ -85,6 +94,8 @@ class JobMeta:
             out["splits"] = json.dumps(list(self.splits))
         if self.input_schema is not None:
             out["input_schema"] = json.dumps([list(c) for c in self.input_schema])
+        if self.dynamic is not None:
+            out["dynamic"] = json.dumps(self.dynamic)
         return out
 
     @classmethod
@@ -97,12 +108,14 @@ class JobMeta:
             return json.loads(d[k]) if k in d else None
 
         key, ops, splits, schema = load("key"), load("operators"), load("splits"), load("input_schema")
+        dynamic = load("dynamic")
         return cls(
             key=tuple(key) if key is not None else None,
             partition_map=d.get("partition_map"),
             operators=tuple(ops) if ops is not None else None,
             splits=tuple(splits) if splits is not None else None,
             input_schema=tuple((n, t, bool(nl)) for n, t, nl in schema) if schema is not None else None,
+            dynamic=bool(dynamic) if dynamic is not None else None,
         )
 
 
@@ -110,11 +123,19 @@ def _refuse(name: str, what: str) -> None:
     raise IncompatibleCheckpointError(f"cannot resume pipeline {name!r}: {what}. {_FRESH}")
 
 
-def check_resume(name: str, old: JobMeta | None, new: JobMeta, *, finished: bool = False) -> None:
+def check_resume(
+    name: str,
+    old: JobMeta | None,
+    new: JobMeta,
+    *,
+    finished: bool = False,
+    known_splits: tuple[str, ...] | list[str] = (),
+) -> None:
     """Raise :class:`IncompatibleCheckpointError` unless ``new`` may resume ``old``'s checkpoint.
 
     ``old`` is the recorded shape (``None``: nothing recorded, a fresh start);
-    ``finished``: every partition of the checkpoint has committed its final output.
+    ``finished``: every partition of the checkpoint has committed its final output;
+    ``known_splits``: the splits a dynamic source of the checkpoint has had (the catalog's).
     """
     if old is None:
         return
@@ -143,16 +164,17 @@ def check_resume(name: str, old: JobMeta | None, new: JobMeta, *, finished: bool
                 )
     if old.operators is not None and new.operators is not None:
         _check_ops(name, list(old.operators), list(new.operators), old_cols)
-    if old.splits is not None:
+    if old.splits is not None or known_splits:
         new_splits = set(new.splits or ())
-        gone = sorted(set(old.splits) - new_splits)
+        had = set(old.splits or ()) | set(known_splits)
+        gone = [] if new.dynamic else sorted(had - new_splits)
         if gone:
             _refuse(
                 name,
                 f"input split(s) {gone[:5]} have committed positions but are not in this run's "
                 "source; resuming would count their rows again or lose them",
             )
-        added = sorted(new_splits - set(old.splits))
+        added = sorted(new_splits - had)
         if finished and added:
             raise IncompatibleCheckpointError(
                 f"pipeline {name!r} has finished, and its input now has new split(s) "

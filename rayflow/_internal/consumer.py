@@ -17,6 +17,11 @@ Two tasks run on the actor's event loop:
   So a revocation, a commit or a stop is never more than a step away.
 
 Commits follow the numbered protocol of :mod:`rayflow._internal.checkpoint.commit`.
+Operators that emit changes (an ``Aggregate`` over an unbounded input) are
+flushed right before a commit is written, on every path that writes one (a
+due commit, a revocation, ``stop()``), and their output is staged with it
+(:meth:`partition_task.PartitionTask.changes_flushed`): never recomputed when
+the attempt fails and is retried, never lost when it is reconciled.
 A failed commit call is reconciled with the catalog before anything is written
 again, retried with capped exponential backoff, and fails the job
 (:class:`PipelineFailedError`, naming the cause) once it has failed
@@ -67,13 +72,16 @@ class ConsumerActor:
         map_version: int,
         config: EngineConfig,
         faults=None,
+        unbounded: bool = False,
     ):
+        """``unbounded``: the source never ends (``Source.unbounded``): an ``Aggregate(emit=None)``
+        then emits its changes at each commit (``Chain.for_input``)."""
         self.member_id = member_id
         self.metrics = ConsumerMetrics(pipeline, member_id)
         self.faults = faults
         self.manager = manager
         self.sources = sources
-        self.chain = chain
+        self.chain = chain.for_input(unbounded=unbounded)
         self.key = key
         self.state_store = Store(state_root)
         self.sink_store = Store(sink_root)
@@ -258,8 +266,11 @@ class ConsumerActor:
                         if t.running and t.input_ended(len(self.sources)):
                             # End of input: stateful operators emit now. Staged until committed,
                             # and never computed twice, even if the commit must be retried.
+                            version = t.next_version()  # used by operators that emit changes
                             t.input_finished(
-                                await asyncio.to_thread(self.chain.finish, t.states, partition=t.partition)
+                                await asyncio.to_thread(
+                                    self.chain.finish, t.states, version=version, partition=t.partition
+                                )
                             )
                 now = time.monotonic()
                 due = [
@@ -464,6 +475,11 @@ class ConsumerActor:
         tasks = [t for t in tasks if t.partition in self.owned and t.needs_commit]
         if not tasks:
             return
+        if self.chain.changes_indices:
+            # Once per attempt, before anything is written: staged, so a failed attempt's flush is
+            # written again by the next one, never recomputed. Outside the try below: an error of
+            # the operator fails the job as itself, it is not a commit failure to retry.
+            await asyncio.to_thread(self._flush, tasks)
         records: list[CommitRecord] = []
         try:
             records = await asyncio.to_thread(self._write, tasks)
@@ -487,6 +503,12 @@ class ConsumerActor:
             self._unsettled += [r for r in records if r.partition in fenced]
             await self._reconcile()
         self._succeeded()
+
+    def _flush(self, tasks: list[pt.PartitionTask]) -> None:
+        """Worker thread: the operators' changes since the last flush, staged with the commit."""
+        for t in tasks:
+            if t.flushes_changes:
+                t.changes_flushed(self.chain.flush(t.states, version=t.next_version(), partition=t.partition))
 
     def _write(self, tasks: list[pt.PartitionTask]) -> list[CommitRecord]:
         """Worker thread: step 1 for every task; a failure deletes what this call wrote."""

@@ -16,6 +16,8 @@ own, and the driver deletes it, and any a crashed run left, when the run ends
 or the next one starts.
 
 Caveat: an in-memory source (``rf.sources.Table``) is written out whole.
+A dynamic source is written too (``JobFile.source``): its source actors list
+its splits again while the job runs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from rayflow.config import EngineConfig
 from rayflow.errors import CheckpointError
 from rayflow.partitioning import PartitionMap
 from rayflow.sinks import Sink
-from rayflow.sources import Split
+from rayflow.sources import Source, Split
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +58,14 @@ class JobFile:
     partition_map: PartitionMap
     config: EngineConfig
     key: tuple[str, ...]
-    #: The splits of each source actor, by its index.
+    #: The splits of each source actor at start, by its index (dealt round-robin). Splits a
+    #: dynamic source gains later go by :func:`rayflow._internal.source_actor.owner_of`.
     splits: tuple[tuple[Split, ...], ...]
+    #: The source, when it is dynamic (``Source.dynamic``): the source actors call its
+    #: ``splits()`` every ``EngineConfig.discovery_interval_s``. None otherwise.
+    source: Source | None = None
+    #: The job never ends on its own (``Source.unbounded``): no source ever reports the end.
+    unbounded: bool = False
     #: A ``rayflow.testing.FaultPlan`` (tests only) or ``None``.
     faults: object = None
 

@@ -17,9 +17,19 @@ processed. Its :class:`Phase` says what is due next:
 
 Transitions, each a method named for its trigger (unit-tested by name in
 ``tests/unit/test_partition_task.py``): :meth:`fetch_applied`,
-:meth:`batch_processed`, :meth:`commit_recorded`, :meth:`revoked` (the
-consumer commits, then releases) and :meth:`fenced`. When a commit is due is
-the pure policy :func:`commit_due`.
+:meth:`batch_processed`, :meth:`changes_flushed`, :meth:`input_finished`,
+:meth:`commit_recorded`, :meth:`revoked` (the consumer commits, then
+releases) and :meth:`fenced`. When a commit is due is the pure policy
+:func:`commit_due`.
+
+**What stateful operators emit is staged, never recomputed.** Their output at
+the end of input (:meth:`input_finished`) and at each commit of an operator
+that emits changes (:meth:`changes_flushed`, the consumer flushes right
+before it writes the commit) goes to ``outputs`` and stays there until a
+commit that names it is recorded: a failed or unknown attempt keeps it for
+the next one, which adds its own flush after it (with a newer version, see
+:meth:`next_version`). The states have given those changes up, so the
+snapshot of any attempt and its staged outputs cover the same history.
 
 Positions are contiguous per split: an entry's ``since`` (where the source's
 previous entry for this partition ended) must not be past the processed
@@ -50,6 +60,16 @@ class Phase(enum.Enum):
 
 #: Phases in which the task still fetches and processes input.
 RUNNING = (Phase.CLEAN, Phase.DIRTY, Phase.BACKLOGGED)
+
+#: ``_version`` of an upsert = ``lease_epoch << VERSION_EPOCH_SHIFT | flush number``: 2**40 flushes
+#: per owner (35 years at one per millisecond), 2**23 lease epochs per partition.
+VERSION_EPOCH_SHIFT = 40
+
+
+def upsert_version(epoch: int, flush: int) -> int:
+    """The ``_version`` of the ``flush``-th flush (from 1) under lease ``epoch``: increasing per
+    partition across flushes, commits and owners (lease epochs only grow)."""
+    return (epoch << VERSION_EPOCH_SHIFT) | flush
 
 
 @dataclass
@@ -82,6 +102,8 @@ class PartitionTask:
     pending: list[Fetched] = field(default_factory=list)
     seq: int = 0
     first_done: bool = False
+    #: Flushes of change-emitting operators by this owner (see :meth:`next_version`).
+    flushes: int = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -202,6 +224,22 @@ class PartitionTask:
         """End of input: the stateful operators' final outputs are staged; the final commit is due."""
         self.outputs.extend(outputs)
         self.phase = Phase.ENDED
+
+    def changes_flushed(self, outputs: list[pa.Table]) -> None:
+        """A commit is about to be written: what the operators' flush emitted is staged with it
+        (after the outputs of earlier attempts still staged), whatever becomes of the attempt."""
+        self.outputs.extend(outputs)
+
+    @property
+    def flushes_changes(self) -> bool:
+        """Whether a commit of this task flushes the operators' changes first: while input runs
+        (at the end of input :meth:`input_finished` flushed the last of them)."""
+        return self.running
+
+    def next_version(self) -> int:
+        """The version of this owner's next flush (:func:`upsert_version`)."""
+        self.flushes += 1
+        return upsert_version(self.epoch, self.flushes)
 
     def commit_recorded(self, rec: CommitRecord) -> None:
         """The catalog recorded ``rec`` (or reconciliation found it there)."""

@@ -8,12 +8,18 @@ exactly once, and deletes it). What is still to publish is read from the
 catalog (``outputs`` table), so publication is retried until it succeeds: by
 the manager's background loop, on a repeated commit, and after a restart.
 
+Readers of a live sink come here too (:meth:`Publisher.query`): the manager
+holds the sink (a DuckDB database has one writer process), and a query run
+between two publications sees whole commits only.
+
 Every method blocks: the manager calls them on its one I/O thread.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import pyarrow as pa
 
 from rayflow._internal.checkpoint.store import Store
 from rayflow.sinks import PENDING_DIR, Sink
@@ -33,6 +39,11 @@ class Publisher:
         if self._fault is not None:
             self._fault("manager.publish")
         self.sink.publish(self.store, name)
+
+    def query(self, sql: str) -> pa.Table:
+        """Read-only ``sql`` over the published output (:meth:`Sink.query`): between two
+        publications (the caller's I/O thread runs both), so it sees whole commits only."""
+        return self.sink.query(self.store, sql)
 
     def delete_unrecorded(self, recorded: set[str]) -> list[str]:
         """Delete pending files no recorded commit names (attempts that never committed, and

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -84,13 +85,14 @@ class JobSpec:
 
 @dataclass
 class Result:
-    """What a finished run hands back.
+    """What a finished (or stopped) run hands back.
 
     ``output``: the output as one Arrow table for :class:`rf.sinks.Collect`
-    (else ``None``). ``stats``: ``events`` (processed by this run),
+    (else ``None``). ``stats``: ``events`` (committed by this run),
     ``seconds`` (first read to last commit), ``events_per_s``, ``startup_s``,
-    ``rebalances``, ``recoveries``, ``partitions``, ``consumers``.
-    ``output_path``: where the output is (absolute, or a URI).
+    ``rebalances``, ``recoveries``, ``partitions``, ``consumers``, and
+    ``stopped`` (True when ``stop()`` ended the run, False when the input
+    ended). ``output_path``: where the output is (absolute, or a URI).
     """
 
     output: pa.Table | None
@@ -168,6 +170,60 @@ def check_storage(paths: Paths, *, alive_nodes: int, shared: bool) -> None:
         )
 
 
+def add_lag(st: dict, sources: list[dict], *, wall: float) -> None:
+    """Add lag figures to a status (``st`` from the manager, ``sources`` the source actors'
+    stats, ``wall`` the time now, s since the epoch; pure, in place). DESIGN §7 and §11: for an unbounded input, rate and lag, not a
+    percentage.
+
+    Lag follows Kafka's consumer lag: rows the input holds that are not yet
+    *committed* (results appear with commits). Per partition:
+
+    - ``lag_rows``: its queued rows (read, not committed) plus its share of the
+      rows available at the sources but not read yet (``Split.available``);
+      shares are the rows routed to each partition so far (uniform before any).
+    - ``rate_rows_per_s``: its processing rate (smoothed, from heartbeats).
+    - ``lag_s``: how far behind the head of the input it is, in time:
+      ``lag_rows`` over its share of the arrival rate (the growth of
+      ``available``); over its processing rate where no split reports
+      ``available``, or nothing arrives. ``None`` when neither is known.
+      Caveat: an estimate; for a backlog that is being caught up, it is the
+      age of the backlog, not the time to drain it.
+    - ``last_commit_at`` (wall time, s since the epoch) and ``last_commit_age_s``
+      (``None``: never committed).
+
+    Overall: ``lag_rows`` (sum), ``lag_s`` (the largest), ``rate_rows_per_s``
+    (sum), ``arrival_rows_per_s`` (None: unknown), ``unread_rows``,
+    ``last_commit_at`` / ``last_commit_age_s`` (the latest of any partition).
+    """
+    parts = st["partitions"]
+    n = max(1, len(parts))
+    routed = [sum(s.get("routed_rows", [0] * n)[p["partition"]] for s in sources) for p in parts]
+    total_routed = sum(routed)
+    unread = sum(s.get("unread_rows", 0) for s in sources)
+    known = [s["arrival_rows_per_s"] for s in sources if s.get("arrival_rows_per_s") is not None]
+    arrival = sum(known) if known else None
+    for part, routed_p in zip(parts, routed):
+        share = routed_p / total_routed if total_routed else 1.0 / n
+        lag = int(part.get("queued_rows", 0) + round(share * unread))
+        rate = float(part.get("load_rows_per_s", 0.0))
+        flow = share * arrival if arrival else 0.0
+        flow = flow if flow > 0 else rate
+        part["lag_rows"] = lag
+        part["rate_rows_per_s"] = rate
+        part["lag_s"] = 0.0 if lag == 0 else (lag / flow if flow > 0 else None)
+        at = part.get("last_commit_at")
+        part["last_commit_age_s"] = max(0.0, wall - at) if at is not None else None
+    lags = [p["lag_s"] for p in parts if p["lag_s"] is not None]
+    commits = [p["last_commit_at"] for p in parts if p.get("last_commit_at") is not None]
+    st["lag_rows"] = sum(p["lag_rows"] for p in parts)
+    st["lag_s"] = max(lags) if lags else None
+    st["rate_rows_per_s"] = sum(p["rate_rows_per_s"] for p in parts)
+    st["arrival_rows_per_s"] = arrival
+    st["unread_rows"] = unread
+    st["last_commit_at"] = max(commits) if commits else None
+    st["last_commit_age_s"] = max(0.0, wall - st["last_commit_at"]) if commits else None
+
+
 def _alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
@@ -197,9 +253,15 @@ def _unwrap(e: BaseException) -> BaseException:
 class Run:
     """A running pipeline: ``status()``, ``scale(consumers=)``, ``wait()``, ``stop()``.
 
+    A job over an unbounded source (``Source.unbounded``) never ends on its
+    own: it runs until :meth:`stop`, which drains, commits and returns the
+    run's :class:`Result`; the next start with the same name and checkpoint
+    directory resumes from the committed positions. ``stop()`` may be called
+    from another thread while one waits in :meth:`wait`.
+
     Attributes: ``manager`` (the GroupManager actor), ``sources`` (the source
     actors), ``consumers`` (member id -> consumer actor), ``paths``
-    (:class:`Paths`), ``startup_s``.
+    (:class:`Paths`), ``startup_s``, ``unbounded``.
     """
 
     def __init__(self, spec: JobSpec):
@@ -212,9 +274,17 @@ class Run:
         self.consumers: dict[str, object] = {}
         self.desired_consumers = spec.consumers
         self._next_consumer = 0
+        # stop() from any thread; wait() then hands back stop()'s result.
+        self._stop_lock = threading.Lock()
+        self._stop_requested = threading.Event()
+        self._stopped = threading.Event()  # stop() has finished (its result or its error is set)
+        self._stop_error: BaseException | None = None
+        self.unbounded = spec.source.unbounded
         self.paths = resolve_paths(spec)
         splits, schema = check_input(spec)
-        self._total_rows = spec.source.events if isinstance(spec.source, Synthetic) else None
+        self._total_rows = (
+            spec.source.events if isinstance(spec.source, Synthetic) and not self.unbounded else None
+        )
         if not ray.is_initialized():
             ray.init(logging_level="WARNING", log_to_driver=True)
         check_storage(self.paths, alive_nodes=_alive_nodes(), shared=spec.local_paths_shared)
@@ -237,7 +307,12 @@ class Run:
     # ------------------------------------------------------------------ start steps
     def _write_job_file(self, splits: list[Split], schema: pa.Schema) -> None:
         """Step 4: what the manager and the sources load at start and at every restart."""
-        spec, n_src = self.spec, max(1, min(self.spec.config.num_sources, len(splits)))
+        spec = self.spec
+        # A dynamic source may start with few splits (or none) and gain more: every source
+        # actor is started, to share what comes. Otherwise no actor without a split.
+        n_src = max(
+            1, spec.config.num_sources if spec.source.dynamic else min(spec.config.num_sources, len(splits))
+        )
         self.job = JobFile(
             name=spec.name,
             root=self.paths.root,
@@ -250,11 +325,14 @@ class Run:
                 operators=self.chain.spec(),
                 splits=[s.name for s in splits],
                 schema=schema,
+                dynamic=spec.source.dynamic,
             ),
             partition_map=self.map,
             config=spec.config,
             key=spec.key,
             splits=tuple(tuple(splits[i::n_src]) for i in range(n_src)),
+            source=spec.source if spec.source.dynamic else None,
+            unbounded=spec.source.unbounded,
             faults=spec.faults,
         )
         self._job_file = write_job_file(self.job)
@@ -325,6 +403,7 @@ class Run:
                 map_version=self.map.version,
                 config=spec.config,
                 faults=spec.faults,
+                unbounded=spec.source.unbounded,
             )
             self.consumers[member] = actor
             self._actors.append(actor)
@@ -334,7 +413,7 @@ class Run:
     def _activate(self) -> None:
         """Step 8: the first assignment, once the expected consumers have joined."""
         self._get(self.manager.activate.remote())
-        status = self._get(self.manager.status.remote())
+        status = self._last_status = self._get(self.manager.status.remote())
         self._rows_at_start = sum(x["committed_rows"] for x in status["partitions"])
 
     def _start_reading(self) -> None:
@@ -354,18 +433,24 @@ class Run:
         """The job now, as plain data.
 
         ``partitions``: per partition its owner, lease epoch, lease state, processed
-        and committed rows, queued rows (lag), rows/s, and whether it is final;
+        and committed rows, queued rows, rows/s, and whether it is final;
         ``members``; ``consumers``: per live consumer its busy seconds, rows
         processed and failed commit attempts; ``blocked_s``: per partition, the
         time the source waited on its full queue; ``rows_read``,
-        ``processed_rows``, ``rebalances``, ``recoveries``, ``done``.
+        ``processed_rows``, ``rebalances``, ``recoveries``, ``done``,
+        ``unbounded``; lag in rows and seconds, rates and the last commit's time,
+        per partition and overall (see :func:`add_lag`); ``splits``: per split its
+        read position, ``available`` and idle times (see ``SourceActor.stats``).
         """
-        st = self._get(self.manager.status.remote())
+        st = self._last_status = self._get(self.manager.status.remote())
         src = self._get([s.stats.remote() for s in self.sources])
         for part in st["partitions"]:
             i = part["partition"]
             part["queued_rows"] = sum(s["queued_rows"][i] for s in src)
             part["blocked_s"] = sum(s["blocked_s"][i] for s in src)
+        add_lag(st, src, wall=time.time())
+        st["unbounded"] = self.unbounded
+        st["splits"] = {name: x for s in src for name, x in s["splits"].items()}
         st["rows_read"] = sum(s["rows_read"] for s in src)
         st["processed_rows"] = sum(x["processed_rows"] for x in st["partitions"])
         keys = ("busy_s", "steps", "rows_processed", "commit_failures", "last_commit_error")
@@ -428,13 +513,22 @@ class Run:
         return out
 
     def wait(self, *, timeout_s: float | None = None) -> Result:
-        """Block until done (or ``timeout_s`` passes: then ``TimeoutError``, the job keeps running)."""
+        """Block until done, and return the run's :class:`Result`.
+
+        Done: a bounded input is read and every partition's final commit is
+        recorded. An unbounded job is never done: ``wait()`` returns when
+        :meth:`stop` (called from another thread) has stopped it, with that
+        result, and raises if the job fails. With ``timeout_s``, raises
+        ``TimeoutError`` once it passes; the job keeps running.
+        """
         if self._result is not None:
             return self._result
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while True:
-                st = self._get(self.manager.status.remote())
+                if self._stop_requested.is_set():
+                    return self._result_of_stop()
+                st = self._last_status = self._get(self.manager.status.remote())
                 if st["done"]:
                     break
                 if st.get("failed"):  # publication of recorded outputs keeps failing
@@ -449,12 +543,35 @@ class Run:
                     raise TimeoutError(f"pipeline {self.spec.name!r} not done after {timeout_s} s")
                 time.sleep(_POLL_S)
         except TimeoutError:
+            if self._stop_requested.is_set():
+                return self._result_of_stop()
             raise
         except BaseException:
+            if self._stop_requested.is_set():  # the actors went under our feet: stop() did it
+                return self._result_of_stop()
             self._teardown()
             raise
+        with self._stop_lock:  # a stop() racing the end of the input: one result
+            if self._result is None:
+                try:
+                    self._result = self._result_from(st, stopped=False)
+                finally:
+                    self._teardown()
+        return self._result
+
+    def _result_of_stop(self) -> Result:
+        """For ``wait()`` when ``stop()`` ends the run from another thread: its result, or its error."""
+        self._stopped.wait()
+        if self._result is not None:
+            return self._result
+        raise PipelineFailedError(
+            f"pipeline {self.spec.name!r} was stopped, and stopping failed: {self._stop_error}"
+        ) from self._stop_error
+
+    def _result_from(self, st: dict, *, stopped: bool, running: bool = True) -> Result:
+        """The :class:`Result` of this run, from the manager's status after its last commit (or,
+        ``running=False``, the last status seen before the run failed: no output then)."""
         seconds = time.monotonic() - self._t_read
-        files = self._get(self.manager.output_files.remote())
         events = sum(x["committed_rows"] for x in st["partitions"]) - self._rows_at_start
         stats = {
             "events": events,
@@ -465,41 +582,87 @@ class Run:
             "recoveries": st["recoveries"],
             "partitions": self.spec.partitions,
             "consumers": len(self.consumers),
+            "stopped": stopped,
         }
-        output = self.spec.sink.read_output(self.sink_store, files)
-        self._teardown()
+        output = None
+        if running:
+            output = self.spec.sink.read_output(
+                self.sink_store, self._get(self.manager.output_files.remote())
+            )
         if self._progress:
             print(
-                f"\r[{self.spec.name}] done: {events:,} events in {seconds:.2f} s "
-                f"({stats['events_per_s'] / 1e6:.2f}M events/s)" + " " * 20,
+                f"\r[{self.spec.name}] {'stopped' if stopped else 'done'}: {events:,} events in "
+                f"{seconds:.2f} s ({stats['events_per_s'] / 1e6:.2f}M events/s)" + " " * 40,
                 file=sys.stderr,
             )
-        self._result = Result(output=output, stats=stats, output_path=self.paths.output_path)
-        return self._result
+        return Result(output=output, stats=stats, output_path=self.paths.output_path)
 
     def _draw(self, st: dict) -> None:
         done = st["processed_rows"]
-        el = max(time.monotonic() - self._t_read, 1e-9)
-        total = f"/{self._total_rows:,}" if self._total_rows else ""
-        lag = sum(x["queued_rows"] for x in st["partitions"])
-        print(
-            f"\r[{self.spec.name}] {done:,}{total} events  {done / el / 1e6:.2f}M/s  "
-            f"lag {lag:,}  consumers {len(st['members'])}   ",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
+        head = f"\r[{self.spec.name}] {done:,}"
+        if self.unbounded:  # no total to reach: how fast, how far behind, how fresh
+            lag_s = st.get("lag_s")
+            age = st.get("last_commit_age_s")
+            line = (
+                f"{head} events  {_per_s(st.get('rate_rows_per_s', 0.0))}  lag {st.get('lag_rows', 0):,} "
+                f"({'?' if lag_s is None else f'{lag_s:.1f}'} s)  last commit "
+                f"{'never' if age is None else f'{age:.1f} s ago'}  consumers {len(st['members'])}   "
+            )
+        else:
+            el = max(time.monotonic() - self._t_read, 1e-9)
+            total = f"/{self._total_rows:,}" if self._total_rows else ""
+            lag = sum(x["queued_rows"] for x in st["partitions"])
+            line = (
+                f"{head}{total} events  {done / el / 1e6:.2f}M/s  "
+                f"lag {lag:,}  consumers {len(st['members'])}   "
+            )
+        print(line, end="", file=sys.stderr, flush=True)
 
-    def stop(self) -> None:
-        """Stop: consumers commit what they have, then every actor goes. A new run resumes."""
-        try:
-            for ref in [c.stop.remote() for c in self.consumers.values()]:
+    def stop(self, *, timeout_s: float = _ACTOR_TIMEOUT_S) -> Result:
+        """Stop gracefully, and return the run's :class:`Result` (``stats["stopped"]`` is True).
+
+        In order: the sources stop reading (their readers finish the batch in
+        progress and close); each consumer finishes its step, commits what it
+        has processed and leaves the group; then every actor goes. Nothing is
+        lost: rows read but not processed are read again by the next run, which
+        resumes from the committed positions. Each step waits at most
+        ``timeout_s`` per actor; one that does not answer is left behind (the
+        next run resumes from its last commit).
+
+        Safe from another thread than one in :meth:`wait` (which then returns
+        this result), and idempotent: a second call, or a call after the run
+        ended, returns the same result. After the run failed (``wait()`` or
+        ``status()`` raised why), it returns the figures last seen, with no
+        output, rather than raise again (it is often called in a ``finally``).
+        """
+        with self._stop_lock:
+            if self._result is not None:
+                return self._result
+            self._stop_requested.set()
+            try:
+                self._result = self._stop(timeout_s)
+                return self._result
+            except BaseException as e:
+                self._stop_error = e
+                raise
+            finally:
+                self._teardown()
+                self._stopped.set()
+
+    def _stop(self, timeout_s: float) -> Result:
+        if not self._actors:  # it failed (and wait() raised why): what was last seen, no output
+            return self._result_from(self._last_status, stopped=True, running=False)
+        for what, refs in (
+            ("sources", lambda: [s.stop_reading.remote() for s in self.sources]),
+            ("consumers", lambda: [c.stop.remote() for c in self.consumers.values()]),
+        ):
+            for ref in refs():
                 try:
-                    self._get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                    pass  # dead, or stuck past the timeout: a new run resumes from its last commit
-        finally:
-            self._teardown()
+                    self._get(ref, timeout=timeout_s)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                    # Dead, or stuck past the timeout: a new run resumes from the last commit.
+                    logger.warning("rayflow: stopping the %s of %r: %s", what, self.spec.name, e)
+        return self._result_from(self._get(self.manager.status.remote()), stopped=True)
 
     def _teardown(self) -> None:
         """Stop every actor of the run (best effort: each failure is logged), then its job file."""
@@ -521,6 +684,30 @@ class Run:
                 Store(self.paths.root).delete(self._job_file)
             except OSError as e:
                 logger.warning("rayflow: could not delete the job file of %r: %s", self.spec.name, e)
+
+    def query(self, sql: str) -> pa.Table:
+        """Run the read-only ``sql`` over the sink's output and return the result.
+
+        While the job runs it goes through the manager, which holds the sink
+        (a DuckDB sink's database: the live materialized view of an upsert
+        stream; a Parquet or Collect sink: the views ``output`` and ``latest``,
+        see ``Sink.query``); it sees whole commits, each partition as of its
+        last published commit, and delays publication while it runs (keep it
+        small). After the run it reads the sink directly. Raises
+        :class:`ConfigError` for a statement that is not read-only or fails.
+        """
+        if self._result is not None or not self._actors:
+            return self.spec.sink.query(self.sink_store, sql)
+        return self._get(self.manager.query.remote(sql))
+
+
+def _per_s(rate: float) -> str:
+    """A rate for the progress line: ``850/s``, ``12.3k/s``, ``4.56M/s``."""
+    if rate >= 1e6:
+        return f"{rate / 1e6:.2f}M/s"
+    if rate >= 1e3:
+        return f"{rate / 1e3:.1f}k/s"
+    return f"{rate:.0f}/s"
 
 
 def _wait_name_free(name: str, timeout_s: float = 10.0) -> None:

@@ -9,13 +9,36 @@ never sees half a batch.
 Each sub-batch is put into Ray's object store once (``ray.put``) and its
 reference queued; consumers ``ray.get`` it zero-copy. A fetch answers for
 many partitions at once, so Ray's per-call cost is paid per batch.
+
+**Readers.** Bounded splits are read round-robin, one batch of each in turn,
+by one task on one worker thread (as many files as there are, one reader).
+Each *unbounded* split (``Split.unbounded``: a Kafka partition, a paced
+generator) is read by its own task on its own thread, because its ``read``
+may block waiting for data: a quiet split must never hold back the others.
+An unbounded read yields at least every ``IDLE_TICK_S`` (an idle tick: an
+empty batch), so the reader notices a stop soon, and closes the generator.
+
+**Discovery.** For a dynamic source (``Source.dynamic``) every source actor
+calls ``splits()`` again every ``EngineConfig.discovery_interval_s`` and
+starts reading the new splits it owns (:func:`owner_of`: deterministic and
+disjoint across the actors, also after a restart), once the manager has
+recorded them in the catalog.
+
+**The end** of the input is reported (``FetchResult.end``) only for a job
+whose source is bounded, once every split is read; never for an unbounded
+job, and never because reading was stopped (:meth:`SourceActor.stop_reading`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
+import logging
 import time
 import warnings
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +50,36 @@ from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.queues import Entry, PartitionQueue
 from rayflow.errors import FencedError, PositionGapError, ProtocolError
 from rayflow.partitioning import hash_table, split_by_partition
+from rayflow.sources import Split
+
+logger = logging.getLogger(__name__)
+
+#: How often a source actor asks its unbounded splits how far their data goes (``available``,
+#: for lag): often enough for a live progress line, rarely enough that a broker round trip per
+#: split and second is nothing.
+AVAILABLE_EVERY_S = 1.0
+#: The arrival rate of a split is measured over about this window of ``available`` samples.
+ARRIVAL_WINDOW_S = 10.0
+#: How long :meth:`SourceActor.stop_reading` waits for the readers to return from the read in
+#: progress (an unbounded read yields at least every ``IDLE_TICK_S``; a bounded batch is one
+#: batch of work). Past it a stuck reader is abandoned: its thread ends with the actor.
+STOP_WAIT_S = 10.0
+
+
+def owner_of(name: str, dealt: Mapping[str, int], num_sources: int) -> int:
+    """The index of the source actor that reads the split ``name`` (pure).
+
+    The splits a job starts with are dealt round-robin (``dealt``: name ->
+    index, written in the job file); a split discovered later goes to
+    ``blake2b(name) mod num_sources``: a stable hash (never Python's salted
+    ``hash()``), so every actor, restarted or not, agrees without talking to
+    the others, and each split has exactly one reader.
+    """
+    i = dealt.get(name)
+    if i is not None:
+        return i
+    h = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+    return h % num_sources
 
 
 @dataclass(frozen=True)
@@ -53,10 +106,95 @@ class FetchResult:
     fenced: FencedError | None = None
 
 
+@dataclass(eq=False)
+class _Reader:
+    """One split being read: where it started, its iterator, and what it last said."""
+
+    split: Split
+    start: int
+    #: An unbounded split's own thread (its read may block); None: the shared bounded reader.
+    pool: ThreadPoolExecutor | None = None
+    it: Iterator | None = None
+    task: asyncio.Task | None = None
+    done: bool = False
+    since_data: float = field(default_factory=time.monotonic)  # last batch with rows
+    since_tick: float = field(default_factory=time.monotonic)  # last batch or idle tick
+    available: int | None = None
+    #: ``(monotonic time, available)`` samples for the arrival rate.
+    samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
+
+    @property
+    def name(self) -> str:
+        return self.split.name
+
+    def arrival_rate(self) -> float | None:
+        """Rows/s by which ``available`` grew over the last ``ARRIVAL_WINDOW_S`` (None: unknown)."""
+        if len(self.samples) < 2:
+            return None
+        t1, a1 = self.samples[-1]
+        t0, a0 = next(((t, a) for t, a in self.samples if t1 - t <= ARRIVAL_WINDOW_S), self.samples[0])
+        if t1 <= t0:
+            return None
+        return max(0.0, (a1 - a0) / (t1 - t0))
+
+
+def route_batch(
+    batch: pa.RecordBatch,
+    routed: np.ndarray,
+    num_partitions: int,
+    *,
+    start: int,
+    end: int,
+    committed: Mapping[int, int],
+    row_positions=None,
+) -> list[tuple[int, int, pa.RecordBatch]]:
+    """Cut a batch covering positions ``[start, end)`` into per-partition sub-batches (pure).
+
+    ``routed``: each row's partition. ``committed``: partition -> the position of
+    this split it has committed (replay: rows before it are not served again).
+    Returns ``(partition, first position, sub-batch)``. A partition committed
+    past ``end`` gets nothing; one committed inside the batch gets only its rows
+    at or after that position, cut at ``committed - start`` for a dense split
+    and, for positions with gaps, where ``row_positions(batch)`` reaches it.
+    """
+    out = []
+    row_pos = None
+    for p, sub in split_by_partition(batch, routed, num_partitions):
+        first = start
+        done = committed.get(p, 0)
+        if end <= done:
+            continue  # replay: this partition already committed these rows
+        if start < done:  # replay across a commit boundary: keep only rows >= done
+            if row_positions is None:
+                cut = done - start
+            else:
+                if row_pos is None:
+                    row_pos = np.asarray(row_positions(batch), dtype=np.int64)
+                cut = int(np.searchsorted(row_pos, done, side="left"))
+            sub = batch.slice(cut).filter(pa.array(routed[cut:] == p))
+            first = done
+            if sub.num_rows == 0:
+                continue
+        out.append((p, first, sub))
+    return out
+
+
 def _was_restarted() -> bool:
     with warnings.catch_warnings():  # Ray's own implementation trips its deprecation warning
         warnings.simplefilter("ignore")
         return ray.get_runtime_context().was_current_actor_reconstructed
+
+
+def _poll_available(splits: list[Split]) -> list[int | None]:
+    """Worker thread: ``available()`` of each split; a failing one reads as unknown."""
+    out = []
+    for s in splits:
+        try:
+            out.append(s.available())
+        except Exception as e:  # only lag figures depend on it: never fail the job for it
+            logger.debug("rayflow: available() of split %r failed: %r", s.name, e)
+            out.append(None)
+    return out
 
 
 @ray.remote
@@ -68,7 +206,8 @@ class SourceActor:
     as at every restart it loads its splits from the job file and asks the
     manager for the committed positions and lease epochs before serving
     anything. After a restart it replays each split from the lowest committed
-    position of its partitions, on its own, at the first call it gets.
+    position of its partitions, on its own, at the first call it gets (and
+    finds the splits it had discovered by listing the source again).
     """
 
     def __init__(self, *, job_root: str, job_file: str, index: int):
@@ -83,6 +222,10 @@ class SourceActor:
         self._synced = False
         self._sync_lock = asyncio.Lock()
         self.splits = list(job.splits[index])
+        self.num_sources = len(job.splits)
+        self.dealt = {s.name: i for i, ss in enumerate(job.splits) for s in ss}
+        self.source = job.source  # a dynamic source (listed again while running), else None
+        self.unbounded = job.unbounded
         self.key = list(job.key)
         self.map = job.partition_map
         self.config = config = job.config
@@ -96,17 +239,42 @@ class SourceActor:
         # a fetch or trim under an older epoch comes from a stale owner.
         self.epochs: dict[int, int] = {}
         self.rows_read = 0
+        self.routed_rows = np.zeros(n, dtype=np.int64)  # rows queued per partition (lag shares)
         self.blocked_s = np.zeros(n)
+        self._blocked_at: float | None = None
         self.exhausted = False
         self.error: BaseException | None = None
+        self.discovery_error: str | None = None
+        self.started_ms = 0
         self._changed = asyncio.Condition()
-        self._task: asyncio.Task | None = None
+        self.readers: dict[str, _Reader] = {}
+        self._round_robin: list[_Reader] = []  # bounded readers, read in turn by one task
+        self._more_bounded = asyncio.Event()
+        self._bounded_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayflow-source-read")
+        self._meta_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayflow-source-meta")
+        self._tasks: list[asyncio.Task] = []  # every reading, discovery and polling task
+        self._bounded_done = False
+        self._started = False
+        self._run_lock = asyncio.Lock()
+        self._stopping = False
+        self._stop = asyncio.Event()
 
     async def run(self) -> None:
         """Start reading, from the committed positions (returns at once)."""
         await self._sync()
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._read_loop())
+        async with self._run_lock:
+            if self._started or self._stopping:
+                return
+            self.started_ms = await self._manager().started_ms.remote()
+            self._started = True
+        self.splits = [s.bind(job_started_ms=self.started_ms) for s in self.splits]
+        loop = asyncio.get_running_loop()
+        for s in self.splits:
+            self._add_reader(s, self.start.get(s.name, 0))
+        self._tasks.append(loop.create_task(self._read_bounded()))
+        self._tasks.append(loop.create_task(self._poll_available_loop()))
+        if self.source is not None:
+            self._tasks.append(loop.create_task(self._discover_loop()))
 
     async def _sync(self) -> None:
         """Once per process: take the committed positions and lease epochs from the manager.
@@ -120,13 +288,15 @@ class SourceActor:
         async with self._sync_lock:
             if self._synced:
                 return
-            manager = ray.get_actor(naming.manager_name(self.pipeline), namespace=naming.NAMESPACE)
-            info = await manager.ready.remote()
+            info = await self._manager().ready.remote()
             self._replay_from(info["positions"])
             await self.set_epochs(info["epochs"])
             self._synced = True
         if self._restarted:
             await self.run()
+
+    def _manager(self):
+        return ray.get_actor(naming.manager_name(self.pipeline), namespace=naming.NAMESPACE)
 
     def _replay_from(self, committed: dict[int, dict[str, int]]) -> None:
         """Where to read from, given the committed positions (partition -> split -> position).
@@ -134,80 +304,185 @@ class SourceActor:
         Each split restarts from the lowest position any partition committed for it;
         partitions already past it skip, here at the source, what they have.
         """
-        n = self.map.num_partitions
-        self.start = {
-            s.name: min((committed.get(p, {}).get(s.name, 0) for p in range(n)), default=0)
-            for s in self.splits
-        }
         self.skip = dict(committed)  # partition -> split -> position: serve no rows before it
+        self.start = {s.name: self._start_of(s.name) for s in self.splits}
         # (partition, split) -> end of the last entry queued (queues.Entry.since).
         self.since: dict[tuple[int, str], int] = {}
         self.frontier = dict(self.start)
         self.read_end = dict(self.start)  # split -> end of the last batch read (contiguity check)
 
-    async def _read_loop(self) -> None:
+    def _start_of(self, name: str) -> int:
+        """The lowest position of split ``name`` any partition has committed (0: one has not)."""
+        n = self.map.num_partitions
+        return min((self.skip.get(p, {}).get(name, 0) for p in range(n)), default=0)
+
+    # ------------------------------------------------------------------ readers
+    def _add_reader(self, split: Split, start: int) -> None:
+        name = split.name
+        r = _Reader(split, start)
+        self.readers[name] = r
+        self.start[name] = start
+        self.frontier.setdefault(name, start)
+        self.read_end.setdefault(name, start)
+        if split.unbounded:
+            r.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayflow-source-split")
+            r.task = asyncio.get_running_loop().create_task(self._read_unbounded(r))
+            self._tasks.append(r.task)
+        else:
+            self._round_robin.append(r)
+            self._more_bounded.set()
+
+    async def _read_bounded(self) -> None:
+        """The bounded splits, one batch of each in turn, on one worker thread. For a dynamic
+        source it waits for discovered splits when it has none left; otherwise it ends."""
+        loop = asyncio.get_running_loop()
         try:
-            iters = [(s.name, iter(s.read(self.start.get(s.name, 0)))) for s in self.splits]
-            while iters:
-                for name, it in list(iters):
+            while not self._stopping:
+                if not self._round_robin:
+                    if self.source is None:
+                        break
+                    self._more_bounded.clear()
+                    await self._more_bounded.wait()
+                    continue
+                for r in list(self._round_robin):
                     await self._wait_for_room()
-                    item = await asyncio.to_thread(self._prepare_next, name, it)
+                    if self._stopping:
+                        break
+                    item = await loop.run_in_executor(self._bounded_pool, self._prepare_next, r)
                     if item is None:
-                        iters.remove((name, it))
+                        self._round_robin.remove(r)
+                        r.done = True
                         continue
-                    self._append(name, *item)
-                    if self.faults is not None:
-                        self.faults.hit("source.batch", self.name)
-                    async with self._changed:
-                        self._changed.notify_all()
-        except BaseException as e:  # surfaced to the driver by status()
+                    await self._deliver(r, *item)
+        except asyncio.CancelledError:  # a reader stuck past stop_reading's wait: not an error
+            raise
+        except BaseException as e:  # surfaced to the driver by fetch() and status()
             self.error = e
         finally:
+            for r in self._round_robin:  # stopped mid-way: release what the readers hold
+                await self._close(r, self._bounded_pool)
+            self._bounded_done = True
+            await self._maybe_end()
+
+    async def _read_unbounded(self, r: _Reader) -> None:
+        """One unbounded split on its own thread, until it ends (if ever) or reading stops."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._stopping:
+                await self._wait_for_room()
+                if self._stopping:
+                    break
+                item = await loop.run_in_executor(r.pool, self._prepare_next, r)
+                if item is None:
+                    r.done = True
+                    break
+                await self._deliver(r, *item)
+        except asyncio.CancelledError:  # a reader stuck past stop_reading's wait: not an error
+            raise
+        except BaseException as e:  # surfaced to the driver by fetch() and status()
+            self.error = e
+        finally:
+            await self._close(r, r.pool)
+            r.pool.shutdown(wait=False)
+            await self._maybe_end()
+
+    async def _close(self, r: _Reader, pool: ThreadPoolExecutor) -> None:
+        """Close ``r``'s generator on the thread that ran it (its ``finally`` releases a file, a
+        broker connection). Best effort: a failing close is logged, never raised."""
+        it, r.it = r.it, None
+        close = getattr(it, "close", None)
+        if close is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(pool, close)
+        except Exception as e:  # the reader is finished with anyway
+            logger.warning("rayflow %s: closing the reader of split %r failed: %r", self.name, r.name, e)
+
+    async def _maybe_end(self) -> None:
+        """Report the end of the input once a bounded job's every split is read (never when
+        stopped, and never for an unbounded job: its consumers would finish it)."""
+        if self.error is None and not self.exhausted:
+            if self.unbounded or self._stopping or not self._bounded_done:
+                return
+            if any(not r.done for r in self.readers.values()):
+                return
             self.exhausted = True
             for q in self.queues:
                 q.close_input()
-            async with self._changed:
-                self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()  # long polls answer now (with the error, if one)
+
+    async def _deliver(self, r: _Reader, end: int, parts: list, rows: int) -> None:
+        """On the loop, in one step: queue a prepared batch (or note an idle tick)."""
+        now = time.monotonic()
+        r.since_tick = now
+        if rows:
+            r.since_data = now
+        self._append(r.name, end, parts)
+        if rows and self.faults is not None:
+            self.faults.hit("source.batch", self.name)
+        async with self._changed:
+            self._changed.notify_all()
 
     async def _wait_for_room(self) -> None:
-        full = [q.partition for q in self.queues if q.full]
-        if not full:
+        if self._stopping or not any(q.full for q in self.queues):
             return
-        t0 = time.monotonic()
+        # Several readers may wait at once: the first one in counts the blocked time.
+        first = self._blocked_at is None
+        if first:
+            self._blocked_at = time.monotonic()
+            full = [q.partition for q in self.queues if q.full]
         async with self._changed:
-            await self._changed.wait_for(lambda: not any(q.full for q in self.queues))
-        self.blocked_s[full] += time.monotonic() - t0
+            await self._changed.wait_for(lambda: self._stopping or not any(q.full for q in self.queues))
+        if first:
+            self.blocked_s[full] += time.monotonic() - self._blocked_at
+            self._blocked_at = None
 
-    def _prepare_next(self, name: str, it) -> tuple | None:
-        """Worker thread: read one batch, route it, put each sub-batch in the object store."""
+    def _prepare_next(self, r: _Reader) -> tuple | None:
+        """Worker thread: read one batch, route it, put each sub-batch in the object store.
+
+        Returns ``(end, parts, rows)``, or None at the end of the split. An idle
+        tick (no rows) returns no parts.
+        """
+        if r.it is None:
+            r.it = iter(r.split.read(r.start))
         try:
-            batch, end = next(it)
+            batch, end = next(r.it)
         except StopIteration:
             return None
-        start = end - batch.num_rows
-        self._check_contiguous(name, start, end)
+        name = r.name
+        if r.split.dense:
+            start = end - batch.num_rows
+            self._check_contiguous(name, start, end)
+        else:
+            # Positions with gaps: a batch covers [previous next_position, next_position).
+            start = self.read_end.get(name, r.start)
+            if end < start:
+                raise ProtocolError(
+                    f"split {name!r} yielded next_position {end} after {start}; a split's positions "
+                    "must only grow"
+                )
+            self.read_end[name] = end
+        if batch.num_rows == 0:
+            return end, [], 0  # an idle tick: nothing to queue (for dense=False, positions may move)
         self.rows_read += batch.num_rows
-        parts = split_by_partition(
-            batch, self.map.route(hash_table(batch, self.key)), self.map.num_partitions
+        routed = self.map.route(hash_table(batch, self.key))
+        # A copy first (one C call, atomic under the GIL): trim() adds partitions on the loop.
+        committed = {p: pos[name] for p, pos in dict(self.skip).items() if name in pos}
+        parts = route_batch(
+            batch,
+            routed,
+            self.map.num_partitions,
+            start=start,
+            end=end,
+            committed=committed,
+            row_positions=None if r.split.dense else r.split.row_positions,
         )
-        out = []
-        for p, sub in parts:
-            first = start
-            committed = self.skip.get(p, {}).get(name, 0)
-            if end <= committed:
-                continue  # replay: this partition already committed these rows
-            if start < committed:  # replay across a commit boundary: keep only rows >= committed
-                tail = batch.slice(committed - start)
-                routed = self.map.route(hash_table(tail, self.key))
-                sub = tail.filter(pa.array(routed == p))
-                first = committed
-                if sub.num_rows == 0:
-                    continue
-            out.append((p, first, ray.put(sub), sub.num_rows, sub.nbytes))
-        return end, out
+        out = [(p, first, ray.put(sub), sub.num_rows, sub.nbytes) for p, first, sub in parts]
+        return end, out, batch.num_rows
 
     def _check_contiguous(self, name: str, start: int, end: int) -> None:
-        """A split's batches must cover its rows without a gap or an overlap (DESIGN §2.1).
+        """A dense split's batches must cover its rows without a gap or an overlap (DESIGN §2.1).
 
         The first batch after a (re)start may begin before the asked position (a
         batch grid coarser than the position); the replay skip handles that.
@@ -238,8 +513,81 @@ class SourceActor:
             since = self.since.get((p, name), self.skip.get(p, {}).get(name, 0))
             self.queues[p].append(Entry(name, first, end, rows, nbytes, ref, since))
             self.since[(p, name)] = end
-        self.frontier[name] = end
+            self.routed_rows[p] += rows
+        if end > self.frontier.get(name, 0):
+            self.frontier[name] = end
 
+    # ------------------------------------------------------------------ discovery, availability
+    async def _discover_loop(self) -> None:
+        """A dynamic source: list its splits every ``discovery_interval_s``; read the new ones this
+        actor owns, once the manager has recorded them (a resume then knows them all)."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            try:
+                found = await loop.run_in_executor(self._meta_pool, self.source.splits)
+                new = {
+                    s.name: s
+                    for s in found
+                    if s.name not in self.readers
+                    and owner_of(s.name, self.dealt, self.num_sources) == self.index
+                }
+                if new:
+                    await self._manager().add_splits.remote(list(new))
+                    for s in new.values():
+                        if not self._stopping:
+                            self._add_reader(s.bind(job_started_ms=self.started_ms), self._start_of(s.name))
+                self.discovery_error = None
+            except Exception as e:  # a broker or a listing that fails now may answer next time
+                self.discovery_error = f"{type(e).__name__}: {e}"
+                logger.warning("rayflow %s: listing the splits of the source failed: %s", self.name, e)
+            await self._sleep(self.config.discovery_interval_s)
+
+    async def _poll_available_loop(self) -> None:
+        """Every ``AVAILABLE_EVERY_S``: ``available()`` of the unbounded splits (lag, arrival rate)."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            readers = [r for r in self.readers.values() if r.split.unbounded and not r.done]
+            if readers:
+                values = await loop.run_in_executor(
+                    self._meta_pool, _poll_available, [r.split for r in readers]
+                )
+                now = time.monotonic()
+                for r, v in zip(readers, values):
+                    r.available = v
+                    if v is not None:
+                        r.samples.append((now, v))
+            await self._sleep(AVAILABLE_EVERY_S)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, or less if reading stops meanwhile."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # ------------------------------------------------------------------ stop
+    async def stop_reading(self) -> dict:
+        """Stop reading: each reader finishes the read in progress and closes its generator.
+
+        What is queued stays served (consumers drain and commit it), and no end
+        of input is reported, so a next run resumes from the committed
+        positions. Returns ``{"rows_read": ...}``. Idempotent.
+        """
+        await self._sync()
+        self._stopping = True
+        self._stop.set()
+        self._more_bounded.set()
+        async with self._changed:
+            self._changed.notify_all()  # readers waiting for room see the stop
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+            for t in pending:  # stuck in a read: abandoned (its thread goes with the actor)
+                logger.warning("rayflow %s: a reader did not stop within %s s", self.name, STOP_WAIT_S)
+                t.cancel()
+        return {"rows_read": self.rows_read}
+
+    # ------------------------------------------------------------------ serving
     async def set_epochs(self, epochs: dict[int, int]) -> None:
         """The manager's word on the current lease epoch of partitions (only ever raised)."""
         for p, e in epochs.items():
@@ -318,14 +666,53 @@ class SourceActor:
         return fenced
 
     async def stats(self) -> dict:
+        """Reading figures as plain data.
+
+        ``rows_read``, ``exhausted``, per partition ``queued_rows``, ``queued_bytes``,
+        ``blocked_s`` and ``routed_rows`` (rows queued since this actor started: the
+        partitions' shares of the input); ``frontier`` (read position per split);
+        ``splits``: per split still read (a finished bounded one is left out: a watched
+        directory gains a split per file) its read ``position``, ``available`` (None:
+        unknown), ``unbounded``, ``done``, and the seconds since its last batch with rows
+        (``since_data_s``) and since it last answered at all (``since_tick_s``: a
+        quiet split ticks); ``unread_rows``: rows available but not read yet, over the
+        splits that know; ``arrival_rows_per_s`` (None: no split knows);
+        ``unbounded``, ``reading``, ``discovery_error``.
+        """
         await self._sync()
         if self.error is not None:
             raise self.error
+        now = time.monotonic()
+        splits, unread, rates = {}, 0, []
+        for name, r in self.readers.items():
+            if r.done and not r.split.unbounded:
+                continue
+            pos = self.read_end.get(name, r.start)
+            splits[name] = {
+                "position": pos,
+                "available": r.available,
+                "unbounded": r.split.unbounded,
+                "done": r.done,
+                "since_data_s": now - r.since_data,
+                "since_tick_s": now - r.since_tick,
+            }
+            if r.available is not None and not r.done:
+                unread += max(0, r.available - pos)
+                rate = r.arrival_rate()
+                if rate is not None:
+                    rates.append(rate)
         return {
             "rows_read": self.rows_read,
             "exhausted": self.exhausted,
             "queued_rows": [q.rows for q in self.queues],
             "queued_bytes": [q.nbytes for q in self.queues],
             "blocked_s": self.blocked_s.tolist(),
+            "routed_rows": self.routed_rows.tolist(),
             "frontier": dict(self.frontier),
+            "splits": splits,
+            "unread_rows": unread,
+            "arrival_rows_per_s": sum(rates) if rates else None,
+            "unbounded": self.unbounded,
+            "reading": self._started and not self._stopping,
+            "discovery_error": self.discovery_error,
         }

@@ -14,6 +14,9 @@ rows (pending files of a failed attempt are deleted, never published).
   with its name in a ``_rayflow_applied`` table, so a load repeated after a
   crash is skipped: exactly-once, keyed by (partition, positions), which is
   what an output file's name encodes.
+- :class:`Kafka` produces each committed output file's rows to a Kafka topic
+  (JSON values): at least once, every message with an idempotency key header
+  (output file name and row), and a repeated publication skipped by a marker.
 
 What differs between sinks is a method of :class:`Sink`, never a type test in
 the engine: where the files go (:meth:`Sink.root`), how a committed file is
@@ -25,5 +28,6 @@ from rayflow.sinks.base import PENDING_DIR as PENDING_DIR
 from rayflow.sinks.base import Sink
 from rayflow.sinks.duckdb import DuckDB
 from rayflow.sinks.files import Collect, Parquet
+from rayflow.sinks.kafka import Kafka
 
-__all__ = ["Collect", "DuckDB", "Parquet", "Sink"]
+__all__ = ["Collect", "DuckDB", "Kafka", "Parquet", "Sink"]

@@ -17,6 +17,16 @@ if TYPE_CHECKING:
 class Parquet(Sink):
     """A Parquet dataset directory (local path or ``pyarrow.fs`` URI).
 
+    Each commit of a partition publishes one file
+    (``part-<partition>-e<lease epoch>-<positions digest>.parquet``), so the
+    directory grows with every commit. For an upsert stream (an
+    ``rf.ops.Aggregate`` over an unbounded input, or ``emit="changes"``) it
+    holds every version of every key: the latest row per key is the one with
+    the highest ``_version``. ``rayflow sql --output DIR "SELECT * FROM
+    latest"`` (or ``run.query`` while the job runs) offers it as the view
+    ``latest``; any reader can compute it with ``QUALIFY row_number() OVER
+    (PARTITION BY <key> ORDER BY _version DESC) = 1``.
+
     Files starting with ``_`` (the pending area) are ignored by
     ``pyarrow.dataset``, DuckDB's ``read_parquet('dir/*.parquet')`` and Spark.
     """

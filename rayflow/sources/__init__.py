@@ -20,14 +20,17 @@ on:
   source actor can resume any split from a committed position.
 
 Built in: :class:`Table` (in memory, ``table.py``), :class:`Parquet`, :class:`CSV` and
-:class:`JSON` (a file, a directory or a glob, through ``pyarrow.dataset``) and
+:class:`JSON` (a file, a directory or a glob, through ``pyarrow.dataset``),
+:class:`Files` (a directory, local or a ``pyarrow.fs`` URI, watched for new files),
+:class:`Kafka` (a topic, one split per partition; ``kafka.py``) and
 :class:`Synthetic`, the standard event generator of WORKLOAD.md.
 """
 
 from rayflow.sources.base import Source, Split
-from rayflow.sources.files import CSV, JSON, Parquet
+from rayflow.sources.files import CSV, JSON, Files, Parquet
+from rayflow.sources.kafka import Kafka
 from rayflow.sources.synthetic import SYNTHETIC_SCHEMA as SYNTHETIC_SCHEMA
 from rayflow.sources.synthetic import Synthetic
 from rayflow.sources.table import Table
 
-__all__ = ["CSV", "JSON", "Parquet", "Source", "Split", "Synthetic", "Table"]
+__all__ = ["CSV", "Files", "JSON", "Kafka", "Parquet", "Source", "Split", "Synthetic", "Table"]

@@ -79,6 +79,18 @@ class Split(ABC):
         False; a dense split's rows are at ``next_position - num_rows + arange(num_rows)``."""
         raise NotImplementedError(f"{type(self).__name__} has dense=False but no row_positions()")
 
+    def bind(self, *, job_started_ms: int) -> Split:
+        """This split as a job reads it: the source actor calls this before reading.
+
+        ``job_started_ms``: the wall-clock time (ms since the epoch) at which
+        the job first started reading, recorded in its catalog and the same at
+        every resume, for a split whose rows depend on a start time (a paced
+        generator's schedule) and must stay deterministic by position across
+        resumes. Returns a split with the same name; the default is the split
+        itself.
+        """
+        return self
+
     def available(self) -> int | None:
         """The position just past the newest row that could be read now (Kafka's high
         watermark; the rows due so far of a paced generator), for lag; ``None`` if unknown.

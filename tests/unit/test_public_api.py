@@ -17,9 +17,19 @@ def test_public_names_are_pinned():
         "sinks",
         "sources",
     ]
-    assert rf.sources.__all__ == ["CSV", "JSON", "Parquet", "Source", "Split", "Synthetic", "Table"]
+    assert rf.sources.__all__ == [
+        "CSV",
+        "Files",
+        "JSON",
+        "Kafka",
+        "Parquet",
+        "Source",
+        "Split",
+        "Synthetic",
+        "Table",
+    ]
     assert rf.ops.__all__ == ["Aggregate", "Filter", "Map", "Operator"]
-    assert rf.sinks.__all__ == ["Collect", "DuckDB", "Parquet", "Sink"]
+    assert rf.sinks.__all__ == ["Collect", "DuckDB", "Kafka", "Parquet", "Sink"]
 
 
 def test_error_tree_mixes_in_builtins():

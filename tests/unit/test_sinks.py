@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import pathlib
 import pickle
 
@@ -13,6 +14,7 @@ import pytest
 import rayflow as rf
 from rayflow._internal.checkpoint.store import Store
 from rayflow.sinks import PENDING_DIR
+from rayflow.sinks.base import UPSERT_KEY_METADATA, VERSION_COLUMN
 
 
 def pending(store: Store, name: str, table: pa.Table) -> None:
@@ -83,3 +85,107 @@ def test_a_committed_output_deleted_before_publication_is_a_loud_error(tmp_path)
         with pytest.raises(rf.errors.ProtocolError, match="neither pending nor published"):
             sink.publish(store, "part-9.parquet")
         sink.close()
+
+
+# ----------------------------------------------------------------------------- upsert streams
+
+
+def upserts(rows: list[tuple], key=("k",)) -> pa.Table:
+    """An upsert stream as rf.ops.Aggregate emits it: (k, total, _version) rows."""
+    t = pa.table(
+        {
+            "k": pa.array([r[0] for r in rows], pa.int64()),
+            "total": pa.array([r[1] for r in rows], pa.float64()),
+            VERSION_COLUMN: pa.array([r[2] for r in rows], pa.int64()),
+        }
+    )
+    return t.replace_schema_metadata({UPSERT_KEY_METADATA: json.dumps(list(key)).encode()})
+
+
+def table_rows(path, table="view") -> list[tuple]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute(f"SELECT k, total, _version FROM {table} ORDER BY k").fetchall()
+    finally:
+        con.close()
+
+
+def test_duckdb_applies_an_upsert_stream_newer_versions_only(tmp_path):
+    sink = rf.sinks.DuckDB(tmp_path / "out.duckdb", "view")
+    store = Store(sink.root(pipeline_root=str(tmp_path / "ck")))
+    # One file may hold several rows of a key (a retried attempt's flushes): the newest wins.
+    pending(store, "c2.parquet", upserts([(1, 10.0, 20), (2, 5.0, 20), (1, 12.0, 21)]))
+    # An older commit's file published late (its publication was retried): must not overwrite.
+    pending(store, "c1.parquet", upserts([(1, 3.0, 10), (3, 7.0, 10)]))
+    sink.publish(store, "c2.parquet")
+    sink.publish(store, "c1.parquet")
+    pending(store, "c1.parquet", upserts([(1, 3.0, 10), (3, 7.0, 10)]))  # a repeated commit's copy
+    sink.publish(store, "c1.parquet")
+    assert sink.query(store, "SELECT count(*) AS n FROM _rayflow_applied").column("n").to_pylist() == [2]
+    sink.close()
+    assert table_rows(tmp_path / "out.duckdb") == [(1, 12.0, 21), (2, 5.0, 20), (3, 7.0, 10)]
+    con = duckdb.connect(str(tmp_path / "out.duckdb"), read_only=True)
+    pk = con.execute(
+        "SELECT constraint_column_names FROM duckdb_constraints() "
+        "WHERE table_name = 'view' AND constraint_type = 'PRIMARY KEY'"
+    ).fetchall()
+    con.close()
+    assert pk == [(["k"],)]
+
+
+def test_duckdb_upserts_refuse_null_keys_and_a_table_without_the_key(tmp_path):
+    sink = rf.sinks.DuckDB(tmp_path / "out.duckdb", "view")
+    store = Store(sink.root(pipeline_root=str(tmp_path / "ck")))
+    nulls = upserts([(1, 1.0, 1)]).set_column(0, "k", pa.array([None], pa.int64()))
+    pending(store, "n.parquet", nulls)
+    with pytest.raises(rf.errors.ConfigError, match="null in its key"):
+        sink.publish(store, "n.parquet")
+    assert store.exists(f"{PENDING_DIR}/n.parquet")  # left pending: nothing applied
+    pending(store, "a.parquet", pa.table({"k": [1], "total": [1.0], VERSION_COLUMN: [1]}))  # append
+    other = rf.sinks.DuckDB(tmp_path / "out.duckdb", "appended")
+    other._writer = sink._writer  # the same database, as one manager would hold it
+    other.publish(store, "a.parquet")
+    pending(store, "u.parquet", upserts([(1, 1.0, 2)]))
+    with pytest.raises(rf.errors.ConfigError, match="no primary key"):
+        other.publish(store, "u.parquet")
+    sink.close()
+
+
+def test_sink_queries_are_read_only_and_see_the_latest_row_per_key(tmp_path):
+    db = rf.sinks.DuckDB(tmp_path / "out.duckdb", "view")
+    store = Store(db.root(pipeline_root=str(tmp_path / "ck")))
+    with pytest.raises(rf.errors.ConfigError, match="does not exist yet"):
+        db.query(store, "SELECT 1")
+    pending(store, "c1.parquet", upserts([(1, 1.0, 1), (2, 2.0, 1)]))
+    db.publish(store, "c1.parquet")
+    assert db.query(store, "SELECT sum(total) AS s FROM view").column("s").to_pylist() == [3.0]
+    for bad in ("DELETE FROM view", "SELECT 1; SELECT 2", "ATTACH 'x.duckdb' AS x"):
+        with pytest.raises(rf.errors.ConfigError, match="read-only|may only read"):
+            db.query(store, bad)
+    with pytest.raises(rf.errors.ConfigError, match="the query failed"):
+        db.query(store, "SELECT nope FROM view")
+    db.close()
+    # After the run: a read-only connection of its own.
+    assert db.query(store, "SELECT count(*) AS n FROM view").column("n").to_pylist() == [2]
+
+    out = rf.sinks.Parquet(tmp_path / "pq")
+    store = Store(out.root(pipeline_root=str(tmp_path / "ck")))
+    with pytest.raises(rf.errors.ConfigError, match="no output is published"):
+        out.query(store, "SELECT * FROM output")
+    pending(store, "c1.parquet", upserts([(1, 1.0, 5), (2, 2.0, 5)]))
+    pending(store, "c2.parquet", upserts([(1, 4.0, 9)]))
+    out.publish(store, "c1.parquet")
+    out.publish(store, "c2.parquet")
+    pending(store, "c3.parquet", upserts([(2, 99.0, 10)]))  # not published: invisible
+    got = out.query(store, "SELECT k, total, _version FROM latest ORDER BY k")
+    assert got.to_pylist() == [
+        {"k": 1, "total": 4.0, "_version": 9},
+        {"k": 2, "total": 2.0, "_version": 5},
+    ]
+    assert out.query(store, "SELECT count(*) AS n FROM output").column("n").to_pylist() == [3]
+    plain = rf.sinks.Parquet(tmp_path / "plain")
+    store = Store(plain.root(pipeline_root=str(tmp_path / "ck")))
+    pending(store, "p.parquet", pa.table({"k": [1]}))
+    plain.publish(store, "p.parquet")
+    with pytest.raises(rf.errors.ConfigError, match="latest"):  # an append stream has no latest
+        plain.query(store, "SELECT * FROM latest")

@@ -16,7 +16,14 @@ Tables:
   catalog (commit step 5) without listing directories or scanning commits;
 - ``leases(partition, owner, lease_epoch)``: the last grant of each partition,
   so epochs keep increasing across manager restarts;
-- ``events(ts, kind, detail)``: joins, leaves, rebalances, failures.
+- ``events(ts, kind, detail)``: joins, leaves, rebalances, failures;
+- ``splits(name, first_seen)``: every split a *dynamic* source has had (the
+  ones at each start, and those discovered while a job ran), recorded before
+  any of its rows is served, so a resume knows them all.
+
+The meta key ``_started_ms`` holds the wall-clock time at which the job
+first started reading (:meth:`Catalog.ensure_started_ms`): the same at every
+resume.
 
 Growth is bounded (:meth:`Catalog.trim`): the latest commit of each partition
 is kept for good (recovery), and so is every row that names live state files
@@ -55,7 +62,10 @@ CREATE TABLE IF NOT EXISTS commits (
     map_version INTEGER, committed_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS leases (partition INTEGER PRIMARY KEY, owner VARCHAR, lease_epoch BIGINT);
 CREATE TABLE IF NOT EXISTS events (ts TIMESTAMP, kind VARCHAR, detail VARCHAR);
+CREATE TABLE IF NOT EXISTS splits (name VARCHAR PRIMARY KEY, first_seen TIMESTAMP);
 """
+#: The meta key of the job's first start (ms since the epoch); ``_``: the catalog's own.
+STARTED_KEY = "_started_ms"
 _OUTPUTS = """CREATE TABLE outputs (
     file VARCHAR PRIMARY KEY, partition INTEGER, commit_id BIGINT, published BOOLEAN)"""
 _COMMIT_COLUMNS = (
@@ -144,7 +154,8 @@ class Catalog:
 
     The log is a sequence of small JSON objects under ``log_root/log/``, named by
     a sequence number that only grows: ``<n>-c.json`` (commits), ``<n>-l.json``
-    (lease grants), ``<n>-r.json`` (state files retired), and ``meta.json``.
+    (lease grants), ``<n>-r.json`` (state files retired), ``<n>-s.json`` (known
+    splits added), and ``meta.json``.
     Each is written (atomically, under a unique name) *before* the DuckDB
     transaction it mirrors, so the log is the point of truth: a manager on any
     node rebuilds or catches up its local DuckDB index from it at start.
@@ -210,7 +221,7 @@ class Catalog:
                     snapshots.append((int(n), rel))
             else:
                 n, _, kind = name.partition("-")
-                if n.isdigit() and kind in ("c.json", "l.json", "r.json"):
+                if n.isdigit() and kind in ("c.json", "l.json", "r.json", "s.json"):
                     entries.append((int(n), kind[0], rel))
         entries.sort()
         seq = max(snapshots)[0] if snapshots else 0
@@ -234,6 +245,8 @@ class Catalog:
                 self._insert_commits(cur, body["member"], records)
             elif kind == "l":
                 self._upsert_leases(cur, [tuple(g) for g in body["grants"]])
+            elif kind == "s":
+                self._insert_splits(cur, body["splits"])
             else:
                 self._clear_state_files(cur, body["commit_ids"])
         self._set_applied(cur, todo[-1][0])
@@ -279,6 +292,7 @@ class Catalog:
             "commits": [list(r) for r in commits],
             "outputs": [list(r) for r in self.con.execute("SELECT * FROM outputs").fetchall()],
             "leases": [list(r) for r in self.con.execute("SELECT * FROM leases").fetchall()],
+            "splits": [r[0] for r in self.con.execute("SELECT name FROM splits ORDER BY name").fetchall()],
         }
         self.log.write_bytes(f"log/snapshot-{seq:012d}.json", json.dumps(body).encode())
         for rel in self.log.list_files("log"):
@@ -293,7 +307,7 @@ class Catalog:
     def _load_snapshot(self, body: dict) -> None:
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
-        for table in ("commits", "outputs", "leases"):
+        for table in ("commits", "outputs", "leases", "splits"):
             cur.execute(f"DELETE FROM {table}")
         if body["commits"]:
             cur.executemany(
@@ -305,6 +319,7 @@ class Catalog:
             cur.executemany("INSERT INTO outputs VALUES (?, ?, ?, ?)", body["outputs"])
         if body["leases"]:
             cur.executemany("INSERT INTO leases VALUES (?, ?, ?)", body["leases"])
+        self._insert_splits(cur, body.get("splits", []))  # absent from snapshots before the table
         self._set_applied(cur, body["seq"])
         cur.execute("COMMIT")
         self._next_id = max(self._next_id, int(body["next_id"]))
@@ -318,7 +333,25 @@ class Catalog:
         rows = self.con.execute("SELECT key, value FROM meta").fetchall()
         return {k: v for k, v in rows if not k.startswith("_")}
 
+    def started_ms(self) -> int | None:
+        """The job's first start (ms since the epoch), if recorded (:data:`STARTED_KEY`)."""
+        row = self.con.execute("SELECT value FROM meta WHERE key = ?", [STARTED_KEY]).fetchone()
+        return int(row[0]) if row else None
+
+    def ensure_started_ms(self, now_ms: int) -> int:
+        """The job's first start (ms since the epoch): recorded as ``now_ms`` if absent. Returns
+        the recorded value."""
+        started = self.started_ms()
+        if started is None:
+            started = int(now_ms)
+            self.set_meta({**self.get_meta(), STARTED_KEY: str(started)})
+        return started
+
     def set_meta(self, values: dict[str, str]) -> None:
+        """Record the job's meta (the recorded :data:`STARTED_KEY` is kept unless given)."""
+        started = self.started_ms()
+        if started is not None and STARTED_KEY not in values:
+            values = {**values, STARTED_KEY: str(started)}
         if self.log is not None:
             self.log.write_bytes("log/meta.json", json.dumps(values).encode())
         self._set_meta_local(values)
@@ -330,7 +363,44 @@ class Catalog:
             cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [k, v])
         cur.execute("COMMIT")
 
+    # ------------------------------------------------------------------ known splits
+    def known_splits(self) -> list[str]:
+        """Every split name recorded (:meth:`add_splits`), sorted."""
+        return [n for (n,) in self.con.execute("SELECT name FROM splits ORDER BY name").fetchall()]
+
+    def add_splits(self, names: list[str]) -> list[str]:
+        """Record split names (idempotent); returns the ones that were new, in the given order.
+
+        Under a remote checkpoint directory the new names are logged first.
+        """
+        known = set(self.known_splits())
+        new = list(dict.fromkeys(n for n in names if n not in known))
+        if not new:
+            return []
+        (n,) = self._take_id()
+        self._write_log(n, "s", {"splits": new})
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        self._insert_splits(cur, new)
+        self._set_applied(cur, n)
+        cur.execute("COMMIT")
+        return new
+
+    def _insert_splits(self, cur, names: list[str]) -> None:
+        if names:
+            # One statement for any number of names (a watched directory may hold thousands).
+            cur.execute(
+                "INSERT OR IGNORE INTO splits SELECT unnest(CAST(? AS VARCHAR[])), ?", [list(names), _now()]
+            )
+
     # ------------------------------------------------------------------ commits
+    def last_commit_times(self) -> dict[int, float]:
+        """When each partition's latest commit was recorded (seconds since the epoch)."""
+        rows = self.con.execute(
+            "SELECT partition, epoch(max(committed_at)) FROM commits GROUP BY partition"
+        ).fetchall()
+        return {p: float(t) for p, t in rows if t is not None}
+
     def latest_commits(self) -> dict[int, CommitRecord]:
         rows = self.con.execute(
             """SELECT partition, lease_epoch, positions, state_files, output_files, rows_in,

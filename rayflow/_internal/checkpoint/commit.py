@@ -10,7 +10,12 @@ steps, numbered once here and in ``docs/checkpoints.md``:
    outputs go to one file in the sink's pending area, named by the lease epoch
    and the positions it covers (:func:`output_name`), so a repeat by the same
    owner rewrites the same name and never adds a second copy. Nothing is
-   visible yet.
+   visible yet. The staged outputs include what operators that emit changes
+   flushed right before this step (the consumer flushes once per attempt and
+   keeps the result staged until a commit naming it is recorded), so a
+   state file never holds a change its commit's outputs lack: one output
+   file per commit and partition, an upsert stream's rows ordered by their
+   ``_version`` (several rows of a key when earlier attempts failed).
 2. **Validate and fence** (manager, ``Coordinator.check_commit``). The caller
    must hold the partition under the record's lease epoch (checked first: a
    stale owner is fenced even when it repeats the last recorded commit); an

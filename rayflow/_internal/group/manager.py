@@ -140,6 +140,8 @@ class GroupManager:
         self._last_maintenance_error: str | None = None
         self._moves: collections.deque[dict] = collections.deque(maxlen=MOVES_KEPT)
         self._moves_total = 0
+        self._started_ms: int | None = None  # when the job first read (ms since the epoch)
+        self._commit_at: dict[int, float] = {}  # partition -> wall time of its latest recorded commit
         self._loops: list[asyncio.Task] = []  # started by the first call, inside the event loop
         try:
             self._io.submit(self._start, job_root, job_file, _was_restarted()).result()
@@ -167,6 +169,7 @@ class GroupManager:
             partition_map.num_partitions, epochs=epochs, committed=self.catalog.latest_commits()
         )
         self._durable = dict(epochs)
+        self._commit_at = self.catalog.last_commit_times()
         if restarted:
             # Restarted by Ray mid-run: the recorded owners come back as ghosts that
             # may re-join and keep their leases (Coordinator.restore).
@@ -174,11 +177,18 @@ class GroupManager:
         self._repair_files(restarted)
 
     def _check_meta(self, meta: JobMeta) -> None:
-        """May this run resume the checkpoint? (``compat.check_resume``, the one place it is decided.)"""
+        """May this run resume the checkpoint? (``compat.check_resume``, the one place it is decided.)
+
+        For a dynamic source, also records this run's splits as known.
+        """
         committed = self.catalog.latest_commits()
         finished = len(committed) == self.map.num_partitions and all(c.final for c in committed.values())
-        check_resume(self.name, JobMeta.from_dict(self.catalog.get_meta()), meta, finished=finished)
+        old = JobMeta.from_dict(self.catalog.get_meta())
+        check_resume(self.name, old, meta, finished=finished, known_splits=self.catalog.known_splits())
         self.catalog.set_meta(meta.to_dict())
+        self._started_ms = self.catalog.started_ms()
+        if meta.dynamic and meta.splits:
+            self.catalog.add_splits(list(meta.splits))
 
     def _repair_files(self, restarted: bool) -> None:
         """What a crash left: recorded outputs still to publish (the maintenance loop publishes
@@ -222,6 +232,25 @@ class GroupManager:
         self._ensure_loops()
         committed = self.group.committed
         return {"positions": {p: c.positions for p, c in committed.items()}, "epochs": dict(self._durable)}
+
+    async def started_ms(self) -> int:
+        """When the job first started reading (ms since the epoch), the same at every resume: a
+        paced source schedules its rows from it (``Split.bind``). Recorded in the catalog the
+        first time a source actor asks, i.e. as the first run starts reading (so its start-up
+        is no backlog)."""
+        if self._init_error is not None:
+            raise self._init_error
+        if self._started_ms is None:
+            # Check-and-set on the one I/O thread: concurrent first calls agree.
+            self._started_ms = await self._in_io(self.catalog.ensure_started_ms, int(time.time() * 1000))
+        return self._started_ms
+
+    async def add_splits(self, names: list[str]) -> None:
+        """Record splits a source actor discovered (the catalog's known splits), before it serves
+        any of their rows: a resume then knows every split the job has read. Idempotent."""
+        if self._init_error is not None:
+            raise self._init_error
+        await self._in_io(self.catalog.add_splits, list(names))
 
     def _ensure_loops(self) -> None:
         """Start the expiry and maintenance loops (inside the event loop; after a restart, on
@@ -419,9 +448,11 @@ class GroupManager:
                     # recorded; the maintenance loop brings the local index up to the log.
                     self._index_behind = True
                     self._maintenance_failed("indexing logged commits", e)
+                now = time.time()
                 for rec in fresh:
                     self.group.apply_commit(rec)
                     self._unpublished.update(dict.fromkeys(rec.output_files))
+                    self._commit_at[rec.partition] = now
                 self._fault("manager.after_record")
         # Step 5, outside the lock: publication changes no lease, and never fails a recorded commit.
         await self._publish([f for rec in fresh + repeated for f in rec.output_files])
@@ -625,6 +656,8 @@ class GroupManager:
                     "processed_rows": max(live, c.rows_total if c else 0),
                     "final": bool(c and c.final),
                     "load_rows_per_s": g.load.get(p, 0.0),
+                    # Wall time (s since the epoch) of the latest recorded commit; None: never.
+                    "last_commit_at": self._commit_at.get(p),
                 }
             )
         return {
@@ -648,6 +681,15 @@ class GroupManager:
         from the start of this manager; only the last ``MOVES_KEPT`` are kept)."""
         first = self._moves_total - len(self._moves)
         return list(self._moves)[max(0, index - first) :]
+
+    async def query(self, sql: str):
+        """Read-only ``sql`` over the sink's published output, as an Arrow table (``Run.query``,
+        ``rayflow sql --pipeline``). This actor holds the sink (DuckDB allows one writer process),
+        so readers come here. On the I/O thread, between publications: the result holds whole
+        commits only; a long query delays publication (never heartbeats) while it runs."""
+        if self._init_error is not None:
+            raise self._init_error
+        return await self._in_io(self.publisher.query, sql)
 
     async def output_files(self) -> list[str]:
         """The recorded output files, in commit order (all of them for a sink that keeps its
