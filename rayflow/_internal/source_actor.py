@@ -619,7 +619,34 @@ class SourceActor:
                 except asyncio.TimeoutError:
                     pass
             res = self._serve(requests, max_bytes)
+        await self._cut_overlaps(requests, res)
         return res
+
+    async def _cut_overlaps(self, requests: dict[int, tuple[int, dict[str, int]]], res: dict) -> None:
+        """Serve a replayed batch that straddles the asker's processed position cut at it.
+
+        After a restart, a split with gaps (``dense = False``: Kafka) is read
+        again from the lowest committed position, and its batches need not end
+        where the first read's did (a live read yields what has arrived). A
+        consumer that processed up to a position inside such a batch would see
+        an overlap. Dense splits cannot get here (their batches end on a fixed
+        grid). The queue keeps the whole entry (a new owner starting from an
+        earlier commit needs all of it); only this reply gets the cut copy,
+        whose rows come from the split's ``row_positions``.
+        """
+        for p, r in res.items():
+            if not r.entries:
+                continue
+            asked = requests[p][1]
+            for i, fe in enumerate(r.entries):
+                at = asked.get(fe.split, 0)
+                reader = self.readers.get(fe.split)
+                if not fe.start < at < fe.end or reader is None or reader.split.dense:
+                    continue
+                batch = await fe.ref
+                pos = np.asarray(reader.split.row_positions(batch), dtype=np.int64)
+                cut = batch.slice(int(np.searchsorted(pos, at, side="left")))
+                r.entries[i] = FetchedEntry(fe.split, at, fe.end, cut.num_rows, ray.put(cut), since=at)
 
     def _serve(
         self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int

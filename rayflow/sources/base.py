@@ -76,7 +76,10 @@ class Split(ABC):
 
     def row_positions(self, batch: pa.RecordBatch) -> np.ndarray:
         """The position of each row of ``batch`` (int64, ascending). Only called when ``dense`` is
-        False; a dense split's rows are at ``next_position - num_rows + arange(num_rows)``."""
+        False; a dense split's rows are at ``next_position - num_rows + arange(num_rows)``.
+
+        It must hold for any subset of a batch's rows in their order (a partition's
+        sub-batch): the positions come from the rows themselves (an offset column)."""
         raise NotImplementedError(f"{type(self).__name__} has dense=False but no row_positions()")
 
     def bind(self, *, job_started_ms: int) -> Split:

@@ -266,8 +266,11 @@ GAP_ROWS = 20_000
 
 class _GapSplit(Split):
     """Unbounded, positions with gaps (like Kafka offsets): row k sits at position 3k + 1;
-    batches of 400 rows on a grid. Past the last row, idle ticks move the position on by 5 each
-    time (positions that hold no row), for ever."""
+    batches of 50 to 400 rows, drawn afresh at every read (unseeded on purpose), so a replay after
+    a source restart cuts its batches elsewhere than the first read did, as a live Kafka read does
+    (what a poll returns depends on what has arrived; the source
+    must cut a replayed batch at the consumer's processed position). Past the last row, idle
+    ticks move the position on by 5 each time (positions that hold no row), for ever."""
 
     name = "gaps"
     unbounded = True
@@ -275,9 +278,10 @@ class _GapSplit(Split):
 
     def read(self, position: int) -> Iterator[tuple[pa.RecordBatch, int]]:
         k = max(0, -(-(position - 1) // 3))  # the first row at or after position
+        sizes = np.random.default_rng()  # batch boundaries only: the rows stay deterministic
         pos = position
         while k < GAP_ROWS:
-            end = min((k // 400 + 1) * 400, GAP_ROWS)
+            end = min(k + int(sizes.integers(50, 401)), GAP_ROWS)
             i = np.arange(k, end, dtype=np.int64)
             batch = pa.record_batch({"key": i % 101, "value": i.astype(np.float64), "i": i})
             pos = 3 * end  # past the batch's last row, at 3 * (end - 1) + 1
@@ -323,7 +327,7 @@ def test_positions_with_gaps_replay_exactly_and_idle_ticks_move_them(ray_session
         partitions=PARTITIONS,
         operator=rf.ops.Map(lambda t: t),
         sink=rf.sinks.Parquet(str(out)),
-        checkpoint_interval_s=0.2,
+        checkpoint_interval_s=1.0,  # processed rows wait uncommitted when the source dies
         config=FAST,
         faults=plan,
     )
