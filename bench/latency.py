@@ -168,8 +168,13 @@ def run_job(source, *, name: str, workdir: str, interval_s: float, duration_s: f
     log = (
         pa.concat_tables([pq.read_table(os.path.join(log_dir, f)) for f in files])
         if files
-        else pa.table({"key": pa.array([], pa.int64()), "value_count": pa.array([], pa.int64()),
-                       "visible_at_ms": pa.array([], pa.int64())})
+        else pa.table(
+            {
+                "key": pa.array([], pa.int64()),
+                "value_count": pa.array([], pa.int64()),
+                "visible_at_ms": pa.array([], pa.int64()),
+            }
+        )
     )
     return log, samples, t_start_ms, t_stop_ms
 
@@ -182,7 +187,11 @@ def measure(keys, ts_ms, log, t_start_ms, t_stop_ms, warmup_s: float) -> dict:
     window = (ts_ms >= lo) & (ts_ms <= hi)
     seen = window & (vis >= 0)
     lat = (vis - ts_ms)[seen]
-    return {**summarize(lat), "events_measured": int(seen.sum()), "events_not_visible": int((window & (vis < 0)).sum())}
+    return {
+        **summarize(lat),
+        "events_measured": int(seen.sum()),
+        "events_not_visible": int((window & (vis < 0)).sum()),
+    }
 
 
 def bench_synthetic(rate: int, interval_s: float, duration_s: float, warmup_s: float, workdir: str) -> dict:
@@ -194,7 +203,9 @@ def bench_synthetic(rate: int, interval_s: float, duration_s: float, warmup_s: f
     )
     # The same events, unpaced: positions 0 .. what was due at the stop.
     n = max(0, int((t1 - start_ms) / 1000 * rate))
-    events = rf.sources.Synthetic(rate=rate, events=max(n, 1), keys=KEYS, seed=SEED, start_ms=start_ms).to_table()
+    events = rf.sources.Synthetic(
+        rate=rate, events=max(n, 1), keys=KEYS, seed=SEED, start_ms=start_ms
+    ).to_table()
     keys = events.column("key").to_numpy()
     ts = events.column("ts").to_numpy()
     return {**measure(keys, ts, log, start_ms, t1, warmup_s), **lag_trend(samples, rate)}
@@ -217,9 +228,18 @@ def start_tansu() -> tuple[subprocess.Popen, str]:
     port = _free_port()
     url = f"tcp://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     bootstrap = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -255,8 +275,15 @@ def produce(bootstrap: str, topic: str, rate: float | None, duration_s: float, o
     values = block.column("value").to_numpy()
     payloads = [f'{{"key":{k},"value":{v}}}'.encode() for k, v in zip(all_keys.tolist(), values.tolist())]
     key_bytes = [str(k).encode() for k in all_keys.tolist()]
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True,
-                  "queue.buffering.max.messages": 2_000_000, "batch.num.messages": 10_000})
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 5,
+            "enable.idempotence": True,
+            "queue.buffering.max.messages": 2_000_000,
+            "batch.num.messages": 10_000,
+        }
+    )
     keys_out, ts_out = [], []
     i = 0
     t0 = time.time()
@@ -284,28 +311,40 @@ def produce(bootstrap: str, topic: str, rate: float | None, duration_s: float, o
         i += n
         p.poll(0)
     p.flush(60)
-    np.savez(out, keys=np.concatenate(keys_out) if keys_out else np.zeros(0, np.int64),
-             ts=np.concatenate(ts_out) if ts_out else np.zeros(0, np.int64), seconds=time.time() - t0)
+    np.savez(
+        out,
+        keys=np.concatenate(keys_out) if keys_out else np.zeros(0, np.int64),
+        ts=np.concatenate(ts_out) if ts_out else np.zeros(0, np.int64),
+        seconds=time.time() - t0,
+    )
 
 
 def bench_kafka(rate, interval_s, duration_s, warmup_s, workdir, bootstrap) -> dict:
     topic = f"events-{rate or 'max'}-{int(interval_s * 1000)}-{int(time.time())}"
     create_topic(bootstrap, topic, PARTITIONS)
-    src = rf.sources.Kafka(topic, bootstrap_servers=bootstrap, schema=pa.schema(
-        [("key", pa.int64()), ("value", pa.float64())]))
+    src = rf.sources.Kafka(
+        topic, bootstrap_servers=bootstrap, schema=pa.schema([("key", pa.int64()), ("value", pa.float64())])
+    )
     out = os.path.join(workdir, f"{topic}.npz")
     prod = mp.get_context("spawn").Process(target=produce, args=(bootstrap, topic, rate, duration_s + 2, out))
     prod.start()
     log, samples, t0, t1 = run_job(
-        src, name=f"lat-{topic}", workdir=workdir, interval_s=interval_s, duration_s=duration_s + 4,
+        src,
+        name=f"lat-{topic}",
+        workdir=workdir,
+        interval_s=interval_s,
+        duration_s=duration_s + 4,
         rate=rate or 1,
     )
     prod.join(120)
     got = np.load(out)
     keys, ts = got["keys"], got["ts"]
     achieved = len(keys) / float(got["seconds"]) if len(keys) else 0.0
-    return {**measure(keys, ts, log, int(ts[0]) if len(ts) else t0, t1, warmup_s),
-            **lag_trend(samples, achieved or 1), "produced_per_s": achieved}
+    return {
+        **measure(keys, ts, log, int(ts[0]) if len(ts) else t0, t1, warmup_s),
+        **lag_trend(samples, achieved or 1),
+        "produced_per_s": achieved,
+    }
 
 
 # ----------------------------------------------------------------------------- main
@@ -315,10 +354,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sources", nargs="+", default=["synthetic", "kafka"], choices=["synthetic", "kafka"])
     ap.add_argument("--intervals", nargs="+", type=float, default=[1.0, 0.2])
-    ap.add_argument("--synthetic-rates", nargs="+", type=int, default=[200_000, 500_000, 1_000_000, 2_000_000])
+    ap.add_argument(
+        "--synthetic-rates", nargs="+", type=int, default=[200_000, 500_000, 1_000_000, 2_000_000]
+    )
     ap.add_argument("--kafka-rates", nargs="+", type=int, default=[50_000, 100_000, 200_000])
-    ap.add_argument("--kafka-max", action=argparse.BooleanOptionalAction, default=True,
-                    help="also produce as fast as one Python producer can")
+    ap.add_argument(
+        "--kafka-max",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also produce as fast as one Python producer can",
+    )
     ap.add_argument("--duration-s", type=float, default=15.0)
     ap.add_argument("--warmup-s", type=float, default=4.0)
     ap.add_argument("--quick", action="store_true", help="one short run per source (smoke test)")
@@ -331,8 +376,14 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             object_store_memory=1 << 30, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        object_store_memory=1 << 30,
+        log_to_driver=False,
+    )
     rows = []
     workdir = tempfile.mkdtemp(prefix="rayflow-latency-")
     broker = None
@@ -368,9 +419,18 @@ def main() -> None:
             sustained[k] = max(sustained.get(k, 0), r["rate"])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                   "partitions": PARTITIONS, "consumers": CONSUMERS, "keys": KEYS,
-                   "runs": rows, "highest_flat_rate": sustained}, f, indent=2)
+        json.dump(
+            {
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "partitions": PARTITIONS,
+                "consumers": CONSUMERS,
+                "keys": KEYS,
+                "runs": rows,
+                "highest_flat_rate": sustained,
+            },
+            f,
+            indent=2,
+        )
     print(f"\nhighest rate with flat lag: {sustained}\nwritten: {args.out}")
 
 
