@@ -131,7 +131,7 @@ def lag_trend(samples: list[tuple[float, int]], rate: float) -> dict:
 
 def total_lag(status: dict) -> int:
     """Events the job has not yet processed: queued at the sources or not yet read."""
-    return int(sum(p.get("lag_events", p.get("queued_rows", 0)) or 0 for p in status["partitions"]))
+    return int(status["lag_rows"])
 
 
 def run_job(source, *, name: str, workdir: str, interval_s: float, duration_s: float, rate: float):

@@ -2,6 +2,8 @@
 
     python jobs/pipeline.py                         # 10M synthetic events on a local Ray
     python jobs/pipeline.py --rate 200000           # a live stream until Ctrl-C (or SIGTERM)
+    python jobs/pipeline.py --input kafka://localhost:9092/events   # a Kafka topic, until Ctrl-C
+    python jobs/pipeline.py --input incoming/ --follow              # files as they arrive
     python jobs/pipeline.py --input data/ --key user_id --value amount
     ray submit cluster.yaml jobs/pipeline.py        # on a running cluster
     ray job submit --working-dir . -- python jobs/pipeline.py
@@ -14,7 +16,8 @@ summary. Running it again with the same ``--checkpoint-dir`` resumes from the
 last commit (a finished job returns at once).
 
 With ``--rate`` the input is a live, paced stream (unbounded unless
-``--events`` bounds it): the job runs until Ctrl-C or SIGTERM (``ray job
+``--events`` bounds it); so are a Kafka topic and a directory with
+``--follow``. A live job runs until Ctrl-C or SIGTERM (``ray job
 stop`` sends it to the driver; give it time with ``RAY_JOB_STOP_WAIT_TIME_S``),
 then stops gracefully (the sources stop reading, every consumer commits what
 it processed and leaves), prints its summary, and the next run resumes where
@@ -54,7 +57,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--keys", type=int, default=100_000, help="distinct synthetic keys (default 100k)")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--input", help="Parquet/CSV/JSON file, directory or glob instead of the generator")
+    ap.add_argument(
+        "--input",
+        help="instead of the generator: a Parquet/CSV/JSON file, directory or glob, or a Kafka topic "
+        "as kafka://host:port/topic (JSON values with the --key and --value fields; runs until Ctrl-C)",
+    )
+    ap.add_argument(
+        "--follow",
+        action="store_true",
+        help="with --input DIR: watch the directory and read files as they arrive, until Ctrl-C",
+    )
+    ap.add_argument(
+        "--format", choices=["parquet", "csv", "json"], help="file format (default: by extension)"
+    )
     ap.add_argument("--key", default="key", help="key column (default: key)")
     ap.add_argument("--value", default="value", help="value column to sum (default: value)")
     ap.add_argument("--partitions", type=int, default=16)
@@ -88,17 +103,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_source(args) -> rf.sources.Source:
-    """The input: the generator (paced with --rate), or a file, directory or glob (by extension).
-    Stream inputs (a Kafka topic, a watched directory) are one more branch each here."""
+    """The input: the generator (paced with --rate), a Kafka topic (``kafka://host:port/topic``),
+    a watched directory (``--follow``), or a file, directory or glob (by extension or --format)."""
     if not args.input:
         return rf.sources.Synthetic(events=args.events, rate=args.rate, keys=args.keys, seed=args.seed)
     path = args.input
+    if path.startswith("kafka://"):
+        servers, _, topic = path[len("kafka://") :].partition("/")
+        if not servers or not topic:
+            raise SystemExit(f"--input {path!r}: expected kafka://host:port/topic")
+        return rf.sources.Kafka(topic, bootstrap_servers=servers, group_id=args.name)
     probe = path.lower()
-    if ".csv" in probe:
-        return rf.sources.CSV(path)
-    if ".json" in probe:
-        return rf.sources.JSON(path)
-    return rf.sources.Parquet(path)
+    fmt = args.format or ("csv" if ".csv" in probe else "json" if ".json" in probe else "parquet")
+    if args.follow:
+        return rf.sources.Files(path, format=fmt, watch=True)
+    return {"csv": rf.sources.CSV, "json": rf.sources.JSON, "parquet": rf.sources.Parquet}[fmt](path)
 
 
 def init_ray(address: str | None) -> str:

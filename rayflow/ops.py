@@ -304,7 +304,7 @@ class Aggregate(Operator):
 
     def spec(self) -> dict:
         out = {"type": "Aggregate", "by": self.by, "aggs": [[a.column, a.fn] for a in self.aggs]}
-        if self.emit is not None:  # absent when unset, as in every checkpoint written before it existed
+        if self.emit == "changes":  # absent for "final", as in every checkpoint written before it
             out["emit"] = self.emit
         return out
 
@@ -313,7 +313,14 @@ class Aggregate(Operator):
         return f"rf.ops.Aggregate(by={self.by}, aggs={[(a.column, a.fn) for a in self.aggs]}{emit})"
 
     def for_input(self, *, unbounded: bool) -> Aggregate:
-        """Resolve ``emit=None``: ``"changes"`` over an unbounded input, ``"final"`` otherwise."""
+        """Resolve ``emit=None``: ``"changes"`` over an unbounded input, ``"final"`` otherwise.
+        ``emit="final"`` over an unbounded input would never emit: a :class:`ConfigError`."""
+        if self.emit == "final" and unbounded:
+            raise ConfigError(
+                f"{self!r} has emit='final', but its source is live (it never ends), so it would "
+                "never emit anything: leave emit unset (the changed keys are emitted at each "
+                "commit) or read a bounded input"
+            )
         if self.emit is not None:
             return self
         resolved = copy.copy(self)

@@ -195,6 +195,14 @@ def _check_ops(name: str, old: list[dict], new: list[dict], old_cols: dict) -> N
     for i, (a, b) in enumerate(zip(old, new)):
         if a["type"] != "Aggregate":
             continue
+        if a.get("emit", "final") != b.get("emit", "final"):
+            _refuse(
+                name,
+                f"operator #{i} Aggregate emitted {a.get('emit', 'final')!r} and would now emit "
+                f"{b.get('emit', 'final')!r} (a live source emits changes, a bounded one the final "
+                "result): its output would miss what the other mode never emitted. Run it under a "
+                "new name, or keep the source's kind (or pass Aggregate(emit=...) explicitly)",
+            )
         if a["by"] != b["by"]:
             _refuse(
                 name, f"operator #{i} Aggregate groups by {b['by']} but its state is grouped by {a['by']}"

@@ -8,7 +8,11 @@ latency. Every series is tagged with the pipeline's name.
 
 from __future__ import annotations
 
+import time
+
 from ray.util.metrics import Counter, Gauge, Histogram
+
+from rayflow._internal.lag import add_lag
 
 _P = ("pipeline", "partition")
 
@@ -16,7 +20,15 @@ _P = ("pipeline", "partition")
 class ManagerMetrics:
     def __init__(self, pipeline: str):
         self.pipeline = pipeline
-        self.lag = Gauge("rayflow_partition_lag_rows", "Rows queued at the sources, not yet committed.", _P)
+        self.lag = Gauge(
+            "rayflow_partition_lag_rows",
+            "Rows of the input not yet committed: queued at the sources, or not yet read from a live source.",
+            _P,
+        )
+        self.lag_s = Gauge(
+            "rayflow_partition_lag_s", "How far behind the head of the input, in seconds (an estimate).", _P
+        )
+        self.commit_age = Gauge("rayflow_partition_last_commit_age_s", "Seconds since the last commit.", _P)
         self.processed = Gauge("rayflow_partition_processed_rows", "Rows processed so far.", _P)
         self.rate = Gauge("rayflow_partition_rows_per_s", "Smoothed processing rate.", _P)
         self.epoch = Gauge("rayflow_partition_lease_epoch", "Current lease epoch.", _P)
@@ -29,9 +41,16 @@ class ManagerMetrics:
     def publish(self, status: dict, sources: list[dict]) -> None:
         tags = {"pipeline": self.pipeline}
         for part in status["partitions"]:
+            part.setdefault("queued_rows", sum(s["queued_rows"][part["partition"]] for s in sources))
+        add_lag(status, sources, wall=time.time())
+        for part in status["partitions"]:
             p = part["partition"]
             t = {"pipeline": self.pipeline, "partition": str(p)}
-            self.lag.set(sum(s["queued_rows"][p] for s in sources), tags=t)
+            self.lag.set(part["lag_rows"], tags=t)
+            if part["lag_s"] is not None:
+                self.lag_s.set(part["lag_s"], tags=t)
+            if part["last_commit_age_s"] is not None:
+                self.commit_age.set(part["last_commit_age_s"], tags=t)
             self.processed.set(part["processed_rows"], tags=t)
             self.rate.set(part["load_rows_per_s"], tags=t)
             self.epoch.set(part["lease_epoch"], tags=t)

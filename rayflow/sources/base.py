@@ -124,6 +124,18 @@ class Source(ABC):
         """The job never ends on its own: a split is unbounded, or splits may keep appearing."""
         return self.dynamic
 
+    def on_commit(self, positions: dict[str, int]) -> None:
+        """Told, now and then, the positions every partition has committed (split name -> the
+        lowest committed position over the partitions): Kafka commits them under its group id,
+        so Kafka's lag tools see the job. Informational and best effort: called by the
+        pipeline's manager every few seconds when they moved (never per commit, never
+        exactly-once: the catalog is the truth); must not raise. The default does nothing."""
+        return None
+
+    def close(self) -> None:
+        """Release what :meth:`on_commit` opened (the manager calls it when the run ends)."""
+        return None
+
     @abstractmethod
     def splits(self) -> list[Split]:
         """Resolve the splits. Raises :class:`SourceNotFoundError` / :class:`EmptyInputError`

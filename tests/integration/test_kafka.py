@@ -77,21 +77,44 @@ def test_live_topic_equals_group_by_over_everything_produced(ray_session, kafka,
     assert_same_rows(read_table(db, "totals"), keyed_reference(pa.concat_tables(parts)), columns=COLUMNS)
 
 
-def test_stop_and_start_again_resumes_exactly(ray_session, kafka, tmp_path):
+def test_kill_stop_restart_and_produce_more_resumes_exactly(ray_session, kafka, tmp_path):
+    """Along the way: a consumer is killed, the job stops, events arrive while it is stopped, it
+    restarts, and more arrive: the view equals the GROUP BY over everything produced. With a
+    ``group_id`` the committed offsets also reach Kafka (what its lag tools read)."""
+    from confluent_kafka import Consumer, TopicPartition
+
     topic = kafka.create_topic(4)
-    parts = chunks(4_000, 3, seed=12)
+    parts = chunks(3_000, 4, seed=12)
     db = tmp_path / "resume.duckdb"
-    job = kafka_job(tmp_path, "kafka-resume", kafka, topic, sink=rf.sinks.DuckDB(db, "totals"))
+    source = rf.sources.Kafka(topic, bootstrap_servers=kafka.bootstrap, schema=SCHEMA, group_id=f"g-{topic}")
+    job = make_job(
+        tmp_path, "kafka-resume", source, checkpoint_interval_s=0.2, config=FAST,
+        sink=rf.sinks.DuckDB(db, "totals"),
+    )  # fmt: skip
     produce(kafka, topic, parts[0])
     run = job.start()
     try:
         wait_until(lambda: counted(run, "totals") == parts[0].num_rows, what="the first chunk")
+        ray_session.kill(run.consumers["consumer-0"])  # its partitions resume from their commits
+        produce(kafka, topic, parts[1])
+        upto = parts[0].num_rows + parts[1].num_rows
+        wait_until(lambda: counted(run, "totals") == upto, what=f"{upto} events after the kill")
+        group = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": f"g-{topic}"})
+        try:
+
+            def offsets_in_kafka() -> bool:
+                tps = group.committed([TopicPartition(topic, p) for p in range(4)], timeout=5)
+                return sum(max(tp.offset, 0) for tp in tps) > 0
+
+            wait_until(offsets_in_kafka, what="the job's offsets committed to its Kafka group")
+        finally:
+            group.close()
     finally:
         run.stop()
-    produce(kafka, topic, parts[1])  # while the job is stopped
+    produce(kafka, topic, parts[2])  # while the job is stopped
     run = job.start()
     try:
-        produce(kafka, topic, parts[2])
+        produce(kafka, topic, parts[3])
         total = sum(p.num_rows for p in parts)
         wait_until(lambda: counted(run, "totals") == total, what=f"{total} events counted")
     finally:

@@ -113,11 +113,14 @@ def test_final_mode_and_emit_resolution():
     forced = rf.ops.Aggregate(by="k", aggs=[("v", "sum")], emit="changes")
     assert forced.for_input(unbounded=False).emits_changes
     final = rf.ops.Aggregate(by="k", aggs=[("v", "sum")], emit="final")
-    assert not final.for_input(unbounded=True).emits_changes
+    assert not final.for_input(unbounded=False).emits_changes
+    with pytest.raises(rf.errors.ConfigError, match="never emit"):
+        final.for_input(unbounded=True)  # a live source never ends: final would never come
     # final mode tracks no changes (its memory would grow with the input)
     state, _ = final.process(final.init_state(), pa.table({"k": [1], "v": [1.0]}))
     assert state[3] == []
     assert "emit" not in agg.spec() and forced.spec()["emit"] == "changes"
+    assert "emit" not in final.spec()  # as in checkpoints written before emit= existed
     with pytest.raises(rf.errors.ConfigError, match="emit must be one of"):
         rf.ops.Aggregate(by="k", aggs=[("v", "sum")], emit="always")
     with pytest.raises(rf.errors.ConfigError, match="version column"):

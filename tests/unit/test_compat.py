@@ -95,3 +95,26 @@ def test_aggregate_state_gains_empty_partials():
         {"key": 1, "value_sum": 4.0, "extra_count": 1, "extra_max": 5.0},
         {"key": 2, "value_sum": 2.0, "extra_count": 0, "extra_max": None},
     ]
+
+
+def test_a_resume_that_changes_the_emit_mode_is_refused():
+    """A job that emitted final results cannot resume emitting changes (or back): the output of
+    one mode misses what the other never emitted."""
+
+    def emitting(mode: str, unbounded: bool) -> JobMeta:
+        op = rf.ops.Aggregate(by="key", aggs=[("value", "sum")]).for_input(unbounded=unbounded)
+        assert op.emit == mode
+        return JobMeta.build(
+            key=["key"],
+            partition_map_json=rf.partitioning.PartitionMap.uniform(4).to_json(),
+            operators=[op.spec()],
+            splits=["a"],
+            schema=BASE_SCHEMA,
+        )
+
+    check_resume("j", emitting("changes", True), emitting("changes", True))
+    check_resume("j", meta(), emitting("final", False))  # a checkpoint from before emit= existed
+    with pytest.raises(IncompatibleCheckpointError, match="emitted 'final' and would now emit 'changes'"):
+        check_resume("j", emitting("final", False), emitting("changes", True))
+    with pytest.raises(IncompatibleCheckpointError, match="emitted 'changes'"):
+        check_resume("j", emitting("changes", True), emitting("final", False))

@@ -14,7 +14,7 @@ import pytest
 import rayflow as rf
 from rayflow._internal.checkpoint.catalog import Catalog
 from rayflow._internal.compat import JobMeta, check_resume
-from rayflow._internal.runtime import add_lag
+from rayflow._internal.lag import add_lag
 from rayflow._internal.source_actor import owner_of, route_batch
 from rayflow.errors import ConfigError, IncompatibleCheckpointError
 from rayflow.sources.synthetic import SYNTHETIC_BLOCK_ROWS, Schedule

@@ -88,6 +88,9 @@ RETIRE_EVERY_S = 5.0
 #: How often the catalog's history is trimmed and a remote log compacted: both are cheap, and
 #: between two runs the catalog grows by at most this many seconds of commits.
 TRIM_EVERY_S = 30.0
+#: How often (at most) the source hears the committed positions (``Source.on_commit``: Kafka's
+#: group offsets, for its lag tools; informational, so seconds old is fine).
+SOURCE_COMMIT_EVERY_S = 5.0
 #: Period of the maintenance loop (publication retries, retirement, trimming).
 MAINTAIN_EVERY_S = 0.2
 #: First wait before publication is retried after a failure; doubled after each further failure.
@@ -155,6 +158,8 @@ class GroupManager:
         if restarted:
             self._fault("manager.restart")
         self.source_names = job.source_names
+        self.source = job.source  # for Source.on_commit (dynamic sources only travel this far)
+        self._told_source: dict[str, int] = {}
         self.config = job.config
         self.sink = job.sink
         state_root = job.root
@@ -583,7 +588,7 @@ class GroupManager:
     async def _maintain_loop(self) -> None:
         """Retries publication (with backoff) and unrecorded grants; retires old state files;
         trims the catalog. Nothing here may stop the loop: failures are counted and logged."""
-        next_retire = next_trim = time.monotonic()
+        next_retire = next_trim = next_tell = time.monotonic()
         while True:
             await asyncio.sleep(MAINTAIN_EVERY_S)
             now = time.monotonic()
@@ -605,6 +610,23 @@ class GroupManager:
             if now >= next_trim:
                 next_trim = now + TRIM_EVERY_S
                 await self._maintain("trimming the catalog", self._trim)
+            if self.source is not None and now >= next_tell:
+                next_tell = now + SOURCE_COMMIT_EVERY_S
+                await self._maintain("telling the source the committed positions", self._tell_source)
+
+    def _tell_source(self) -> None:
+        """``Source.on_commit`` with the lowest committed position of each split over all partitions
+        (a partition without a commit of a split holds it at 0), when they moved."""
+        committed = self.group.committed
+        names = {s for c in committed.values() if c is not None for s in c.positions}
+        low = {
+            s: min((c.positions.get(s, 0) if c is not None else 0) for c in committed.values()) for s in names
+        }
+        if len(committed) < self.map.num_partitions:
+            low = {s: 0 for s in names}
+        if low and low != self._told_source:
+            self.source.on_commit(low)
+            self._told_source = low
 
     async def _maintain(self, what: str, fn) -> None:
         try:
@@ -707,6 +729,11 @@ class GroupManager:
         self._io.shutdown(wait=False)
 
     def _close_io(self) -> None:
+        if getattr(self, "source", None) is not None:
+            try:
+                self.source.close()
+            except Exception as e:  # only informational clients: never fail a close over them
+                logger.warning("rayflow manager %s: closing the source failed: %s", self.name, e)
         for part in ("catalog", "publisher"):
             if hasattr(self, part):
                 getattr(self, part).close()
