@@ -243,11 +243,13 @@ class Aggregate(Operator):
     - ``None`` (default): ``"changes"`` when the source is unbounded (its job
       never ends, so a final result never comes), else ``"final"``.
 
-    ``_version`` is ``lease_epoch * 2**40 + n``, ``n`` counting the flushes of
-    the partition's current owner: it increases across the commits of a
-    partition, across failed and retried attempts (rows of one output file
-    may repeat a key: the highest version wins) and across owners (lease
-    epochs only grow, a new owner's flushes outrank every earlier one).
+    ``_version`` is ``lease_epoch * 2**40 + n``, ``n`` the rows of the
+    partition processed so far (its whole history): it increases across the
+    commits of a partition, across failed and retried attempts (rows of one
+    output file may repeat a key: the highest version wins), across owners
+    (lease epochs only grow) and across a reload under the same epoch (a
+    cancelled revocation restarts from the last recorded commit, whose rows no
+    published version exceeds).
 
     Exactly-once (see :meth:`Operator.flush`): the change set is not part of
     the checkpoint; every commit flushes it first and stages its output with

@@ -100,3 +100,22 @@ def job(tmp_path):
     import functools
 
     return functools.partial(make_job, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def s3_query():
+    """An S3-compatible server (moto) on loopback for the session, with the buckets
+    ``rayflow-test`` and ``rayflow-watch``; yields the URI query that points pyarrow.fs at it
+    (append it to ``s3://bucket/path``)."""
+    moto_server = pytest.importorskip("moto.server")
+    import pyarrow.fs as pafs
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    for bucket in ("rayflow-test", "rayflow-watch"):
+        fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}{query}&allow_bucket_creation=true")
+        fs.create_dir(bucket)
+    yield query
+    server.stop()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from rayflow.ops import Operator
+from rayflow.errors import ConfigError
+from rayflow.ops import Filter, Operator
 
 #: Attribute set on an exception raised inside an operator: the driver hands such an
 #: exception back to the user as it is (``operator_error``), not wrapped in Ray's error.
@@ -29,6 +30,31 @@ def _tag(e: Exception, index: int, op: Operator, partition: int | None) -> None:
     e.add_note(f"raised by operator #{index} {op!r}{where}")
 
 
+def _check_after_changes(ops: list[Operator], changes: list[int]) -> None:
+    """Refuse what cannot follow an upsert stream (an operator emitting changes).
+
+    The stream carries new values of keys, never retractions: a ``Filter``
+    that drops a key's new value would leave its old value in the view, and
+    another stateful operator would aggregate every version as a new event.
+    A ``Map`` may follow (it must keep one row per key, with the key columns
+    and ``_version``: the sinks check those).
+    """
+    if not changes:
+        return
+    first = changes[0]
+    for i in range(first + 1, len(ops)):
+        op = ops[i]
+        if op.stateful or isinstance(op, Filter):
+            raise ConfigError(
+                f"operator #{i} {op!r} follows #{first} {ops[first]!r}, which emits the changed "
+                "keys at each commit (an upsert stream: a live source, or emit='changes'). Upserts "
+                "carry no retractions, so a Filter would leave a key's old value in the view and "
+                "a second Aggregate would count every version again: filter before the "
+                "Aggregate, run the rollup as a second stage over the first one's output, or use "
+                "emit='final' over a bounded input"
+            )
+
+
 class Chain:
     """A list of operators run in order; stateful ones absorb input and emit at the end
     (:meth:`finish`) or at each commit (:meth:`flush`, operators that emit changes).
@@ -43,6 +69,7 @@ class Chain:
         self.stateful_indices = [i for i, op in enumerate(ops) if op.stateful]
         #: Stateful operators that emit their changes at each commit (:meth:`flush`).
         self.changes_indices = [i for i in self.stateful_indices if ops[i].emits_changes]
+        _check_after_changes(ops, self.changes_indices)
 
     def for_input(self, *, unbounded: bool) -> Chain:
         """The chain as it runs over a bounded or an unbounded input (``Operator.for_input``:

@@ -61,15 +61,23 @@ class Phase(enum.Enum):
 #: Phases in which the task still fetches and processes input.
 RUNNING = (Phase.CLEAN, Phase.DIRTY, Phase.BACKLOGGED)
 
-#: ``_version`` of an upsert = ``lease_epoch << VERSION_EPOCH_SHIFT | flush number``: 2**40 flushes
-#: per owner (35 years at one per millisecond), 2**23 lease epochs per partition.
+#: ``_version`` of an upsert = ``lease_epoch << VERSION_EPOCH_SHIFT | rows processed``: 2**40 rows
+#: per partition, 2**23 lease epochs per partition.
 VERSION_EPOCH_SHIFT = 40
 
 
-def upsert_version(epoch: int, flush: int) -> int:
-    """The ``_version`` of the ``flush``-th flush (from 1) under lease ``epoch``: increasing per
-    partition across flushes, commits and owners (lease epochs only grow)."""
-    return (epoch << VERSION_EPOCH_SHIFT) | flush
+def upsert_version(epoch: int, rows_total: int) -> int:
+    """The ``_version`` of a flush under lease ``epoch`` after ``rows_total`` rows of the partition
+    were processed (its whole history, restored with its state).
+
+    Increasing per partition across flushes, commits, owners *and* reloads: a
+    flush with changes follows new rows (``rows_total`` grew), a new owner has
+    a higher epoch, and a task reloaded under the same epoch (a cancelled
+    revocation) restarts from its last recorded commit's ``rows_total``, which no
+    published version exceeds (only recorded commits publish). A counter of
+    flushes per task would restart there and repeat published versions.
+    """
+    return (epoch << VERSION_EPOCH_SHIFT) | rows_total
 
 
 @dataclass
@@ -102,8 +110,6 @@ class PartitionTask:
     pending: list[Fetched] = field(default_factory=list)
     seq: int = 0
     first_done: bool = False
-    #: Flushes of change-emitting operators by this owner (see :meth:`next_version`).
-    flushes: int = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -237,9 +243,8 @@ class PartitionTask:
         return self.running
 
     def next_version(self) -> int:
-        """The version of this owner's next flush (:func:`upsert_version`)."""
-        self.flushes += 1
-        return upsert_version(self.epoch, self.flushes)
+        """The version of a flush now (:func:`upsert_version`)."""
+        return upsert_version(self.epoch, self.rows_total)
 
     def commit_recorded(self, rec: CommitRecord) -> None:
         """The catalog recorded ``rec`` (or reconciliation found it there)."""

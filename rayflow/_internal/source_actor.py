@@ -24,6 +24,15 @@ starts reading the new splits it owns (:func:`owner_of`: deterministic and
 disjoint across the actors, also after a restart), once the manager has
 recorded them in the catalog.
 
+**Fingerprints.** Every split of a dynamic source, the ones it starts with
+too (at every start and restart), goes through the manager's ``add_splits``
+with its ``Split.fingerprint`` before any of its rows is served, one call per
+start and per discovery round. The catalog keeps the first fingerprint of a
+name: another one is another input reusing the name (a file replaced after
+the job read it), which would be read on from the old input's committed
+positions, so the source fails with :class:`MalformedInputError` instead
+(``self.error``, raised to the driver by ``fetch`` and ``stats``).
+
 **The end** of the input is reported (``FetchResult.end``) only for a job
 whose source is bounded, once every split is read; never for an unbounded
 job, and never because reading was stopped (:meth:`SourceActor.stop_reading`).
@@ -48,7 +57,7 @@ import ray
 from rayflow._internal import naming
 from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.queues import Entry, PartitionQueue
-from rayflow.errors import FencedError, PositionGapError, ProtocolError
+from rayflow.errors import FencedError, MalformedInputError, PositionGapError, ProtocolError
 from rayflow.partitioning import hash_table, split_by_partition
 from rayflow.sources import Split
 
@@ -268,6 +277,12 @@ class SourceActor:
             self.started_ms = await self._manager().started_ms.remote()
             self._started = True
         self.splits = [s.bind(job_started_ms=self.started_ms) for s in self.splits]
+        if self.source is not None and self.splits:
+            # A resume or a restart may have been handed another file under a known name.
+            refused = await self._record_splits(self.splits)
+            if refused is not None:
+                await self._fail(refused)
+                return  # nothing read, nothing started
         loop = asyncio.get_running_loop()
         for s in self.splits:
             self._add_reader(s, self.start.get(s.name, 0))
@@ -532,7 +547,10 @@ class SourceActor:
                     and owner_of(s.name, self.dealt, self.num_sources) == self.index
                 }
                 if new:
-                    await self._manager().add_splits.remote(list(new))
+                    refused = await self._record_splits(list(new.values()))
+                    if refused is not None:  # for good: listing again would find the same file
+                        await self._fail(refused)
+                        return
                     for s in new.values():
                         if not self._stopping:
                             self._add_reader(s.bind(job_started_ms=self.started_ms), self._start_of(s.name))
@@ -541,6 +559,40 @@ class SourceActor:
                 self.discovery_error = f"{type(e).__name__}: {e}"
                 logger.warning("rayflow %s: listing the splits of the source failed: %s", self.name, e)
             await self._sleep(self.config.discovery_interval_s)
+
+    async def _record_splits(self, splits: list[Split]) -> MalformedInputError | None:
+        """Record ``splits`` as known in the catalog with their fingerprints, in one call, before
+        any of their rows is served; the error to fail with if one's name was recorded with
+        another fingerprint (its committed positions count rows of other data), else None.
+
+        A failing call raises (the manager or catalog is unreachable): the caller
+        retries (discovery) or fails its start.
+        """
+        mine = {s.name: s.fingerprint() for s in splits}
+        recorded = await self._manager().add_splits.remote(mine)
+        clashes = [
+            (name, recorded.get(name), fp)
+            for name, fp in mine.items()
+            if fp is not None and recorded.get(name) is not None and recorded[name] != fp
+        ]
+        if not clashes:
+            return None
+        name, was, now = clashes[0]
+        more = f" (and {len(clashes) - 1} more: {[c[0] for c in clashes[1:6]]})" if len(clashes) > 1 else ""
+        return MalformedInputError(
+            f"the split {name!r} (of rf.sources.Files: the file, relative to the directory) is not "
+            f"what this job first read under that name: its recorded fingerprint is {was}, now it "
+            f"is {now}{more}. Its committed positions count rows of the old data, so reading on "
+            "would mix rows of two inputs under one name; none of its rows was read. A name must "
+            "never be reused: move the file now under that name away, and write new data under a "
+            "name this job has never seen (or start a new job: another name or checkpoint_dir)"
+        )
+
+    async def _fail(self, error: BaseException) -> None:
+        """Fail the source with ``error``: ``fetch`` and ``stats`` raise it (long polls now)."""
+        self.error = error
+        async with self._changed:
+            self._changed.notify_all()
 
     async def _poll_available_loop(self) -> None:
         """Every ``AVAILABLE_EVERY_S``: ``available()`` of the unbounded splits (lag, arrival rate)."""

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from rayflow._internal.checkpoint.store import Store
 
 #: Statement types a query may run: reads only (DuckDB's own classification of the parsed SQL).
-_READ_ONLY = ("SELECT", "EXPLAIN")
+#: Not EXPLAIN: ``EXPLAIN ANALYZE`` executes the statement it explains (a DELETE, too).
+_READ_ONLY = ("SELECT",)
 
 
 class DuckDB(Sink):
@@ -176,6 +177,12 @@ class _DuckDBWriter:
             + f", PRIMARY KEY ({keys}))"
         )
         self._check_primary_key(cur, key)
+        # A resumed job may aggregate more (compat lets it add an aggregation over a new input
+        # column): the view gains the column, null for the keys no upsert has touched since.
+        have = {r[0] for r in cur.execute(f"DESCRIBE {table}").fetchall()}
+        for c in cols:
+            if c not in have:
+                cur.execute(f"ALTER TABLE {table} ADD COLUMN {_ident(c)} {types[c]}")
         nulls = " OR ".join(f"{_ident(k)} IS NULL" for k in key)
         if cur.execute(f"SELECT count(*) FROM {src} WHERE {nulls}").fetchone()[0]:
             raise ConfigError(
@@ -231,10 +238,15 @@ def _check_read_only(sql: str) -> None:
 def _run(con, sql: str) -> pa.Table:
     import duckdb
 
+    # Inside a transaction that is always rolled back: whatever the statement might change (on
+    # the manager's writer connection, a running view) never lands.
+    con.execute("BEGIN TRANSACTION")
     try:
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as e:
         raise ConfigError(f"the query failed: {e}") from None
+    finally:
+        con.execute("ROLLBACK")
 
 
 def query_database(path: str, sql: str) -> pa.Table:

@@ -18,6 +18,12 @@ on:
 - A split holds no reading state of its own: everything comes from the
   position passed to ``read``, never from the constructor, so a restarted
   source actor can resume any split from a committed position.
+- A name always means the same data: positions are recorded by name, so a
+  split whose name comes back with other rows (a file replaced under the same
+  name) would be read on from the old data's positions. A split that can tell
+  which data it is gives a :meth:`Split.fingerprint`; for a dynamic source the
+  job records it the first time it sees the name, and refuses the split when
+  the same name later comes with another fingerprint.
 
 """
 
@@ -81,6 +87,22 @@ class Split(ABC):
         It must hold for any subset of a batch's rows in their order (a partition's
         sub-batch): the positions come from the rows themselves (an offset column)."""
         raise NotImplementedError(f"{type(self).__name__} has dense=False but no row_positions()")
+
+    def fingerprint(self) -> str | None:
+        """What identifies the data behind this name (a file's size and mtime), or ``None``:
+        nothing to check (the default).
+
+        Only splits of a *dynamic* source are checked: the source actor records
+        each split's fingerprint in the job's catalog before serving any of its
+        rows (the first one recorded for a name stays), and a later run or a
+        restarted source actor that gets another fingerprint for a recorded name
+        fails with :class:`~rayflow.errors.MalformedInputError` rather than read
+        the new data on from the old data's committed positions. It must be the
+        same string in every process for the same data (no object ids, no local
+        clocks), and cheap: it is called once per split and start, from what the
+        split already holds (never by reading the data).
+        """
+        return None
 
     def bind(self, *, job_started_ms: int) -> Split:
         """This split as a job reads it: the source actor calls this before reading.

@@ -59,7 +59,10 @@ class _Pinned:
     """What a file of :class:`Files` was when it was taken; reading checks it still is that file.
 
     Positions are rows of the file as it was taken: a file that changed since
-    would replay other rows at the same positions, so a read refuses it.
+    would replay other rows at the same positions, so a read refuses it. The
+    pin lives in the instance that took the file; across runs and source actor
+    restarts its :meth:`fingerprint` (recorded in the job's catalog) does the
+    same (``Split.fingerprint``).
     """
 
     size: int
@@ -67,6 +70,12 @@ class _Pinned:
     #: Parquet: the footer's row count. A read from this position on needs nothing from the
     #: file, so a file deleted after it was read to the end is never opened again.
     rows: int | None = None
+
+    def fingerprint(self) -> str:
+        """Size and mtime, what a read checks (:func:`_check_pinned`). Not ``rows``: it is derived
+        from the bytes, and a take whose footer read failed (a transient error) has none, so
+        the same file would read as another."""
+        return f"size={self.size} mtime_ns={self.mtime_ns}"
 
 
 def _check_pinned(fs: pafs.FileSystem, path: str, name: str, pinned: _Pinned, position: int) -> None:
@@ -107,6 +116,10 @@ class _ParquetSplit(Split):
     fs: pafs.FileSystem | None = None
     #: Set by :class:`Files`: the file as it was taken (see :class:`_Pinned`).
     pinned: _Pinned | None = None
+
+    def fingerprint(self) -> str | None:
+        """The pinned file's size and mtime (:class:`Files`); None for a plain Parquet source."""
+        return None if self.pinned is None else self.pinned.fingerprint()
 
     def read(self, position: int) -> Iterator[tuple[pa.RecordBatch, int]]:
         where = self.path or self.name
@@ -248,6 +261,10 @@ class _TextSplit(Split):
     schema: pa.Schema | None = None
     pinned: _Pinned | None = None
 
+    def fingerprint(self) -> str | None:
+        """As :meth:`_ParquetSplit.fingerprint`."""
+        return None if self.pinned is None else self.pinned.fingerprint()
+
     def _stream(self) -> Iterator[pa.RecordBatch]:
         where = self.path or self.name
         try:
@@ -381,6 +398,10 @@ class Files(Source):
     **Rules for writers.** A complete file must not change, and a name must never be reused:
     a read checks the file's size and mtime against those it was taken with and raises
     :class:`MalformedInputError` otherwise (replaying a changed file would give other rows).
+    The job's catalog records them the first time the job takes a name, so a job started again
+    (or a source actor restarted) that finds another file under a name it has read refuses it
+    the same way, before reading any of its rows, even when the old file was read to the end
+    and deleted: move the new file to a name the job has never seen.
     A file may be deleted or moved away once its rows are committed. A file that is gone while
     the running job still has rows of it to read raises :class:`SourceNotFoundError` rather
     than skip them. For Parquet the footer's row count (read once, when the file is taken) tells a file

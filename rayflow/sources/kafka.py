@@ -83,7 +83,7 @@ RAW_VALUE_COLUMN = "value"
 KAFKA_BATCH_ROWS = 50_000
 #: Longest a batch waits to fill before it is yielded with what came; also how often a quiet
 #: partition yields an idle tick. Below IDLE_TICK_S, as the split contract asks.
-MAX_BATCH_WAIT_S = 0.2
+MAX_BATCH_WAIT_S = 0.1
 #: How long to wait for the broker to answer before the source reports it unreachable.
 CONNECT_TIMEOUT_S = 10.0
 #: Messages sampled to infer the schema of JSON values when none is given.
@@ -323,6 +323,10 @@ class _KafkaSplit(Split):
                     # A committed offset the broker no longer holds is an error, never a silent jump.
                     "auto.offset.reset": "error",
                     "enable.partition.eof": False,
+                    # The broker answers a fetch at once when it has data; with none it holds the
+                    # fetch this long (librdkafka's 500 ms default adds that to latency on a quiet
+                    # partition that just got a message: measured 209 -> 129 ms p50 on tansu).
+                    "fetch.wait.max.ms": 50,
                 },
             )
         )

@@ -4,7 +4,6 @@ the commit log in the bucket, so a manager with no local catalog rebuilds it and
 from __future__ import annotations
 
 import shutil
-import socket
 
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -17,21 +16,6 @@ from rayflow._internal.checkpoint.store import join
 from rayflow.testing import KEYED_SQL, Fault, FaultPlan, assert_same_rows, duckdb_reference, throttle
 
 pytestmark = pytest.mark.ray
-moto_server = pytest.importorskip("moto.server")
-
-
-@pytest.fixture(scope="module")
-def s3_query():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    fs, _ = pafs.FileSystem.from_uri(f"s3://rayflow-test{query}&allow_bucket_creation=true")
-    fs.create_dir("rayflow-test")
-    yield query
-    server.stop()
 
 
 def test_s3_checkpoints_sink_and_rebuilt_catalog(ray_session, s3_query, tmp_path):

@@ -6,7 +6,6 @@ Also on S3 (a moto server on loopback)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import duckdb
 import pyarrow as pa
@@ -121,22 +120,6 @@ def test_files_dropped_while_running_count_once_and_a_restart_takes_only_new_one
 
 
 # ----------------------------------------------------------------------------- S3 (moto)
-
-moto_server = pytest.importorskip("moto.server")
-
-
-@pytest.fixture(scope="module")
-def s3_query():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    fs, _ = pafs.FileSystem.from_uri(f"s3://rayflow-watch{query}&allow_bucket_creation=true")
-    fs.create_dir("rayflow-watch")
-    yield query
-    server.stop()
 
 
 def test_s3_prefix_is_polled_and_read(ray_session, s3_query, tmp_path):

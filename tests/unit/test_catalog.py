@@ -187,3 +187,71 @@ def test_a_logged_commit_the_index_missed_is_caught_up_from_the_log(tmp_path, mo
     assert cat.latest_commits()[0].positions == {"s": 9}
     assert cat.unpublished_outputs() == ["late.parquet"]
     cat.close()
+
+
+# ----------------------------------------------------------------------------- split fingerprints
+
+
+def test_the_first_fingerprint_of_a_split_wins_and_a_missing_one_is_filled(tmp_path):
+    cat = Catalog(str(tmp_path / "c.duckdb"))
+    assert cat.add_splits({}) == {}
+    # Names only (the manager, from the job's meta): known, nothing to compare yet.
+    assert cat.add_splits({"a": None, "b": None}) == {"a": None, "b": None}
+    assert cat.add_splits({"a": "size=1", "c": "size=3"}) == {"a": "size=1", "c": "size=3"}
+    # Another fingerprint under a known name is not recorded: the caller sees the first one.
+    assert cat.add_splits({"a": "size=9", "b": None, "c": "size=3"}) == {
+        "a": "size=1",
+        "b": None,
+        "c": "size=3",
+    }
+    assert cat.known_splits() == ["a", "b", "c"]
+    cat.close()
+    again = Catalog(str(tmp_path / "c.duckdb"))
+    assert again.add_splits({"a": "size=9", "b": "size=2"}) == {"a": "size=1", "b": "size=2"}
+    again.close()
+
+
+def test_split_fingerprints_survive_the_log_and_its_snapshots(tmp_path):
+    log_root = str(tmp_path / "bucket")
+    cat = Catalog(str(tmp_path / "node-a" / "c.duckdb"), log_root=log_root)
+    cat.add_splits({"a": None, "b": "fb"})
+    cat.add_splits({"a": "fa"})  # fills a's: logged too
+    assert cat.compact_log(force=True)
+    cat.add_splits({"c": "fc", "d": None})  # an entry after the snapshot
+    cat.close()
+    other = Catalog(str(tmp_path / "node-b" / "c.duckdb"), log_root=log_root)
+    got = other.add_splits(dict.fromkeys("abcd", "x"))
+    assert got == {"a": "fa", "b": "fb", "c": "fc", "d": "x"}
+    other.close()
+
+
+def test_splits_logged_before_fingerprints_read_as_known_without_one(tmp_path):
+    """Log entries and snapshots of names only (the old form): the names are known, their
+    fingerprints are not, and the first one recorded now is kept."""
+    log_root = str(tmp_path / "bucket")
+    store = Store(log_root)
+    store.write_bytes(
+        "log/snapshot-000000000002.json",
+        json.dumps(
+            {"seq": 2, "next_id": 3, "commits": [], "outputs": [], "leases": [], "splits": ["a"]}
+        ).encode(),
+    )
+    store.write_bytes("log/000000000003-s.json", json.dumps({"splits": ["b"]}).encode())
+    cat = Catalog(str(tmp_path / "node" / "c.duckdb"), log_root=log_root)
+    assert cat.known_splits() == ["a", "b"]
+    assert cat.add_splits({"a": "fa", "b": "fb"}) == {"a": "fa", "b": "fb"}
+    assert cat.add_splits({"a": "x", "b": "y"}) == {"a": "fa", "b": "fb"}
+    cat.close()
+
+
+def test_a_catalog_from_before_split_fingerprints_gains_the_column(tmp_path):
+    path = str(tmp_path / "c.duckdb")
+    con = duckdb.connect(path)
+    con.execute("CREATE TABLE splits (name VARCHAR PRIMARY KEY, first_seen TIMESTAMP)")
+    con.execute("INSERT INTO splits VALUES ('a', now())")
+    con.close()
+    cat = Catalog(path)
+    assert cat.known_splits() == ["a"]
+    assert cat.add_splits({"a": "fa", "b": "fb"}) == {"a": "fa", "b": "fb"}
+    assert cat.add_splits({"a": "x"}) == {"a": "fa"}
+    cat.close()

@@ -128,21 +128,22 @@ def test_final_mode_and_emit_resolution():
 
 
 def test_chain_flush_runs_the_changes_through_later_operators():
-    chain = Chain(
-        [
-            rf.ops.Aggregate(by="k", aggs=[("v", "sum")], emit="changes"),
-            rf.ops.Filter(pc.field("v_sum") > 1.5),
-        ]
-    )
+    def doubled(t: pa.Table) -> pa.Table:  # a Map that keeps one row per key (and its metadata)
+        return t.append_column("twice", pc.multiply(t["v_sum"], 2.0))
+
+    chain = Chain([rf.ops.Aggregate(by="k", aggs=[("v", "sum")], emit="changes"), rf.ops.Map(doubled)])
     states = chain.init_states()
     assert chain.process(states, pa.table({"k": [1, 1, 2], "v": [1.0, 2.0, 1.0]})) == []
     (out,) = chain.flush(states, version=5)
-    assert out.to_pylist() == [{"k": 1, "v_sum": 3.0, VERSION_COLUMN: 5}]
-    assert upsert_key(out.schema) == ["k"]  # a Filter keeps the stream keyed
+    assert sorted(out.to_pylist(), key=lambda r: r["k"]) == [
+        {"k": 1, "v_sum": 3.0, VERSION_COLUMN: 5, "twice": 6.0},
+        {"k": 2, "v_sum": 1.0, VERSION_COLUMN: 5, "twice": 2.0},
+    ]
+    assert upsert_key(out.schema) == ["k"]  # a Map that keeps the columns keeps the stream keyed
     assert chain.flush(states, version=6) == []
     chain.process(states, pa.table({"k": [2], "v": [5.0]}))
     (last,) = chain.finish(states, version=7)  # in changes mode, the end of input is a flush
-    assert last.to_pylist() == [{"k": 2, "v_sum": 6.0, VERSION_COLUMN: 7}]
+    assert last.to_pylist() == [{"k": 2, "v_sum": 6.0, VERSION_COLUMN: 7, "twice": 12.0}]
     assert Chain([rf.ops.Aggregate(by="k", aggs=[("v", "sum")])]).changes_indices == []
     assert Chain([rf.ops.Aggregate(by="k", aggs=[("v", "sum")])]).for_input(
         unbounded=True
@@ -163,7 +164,7 @@ def test_an_error_in_a_flush_names_the_operator():
 # ----------------------------------------------------------------------------- partition task
 
 
-def record(positions, *, epoch=1) -> CommitRecord:
+def record(positions=(), *, epoch=1, rows_total=0) -> CommitRecord:
     return CommitRecord(
         partition=3,
         lease_epoch=epoch,
@@ -171,7 +172,7 @@ def record(positions, *, epoch=1) -> CommitRecord:
         state_files=["s"],
         output_files=["o"],
         rows_in=0,
-        rows_total=0,
+        rows_total=rows_total,
         state_rows=0,
         final=False,
         map_version=1,
@@ -180,10 +181,14 @@ def record(positions, *, epoch=1) -> CommitRecord:
 
 def test_versions_increase_across_flushes_renewals_and_owners():
     t = PartitionTask.from_commit(3, 4, [None], None)
-    a, b = t.next_version(), t.next_version()
-    t.epoch = 5  # renewed after a commit whose outcome was unknown: the counter goes on
+    t.rows_total = 10
+    a = t.next_version()
+    t.rows_total = 25  # a flush with changes follows new rows
+    b = t.next_version()
+    t.epoch = 5  # renewed after a commit whose outcome was unknown
     c = t.next_version()
-    new_owner = PartitionTask.from_commit(3, 6, [None], None)  # a later grant, from the last commit
+    new_owner = PartitionTask.from_commit(3, 6, [None], record({}, rows_total=25))  # a later grant
+    new_owner.rows_total += 1
     d = new_owner.next_version()
     assert a < b < c < d
     assert upsert_version(4, 2**40 - 1) < upsert_version(5, 1)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 import rayflow as rf
 from rayflow._internal import partition_task as pt
 from rayflow._internal.chain import Chain
+from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.group.leases import LeaseTable
 from rayflow.sinks.base import upsert_key
 from rayflow.sinks.duckdb import _DuckDBWriter
-from rayflow.testing import assert_same_rows
 
 AGGS = [("value", "count"), ("value", "sum")]
 
@@ -31,27 +32,16 @@ def _apply(tmp_path, outputs: list[pa.Table], table: str = "view") -> pa.Table:
         w.close()
 
 
-def test_a_filter_after_a_changes_aggregate_leaves_stale_rows_in_the_view(tmp_path):
-    """ops.Aggregate's doc: "a Filter keeps the stream keyed", and "at the end of a bounded input,
-    the latest rows equal the final result". A key whose new value fails the filter emits nothing
-    (there is no delete / retraction), so its old, passing row stays in the view for ever."""
+def test_a_filter_after_a_changes_aggregate_is_refused():
+    """Upserts carry no retractions: a key whose new value fails a Filter would keep its old,
+    passing row in the view for ever. So the chain is refused, naming what to do instead."""
     keep = pc.field("value_count") < 2
-    changes = Chain([rf.ops.Aggregate(by="key", aggs=AGGS, emit="changes"), rf.ops.Filter(keep)])
-    final = Chain([rf.ops.Aggregate(by="key", aggs=AGGS, emit="final"), rf.ops.Filter(keep)])
-    b1 = pa.table({"key": [1, 2], "value": [1.0, 1.0]})
-    b2 = pa.table({"key": [1], "value": [5.0]})  # key 1 now has count 2: no longer passes
-
-    states, outputs = changes.init_states(), []
-    for i, b in enumerate([b1, b2], start=1):
-        outputs += changes.process(states, b)
-        outputs += changes.flush(states, version=pt.upsert_version(1, i))  # one commit per batch
-    fstates = final.init_states()
-    for b in [b1, b2]:
-        final.process(fstates, b)
-    want = pa.concat_tables(final.finish(fstates))  # key 2 only
-
-    view = _apply(tmp_path, [o for o in outputs if o.num_rows])
-    assert_same_rows(view.select(["key", "value_count", "value_sum"]), want)
+    with pytest.raises(rf.errors.ConfigError, match="no retractions"):
+        Chain([rf.ops.Aggregate(by="key", aggs=AGGS, emit="changes"), rf.ops.Filter(keep)])
+    with pytest.raises(rf.errors.ConfigError, match="no retractions"):  # resolved for a live source
+        Chain([rf.ops.Aggregate(by="key", aggs=AGGS), rf.ops.Filter(keep)]).for_input(unbounded=True)
+    Chain([rf.ops.Aggregate(by="key", aggs=AGGS), rf.ops.Filter(keep)]).for_input(unbounded=False)
+    Chain([rf.ops.Filter(keep), rf.ops.Aggregate(by="key", aggs=AGGS, emit="changes")])  # before: fine
 
 
 def test_a_partition_reloaded_under_the_same_lease_epoch_keeps_its_versions_increasing():
@@ -69,8 +59,16 @@ def test_a_partition_reloaded_under_the_same_lease_epoch_keeps_its_versions_incr
     assert leases.holds(0, "a", g.epoch)
 
     first = pt.PartitionTask.from_commit(0, g.epoch, [None], None)
-    committed = [first.next_version() for _ in range(3)]  # three commits flushed by the first task
-    again = pt.PartitionTask.from_commit(0, g.epoch, [None], None)  # reloaded, same epoch
+    committed = []
+    for rows in (10, 20, 30):  # three commits, each flushing the changes of new rows
+        first.rows_total = rows
+        committed.append(first.next_version())
+    last = CommitRecord(
+        partition=0, lease_epoch=g.epoch, positions={"s": 30}, state_files=[], output_files=[],
+        rows_in=10, rows_total=30, state_rows=0, final=False, map_version=1,
+    )  # fmt: skip
+    again = pt.PartitionTask.from_commit(0, g.epoch, [None], last)  # reloaded, same epoch
+    again.rows_total += 4  # its next flush has changes: it processed rows
     assert again.next_version() > max(committed), "an upsert of the reloaded task is older than one committed"
 
 
@@ -136,3 +134,13 @@ def test_a_read_only_query_cannot_change_the_live_view(tmp_path):
     finally:
         sink.close()
     assert rows == [{"k": 1, "total": 1.0}, {"k": 2, "total": 2.0}]
+
+
+def test_an_aggregate_after_a_changes_aggregate_is_refused():
+    """Over a live input both Aggregates of a rollup would emit changes, and the second would
+    aggregate every *version* of the first one's rows as a new event: refused."""
+    first, second = ("value", "count"), ("value_count", "sum")
+    chain = Chain([rf.ops.Aggregate(by="key", aggs=[first]), rf.ops.Aggregate(by="key", aggs=[second])])
+    with pytest.raises(rf.errors.ConfigError, match="count every version again"):
+        chain.for_input(unbounded=True)
+    chain.for_input(unbounded=False)  # over a bounded input the final result flows through: fine

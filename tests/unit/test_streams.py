@@ -262,17 +262,23 @@ def test_a_dynamic_source_may_lose_splits_a_static_one_may_not():
 def test_known_splits_and_the_start_time_survive_a_restart(tmp_path, remote):
     log_root = str(tmp_path / "bucket") if remote else None
     cat = Catalog(str(tmp_path / "a" / "c.duckdb"), log_root=log_root)
-    assert cat.add_splits(["s1", "s2", "s1"]) == ["s1", "s2"]
-    assert cat.add_splits(["s2", "s3"]) == ["s3"]
+    assert cat.add_splits({"s1": "f1", "s2": None}) == {"s1": "f1", "s2": None}
+    assert cat.add_splits({"s2": "f2", "s3": "f3", "s1": "g1"}) == {"s2": "f2", "s3": "f3", "s1": "f1"}
     assert cat.started_ms() is None
     assert cat.ensure_started_ms(1234) == 1234 and cat.ensure_started_ms(9999) == 1234
     cat.set_meta({"key": '["key"]'})  # rewriting the job's meta keeps the start time
     if remote:
         assert cat.compact_log(force=True)
-        cat.add_splits(["s4"])  # one entry after the snapshot
+        cat.add_splits({"s4": "f4"})  # one entry after the snapshot
     cat.close()
     again = Catalog(str(tmp_path / ("b" if remote else "a") / "c.duckdb"), log_root=log_root)
     assert again.known_splits() == ["s1", "s2", "s3"] + (["s4"] if remote else [])
+    # The first fingerprint recorded for each name, whatever is given now.
+    assert again.add_splits(dict.fromkeys(["s1", "s2", "s3"], "other")) == {
+        "s1": "f1",
+        "s2": "f2",
+        "s3": "f3",
+    }
     assert again.started_ms() == 1234
     assert again.get_meta() == {"key": '["key"]'}
     again.close()
@@ -290,3 +296,25 @@ def test_the_last_commit_time_of_each_partition_is_read_back(tmp_path):
     (at,) = cat.last_commit_times().values()
     assert list(cat.last_commit_times()) == [3] and abs(at - time.time()) < 60
     cat.close()
+
+
+def test_a_watched_file_s_fingerprint_is_its_pin_and_changes_with_the_file(tmp_path):
+    """What the catalog records per split of a dynamic source (``Split.fingerprint``): the same
+    for the same file in any instance, another one for a file replaced under the same name."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    def fingerprint() -> str | None:
+        (split,) = rf.sources.Files(str(tmp_path), watch=True, assume_renamed=True).splits()
+        return split.fingerprint()
+
+    pq.write_table(pa.table({"key": [1, 2, 3]}), tmp_path / "a.parquet")
+    first = fingerprint()
+    assert first is not None and first == fingerprint()
+    pq.write_table(pa.table({"key": [4, 5, 6, 7]}), tmp_path / "a.tmp")
+    os.replace(tmp_path / "a.tmp", tmp_path / "a.parquet")
+    assert fingerprint() not in (None, first)
+    # Splits that pin nothing have nothing to check.
+    (plain,) = rf.sources.Parquet(str(tmp_path / "a.parquet")).splits()
+    assert plain.fingerprint() is None

@@ -17,9 +17,15 @@ Tables:
 - ``leases(partition, owner, lease_epoch)``: the last grant of each partition,
   so epochs keep increasing across manager restarts;
 - ``events(ts, kind, detail)``: joins, leaves, rebalances, failures;
-- ``splits(name, first_seen)``: every split a *dynamic* source has had (the
-  ones at each start, and those discovered while a job ran), recorded before
-  any of its rows is served, so a resume knows them all.
+- ``splits(name, first_seen, fingerprint)``: every split a *dynamic* source
+  has had (the ones at each start, and those discovered while a job ran),
+  recorded before any of its rows is served, so a resume knows them all; and
+  what the split was when the job first saw it (``Split.fingerprint``: a
+  file's size and mtime), so a later run, or a restarted source actor, that
+  finds another input under the same name refuses it instead of reading it on
+  from the old one's committed positions. NULL: nothing to check (a split
+  without a fingerprint, or one recorded before the column existed): the first
+  fingerprint recorded later for the name is kept.
 
 The meta key ``_started_ms`` holds the wall-clock time at which the job
 first started reading (:meth:`Catalog.ensure_started_ms`): the same at every
@@ -42,6 +48,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
@@ -62,7 +69,9 @@ CREATE TABLE IF NOT EXISTS commits (
     map_version INTEGER, committed_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS leases (partition INTEGER PRIMARY KEY, owner VARCHAR, lease_epoch BIGINT);
 CREATE TABLE IF NOT EXISTS events (ts TIMESTAMP, kind VARCHAR, detail VARCHAR);
-CREATE TABLE IF NOT EXISTS splits (name VARCHAR PRIMARY KEY, first_seen TIMESTAMP);
+CREATE TABLE IF NOT EXISTS splits (name VARCHAR PRIMARY KEY, first_seen TIMESTAMP, fingerprint VARCHAR);
+-- A catalog from before split fingerprints: its splits are known, their fingerprints are not.
+ALTER TABLE splits ADD COLUMN IF NOT EXISTS fingerprint VARCHAR;
 """
 #: The meta key of the job's first start (ms since the epoch); ``_``: the catalog's own.
 STARTED_KEY = "_started_ms"
@@ -155,7 +164,7 @@ class Catalog:
     The log is a sequence of small JSON objects under ``log_root/log/``, named by
     a sequence number that only grows: ``<n>-c.json`` (commits), ``<n>-l.json``
     (lease grants), ``<n>-r.json`` (state files retired), ``<n>-s.json`` (known
-    splits added), and ``meta.json``.
+    splits added, with their fingerprints), and ``meta.json``.
     Each is written (atomically, under a unique name) *before* the DuckDB
     transaction it mirrors, so the log is the point of truth: a manager on any
     node rebuilds or catches up its local DuckDB index from it at start.
@@ -246,7 +255,7 @@ class Catalog:
             elif kind == "l":
                 self._upsert_leases(cur, [tuple(g) for g in body["grants"]])
             elif kind == "s":
-                self._insert_splits(cur, body["splits"])
+                self._insert_splits(cur, _logged_splits(body))
             else:
                 self._clear_state_files(cur, body["commit_ids"])
         self._set_applied(cur, todo[-1][0])
@@ -292,7 +301,7 @@ class Catalog:
             "commits": [list(r) for r in commits],
             "outputs": [list(r) for r in self.con.execute("SELECT * FROM outputs").fetchall()],
             "leases": [list(r) for r in self.con.execute("SELECT * FROM leases").fetchall()],
-            "splits": [r[0] for r in self.con.execute("SELECT name FROM splits ORDER BY name").fetchall()],
+            **_splits_body(self.con.execute("SELECT name, fingerprint FROM splits ORDER BY name").fetchall()),
         }
         self.log.write_bytes(f"log/snapshot-{seq:012d}.json", json.dumps(body).encode())
         for rel in self.log.list_files("log"):
@@ -319,7 +328,7 @@ class Catalog:
             cur.executemany("INSERT INTO outputs VALUES (?, ?, ?, ?)", body["outputs"])
         if body["leases"]:
             cur.executemany("INSERT INTO leases VALUES (?, ?, ?)", body["leases"])
-        self._insert_splits(cur, body.get("splits", []))  # absent from snapshots before the table
+        self._insert_splits(cur, _logged_splits(body))  # absent from snapshots before the table
         self._set_applied(cur, body["seq"])
         cur.execute("COMMIT")
         self._next_id = max(self._next_id, int(body["next_id"]))
@@ -368,29 +377,60 @@ class Catalog:
         """Every split name recorded (:meth:`add_splits`), sorted."""
         return [n for (n,) in self.con.execute("SELECT name FROM splits ORDER BY name").fetchall()]
 
-    def add_splits(self, names: list[str]) -> list[str]:
-        """Record split names (idempotent); returns the ones that were new, in the given order.
+    def add_splits(self, splits: Mapping[str, str | None]) -> dict[str, str | None]:
+        """Record splits (name -> fingerprint, None: none); returns the recorded fingerprint of
+        each given name (None: none recorded), in the given order. Idempotent.
 
-        Under a remote checkpoint directory the new names are logged first.
+        The first fingerprint recorded for a name wins: a name already known keeps
+        its fingerprint, whatever is given now, and the caller compares (a split
+        whose name is reused for other data must be refused, not read on). A name
+        known without one (recorded by a caller that had none, or before
+        fingerprints existed) takes the one given now. Under a remote checkpoint
+        directory what changes is logged first.
         """
-        known = set(self.known_splits())
-        new = list(dict.fromkeys(n for n in names if n not in known))
-        if not new:
-            return []
-        (n,) = self._take_id()
-        self._write_log(n, "s", {"splits": new})
-        cur = self.con.cursor()
-        cur.execute("BEGIN TRANSACTION")
-        self._insert_splits(cur, new)
-        self._set_applied(cur, n)
-        cur.execute("COMMIT")
-        return new
+        recorded = self._split_fingerprints(list(splits))
+        todo = [
+            (n, fp)
+            for n, fp in splits.items()
+            if n not in recorded or (recorded[n] is None and fp is not None)
+        ]
+        if todo:
+            (n,) = self._take_id()
+            self._write_log(n, "s", _splits_body(todo))
+            cur = self.con.cursor()
+            cur.execute("BEGIN TRANSACTION")
+            self._insert_splits(cur, todo)
+            self._set_applied(cur, n)
+            cur.execute("COMMIT")
+        return {n: fp if recorded.get(n) is None else recorded[n] for n, fp in splits.items()}
 
-    def _insert_splits(self, cur, names: list[str]) -> None:
-        if names:
+    def _split_fingerprints(self, names: list[str]) -> dict[str, str | None]:
+        """The recorded fingerprint of each of ``names`` that is known (None: known without one)."""
+        if not names:
+            return {}
+        rows = self.con.execute(
+            "SELECT name, fingerprint FROM splits JOIN (SELECT unnest(CAST(? AS VARCHAR[])) AS name) "
+            "USING (name)",
+            [names],
+        ).fetchall()
+        return dict(rows)
+
+    def _insert_splits(self, cur, splits: list[tuple[str, str | None]]) -> None:
+        """Insert ``(name, fingerprint)`` pairs; a known name keeps its fingerprint, or takes
+        this one if it has none (so a replay of the log ends where the live catalog did)."""
+        merged: dict[str, str | None] = {}
+        for name, fp in splits:  # one row per name: DO UPDATE may not touch a row twice
+            if merged.get(name) is None:
+                merged[name] = fp
+        if merged:
             # One statement for any number of names (a watched directory may hold thousands).
             cur.execute(
-                "INSERT OR IGNORE INTO splits SELECT unnest(CAST(? AS VARCHAR[])), ?", [list(names), _now()]
+                """INSERT INTO splits
+                   SELECT name, ?, fingerprint FROM (SELECT unnest(CAST(? AS VARCHAR[])) AS name,
+                                                            unnest(CAST(? AS VARCHAR[])) AS fingerprint)
+                   ON CONFLICT (name) DO UPDATE
+                       SET fingerprint = coalesce(splits.fingerprint, excluded.fingerprint)""",
+                [_now(), list(merged), list(merged.values())],
             )
 
     # ------------------------------------------------------------------ commits
@@ -617,6 +657,20 @@ class Catalog:
         now = _now()
         cur = self.con.cursor()
         cur.executemany("INSERT INTO events VALUES (?, ?, ?)", [[now, k, json.dumps(d)] for k, d in events])
+
+
+def _splits_body(splits) -> dict:
+    """Known splits as logged (``-s`` entries, snapshots): names, and their fingerprints alongside
+    (a separate list, so the names read as before by code that predates fingerprints)."""
+    return {"splits": [n for n, _ in splits], "fingerprints": [fp for _, fp in splits]}
+
+
+def _logged_splits(body: dict) -> list[tuple[str, str | None]]:
+    """``(name, fingerprint)`` pairs of a log entry or snapshot; one written before fingerprints
+    (names only) reads as fingerprint None, one written before the table as no splits."""
+    names = body.get("splits", [])
+    fingerprints = body.get("fingerprints") or [None] * len(names)
+    return list(zip(names, fingerprints))
 
 
 def snapshot_copy(path: str) -> str:

@@ -193,7 +193,9 @@ class GroupManager:
         self.catalog.set_meta(meta.to_dict())
         self._started_ms = self.catalog.started_ms()
         if meta.dynamic and meta.splits:
-            self.catalog.add_splits(list(meta.splits))
+            # Names only: their fingerprints come from the source actors, which compare them
+            # with the recorded ones before reading (a name known without one takes the first).
+            self.catalog.add_splits(dict.fromkeys(meta.splits))
 
     def _repair_files(self, restarted: bool) -> None:
         """What a crash left: recorded outputs still to publish (the maintenance loop publishes
@@ -250,12 +252,18 @@ class GroupManager:
             self._started_ms = await self._in_io(self.catalog.ensure_started_ms, int(time.time() * 1000))
         return self._started_ms
 
-    async def add_splits(self, names: list[str]) -> None:
-        """Record splits a source actor discovered (the catalog's known splits), before it serves
-        any of their rows: a resume then knows every split the job has read. Idempotent."""
+    async def add_splits(self, splits: dict[str, str | None]) -> dict[str, str | None]:
+        """Record the splits a source actor is about to read (name -> ``Split.fingerprint``) as
+        the catalog's known splits, before it serves any of their rows: a resume then knows every
+        split the job has read. Idempotent.
+
+        Returns the recorded fingerprint of each (the first one recorded for a name wins; None:
+        none recorded). The caller compares: another fingerprint under a known name is another
+        input reusing the name, whose rows must not be read on from the old one's positions.
+        """
         if self._init_error is not None:
             raise self._init_error
-        await self._in_io(self.catalog.add_splits, list(names))
+        return await self._in_io(self.catalog.add_splits, dict(splits))
 
     def _ensure_loops(self) -> None:
         """Start the expiry and maintenance loops (inside the event loop; after a restart, on
