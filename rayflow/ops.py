@@ -297,6 +297,7 @@ class Aggregate(Operator):
             parsed.append(_Agg(col, fn))
         self.aggs = parsed
         self.emit = emit
+        self._emit_given = emit  # what the user wrote: the repr names it, not what for_input resolved
         if emit != "final" and VERSION_COLUMN in self.by + [a.out for a in parsed]:
             raise ConfigError(
                 f"rf.ops.Aggregate: {VERSION_COLUMN!r} is the version column of the upsert stream "
@@ -311,7 +312,8 @@ class Aggregate(Operator):
         return out
 
     def __repr__(self) -> str:
-        emit = f", emit={self.emit!r}" if self.emit is not None else ""
+        given = getattr(self, "_emit_given", self.emit)
+        emit = f", emit={given!r}" if given is not None else ""
         return f"rf.ops.Aggregate(by={self.by}, aggs={[(a.column, a.fn) for a in self.aggs]}{emit})"
 
     def for_input(self, *, unbounded: bool) -> Aggregate:

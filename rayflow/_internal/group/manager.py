@@ -160,6 +160,7 @@ class GroupManager:
         self.source_names = job.source_names
         self.source = job.source  # for Source.on_commit (dynamic sources only travel this far)
         self._told_source: dict[str, int] = {}
+        self._telling: asyncio.Task | None = None
         self.config = job.config
         self.sink = job.sink
         state_root = job.root
@@ -618,23 +619,36 @@ class GroupManager:
             if now >= next_trim:
                 next_trim = now + TRIM_EVERY_S
                 await self._maintain("trimming the catalog", self._trim)
-            if self.source is not None and now >= next_tell:
+            if (
+                self.source is not None
+                and now >= next_tell
+                and (self._telling is None or self._telling.done())
+            ):
                 next_tell = now + SOURCE_COMMIT_EVERY_S
-                await self._maintain("telling the source the committed positions", self._tell_source)
+                low = self._committed_low()
+                if low and low != self._told_source:
+                    # On a thread of its own, never the I/O thread: a broker that is down can hold
+                    # a Kafka offset commit for seconds, and commits must not wait behind it.
+                    self._telling = asyncio.get_running_loop().create_task(self._tell_source(low))
 
-    def _tell_source(self) -> None:
-        """``Source.on_commit`` with the lowest committed position of each split over all partitions
-        (a partition without a commit of a split holds it at 0), when they moved."""
+    def _committed_low(self) -> dict[str, int]:
+        """The lowest committed position of each split over all partitions (a partition without a
+        commit of a split holds it at 0)."""
         committed = self.group.committed
         names = {s for c in committed.values() if c is not None for s in c.positions}
-        low = {
+        if len(committed) < self.map.num_partitions:
+            return {s: 0 for s in names}
+        return {
             s: min((c.positions.get(s, 0) if c is not None else 0) for c in committed.values()) for s in names
         }
-        if len(committed) < self.map.num_partitions:
-            low = {s: 0 for s in names}
-        if low and low != self._told_source:
-            self.source.on_commit(low)
+
+    async def _tell_source(self, low: dict[str, int]) -> None:
+        """``Source.on_commit(low)``: informational (Kafka's group offsets); a failure is logged."""
+        try:
+            await asyncio.to_thread(self.source.on_commit, low)
             self._told_source = low
+        except Exception as e:
+            self._maintenance_failed("telling the source the committed positions", e)
 
     async def _maintain(self, what: str, fn) -> None:
         try:
@@ -727,7 +741,8 @@ class GroupManager:
         return await self._in_io(self.catalog.output_files)
 
     async def close(self) -> None:
-        for task in self._loops + list(self.watches.values()):
+        telling = [self._telling] if getattr(self, "_telling", None) is not None else []
+        for task in self._loops + list(self.watches.values()) + telling:
             task.cancel()
         self._loops = []
         if self._closed:
