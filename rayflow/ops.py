@@ -243,13 +243,16 @@ class Aggregate(Operator):
     - ``None`` (default): ``"changes"`` when the source is unbounded (its job
       never ends, so a final result never comes), else ``"final"``.
 
-    ``_version`` is ``lease_epoch * 2**40 + n``, ``n`` the rows of the
-    partition processed so far (its whole history): it increases across the
-    commits of a partition, across failed and retried attempts (rows of one
-    output file may repeat a key: the highest version wins), across owners
-    (lease epochs only grow) and across a reload under the same epoch (a
-    cancelled revocation restarts from the last recorded commit, whose rows no
-    published version exceeds).
+    ``_version`` is the number of rows of the partition processed so far (its
+    whole history): it increases across the commits of a partition, across
+    failed and retried attempts (rows of one output file may repeat a key: the
+    highest version wins), across owners and across a reload under the same
+    lease epoch (each restarts from the last recorded commit, which no
+    published version exceeds). Only a ``rf.ops.Map`` may follow the
+    Aggregate in the chain, and it must keep one row per key, the key values
+    and ``_version`` (a Map that drops or re-keys rows leaves stale rows in
+    the view: nothing can check that); a Filter or another stateful operator
+    is refused (upserts carry no retractions).
 
     Exactly-once (see :meth:`Operator.flush`): the change set is not part of
     the checkpoint; every commit flushes it first and stages its output with

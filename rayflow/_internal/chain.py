@@ -36,8 +36,10 @@ def _check_after_changes(ops: list[Operator], changes: list[int]) -> None:
     The stream carries new values of keys, never retractions: a ``Filter``
     that drops a key's new value would leave its old value in the view, and
     another stateful operator would aggregate every version as a new event.
-    A ``Map`` may follow (it must keep one row per key, with the key columns
-    and ``_version``: the sinks check those).
+    A ``Map`` may follow: it must keep one row per key, the key values and
+    ``_version`` (the sinks check that the key columns and ``_version`` are
+    there; a Map that drops or re-keys rows cannot be checked and would leave
+    stale rows in the view).
     """
     if not changes:
         return

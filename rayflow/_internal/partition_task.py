@@ -61,23 +61,21 @@ class Phase(enum.Enum):
 #: Phases in which the task still fetches and processes input.
 RUNNING = (Phase.CLEAN, Phase.DIRTY, Phase.BACKLOGGED)
 
-#: ``_version`` of an upsert = ``lease_epoch << VERSION_EPOCH_SHIFT | rows processed``: 2**40 rows
-#: per partition, 2**23 lease epochs per partition.
-VERSION_EPOCH_SHIFT = 40
-
 
 def upsert_version(epoch: int, rows_total: int) -> int:
-    """The ``_version`` of a flush under lease ``epoch`` after ``rows_total`` rows of the partition
-    were processed (its whole history, restored with its state).
+    """The ``_version`` of a flush after ``rows_total`` rows of the partition were processed (its
+    whole history, restored with its state): the rows processed, whatever the lease ``epoch``.
 
-    Increasing per partition across flushes, commits, owners *and* reloads: a
-    flush with changes follows new rows (``rows_total`` grew), a new owner has
-    a higher epoch, and a task reloaded under the same epoch (a cancelled
-    revocation) restarts from its last recorded commit's ``rows_total``, which no
-    published version exceeds (only recorded commits publish). A counter of
-    flushes per task would restart there and repeat published versions.
+    Strictly increasing over everything a partition ever publishes: only recorded
+    commits publish, and they form one line per partition (each owner, and a task
+    reloaded under the same epoch after a cancelled revocation, restarts from the
+    latest recorded commit, whose ``rows_total`` no published version exceeds);
+    a flush with changes follows new rows. A counter of flushes per task would
+    restart at a reload and repeat published versions; the epoch is not needed
+    for the order (and folding it in would cap the rows). Comparable only within
+    a partition, while the partition map is unchanged.
     """
-    return (epoch << VERSION_EPOCH_SHIFT) | rows_total
+    return rows_total
 
 
 @dataclass

@@ -398,10 +398,11 @@ class Files(Source):
     **Rules for writers.** A complete file must not change, and a name must never be reused:
     a read checks the file's size and mtime against those it was taken with and raises
     :class:`MalformedInputError` otherwise (replaying a changed file would give other rows).
-    The job's catalog records them the first time the job takes a name, so a job started again
-    (or a source actor restarted) that finds another file under a name it has read refuses it
-    the same way, before reading any of its rows, even when the old file was read to the end
-    and deleted: move the new file to a name the job has never seen.
+    With ``watch=True`` the job's catalog records them the first time the job takes a name, so
+    a job started again (or a source actor restarted) that finds another file under a name it
+    has read refuses it the same way, before reading any of its rows, even when the old file was
+    read to the end and deleted: move the new file to a name the job has never seen. (A bounded
+    ``watch=False`` job is checked within a run only, like the Parquet/CSV/JSON sources.)
     A file may be deleted or moved away once its rows are committed. A file that is gone while
     the running job still has rows of it to read raises :class:`SourceNotFoundError` rather
     than skip them. For Parquet the footer's row count (read once, when the file is taken) tells a file

@@ -99,11 +99,11 @@ def test_an_aggregation_added_on_resume_is_applied_to_the_live_view(tmp_path):
     run2 = rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("extra", "sum")], emit="changes")
     s2 = run2.state_from_table(run1.state_to_table(s))
     s2, _ = run2.process(s2, pa.table({"key": [1], "value": [2.0], "extra": [3.0]}))
-    s2, out2 = run2.flush(s2, version=pt.upsert_version(2, 1))
+    s2, out2 = run2.flush(s2, version=pt.upsert_version(2, 2))
 
     view = _apply(tmp_path, [out1, out2])
     assert view.to_pylist() == [
-        {"key": 1, "value_count": 2, "extra_sum": 3.0, "_version": pt.upsert_version(2, 1)}
+        {"key": 1, "value_count": 2, "extra_sum": 3.0, "_version": pt.upsert_version(2, 2)}
     ]
 
 

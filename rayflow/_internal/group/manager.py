@@ -59,6 +59,7 @@ import asyncio
 import collections
 import functools
 import logging
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -161,6 +162,7 @@ class GroupManager:
         self.source = job.source  # for Source.on_commit (dynamic sources only travel this far)
         self._told_source: dict[str, int] = {}
         self._telling: asyncio.Task | None = None
+        self._query_pool: ThreadPoolExecutor | None = None
         self.config = job.config
         self.sink = job.sink
         state_root = job.root
@@ -729,11 +731,14 @@ class GroupManager:
     async def query(self, sql: str):
         """Read-only ``sql`` over the sink's published output, as an Arrow table (``Run.query``,
         ``rayflow sql --pipeline``). This actor holds the sink (DuckDB allows one writer process),
-        so readers come here. On the I/O thread, between publications: the result holds whole
-        commits only; a long query delays publication (never heartbeats) while it runs."""
+        so readers come here. On a query thread of its own, never the I/O thread, so a long query
+        delays no commit: DuckDB gives it a snapshot of whole publications (each is one
+        transaction). Queries run one at a time."""
         if self._init_error is not None:
             raise self._init_error
-        return await self._in_io(self.publisher.query, sql)
+        if self._query_pool is None:
+            self._query_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayflow-query")
+        return await asyncio.get_running_loop().run_in_executor(self._query_pool, self.publisher.query, sql)
 
     async def output_files(self) -> list[str]:
         """The recorded output files, in commit order (all of them for a sink that keeps its
@@ -750,13 +755,21 @@ class GroupManager:
         self._closed = True
         await self._in_io(self._close_io)  # after the queued event writes: the thread is FIFO
         self._io.shutdown(wait=False)
+        if getattr(self, "_query_pool", None) is not None:
+            self._query_pool.shutdown(wait=False)
+
+    def _close_source(self) -> None:
+        try:
+            self.source.close()
+        except Exception as e:  # only informational clients: never fail a close over them
+            logger.warning("rayflow manager %s: closing the source failed: %s", self.name, e)
 
     def _close_io(self) -> None:
         if getattr(self, "source", None) is not None:
-            try:
-                self.source.close()
-            except Exception as e:  # only informational clients: never fail a close over them
-                logger.warning("rayflow manager %s: closing the source failed: %s", self.name, e)
+            # On a daemon thread, not waited for: closing a Kafka client waits for an offset
+            # commit in flight, which a broker that is down holds for ~45 s, and stopping a job
+            # must not (the offsets are informational; the catalog has the positions).
+            threading.Thread(target=self._close_source, name="rayflow-source-close", daemon=True).start()
         for part in ("catalog", "publisher"):
             if hasattr(self, part):
                 getattr(self, part).close()
