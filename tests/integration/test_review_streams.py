@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -17,6 +16,7 @@ import rayflow as rf
 from rayflow.sources import Source, Split
 from rayflow.testing import Fault, FaultPlan, assert_same_rows, keyed_reference, throttle
 from tests.conftest import KEYED_AGGS, make_job
+from tests.integration.test_continuous import read_view
 
 pytestmark = pytest.mark.ray
 
@@ -24,14 +24,6 @@ FAST = rf.EngineConfig(
     heartbeat_interval_s=0.1, session_timeout_s=5.0, commit_retry_initial_s=0.05, fetch_max_bytes=60_000
 )
 COLUMNS = ["key", "value_count", "value_sum"]
-
-
-def read_view(db, table="view") -> pa.Table:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.sql(f"SELECT * FROM {table}").to_arrow_table()
-    finally:
-        con.close()
 
 
 # ----------------------------------------------------------------------------- versions
