@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from rayflow import ops as _ops
 from rayflow._internal.runtime import JobSpec, Result, Run
+from rayflow._internal.watermarks import EventTime
 from rayflow.config import EngineConfig
 from rayflow.errors import ConfigError
 from rayflow.sinks import Collect, Sink
@@ -44,6 +45,21 @@ class Pipeline:
     with a :class:`ConfigError` unless ``local_paths_shared=True`` says it is
     such a filesystem. ``checkpoint_interval_s`` sets
     ``EngineConfig.checkpoint_interval_s``.
+
+    **Event time** (DESIGN §11). ``event_time`` names the column (int64
+    milliseconds since the epoch, or an Arrow timestamp) that windows
+    (``rf.ops.Window``) and dedup (``rf.ops.Dedup``) use unless they name
+    their own. Each split's watermark is the largest event time read from it
+    minus ``max_out_of_orderness_s``; a partition's watermark is the minimum
+    over its splits, skipping a split that has had no rows for
+    ``idle_timeout_s`` (``None``: never skip; then one quiet Kafka partition
+    holds every window open) once the partition has processed all of it, and
+    splits that ended. Watermarks move with the rows processed (never ahead of
+    them), never go back, are committed with the positions and restored, and
+    ``run.status()`` shows each partition's ``watermark_ms`` and
+    ``event_time_lag_s`` (now minus the watermark). Caveat: a split that
+    comes back after being skipped as idle may bring rows that are late by
+    then (the window's ``late=`` policy decides what happens to them).
     """
 
     def __init__(
@@ -62,6 +78,9 @@ class Pipeline:
         config: EngineConfig | None = None,
         progress: bool | None = None,
         faults=None,
+        event_time: str | None = None,
+        max_out_of_orderness_s: float = 0.0,
+        idle_timeout_s: float | None = 30.0,
     ):
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ConfigError(
@@ -93,11 +112,27 @@ class Pipeline:
         if not keys or not all(isinstance(k, str) and k for k in keys):
             raise ConfigError(f"key must name at least one column, got {key!r}")
         ops = _ops.as_chain(operator)
+        clock = None
+        if event_time is not None:
+            clock = EventTime(
+                column=event_time,
+                max_out_of_orderness_s=max_out_of_orderness_s,
+                idle_timeout_s=idle_timeout_s,
+            )
+        elif any(op.uses_event_time for op in ops):
+            named = next(op for op in ops if op.uses_event_time)
+            raise ConfigError(
+                f"{named!r} works on event time, but the pipeline names no event_time column: give "
+                "rf.Pipeline(event_time='<column>', max_out_of_orderness_s=...) (its watermark "
+                "decides when windows close)"
+            )
+        ops = [op.with_event_time(event_time) for op in ops]
         for op in ops:
-            if isinstance(op, _ops.Aggregate) and not set(keys) <= set(op.by):
+            group = op.group_columns
+            if group is not None and not set(keys) <= set(group):
                 raise ConfigError(
-                    f"rf.ops.Aggregate(by={op.by}) must group by the pipeline key {keys} "
-                    "(and may add columns): otherwise one group would span partitions"
+                    f"{op!r} must group by the pipeline key {keys} (and may add columns): "
+                    "otherwise one group would span partitions"
                 )
         self._spec = JobSpec(
             name=name,
@@ -112,6 +147,7 @@ class Pipeline:
             config=config,
             progress=progress,
             faults=faults,
+            event_time=clock,
         )
 
     # Read-only views of the spec (the job cannot change once built).

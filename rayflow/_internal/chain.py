@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from rayflow.errors import ConfigError
-from rayflow.ops import Filter, Operator
+from rayflow.ops.base import WATERMARK_END, Filter, Operator, side_stream, side_stream_of
 
 #: Attribute set on an exception raised inside an operator: the driver hands such an
 #: exception back to the user as it is (``operator_error``), not wrapped in Ray's error.
@@ -31,7 +31,8 @@ def _tag(e: Exception, index: int, op: Operator, partition: int | None) -> None:
 
 
 def _check_after_changes(ops: list[Operator], changes: list[int]) -> None:
-    """Refuse what cannot follow an upsert stream (an operator emitting changes).
+    """Refuse what cannot follow an upsert stream (an operator emitting changes, or a Window that
+    updates its windows with late rows).
 
     The stream carries new values of keys, never retractions: a ``Filter``
     that drops a key's new value would leave its old value in the view, and
@@ -71,7 +72,13 @@ class Chain:
         self.stateful_indices = [i for i, op in enumerate(ops) if op.stateful]
         #: Stateful operators that emit their changes at each commit (:meth:`flush`).
         self.changes_indices = [i for i in self.stateful_indices if ops[i].emits_changes]
-        _check_after_changes(ops, self.changes_indices)
+        #: Operators that use event time: advanced with the partition's watermark (:meth:`advance`).
+        self.event_indices = [i for i, op in enumerate(ops) if op.uses_event_time]
+        _check_after_changes(ops, [i for i, op in enumerate(ops) if op.emits_upserts])
+        #: Side streams (``Operator.side_sinks``), named ``op<index>-<name>`` in the chain.
+        self.side_sinks = {
+            _side_name(i, name): sink for i, op in enumerate(ops) for name, sink in op.side_sinks().items()
+        }
 
     def for_input(self, *, unbounded: bool) -> Chain:
         """The chain as it runs over a bounded or an unbounded input (``Operator.for_input``:
@@ -97,14 +104,23 @@ class Chain:
     def _run_from(
         self, states: list, start: int, table: pa.Table | None, out: list[pa.Table], partition: int | None
     ) -> None:
+        """Run ``table`` (the output of operator ``start - 1``) through operators ``start`` on.
+        A side stream goes to ``out`` as it is, past the rest (renamed for the chain)."""
         for i in range(start, len(self.ops)):
             if table is None:
                 return
+            side = side_stream_of(table) if i > 0 else None
+            if side is not None:
+                table = side_stream(table, _side_name(i - 1, side))
+                break
             try:
                 states[i], table = self.ops[i].process(states[i], table)
             except Exception as e:
                 _tag(e, i, self.ops[i], partition)
                 raise
+        else:
+            if table is not None and self.ops and (side := side_stream_of(table)) is not None:
+                table = side_stream(table, _side_name(len(self.ops) - 1, side))
         if table is not None and table.num_rows:
             out.append(table)
 
@@ -114,17 +130,37 @@ class Chain:
         self._run_from(states, 0, table, out, partition)
         return out
 
+    def advance(
+        self, states: list, watermark_ms: int, *, version: int, partition: int | None = None
+    ) -> list[pa.Table]:
+        """The partition's watermark is ``watermark_ms``: each operator that uses event time
+        emits what it closes, in chain order, through the rest (a later one sees an earlier one's
+        output before its own advance). States are updated in place; returns the outputs."""
+        out: list[pa.Table] = []
+        for i in self.event_indices:
+            try:
+                states[i], table = self.ops[i].advance(states[i], watermark_ms, version=version)
+            except Exception as e:
+                _tag(e, i, self.ops[i], partition)
+                raise
+            self._run_from(states, i + 1, table, out, partition)
+        return out
+
     def finish(self, states: list, *, version: int = 0, partition: int | None = None) -> list[pa.Table]:
         """End of input: each stateful operator's final output flows through the rest.
 
         An operator that emits changes flushes instead (its last changes, as
-        ``version``): its earlier flushes already emitted the rest.
+        ``version``): its earlier flushes already emitted the rest. An operator
+        that uses event time is advanced to the end of time instead
+        (:data:`WATERMARK_END`): every window closes.
         """
         out: list[pa.Table] = []
-        for i in self.stateful_indices:
+        for i in sorted(set(self.stateful_indices) | set(self.event_indices)):
             op = self.ops[i]
             try:
-                if op.emits_changes:
+                if op.uses_event_time:
+                    states[i], table = op.advance(states[i], WATERMARK_END, version=version)
+                elif op.emits_changes:
                     states[i], table = op.flush(states[i], version=version)
                 else:
                     table = op.finish(states[i])
@@ -153,5 +189,18 @@ class Chain:
             self._run_from(states, i + 1, table, out, partition)
         return out
 
+    def metrics(self, states: list) -> dict[str, int]:
+        """The operators' metrics (``Operator.metrics``) of one partition, summed by name."""
+        out: dict[str, int] = {}
+        for i in self.stateful_indices:
+            for k, v in self.ops[i].metrics(states[i]).items():
+                out[k] = out.get(k, 0) + v
+        return out
+
     def spec(self) -> list[dict]:
         return [op.spec() for op in self.ops]
+
+
+def _side_name(index: int, name: str) -> str:
+    """A side stream's name in the chain: the operator's index keeps two Windows' apart."""
+    return f"op{index}-{name}"

@@ -43,6 +43,7 @@ from rayflow._internal.checkpoint import commit as cm
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store
 from rayflow._internal.metrics import ConsumerMetrics
+from rayflow._internal.watermarks import WATERMARK_NONE, EventTime
 from rayflow.config import EngineConfig
 from rayflow.errors import CheckpointError, PipelineFailedError, RayflowError
 
@@ -73,9 +74,14 @@ class ConsumerActor:
         config: EngineConfig,
         faults=None,
         unbounded: bool = False,
+        side_roots: dict[str, str] | None = None,
+        num_sources: int = 1,
+        event_time: EventTime | None = None,
     ):
         """``unbounded``: the source never ends (``Source.unbounded``): an ``Aggregate(emit=None)``
-        then emits its changes at each commit (``Chain.for_input``)."""
+        then emits its changes at each commit (``Chain.for_input``). ``side_roots``: where the
+        chain's side streams go (``Chain.side_sinks``). ``event_time``: the job's event-time
+        column and watermark strategy (the partitions' watermarks are kept and committed)."""
         self.member_id = member_id
         self.metrics = ConsumerMetrics(pipeline, member_id)
         self.faults = faults
@@ -85,6 +91,9 @@ class ConsumerActor:
         self.key = key
         self.state_store = Store(state_root)
         self.sink_store = Store(sink_root)
+        self.side_stores = {stream: Store(root) for stream, root in (side_roots or {}).items()}
+        self.num_sources = num_sources
+        self.event_time = event_time
         self.map_version = map_version
         self.config = config
         self.owned: dict[int, pt.PartitionTask] = {}
@@ -162,6 +171,7 @@ class ConsumerActor:
         return {
             "member": self.member_id,
             "pid": os.getpid(),
+            "watermarks": {p: t.clock.applied for p, t in owned.items() if t.clock is not None},
             "partitions": {p: t.epoch for p, t in owned.items()},
             "phases": {p: t.phase.value for p, t in owned.items()},
             "rows_processed": self.rows_processed,
@@ -194,9 +204,11 @@ class ConsumerActor:
         firsts, self._firsts = self._firsts, {}
         self._hb_seq += 1
         seq = self._hb_seq
-        processed = {p: t.rows_total for p, t in list(self.owned.items())}
+        owned = list(self.owned.items())
+        processed = {p: t.rows_total for p, t in owned}
+        clocks = self._clocks(owned) if self.event_time is not None or self.chain.stateful_indices else None
         reply = await _call(
-            self.manager.heartbeat.remote(self.member_id, self.member_epoch, processed, firsts),
+            self.manager.heartbeat.remote(self.member_id, self.member_epoch, processed, firsts, clocks),
             self.config.call_timeout_s,
         )
         if reply.get("rejoin"):
@@ -214,6 +226,17 @@ class ConsumerActor:
         else:
             self._assignment = {**reply, "seq": seq}
         self._wake.set()
+
+    def _clocks(self, owned: list[tuple[int, pt.PartitionTask]]) -> dict[int, dict]:
+        """Per owned partition: its watermark (a job with event time) and its operators' metrics
+        (``Operator.metrics``: late rows, open windows, state rows), for the manager's status."""
+        out = {}
+        for p, t in owned:
+            info: dict = {"operators": self.chain.metrics(t.states)}
+            if t.clock is not None:
+                info["watermark_ms"] = t.clock.applied
+            out[p] = info
+        return out
 
     def _apply_assignment(self) -> tuple[dict[int, int], dict, list[int]]:
         """Apply the heartbeat's news: drop what we lost. Returns (new grants, their commits, revokes)."""
@@ -260,7 +283,7 @@ class ConsumerActor:
                     continue
                 if running:
                     await self._fetch(running)
-                    if any(t.buffer for t in running):
+                    if any(t.buffer or t.watermark_due for t in running):
                         await self._process_step(running)
                     for t in running:
                         if t.running and t.input_ended(len(self.sources)):
@@ -360,6 +383,8 @@ class ConsumerActor:
                     end=res.end,
                     full=res.full,
                     fenced=res.fenced is not None,
+                    watermarks=res.watermarks,
+                    idle=res.idle,
                 )
             )
             if t.phase is pt.Phase.FENCED:
@@ -410,7 +435,11 @@ class ConsumerActor:
         self._rr = (self._rr + 1) % max(1, n)
         for k in range(n):
             t = running[(self._rr + k) % n]
-            if not t.buffer or not t.running:
+            if not t.running:
+                continue
+            if not t.buffer:
+                if t.watermark_due:  # no rows, yet event time moved (an idle split skipped)
+                    self._advance(t)
                 continue
             left = budget - (time.monotonic() - t0)
             if left <= 0 and nbytes:
@@ -424,16 +453,30 @@ class ConsumerActor:
                 self._firsts[t.partition] = (t.epoch, time.time())
             outputs = self.chain.process(t.states, table, partition=t.partition)
             t.batch_processed(entries, outputs, table.num_rows)
+            if t.clock is not None:
+                self._advance(t)
             nbytes += table.nbytes
             rows += table.num_rows
         self.rows_processed += rows
         self._fault("consumer.step")  # in this thread: a "pause" holds the work, not the heartbeat
         return nbytes, rows
 
+    def _advance(self, t: pt.PartitionTask) -> None:
+        """Worker thread: advance the operators to the partition's watermark (after every batch,
+        so an operator may also emit what the batch changed) and stage what they emit."""
+        target = t.watermark_target
+        outputs = self.chain.advance(t.states, target, version=t.next_version(), partition=t.partition)
+        t.watermark_advanced(target, outputs)
+
     def _load(
         self, new: dict[int, int], commits: dict[int, CommitRecord | None]
     ) -> dict[int, pt.PartitionTask]:
-        """Worker thread: restore newly granted partitions from their last commits."""
+        """Worker thread: restore newly granted partitions from their last commits.
+
+        With event time, the operators are advanced to the committed watermark
+        at once: they emit nothing (the commit's outputs hold all they emitted
+        up to it, ``Operator.advance``) and learn where event time stands.
+        """
         out = {}
         for p, epoch in new.items():
             c = commits.get(p)
@@ -442,7 +485,15 @@ class ConsumerActor:
                 for i, f in zip(self.chain.stateful_indices, c.state_files):
                     t = self.state_store.read_parquet(f)
                     states[i] = self.chain.ops[i].state_from_table(t.drop_columns(["_hash"]))
-            out[p] = pt.PartitionTask.from_commit(p, epoch, states, c)
+            task = pt.PartitionTask.from_commit(
+                p, epoch, states, c, event_time=self.event_time is not None, num_sources=self.num_sources
+            )
+            if task.clock is not None and task.running and task.clock.applied != WATERMARK_NONE:
+                task.watermark_advanced(
+                    task.clock.applied,
+                    self.chain.advance(states, task.clock.applied, version=task.next_version(), partition=p),
+                )
+            out[p] = task
         return out
 
     async def _give_up(self, revoke: list[int]) -> None:
@@ -535,11 +586,18 @@ class ConsumerActor:
                         key=self.key,
                         state_store=self.state_store,
                         sink_store=self.sink_store,
+                        side_stores=self.side_stores,
+                        watermarks=t.clock.committed() if t.clock is not None else None,
                     )
                 )
         except BaseException:
             for rec in records:  # never sent: nothing can name them
-                cm.discard(rec, state_store=self.state_store, sink_store=self.sink_store)
+                cm.discard(
+                    rec,
+                    state_store=self.state_store,
+                    sink_store=self.sink_store,
+                    side_stores=self.side_stores,
+                )
             raise
         return records
 
@@ -594,7 +652,11 @@ class ConsumerActor:
                         trim[rec.partition] = (new_epoch, dict(rec.positions))
             if how == "lost":
                 await asyncio.to_thread(
-                    cm.discard, rec, state_store=self.state_store, sink_store=self.sink_store
+                    cm.discard,
+                    rec,
+                    state_store=self.state_store,
+                    sink_store=self.sink_store,
+                    side_stores=self.side_stores,
                 )
             elif how == "unknown":
                 files = rec.state_files + rec.output_files
@@ -610,6 +672,7 @@ class ConsumerActor:
                     rec,
                     state_store=self.state_store,
                     sink_store=self.sink_store,
+                    side_stores=self.side_stores,
                     keep=frozenset(named),
                 )
         if trim:

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ray import cloudpickle
 
 from rayflow._internal import naming
 from rayflow._internal.checkpoint.store import Store
 from rayflow._internal.compat import JobMeta
+from rayflow._internal.watermarks import EventTime
 from rayflow.config import EngineConfig
 from rayflow.errors import CheckpointError
 from rayflow.partitioning import PartitionMap
@@ -68,6 +69,10 @@ class JobFile:
     unbounded: bool = False
     #: A ``rayflow.testing.FaultPlan`` (tests only) or ``None``.
     faults: object = None
+    #: Side streams of the chain (``Chain.side_sinks``): stream -> (its sink, its resolved root).
+    side_sinks: dict = field(default_factory=dict)
+    #: The event-time column and watermark strategy (``watermarks.EventTime``), or ``None``.
+    event_time: EventTime | None = None
 
     @property
     def source_names(self) -> list[str]:

@@ -33,6 +33,17 @@ class ManagerMetrics:
         self.rate = Gauge("rayflow_partition_rows_per_s", "Smoothed processing rate.", _P)
         self.epoch = Gauge("rayflow_partition_lease_epoch", "Current lease epoch.", _P)
         self.blocked = Gauge("rayflow_partition_blocked_s", "Seconds the source waited on this queue.", _P)
+        self.watermark = Gauge(
+            "rayflow_partition_watermark_ms", "The partition's event-time watermark (ms since the epoch).", _P
+        )
+        self.event_lag = Gauge(
+            "rayflow_partition_event_time_lag_s", "Event-time lag: now minus the watermark, in seconds.", _P
+        )
+        self.late_rows = Gauge(
+            "rayflow_partition_late_rows", "Rows that arrived after their window closed (all policies).", _P
+        )
+        self.open_windows = Gauge("rayflow_partition_open_windows", "Windows held open in state.", _P)
+        self.state_rows = Gauge("rayflow_partition_state_rows", "Rows of operator state held.", _P)
         self.consumers = Gauge("rayflow_consumers", "Live members of the consumer group.", ("pipeline",))
         self.rebalances = Counter("rayflow_rebalances", "Rebalances of the consumer group.", ("pipeline",))
         self.recoveries = Counter("rayflow_recoveries", "Consumers lost and recovered.", ("pipeline",))
@@ -55,6 +66,17 @@ class ManagerMetrics:
             self.rate.set(part["load_rows_per_s"], tags=t)
             self.epoch.set(part["lease_epoch"], tags=t)
             self.blocked.set(sum(s["blocked_s"][p] for s in sources), tags=t)
+            if part.get("watermark_ms") is not None and part.get("event_time_lag_s") is not None:
+                self.watermark.set(part["watermark_ms"], tags=t)
+                self.event_lag.set(part["event_time_lag_s"], tags=t)
+            ops = part.get("operators") or {}
+            for name, gauge in (
+                ("late_rows", self.late_rows),
+                ("open_windows", self.open_windows),
+                ("state_rows", self.state_rows),
+            ):
+                if name in ops:
+                    gauge.set(ops[name], tags=t)
         self.consumers.set(len(status["members"]), tags=tags)
         for name, counter in (("rebalances", self.rebalances), ("recoveries", self.recoveries)):
             delta = status[name] - self._seen[name]

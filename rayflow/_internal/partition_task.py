@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from rayflow._internal.checkpoint.commit import CommitRecord
+from rayflow._internal.watermarks import WATERMARK_END, PartitionClock
 from rayflow.errors import PositionGapError, ProtocolError
 
 
@@ -88,6 +89,9 @@ class Fetched:
     end: bool = False
     full: bool = False
     fenced: bool = False
+    #: A job with event time: the source's splits' watermarks and idle ones (``FetchResult``).
+    watermarks: dict | None = None
+    idle: set | None = None
 
 
 @dataclass
@@ -108,16 +112,30 @@ class PartitionTask:
     pending: list[Fetched] = field(default_factory=list)
     seq: int = 0
     first_done: bool = False
+    #: The partition's event-time clock (a job with event time), else ``None``.
+    clock: PartitionClock | None = None
+    num_sources: int = 1
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_commit(
-        cls, partition: int, epoch: int, states: list, commit: CommitRecord | None
+        cls,
+        partition: int,
+        epoch: int,
+        states: list,
+        commit: CommitRecord | None,
+        *,
+        event_time: bool = False,
+        num_sources: int = 1,
     ) -> PartitionTask:
-        """A newly granted partition, restored from its last recorded commit (or from scratch)."""
+        """A newly granted partition, restored from its last recorded commit (or from scratch);
+        ``event_time``: the job has event time (its watermarks are restored too)."""
         positions = dict(commit.positions) if commit else {}
         rows = commit.rows_total if commit else 0
+        clock = PartitionClock.restored(commit.watermarks if commit else None) if event_time else None
         return cls(
+            clock=clock,
+            num_sources=num_sources,
             partition=partition,
             epoch=epoch,
             states=states,
@@ -163,6 +181,8 @@ class PartitionTask:
     def _apply_pending(self) -> None:
         """The buffer is drained: what the fetches said about positions and ends now holds."""
         for got in self.pending:
+            if self.clock is not None and got.watermarks is not None:
+                self.clock.told(got.source, got.watermarks, got.idle)
             if got.frontier:
                 for s, v in got.frontier.items():
                     if v > self.positions.get(s, 0):
@@ -220,13 +240,39 @@ class PartitionTask:
         for e in entries:
             if e.end > self.positions.get(e.split, 0):
                 self.positions[e.split] = e.end
+            if self.clock is not None:
+                self.clock.saw(e.split, e.watermark)
         self._progress()
         if not self.buffer:
             self._apply_pending()
 
+    @property
+    def watermark_target(self) -> int | None:
+        """Where the watermark may move now (``None``: no event time)."""
+        return self.clock.target(self.num_sources) if self.clock is not None else None
+
+    @property
+    def watermark_due(self) -> bool:
+        """The watermark can move past what the operators were advanced to."""
+        return (
+            self.clock is not None
+            and self.running
+            and self.clock.target(self.num_sources) > self.clock.applied
+        )
+
+    def watermark_advanced(self, watermark: int, outputs: list[pa.Table]) -> None:
+        """The operators were advanced to ``watermark``: what they emitted is staged (committed
+        with the watermark, so a restored state and its watermark agree)."""
+        self.clock.applied = watermark
+        if outputs:
+            self.outputs.extend(outputs)
+            self._progress()
+
     def input_finished(self, outputs: list[pa.Table]) -> None:
         """End of input: the stateful operators' final outputs are staged; the final commit is due."""
         self.outputs.extend(outputs)
+        if self.clock is not None:
+            self.clock.applied = WATERMARK_END  # the chain advanced every operator to the end
         self.phase = Phase.ENDED
 
     def changes_flushed(self, outputs: list[pa.Table]) -> None:

@@ -37,6 +37,8 @@ class Entry:
     #: committed position): the source read every row in ``[since, start)`` and none of
     #: them belongs to this partition. The consumer requires ``since <= processed``.
     since: int | None = None
+    #: The split's watermark after the batch this entry was cut from (a job with event time).
+    watermark: int | None = None
 
 
 class PartitionQueue:

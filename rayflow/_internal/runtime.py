@@ -41,6 +41,7 @@ import ray
 from rayflow._internal import naming
 from rayflow._internal.chain import Chain, operator_error
 from rayflow._internal.checkpoint.catalog import catalog_path
+from rayflow._internal.checkpoint.commit import output_stream
 from rayflow._internal.checkpoint.store import Store, is_remote, join
 from rayflow._internal.compat import JobMeta
 from rayflow._internal.consumer import ConsumerActor
@@ -48,6 +49,7 @@ from rayflow._internal.group.manager import GroupManager
 from rayflow._internal.jobfile import JobFile, delete_job_files, write_job_file
 from rayflow._internal.lag import add_lag
 from rayflow._internal.source_actor import SourceActor
+from rayflow._internal.watermarks import EventTime, check_event_time_column
 from rayflow.config import EngineConfig
 from rayflow.errors import ConfigError, PipelineFailedError, RayflowError
 from rayflow.ops import Operator
@@ -82,6 +84,8 @@ class JobSpec:
     progress: bool | None = None
     #: A ``rayflow.testing.FaultPlan`` (tests and benchmarks only).
     faults: object = None
+    #: The event-time column and watermark strategy (``watermarks.EventTime``), or ``None``.
+    event_time: EventTime | None = None
 
 
 @dataclass
@@ -115,6 +119,8 @@ class Paths:
     sink_root: str
     #: What ``Result.output_path`` reports.
     output_path: str
+    #: Side streams of the chain (``Chain.side_sinks``) -> their sinks' resolved roots.
+    side_roots: dict = field(default_factory=dict)
 
 
 def absolute(path: str, cwd: str | None = None) -> str:
@@ -131,12 +137,17 @@ def resolve_paths(spec: JobSpec, cwd: str | None = None) -> Paths:
     root = join(ck, spec.name)
     sink_root = absolute(spec.sink.root(pipeline_root=root), cwd)
     path = getattr(spec.sink, "path", None)
+    sides = Chain(list(spec.operators)).side_sinks
     return Paths(
         checkpoint_dir=ck,
         root=root,
         catalog=catalog_path(root),
         sink_root=sink_root,
         output_path=absolute(path, cwd) if path else sink_root,
+        side_roots={
+            stream: absolute(sink.root(pipeline_root=join(root, "side", stream)), cwd)
+            for stream, sink in sides.items()
+        },
     )
 
 
@@ -145,6 +156,8 @@ def check_input(spec: JobSpec) -> tuple[list[Split], pa.Schema]:
     splits = spec.source.splits()
     schema = spec.source.schema
     key_columns(schema, list(spec.key))
+    if spec.event_time is not None:
+        check_event_time_column(schema, spec.event_time.column, what="the pipeline's event_time")
     # As it will run: an Aggregate over a live input emits changes (with ``_version``).
     Chain(list(spec.operators)).for_input(unbounded=spec.source.unbounded).check_input(schema)
     return splits, schema
@@ -159,8 +172,10 @@ def check_storage(paths: Paths, *, alive_nodes: int, shared: bool) -> None:
     """
     if alive_nodes <= 1 or shared:
         return
-    inside = paths.sink_root.startswith(paths.checkpoint_dir.rstrip("/") + "/")
-    wanted = [paths.checkpoint_dir] + ([] if inside else [paths.sink_root])
+    under = paths.checkpoint_dir.rstrip("/") + "/"
+    wanted = [paths.checkpoint_dir] + [
+        r for r in [paths.sink_root, *paths.side_roots.values()] if not r.startswith(under)
+    ]
     local = [p for p in wanted if not is_remote(p)]
     if local:
         raise ConfigError(
@@ -284,6 +299,11 @@ class Run:
             source=spec.source if spec.source.dynamic else None,
             unbounded=spec.source.unbounded,
             faults=spec.faults,
+            side_sinks={
+                stream: (sink, self.paths.side_roots[stream])
+                for stream, sink in self.chain.side_sinks.items()
+            },
+            event_time=spec.event_time,
         )
         self._job_file = write_job_file(self.job)
 
@@ -354,6 +374,9 @@ class Run:
                 config=spec.config,
                 faults=spec.faults,
                 unbounded=spec.source.unbounded,
+                side_roots=self.paths.side_roots,
+                num_sources=len(self.job.splits),
+                event_time=spec.event_time,
             )
             self.consumers[member] = actor
             self._actors.append(actor)
@@ -536,9 +559,9 @@ class Run:
         }
         output = None
         if running:
-            output = self.spec.sink.read_output(
-                self.sink_store, self._get(self.manager.output_files.remote())
-            )
+            files = self._get(self.manager.output_files.remote())
+            main = [f for f in files if output_stream(f)[0] is None]  # side streams have sinks of their own
+            output = self.spec.sink.read_output(self.sink_store, main)
         if self._progress:
             print(
                 f"\r[{self.spec.name}] {'stopped' if stopped else 'done'}: {events:,} events in "

@@ -57,6 +57,7 @@ import ray
 from rayflow._internal import naming
 from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.queues import Entry, PartitionQueue
+from rayflow._internal.watermarks import WATERMARK_END, WATERMARK_NONE, batch_max_ms
 from rayflow.errors import FencedError, MalformedInputError, PositionGapError, ProtocolError
 from rayflow.partitioning import hash_table, split_by_partition
 from rayflow.sources import Split
@@ -99,6 +100,7 @@ class FetchedEntry:
     rows: int
     ref: ray.ObjectRef
     since: int | None = None  # see queues.Entry.since: lets the consumer prove contiguity
+    watermark: int | None = None  # see queues.Entry.watermark
 
 
 @dataclass
@@ -113,6 +115,12 @@ class FetchResult:
     full: bool = False
     #: Set when the request's lease epoch is stale: the caller must drop the partition.
     fenced: FencedError | None = None
+    #: A job with event time, set with ``frontier``: every split this actor reads -> its watermark
+    #: as of everything read (``WATERMARK_END`` once it ended, ``None`` before its first row)...
+    watermarks: dict[str, int | None] | None = None
+    #: ... and the splits idle for longer than the idle timeout (``watermarks.PartitionClock``);
+    #: with ``frontier`` unset (more to serve), the splits only: every watermark None, idle None.
+    idle: set[str] | None = None
 
 
 @dataclass(eq=False)
@@ -129,6 +137,8 @@ class _Reader:
     since_data: float = field(default_factory=time.monotonic)  # last batch with rows
     since_tick: float = field(default_factory=time.monotonic)  # last batch or idle tick
     available: int | None = None
+    #: The largest event time read (a job with event time; written by the reading thread only).
+    max_event_ms: int = WATERMARK_NONE
     #: ``(monotonic time, available)`` samples for the arrival rate.
     samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
 
@@ -236,6 +246,7 @@ class SourceActor:
         self.source = job.source  # a dynamic source (listed again while running), else None
         self.unbounded = job.unbounded
         self.key = list(job.key)
+        self.event_time = job.event_time
         self.map = job.partition_map
         self.config = config = job.config
         n = self.map.num_partitions
@@ -325,6 +336,7 @@ class SourceActor:
         self.since: dict[tuple[int, str], int] = {}
         self.frontier = dict(self.start)
         self.read_end = dict(self.start)  # split -> end of the last batch read (contiguity check)
+        self.split_wm: dict[str, int] = {}  # split -> watermark after the last batch queued
 
     def _start_of(self, name: str) -> int:
         """The lowest position of split ``name`` any partition has committed (0: one has not)."""
@@ -427,13 +439,13 @@ class SourceActor:
         async with self._changed:
             self._changed.notify_all()  # long polls answer now (with the error, if one)
 
-    async def _deliver(self, r: _Reader, end: int, parts: list, rows: int) -> None:
+    async def _deliver(self, r: _Reader, end: int, parts: list, rows: int, watermark: int | None) -> None:
         """On the loop, in one step: queue a prepared batch (or note an idle tick)."""
         now = time.monotonic()
         r.since_tick = now
         if rows:
             r.since_data = now
-        self._append(r.name, end, parts)
+        self._append(r.name, end, parts, watermark)
         if rows and self.faults is not None:
             self.faults.hit("source.batch", self.name)
         async with self._changed:
@@ -456,8 +468,9 @@ class SourceActor:
     def _prepare_next(self, r: _Reader) -> tuple | None:
         """Worker thread: read one batch, route it, put each sub-batch in the object store.
 
-        Returns ``(end, parts, rows)``, or None at the end of the split. An idle
-        tick (no rows) returns no parts.
+        Returns ``(end, parts, rows, watermark)``, or None at the end of the
+        split. An idle tick (no rows) returns no parts. ``watermark``: the
+        split's, after this batch (a job with event time; else None).
         """
         if r.it is None:
             r.it = iter(r.split.read(r.start))
@@ -478,8 +491,13 @@ class SourceActor:
                     "must only grow"
                 )
             self.read_end[name] = end
+        wm = None
+        if self.event_time is not None:
+            if batch.num_rows:
+                r.max_event_ms = max(r.max_event_ms, batch_max_ms(batch, self.event_time.column))
+            wm = self.event_time.watermark(r.max_event_ms)
         if batch.num_rows == 0:
-            return end, [], 0  # an idle tick: nothing to queue (for dense=False, positions may move)
+            return end, [], 0, wm  # an idle tick: nothing to queue (for dense=False, positions may move)
         self.rows_read += batch.num_rows
         routed = self.map.route(hash_table(batch, self.key))
         # A copy first (one C call, atomic under the GIL): trim() adds partitions on the loop.
@@ -494,7 +512,7 @@ class SourceActor:
             row_positions=None if r.split.dense else r.split.row_positions,
         )
         out = [(p, first, ray.put(sub), sub.num_rows, sub.nbytes) for p, first, sub in parts]
-        return end, out, batch.num_rows
+        return end, out, batch.num_rows, wm
 
     def _check_contiguous(self, name: str, start: int, end: int) -> None:
         """A dense split's batches must cover its rows without a gap or an overlap (DESIGN §2.1).
@@ -521,16 +539,18 @@ class SourceActor:
             )
         self.read_end[name] = end
 
-    def _append(self, name: str, end: int, parts: list) -> None:
+    def _append(self, name: str, end: int, parts: list, watermark: int | None = None) -> None:
         for p, first, ref, rows, nbytes in parts:
             if end <= self.skip.get(p, {}).get(name, 0):
                 continue  # committed meanwhile (a trim after this batch was prepared)
             since = self.since.get((p, name), self.skip.get(p, {}).get(name, 0))
-            self.queues[p].append(Entry(name, first, end, rows, nbytes, ref, since))
+            self.queues[p].append(Entry(name, first, end, rows, nbytes, ref, since, watermark))
             self.since[(p, name)] = end
             self.routed_rows[p] += rows
         if end > self.frontier.get(name, 0):
             self.frontier[name] = end
+        if watermark is not None:  # with the frontier, in one step: both cover the same rows
+            self.split_wm[name] = watermark
 
     # ------------------------------------------------------------------ discovery, availability
     async def _discover_loop(self) -> None:
@@ -698,7 +718,9 @@ class SourceActor:
                 batch = await fe.ref
                 pos = np.asarray(reader.split.row_positions(batch), dtype=np.int64)
                 cut = batch.slice(int(np.searchsorted(pos, at, side="left")))
-                r.entries[i] = FetchedEntry(fe.split, at, fe.end, cut.num_rows, ray.put(cut), since=at)
+                r.entries[i] = FetchedEntry(
+                    fe.split, at, fe.end, cut.num_rows, ray.put(cut), since=at, watermark=fe.watermark
+                )
 
     def _serve(
         self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int
@@ -712,14 +734,39 @@ class SourceActor:
             q = self.queues[p]
             entries, rest = q.after(positions, max_bytes)
             r = FetchResult(
-                entries=[FetchedEntry(e.split, e.start, e.end, e.rows, e.payload, e.since) for e in entries],
+                entries=[
+                    FetchedEntry(e.split, e.start, e.end, e.rows, e.payload, e.since, e.watermark)
+                    for e in entries
+                ],
                 full=q.full,
             )
             if not rest:
                 r.frontier = dict(self.frontier)
                 r.end = self.exhausted and not entries
+                if self.event_time is not None:
+                    r.watermarks, r.idle = self._watermarks()
+            elif self.event_time is not None:
+                # Not all served: the splits only (they hold the partition's watermark back until
+                # their rows are processed), no watermark or idleness past what the entries carry.
+                r.watermarks, r.idle = dict.fromkeys(self.frontier), None
             out[p] = r
         return out
+
+    def _watermarks(self) -> tuple[dict[str, int | None], set[str]]:
+        """Every split's watermark as of everything read, and the idle ones (see FetchResult)."""
+        now = time.monotonic()
+        timeout = self.event_time.idle_timeout_s
+        wms: dict[str, int | None] = {}
+        idle = set()
+        for name in self.frontier:
+            r = self.readers.get(name)
+            if r is not None and r.done:
+                wms[name] = WATERMARK_END
+                continue
+            wms[name] = self.split_wm.get(name)
+            if r is not None and timeout is not None and now - r.since_data >= timeout:
+                idle.add(name)
+        return wms, idle
 
     async def trim(self, committed: dict[int, tuple[int, dict[str, int]]]) -> list[int]:
         """Drop queued entries covered by committed positions (``p -> (epoch, positions)``).

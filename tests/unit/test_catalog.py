@@ -95,7 +95,7 @@ def test_a_catalog_from_before_the_outputs_table_lists_its_outputs_to_publish(tm
     con.execute(catalog_mod._SCHEMA)
     con.execute(
         "INSERT INTO commits VALUES (1, 0, 1, 'm', '{\"s\": 5}', '[]', '[\"x.parquet\", \"y.parquet\"]', "
-        "5, 5, 0, false, 1, now())"
+        "5, 5, 0, false, 1, now(), NULL)"
     )
     con.close()
     cat = Catalog(path)

@@ -72,6 +72,8 @@ CREATE TABLE IF NOT EXISTS events (ts TIMESTAMP, kind VARCHAR, detail VARCHAR);
 CREATE TABLE IF NOT EXISTS splits (name VARCHAR PRIMARY KEY, first_seen TIMESTAMP, fingerprint VARCHAR);
 -- A catalog from before split fingerprints: its splits are known, their fingerprints are not.
 ALTER TABLE splits ADD COLUMN IF NOT EXISTS fingerprint VARCHAR;
+-- A catalog from before event time: its commits carry no watermarks (NULL).
+ALTER TABLE commits ADD COLUMN IF NOT EXISTS watermarks VARCHAR;
 """
 #: The meta key of the job's first start (ms since the epoch); ``_``: the catalog's own.
 STARTED_KEY = "_started_ms"
@@ -79,7 +81,7 @@ _OUTPUTS = """CREATE TABLE outputs (
     file VARCHAR PRIMARY KEY, partition INTEGER, commit_id BIGINT, published BOOLEAN)"""
 _COMMIT_COLUMNS = (
     "commit_id, partition, lease_epoch, member, positions, state_files, output_files, rows_in, "
-    "rows_total, state_rows, final, map_version, committed_at"
+    "rows_total, state_rows, final, map_version, committed_at, watermarks"
 )
 
 #: How often (at most) the manager folds the catalog's WAL into its file, so that tools
@@ -148,6 +150,7 @@ def _record(row) -> CommitRecord:
         state_rows=row[7],
         final=row[8],
         map_version=row[9],
+        watermarks=json.loads(row[10]) if len(row) > 10 and row[10] is not None else None,
     )
 
 
@@ -321,8 +324,9 @@ class Catalog:
         if body["commits"]:
             cur.executemany(
                 f"INSERT INTO commits ({_COMMIT_COLUMNS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TIMESTAMP))",
-                body["commits"],
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TIMESTAMP), ?)",
+                # Rows of a snapshot written before watermarks existed have none.
+                [list(r) + [None] * (14 - len(r)) for r in body["commits"]],
             )
         if body["outputs"]:
             cur.executemany("INSERT INTO outputs VALUES (?, ?, ?, ?)", body["outputs"])
@@ -444,7 +448,7 @@ class Catalog:
     def latest_commits(self) -> dict[int, CommitRecord]:
         rows = self.con.execute(
             """SELECT partition, lease_epoch, positions, state_files, output_files, rows_in,
-                      rows_total, state_rows, final, map_version
+                      rows_total, state_rows, final, map_version, watermarks
                FROM commits QUALIFY row_number() OVER (PARTITION BY partition ORDER BY commit_id DESC) = 1"""
         ).fetchall()
         return {r[0]: _record(r) for r in rows}
@@ -497,11 +501,12 @@ class Catalog:
     def _insert_commits(self, cur, member: str, rows: list[tuple[int, CommitRecord]]) -> None:
         now = _now()
         cur.executemany(
-            f"INSERT INTO commits ({_COMMIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO commits ({_COMMIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 [i, rec.partition, rec.lease_epoch, member, json.dumps(rec.positions),
                  json.dumps(rec.state_files), json.dumps(rec.output_files), rec.rows_in,
-                 rec.rows_total, rec.state_rows, rec.final, rec.map_version, now]
+                 rec.rows_total, rec.state_rows, rec.final, rec.map_version, now,
+                 None if rec.watermarks is None else json.dumps(rec.watermarks)]
                 for i, rec in rows
             ],
         )  # fmt: skip

@@ -51,14 +51,19 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 import pyarrow as pa
 
 from rayflow._internal.checkpoint.store import Store
+from rayflow.ops.base import side_stream_of, without_side_stream
 from rayflow.partitioning import hash_table
 from rayflow.sinks import PENDING_DIR
+
+_NO_SIDES: Mapping[str, Store] = MappingProxyType({})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +80,9 @@ class CommitRecord:
     state_rows: int
     final: bool
     map_version: int
+    #: The partition's watermark and its splits' (``watermarks.PartitionClock.committed``), for a
+    #: job with event time; ``None`` otherwise (and in commits recorded before watermarks existed).
+    watermarks: dict | None = None
 
 
 def output_name(partition: int, epoch: int, start: dict[str, int], end: dict[str, int]) -> str:
@@ -95,6 +103,24 @@ def output_name(partition: int, epoch: int, start: dict[str, int], end: dict[str
 def pending_path(name: str) -> str:
     """Where an output file waits, relative to the sink root, until its commit is recorded."""
     return f"{PENDING_DIR}/{name}"
+
+
+def side_output(stream: str, name: str) -> str:
+    """How a commit names an output of the side stream ``stream`` (``Operator.side_sinks``): the
+    file ``name`` under that stream's sink. Main output names never hold a ``/``."""
+    return f"{stream}/{name}"
+
+
+def output_stream(output: str) -> tuple[str | None, str]:
+    """``(side stream or None for the main sink, file name under that sink)`` of an output name."""
+    stream, sep, name = output.partition("/")
+    return (stream, name) if sep else (None, output)
+
+
+def output_store(output: str, sink_store: Store, side_stores: Mapping[str, Store]) -> tuple[Store, str]:
+    """The store an output lives in, and its name there."""
+    stream, name = output_stream(output)
+    return (sink_store if stream is None else side_stores[stream]), name
 
 
 def with_hash(t: pa.Table, key: list[str]) -> pa.Table:
@@ -122,11 +148,15 @@ def write_commit(
     key: list[str],
     state_store: Store,
     sink_store: Store,
+    side_stores: Mapping[str, Store] = _NO_SIDES,
+    watermarks: dict | None = None,
 ) -> CommitRecord:
-    """Step 1: write state files and the pending output file; return the record to send.
+    """Step 1: write state files and the pending output files; return the record to send.
 
     ``state_tables`` maps each stateful operator's index to its state as a
-    table. Blocking I/O: call it from a worker thread.
+    table. Outputs marked as a side stream (``rf.ops.base.side_stream``) go,
+    unmarked, to one pending file in that stream's store (``side_stores``),
+    the rest to one in ``sink_store``. Blocking I/O: call it from a worker thread.
     """
     tag = f"e{epoch:06d}-s{seq:06d}-{uuid.uuid4().hex[:8]}"
     state_files, state_rows = [], 0
@@ -135,11 +165,15 @@ def write_commit(
         state_rows += t.num_rows
         state_files.append(state_store.write_parquet(f"state/p{partition:05d}/{tag}-op{i}.parquet", t))
     output_files = []
-    outs = [t for t in outputs if t.num_rows]
-    if outs:
-        name = output_name(partition, epoch, committed_positions, positions)
-        sink_store.write_parquet(pending_path(name), pa.concat_tables(outs, promote_options="permissive"))
-        output_files.append(name)
+    by_stream: dict[str | None, list[pa.Table]] = {}
+    for t in outputs:
+        if t.num_rows:
+            by_stream.setdefault(side_stream_of(t), []).append(without_side_stream(t))
+    name = output_name(partition, epoch, committed_positions, positions)
+    for stream, outs in by_stream.items():
+        store = sink_store if stream is None else side_stores[stream]
+        store.write_parquet(pending_path(name), pa.concat_tables(outs, promote_options="permissive"))
+        output_files.append(name if stream is None else side_output(stream, name))
     return CommitRecord(
         partition=partition,
         lease_epoch=epoch,
@@ -151,6 +185,7 @@ def write_commit(
         state_rows=state_rows,
         final=final,
         map_version=map_version,
+        watermarks=watermarks,
     )
 
 
@@ -194,7 +229,12 @@ def landed(attempt: CommitRecord, recorded: CommitRecord | None) -> bool:
 
 
 def discard(
-    attempt: CommitRecord, *, state_store: Store, sink_store: Store, keep: frozenset[str] = frozenset()
+    attempt: CommitRecord,
+    *,
+    state_store: Store,
+    sink_store: Store,
+    side_stores: Mapping[str, Store] = _NO_SIDES,
+    keep: frozenset[str] = frozenset(),
 ) -> None:
     """Delete the files of an attempt that did not land (reconciled: not recorded).
 
@@ -206,6 +246,7 @@ def discard(
     for f in attempt.state_files:
         if f not in keep:
             state_store.delete(f)
-    for name in attempt.output_files:
-        if name not in keep:
-            sink_store.delete(pending_path(name))
+    for output in attempt.output_files:
+        if output not in keep:
+            store, name = output_store(output, sink_store, side_stores)
+            store.delete(pending_path(name))

@@ -75,6 +75,7 @@ from rayflow._internal.group.coordinator import Coordinator, Effects
 from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.metrics import ManagerMetrics
 from rayflow._internal.publish import Publisher
+from rayflow._internal.watermarks import WATERMARK_NONE, lag_s
 from rayflow.config import EngineConfig
 from rayflow.errors import CheckpointError, FencedError, ProtocolError
 
@@ -169,7 +170,9 @@ class GroupManager:
         # Under a remote checkpoint directory the durable catalog is a log there.
         self.catalog = Catalog(job.catalog_path, log_root=state_root if is_remote(state_root) else None)
         self.state_store = Store(state_root)
-        self.publisher = Publisher(job.sink, job.sink_root, fault=self._fault)
+        #: partition -> (member, its last heartbeat's watermark and operator metrics)
+        self._clocks: dict[int, tuple[str, dict]] = {}
+        self.publisher = Publisher(job.sink, job.sink_root, fault=self._fault, sides=job.side_sinks)
         self.map = partition_map = job.partition_map
         self._check_meta(job.meta)
         epochs = self.catalog.lease_epochs()
@@ -405,10 +408,14 @@ class GroupManager:
         member_epoch: int,
         processed: dict[int, int],
         firsts: dict[int, tuple[int, float]] | None = None,
+        clocks: dict[int, dict] | None = None,
     ) -> dict:
         """The member's assignment (see :meth:`Coordinator.heartbeat`). Never waits for I/O or
-        for the lock, and never hands out a grant the catalog does not hold yet."""
+        for the lock, and never hands out a grant the catalog does not hold yet. ``clocks``: per
+        partition the member holds, its watermark and operator metrics (for :meth:`status`)."""
         self._ensure_loops()
+        for p, info in (clocks or {}).items():
+            self._clocks[p] = (member_id, info)
         reply, fx = self.group.heartbeat(
             member_id, member_epoch, time.monotonic(), processed, _to_mono(firsts)
         )
@@ -686,6 +693,7 @@ class GroupManager:
         """
         parts = []
         g = self.group
+        now = time.time()
         for p in range(self.map.num_partitions):
             lease = g.leases.leases[p]
             c = g.committed.get(p)
@@ -694,6 +702,7 @@ class GroupManager:
                 live = g.members[lease.owner].processed.get(p, 0)
             parts.append(
                 {
+                    **self._clock_of(p, lease.owner, c, now),
                     "partition": p,
                     "owner": lease.owner,
                     "lease_epoch": lease.epoch,
@@ -706,8 +715,17 @@ class GroupManager:
                     "last_commit_at": self._commit_at.get(p),
                 }
             )
+        live = [x for x in parts if x["event_time_lag_s"] is not None]
+        totals: dict[str, int] = {}
+        for x in parts:
+            for k, v in x["operators"].items():
+                totals[k] = totals.get(k, 0) + v
         return {
             "partitions": parts,
+            # The slowest partition's watermark and its event-time lag; None: no event time yet.
+            "watermark_ms": min((x["watermark_ms"] for x in live), default=None),
+            "event_time_lag_s": max((x["event_time_lag_s"] for x in live), default=None),
+            "operators": totals,
             "members": sorted(g.members),
             # Restored from the catalog after a restart of this actor, not yet re-joined.
             "ghosts": sorted(m.id for m in g.members.values() if m.ghost),
@@ -720,6 +738,24 @@ class GroupManager:
             "last_publish_error": self._last_publish_error,
             "maintenance_failures": self._maintenance_failures,
             "last_maintenance_error": self._last_maintenance_error,
+        }
+
+    def _clock_of(self, p: int, owner: str | None, c, now: float) -> dict:
+        """A partition's watermark (``watermark_ms``: None before any), event-time lag
+        (``event_time_lag_s``) and operator metrics (``operators``): from its owner's last
+        heartbeat, else from its latest commit (watermark only)."""
+        member, info = self._clocks.get(p, (None, {}))
+        if member != owner:
+            info = {}
+        wm = info.get("watermark_ms")
+        if wm is None and c is not None and c.watermarks:
+            wm = c.watermarks.get("partition")
+        if wm in (None, WATERMARK_NONE):
+            return {"watermark_ms": None, "event_time_lag_s": None, "operators": info.get("operators", {})}
+        return {
+            "watermark_ms": wm,
+            "event_time_lag_s": lag_s(wm, now),
+            "operators": info.get("operators", {}),
         }
 
     async def moves_since(self, index: int = 0) -> list[dict]:

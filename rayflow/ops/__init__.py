@@ -1,0 +1,22 @@
+"""Operators: what a consumer does to each partition's batches (DESIGN §2.4, §11).
+
+- :class:`Map` — ``fn(table) -> table``, stateless.
+- :class:`Filter` — keeps the rows where a ``pyarrow.compute`` expression holds.
+- :class:`Aggregate` — per-key aggregates. Over a bounded input, emitted
+  once, when the input ends; over an unbounded one (or with
+  ``emit="changes"``), an upsert stream: at each commit, the keys that changed
+  since the previous commit with their new values. Supports ``count``,
+  ``sum``, ``min``, ``max`` and ``mean`` with pyarrow's output naming
+  (``value_count``, ...).
+- :class:`Window` — per-key aggregates over tumbling, hopping or session
+  windows of event time, emitted when the watermark closes them.
+- :class:`Dedup` — drops a row whose key was already seen within a span of
+  event time.
+
+The contract every operator follows is :class:`Operator` (``rayflow/ops/base.py``).
+"""
+
+from rayflow.ops.aggregate import Aggregate
+from rayflow.ops.base import Filter, Map, Operator, as_chain  # noqa: F401 (the Pipeline builds chains with it)
+
+__all__ = ["Aggregate", "Filter", "Map", "Operator"]

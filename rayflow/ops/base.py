@@ -1,0 +1,281 @@
+"""The operator contract (:class:`Operator`) and the stateless operators (:class:`Map`, :class:`Filter`).
+
+An operator turns one partition's Arrow table into output, and may keep
+per-partition state. State is Arrow data, never one Python object per key,
+so it is cheap to merge, to snapshot to Parquet and to restore.
+
+A list of operators is a chain (``rayflow/_internal/chain.py``): each one's
+output is the next one's input, and what a stateful operator emits when the
+input ends (:meth:`Operator.finish`), at a commit (:meth:`Operator.flush`) or
+when the partition's watermark advances (:meth:`Operator.advance`) flows
+through the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rayflow.errors import ConfigError, InputError
+
+#: Schema metadata that marks a table as a *side stream* (its value: the stream's name, see
+#: :meth:`Operator.side_sinks`): the chain hands it to that stream's sink, past the operators
+#: after the one that emitted it (late rows of a Window go to its ``late_sink``).
+SIDE_STREAM_METADATA = b"rayflow.side_stream"
+
+
+#: The watermark before any event time is known, and at the end of a bounded input (int64 ms).
+WATERMARK_NONE = -(2**63)
+WATERMARK_END = 2**63 - 1
+
+
+def side_stream(table: pa.Table, name: str) -> pa.Table:
+    """``table`` marked as the side stream ``name`` (see :data:`SIDE_STREAM_METADATA`)."""
+    meta = dict(table.schema.metadata or {})
+    meta[SIDE_STREAM_METADATA] = name.encode()
+    return table.replace_schema_metadata(meta)
+
+
+def without_side_stream(table: pa.Table) -> pa.Table:
+    """``table`` without the side-stream mark (as a sink stores it: a later reader of the file
+    must not take its rows for a side stream)."""
+    meta = table.schema.metadata
+    if not meta or SIDE_STREAM_METADATA not in meta:
+        return table
+    return table.replace_schema_metadata({k: v for k, v in meta.items() if k != SIDE_STREAM_METADATA} or None)
+
+
+def side_stream_of(table: pa.Table) -> str | None:
+    """The side stream ``table`` belongs to, or ``None`` for the main output."""
+    raw = (table.schema.metadata or {}).get(SIDE_STREAM_METADATA)
+    return raw.decode() if raw is not None else None
+
+
+class Operator:
+    """Base class. Stateless operators only implement :meth:`process`."""
+
+    #: Whether the operator keeps per-partition state that must be checkpointed.
+    stateful = False
+
+    def init_state(self):
+        return None
+
+    def process(self, state, table: pa.Table) -> tuple[object, pa.Table | None]:
+        """Return ``(new_state, output or None)`` for one input table."""
+        raise NotImplementedError
+
+    def finish(self, state) -> pa.Table | None:
+        """Output to emit when the bounded input ends (stateful operators)."""
+        return None
+
+    def for_input(self, *, unbounded: bool) -> Operator:
+        """This operator as it runs over a bounded or an unbounded input (the consumer asks once,
+        at start); the default runs the same either way."""
+        return self
+
+    @property
+    def emits_changes(self) -> bool:
+        """Whether :meth:`flush` emits at each commit (and :meth:`finish` is not called)."""
+        return False
+
+    def flush(self, state, *, version: int) -> tuple[object, pa.Table | None]:
+        """A commit is about to snapshot ``state``: return ``(new_state, output or None)``, the
+        output being what changed since the previous flush, as an upsert stream whose
+        ``_version`` column is ``version`` (see ``rayflow/sinks/base.py``).
+
+        Guarantee the engine relies on (exactly-once): the returned state
+        carries no change that the output lacks, so the snapshot taken right
+        after and the output staged with it describe the same history, and a
+        new owner restored from that snapshot emits exactly the keys changed
+        after it. Called only when :attr:`emits_changes`.
+        """
+        return state, None
+
+    def state_to_table(self, state) -> pa.Table:
+        raise NotImplementedError
+
+    def state_from_table(self, table: pa.Table):
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """What a resumed run checks against the checkpoint (``_internal/compat.py``)."""
+        return {"type": type(self).__name__}
+
+    def check_input(self, schema: pa.Schema) -> pa.Schema | None:
+        """Refuse, before the job starts, an input this operator cannot process.
+
+        ``schema`` is the schema of the tables the operator will get. Raises
+        :class:`~rayflow.errors.InputError` naming the operator, the column, its
+        type and what to do. Returns the schema of the operator's output, or
+        ``None`` when it cannot be known before running (then the operators
+        after this one are not checked at start). The base class knows nothing
+        of the output: ``None``.
+        """
+        return None
+
+    # ------------------------------------------------------------------ event time (DESIGN §11)
+    #: The event-time column the operator reads (int64 milliseconds or an Arrow timestamp), or
+    #: ``None``: the pipeline's ``event_time`` (:meth:`with_event_time`). Only operators that
+    #: use event time (:attr:`uses_event_time`) have one.
+    event_time: str | None = None
+
+    @property
+    def uses_event_time(self) -> bool:
+        """Whether the operator needs an event-time column and the partition's watermark."""
+        return False
+
+    def with_event_time(self, column: str | None) -> Operator:
+        """This operator with the pipeline's event-time column filled in where it names none
+        (the Pipeline calls this once). Raises :class:`ConfigError` when it uses event time and
+        neither names a column. The default (no event time) returns ``self``."""
+        return self
+
+    def advance(self, state, watermark_ms: int, *, version: int) -> tuple[object, pa.Table | None]:
+        """The partition's watermark is now ``watermark_ms``: return ``(new_state, output or None)``.
+
+        Called by the chain after each processed batch (so an operator may
+        also emit what its last ``process`` changed, e.g. an updated window),
+        and when the watermark moves without new rows (an idle split skipped).
+        At the end of a bounded input the chain advances it to
+        :data:`WATERMARK_END` (every window closes) and :meth:`finish` is not
+        called for operators that use event time.
+        ``watermark_ms`` never goes back. ``version`` is the ``_version`` an
+        upsert stream emitted now must carry (it grows with the rows the
+        partition processed, see ``rf.ops.Aggregate``).
+
+        Exactly-once relies on: the state returned holds no emission its
+        output lacks, and advancing a state restored from a commit with the
+        watermark committed with it emits nothing (the commit's outputs
+        already hold it). The default does nothing.
+        """
+        return state, None
+
+    def metrics(self, state) -> dict[str, int]:
+        """Counters and gauges of one partition's ``state`` for ``run.status()`` and Prometheus
+        (e.g. ``late_rows``, ``open_windows``, ``state_rows``); summed over partitions where shown
+        in total. Counters must live in the state (checkpointed), so they are exact across
+        failures. The default: none."""
+        return {}
+
+    def side_sinks(self) -> dict[str, object]:
+        """Side streams this operator emits (stream name -> its ``rf.sinks`` sink); stream names
+        are unique in a chain. The default: none."""
+        return {}
+
+    @property
+    def group_columns(self) -> list[str] | None:
+        """The columns a stateful operator groups its state by; they must include the pipeline's
+        key (else a group would span partitions: the Pipeline refuses it). ``None``: no groups."""
+        return None
+
+    @property
+    def emits_upserts(self) -> bool:
+        """Whether the output is an upsert stream (new values of keys, no retractions): a Filter
+        or another stateful operator cannot follow it (see ``_internal/chain.py``)."""
+        return self.emits_changes
+
+
+class Map(Operator):
+    """Apply ``fn`` (Arrow table -> Arrow table or record batch) to every batch.
+
+    What ``fn`` returns cannot be known before it runs, so the operators after
+    a Map are not checked against the input at start, unless ``output_schema``
+    declares the columns (names and types) ``fn`` returns: then they are, and
+    every output of ``fn`` is checked against it (an :class:`InputError` if it
+    differs).
+
+    An exception raised by ``fn`` fails the job, and ``run()`` / ``wait()``
+    raise that same exception (with a note naming the operator, the partition
+    and the consumer), not a wrapper.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[pa.Table], pa.Table | pa.RecordBatch],
+        *,
+        output_schema: pa.Schema | None = None,
+    ):
+        if not callable(fn):
+            raise ConfigError(f"rf.ops.Map needs a callable, got {fn!r}")
+        if output_schema is not None and not isinstance(output_schema, pa.Schema):
+            raise ConfigError(f"rf.ops.Map: output_schema must be a pyarrow.Schema, got {output_schema!r}")
+        self.fn = fn
+        self.output_schema = output_schema
+
+    def __repr__(self) -> str:
+        return f"rf.ops.Map({getattr(self.fn, '__qualname__', self.fn)})"
+
+    def check_input(self, schema: pa.Schema) -> pa.Schema | None:
+        return self.output_schema
+
+    def process(self, state, table):
+        out = self.fn(table)
+        if isinstance(out, pa.RecordBatch):
+            out = pa.Table.from_batches([out])
+        if not isinstance(out, pa.Table):
+            raise InputError(
+                f"{self!r}: the function returned {type(out).__name__}; it must return a pyarrow "
+                "Table or RecordBatch"
+            )
+        if self.output_schema is not None and _columns(out.schema) != _columns(self.output_schema):
+            raise InputError(
+                f"{self!r}: the function returned columns {_columns(out.schema)}, but its declared "
+                f"output_schema is {_columns(self.output_schema)}; return those columns (cast them "
+                "with table.cast(schema)) or fix output_schema"
+            )
+        return state, out
+
+
+def _columns(schema: pa.Schema) -> list[tuple[str, str]]:
+    return [(f.name, str(f.type)) for f in schema]
+
+
+def _empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def _first_line(e: BaseException) -> str:
+    """pyarrow's message without the schema dump some errors append."""
+    return str(e).split("\n", 1)[0]
+
+
+class Filter(Operator):
+    """Keep the rows for which ``expr`` (a ``pyarrow.compute.Expression``) is true."""
+
+    def __init__(self, expr: pc.Expression):
+        if not isinstance(expr, pc.Expression):
+            raise ConfigError(
+                f"rf.ops.Filter needs a pyarrow.compute expression such as "
+                f"pc.field('value') > 10, got {expr!r}"
+            )
+        self.expr = expr
+
+    def __repr__(self) -> str:
+        return f"rf.ops.Filter({self.expr})"
+
+    def check_input(self, schema: pa.Schema) -> pa.Schema | None:
+        """The expression must bind to the input's columns and types; the output keeps the schema."""
+        try:
+            _empty(schema).filter(self.expr)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise InputError(
+                f"{self!r} cannot run on the input: {_first_line(e)}. The input's columns are "
+                f"{_columns(schema)}; fix the expression, or cast the column in an rf.ops.Map "
+                "before it (with output_schema=, so that the Filter is checked against it)"
+            ) from None
+        return schema
+
+    def process(self, state, table):
+        return state, table.filter(self.expr)
+
+
+def as_chain(operator: Operator | Sequence[Operator] | None) -> list[Operator]:
+    if operator is None:
+        return []
+    ops = [operator] if isinstance(operator, Operator) else list(operator)
+    for op in ops:
+        if not isinstance(op, Operator):
+            raise ConfigError(f"operator must be an rf.ops operator or a list of them, got {op!r}")
+    return ops
