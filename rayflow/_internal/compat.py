@@ -193,6 +193,13 @@ def _check_ops(name: str, old: list[dict], new: list[dict], old_cols: dict) -> N
             name, f"the operator chain changed from {[o['type'] for o in old]} to {[o['type'] for o in new]}"
         )
     for i, (a, b) in enumerate(zip(old, new)):
+        if a["type"] in ("Window", "Dedup") and json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
+            _refuse(
+                name,
+                f"operator #{i} {a['type']} changed from {a} to {b}: its committed state (open "
+                "windows, ids seen) was built under the old definition and would be read under the "
+                "new one. Run the new definition under a new name or checkpoint_dir",
+            )
         if a["type"] != "Aggregate":
             continue
         if a.get("emit", "final") != b.get("emit", "final"):

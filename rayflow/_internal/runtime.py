@@ -414,6 +414,10 @@ class Run:
         ``unbounded``; lag in rows and seconds, rates and the last commit's time,
         per partition and overall (see :func:`add_lag`); ``splits``: per split its
         read position, ``available`` and idle times (see ``SourceActor.stats``).
+        With event time (DESIGN §11), per partition ``watermark_ms`` (None before
+        any) and ``event_time_lag_s`` (now minus the watermark), overall the
+        slowest partition's; per partition ``operators``: its operators' metrics
+        (``late_rows``, ``open_windows``, ``state_rows``, ...), summed overall.
         """
         st = self._last_status = self._get(self.manager.status.remote())
         src = self._get([s.stats.remote() for s in self.sources])

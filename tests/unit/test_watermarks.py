@@ -1,0 +1,166 @@
+"""The watermark rules (``rayflow/_internal/watermarks.py``) and a partition task's event-time
+transitions (``partition_task``), pure: no Ray."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rayflow._internal import partition_task as pt
+from rayflow._internal.checkpoint.commit import CommitRecord
+from rayflow._internal.queues import Entry
+from rayflow._internal.watermarks import (
+    WATERMARK_END,
+    WATERMARK_NONE,
+    EventTime,
+    PartitionClock,
+    batch_max_ms,
+    check_event_time_column,
+    event_time_ms,
+)
+from rayflow.errors import ConfigError, InputError
+
+
+def test_event_time_spec_checks_its_numbers():
+    assert EventTime(column="ts", max_out_of_orderness_s=1.5).watermark(10_000) == 8_500
+    assert EventTime(column="ts").watermark(WATERMARK_NONE) == WATERMARK_NONE
+    with pytest.raises(ConfigError, match="max_out_of_orderness_s"):
+        EventTime(column="ts", max_out_of_orderness_s=-1)
+    with pytest.raises(ConfigError, match="idle_timeout_s"):
+        EventTime(column="ts", idle_timeout_s=0)
+    with pytest.raises(ConfigError, match="event_time"):
+        EventTime(column="")
+
+
+def test_event_time_column_types():
+    schema = pa.schema([("ts", pa.int64()), ("t2", pa.timestamp("us", "UTC")), ("s", pa.string())])
+    check_event_time_column(schema, "ts", what="x")
+    check_event_time_column(schema, "t2", what="x")
+    with pytest.raises(InputError, match="type string"):
+        check_event_time_column(schema, "s", what="x")
+    with pytest.raises(InputError, match="no such column"):
+        check_event_time_column(schema, "nope", what="x")
+    t = pa.table({"t2": pa.array([1_500_000, None], pa.timestamp("us", "UTC"))})
+    assert event_time_ms(t["t2"]).to_pylist() == [1_500, None]
+    assert batch_max_ms(t, "t2") == 1_500
+    assert batch_max_ms(pa.table({"t2": pa.array([None], pa.int64())}), "t2") == WATERMARK_NONE
+
+
+def test_partition_watermark_is_the_minimum_over_splits_skipping_idle_and_ended():
+    c = PartitionClock()
+    c.told(0, {"a": None, "b": None}, None)  # splits known, nothing processed yet
+    assert c.target(1) == WATERMARK_NONE
+    c.saw("a", 100)
+    assert c.target(1) == WATERMARK_NONE  # b holds it back
+    c.told(0, {"a": 100, "b": 50}, set())
+    assert c.target(1) == 50
+    c.told(0, {"a": 100, "b": 50}, {"b"})  # b idle, and everything of it processed
+    c.applied = c.target(1)
+    assert c.applied == 100
+    c.saw("b", 60)  # b speaks again: it counts again, but the watermark never goes back
+    assert c.target(1) == 100
+    c.saw("b", 150)
+    assert c.target(1) == 100  # a (100) is the minimum again
+    c.told(0, {"a": 300, "b": WATERMARK_END}, set())  # b ended
+    assert c.target(1) == 300
+
+
+def test_watermark_waits_for_every_source_and_stands_when_all_are_idle():
+    c = PartitionClock()
+    c.told(0, {"a": 100}, set())
+    assert c.target(2) == WATERMARK_NONE  # source 1 has not listed its splits yet
+    c.told(1, {"b": 200}, set())
+    assert c.target(2) == 100
+    c.applied = 100
+    c.told(0, {"a": 100}, {"a"})
+    c.told(1, {"b": 200}, {"b"})
+    assert c.target(2) == 100  # every split idle: event time stands still
+
+
+def test_a_partial_reply_names_splits_but_moves_nothing():
+    c = PartitionClock()
+    c.told(0, {"a": 100, "b": 90}, set())
+    c.told(0, {"a": None, "b": None, "c": None}, None)  # more to serve: names only
+    assert c.splits == {"a": 100, "b": 90, "c": WATERMARK_NONE}
+    c.told(0, {"a": 100, "b": 90, "c": None}, {"c"})
+    assert c.target(1) == 90
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c"]),
+            st.integers(-1_000, 10_000),
+            st.booleans(),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_the_watermark_never_goes_back_and_never_passes_a_live_split(steps):
+    """Whatever the order of batches and replies: the applied watermark never decreases, and it is
+    never above a split that is neither idle nor ended (a row of it at its watermark is not late)."""
+    c = PartitionClock()
+    c.told(0, {"a": None, "b": None, "c": None}, set())
+    for split, wm, reply, idle in steps:
+        if reply:
+            c.told(0, dict(c.splits), {split} if idle else set())
+        else:
+            c.saw(split, wm)
+        before = c.applied
+        c.applied = c.target(1)
+        assert c.applied >= before
+        live = [w for s, w in c.splits.items() if s not in c.idle]
+        if live and c.applied > before:
+            assert c.applied <= min(live)
+
+
+def _task(commit=None) -> pt.PartitionTask:
+    return pt.PartitionTask.from_commit(0, 1, [None], commit, event_time=True, num_sources=1)
+
+
+def test_a_task_restores_its_watermarks_from_its_commit_and_commits_them():
+    rec = CommitRecord(
+        partition=0,
+        lease_epoch=1,
+        positions={"a": 10},
+        state_files=[],
+        output_files=[],
+        rows_in=10,
+        rows_total=10,
+        state_rows=0,
+        final=False,
+        map_version=1,
+        watermarks={"partition": 500, "splits": {"a": 500}},
+    )
+    t = _task(rec)
+    assert t.clock.applied == 500 and t.clock.splits == {"a": 500}
+    assert t.clock.committed() == {"partition": 500, "splits": {"a": 500}}
+    assert _task().clock.applied == WATERMARK_NONE
+    t_plain = pt.PartitionTask.from_commit(0, 1, [None], rec)
+    assert t_plain.clock is None and not t_plain.watermark_due
+
+
+def test_watermarks_move_as_entries_are_processed_not_as_they_are_fetched():
+    t = _task()
+    t.fetch_applied(pt.Fetched(source=0, entries=[], watermarks={"a": None}, idle=None))
+    assert t.clock.heard == {0}
+    batch = pa.table({"x": [1]})
+    e1 = Entry("a", 0, 5, 1, 0, None, 0, watermark=100)
+    e2 = Entry("a", 5, 9, 1, 0, None, 5, watermark=200)
+    t.fetch_applied(
+        pt.Fetched(source=0, entries=[(e1, batch), (e2, batch)], watermarks={"a": None}, idle=None)
+    )
+    assert not t.watermark_due  # nothing processed: the fetched watermarks do not count yet
+    t.batch_processed([e1], [], 1)
+    assert t.watermark_target == 100
+    t.watermark_advanced(100, [pa.table({"w": [1]})])
+    assert t.phase is pt.Phase.DIRTY and t.needs_commit
+    t.batch_processed([e2], [], 1)
+    assert t.watermark_due and t.watermark_target == 200
+    t.input_finished([])
+    assert t.clock.applied == WATERMARK_END
