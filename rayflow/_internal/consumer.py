@@ -445,18 +445,19 @@ class ConsumerActor:
             if left <= 0 and nbytes:
                 break
             taken = t.take(max(left, 0.0), self._cost_per_byte_s)
-            entries = [e for e, _ in taken]
-            t.check_contiguous(entries)
-            table = pa.Table.from_batches([b for _, b in taken])
+            t.check_contiguous([e for e, _ in taken])
             if not t.first_done:  # the end of this partition's pause, if it just moved here
                 t.first_done = True
                 self._firsts[t.partition] = (t.epoch, time.time())
-            outputs = self.chain.process(t.states, table, partition=t.partition)
-            t.batch_processed(entries, outputs, table.num_rows)
-            if t.clock is not None:
-                self._advance(t)
-            nbytes += table.nbytes
-            rows += table.num_rows
+            for group in _by_watermark(taken) if t.clock is not None else [taken]:
+                entries = [e for e, _ in group]
+                table = pa.Table.from_batches([b for _, b in group])
+                outputs = self.chain.process(t.states, table, partition=t.partition)
+                t.batch_processed(entries, outputs, table.num_rows)
+                if t.clock is not None:
+                    self._advance(t)
+                nbytes += table.nbytes
+                rows += table.num_rows
         self.rows_processed += rows
         self._fault("consumer.step")  # in this thread: a "pause" holds the work, not the heartbeat
         return nbytes, rows
@@ -718,6 +719,25 @@ class ConsumerActor:
     def _fault(self, point: str) -> None:
         if self.faults is not None:
             self.faults.hit(point, self.member_id)
+
+
+def _by_watermark(taken: list) -> list[list]:
+    """Fetched (entry, batch) pairs cut where the split watermark they carry changes.
+
+    With event time each group is processed, then the watermark advanced, in
+    turn: whether a row is late never depends on how many batches one step
+    happened to take (a backlog taken over by a new owner is judged batch by
+    batch, as it was read, not all against the watermark from before it).
+    """
+    groups: list[list] = []
+    last = object()
+    for pair in taken:
+        wm = (pair[0].split, pair[0].watermark)
+        if not groups or wm != last:
+            groups.append([])
+        groups[-1].append(pair)
+        last = wm
+    return groups
 
 
 def _outcome_unknown() -> CheckpointError:

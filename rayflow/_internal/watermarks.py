@@ -36,7 +36,7 @@ __all__ = [
     "PartitionClock",
     "batch_max_ms",
     "check_event_time_column",
-    "event_time_ms",
+    "TO_MS",
     "lag_s",
 ]
 
@@ -89,24 +89,26 @@ def check_event_time_column(schema: pa.Schema, column: str, *, what: str) -> Non
         )
 
 
-def event_time_ms(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """An event-time column as int64 milliseconds since the epoch (vectorized; nulls stay null)."""
-    if pa.types.is_timestamp(column.type):
-        if column.type.unit != "ms":
-            column = pc.cast(column, pa.timestamp("ms", column.type.tz), safe=False)
-        return pc.cast(column, pa.int64())
-    return column
+#: Milliseconds per unit of an Arrow timestamp: (multiply, floor-divide).
+TO_MS = {"s": (1000, 1), "ms": (1, 1), "us": (1, 1000), "ns": (1, 1_000_000)}
 
 
 def batch_max_ms(batch: pa.RecordBatch | pa.Table, column: str) -> int:
-    """The largest event time in ``batch`` in ms, or :data:`WATERMARK_NONE` (no non-null value)."""
+    """The largest event time in ``batch`` in ms (floored, as windows see it), or
+    :data:`WATERMARK_NONE` (no non-null value)."""
     if column not in batch.schema.names:
         raise InputError(
             f"the event-time column {column!r} is missing from a batch of the input (its columns "
             f"are {batch.schema.names})"
         )
-    m = pc.max(event_time_ms(batch.column(column))).as_py()
-    return WATERMARK_NONE if m is None else int(m)
+    col = batch.column(column)
+    m = pc.max(col)
+    if not m.is_valid:
+        return WATERMARK_NONE
+    if not pa.types.is_timestamp(col.type):
+        return int(m.as_py())
+    mul, div = TO_MS[col.type.unit]
+    return int(m.cast(pa.int64()).as_py()) * mul // div
 
 
 @dataclass

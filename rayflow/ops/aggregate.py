@@ -105,6 +105,14 @@ class Partials:
         res = self.merge(marked, keys, extra=[(flag, "any")])
         return res.drop_columns([f"{flag}_any"]), res.column(f"{flag}_any")
 
+    def empty_output(self, schema: pa.Schema, keys: list[str], who: str) -> pa.Table:
+        """The output (``keys`` + aggregates) of an empty input of ``schema``: its types; an
+        :class:`InputError` if pyarrow cannot aggregate it."""
+        try:
+            return self.present(self.partial(_empty(schema), keys), keys)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise InputError(f"{who} cannot run on the input {_columns(schema)}: {_first_line(e)}") from None
+
     def present(self, t: pa.Table, keys: list[str]) -> pa.Table:
         """The output columns (``keys`` + aggregates) of a merged partial table."""
         cols, names = [t.column(c) for c in keys], list(keys)
@@ -137,6 +145,13 @@ class Partials:
                         f"or read it with that type (for CSV: rf.sources.CSV(..., convert_options="
                         f"pyarrow.csv.ConvertOptions(column_types={{{col!r}: pyarrow.float64()}})))"
                     ) from None
+
+
+def as_upserts(t: pa.Table, key: list[str], version: int) -> pa.Table:
+    """``t`` as an upsert stream (``rayflow/sinks/base.py``): the version column, and the key
+    columns named in the schema metadata."""
+    t = t.append_column(VERSION_COLUMN, pa.repeat(pa.scalar(version, pa.int64()), t.num_rows))
+    return t.replace_schema_metadata({UPSERT_KEY_METADATA: json.dumps(key).encode()})
 
 
 #: What an Aggregate emits: ``"final"`` (once, at the end of a bounded input) or ``"changes"``
@@ -270,12 +285,7 @@ class Aggregate(Operator):
                 f"its columns are {schema.names}"
             )
         self._aggs.check_input(schema, self.by, repr(self))
-        try:
-            out = self._present(self._partial(_empty(schema)))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-            raise InputError(
-                f"{self!r} cannot run on the input {_columns(schema)}: {_first_line(e)}"
-            ) from None
+        out = self._aggs.empty_output(schema, self.by, repr(self))
         if self.emits_changes:
             out = self._upserts(out, 0)
         return out.schema
@@ -318,9 +328,7 @@ class Aggregate(Operator):
         return self._aggs.present(t, self.by)
 
     def _upserts(self, t: pa.Table, version: int) -> pa.Table:
-        """``t`` as an upsert stream: the version column, and the key named in the metadata."""
-        t = t.append_column(VERSION_COLUMN, pa.repeat(pa.scalar(version, pa.int64()), t.num_rows))
-        return t.replace_schema_metadata({UPSERT_KEY_METADATA: json.dumps(self.by).encode()})
+        return as_upserts(t, self.by, version)
 
     def finish(self, state) -> pa.Table | None:
         t = self._compact(state)

@@ -28,7 +28,7 @@ def test_public_names_are_pinned():
         "Synthetic",
         "Table",
     ]
-    assert rf.ops.__all__ == ["Aggregate", "Filter", "Map", "Operator"]
+    assert rf.ops.__all__ == ["Aggregate", "Dedup", "Filter", "Map", "Operator", "Window"]
     assert rf.sinks.__all__ == ["Collect", "DuckDB", "Kafka", "Parquet", "Sink"]
 
 

@@ -1,0 +1,637 @@
+"""``rf.ops.Window``: per-key aggregates over event-time windows, emitted as the watermark closes
+them (DESIGN §11)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+
+from rayflow._internal.watermarks import check_event_time_column
+from rayflow._internal.windowing import (
+    event_millis,
+    fixed_windows,
+    key_codes,
+    merge_intervals,
+    split_sorted,
+)
+from rayflow.errors import ConfigError, InputError
+from rayflow.ops.aggregate import Partials, as_upserts, parse_aggs
+from rayflow.ops.base import WATERMARK_NONE, Operator, side_stream
+from rayflow.sinks.base import VERSION_COLUMN, Sink
+
+#: What happens to a row whose window is already closed: see :class:`Window`.
+LATE_MODES = ("drop", "side", "update")
+
+#: The output columns naming a window (int64 ms, or the event-time column's timestamp type).
+WINDOW_START, WINDOW_END = "window_start", "window_end"
+
+#: The name of the side stream of late rows (``late="side"``).
+LATE_STREAM = "late"
+
+#: Pending partial rows a window (or the session store) gathers before they are merged, at least:
+#: below it a merge costs more in calls than it saves in rows.
+_MIN_MERGE_ROWS = 65_536
+
+#: ``_State.due`` when nothing is open: no watermark reaches it.
+_NEVER = 2**63
+
+#: Schema metadata of a snapshot: the operator's watermark, late-row counter and time type.
+_META_WATERMARK = b"rayflow.window.watermark"
+_META_LATE_ROWS = b"rayflow.window.late_rows"
+_META_TIME = b"rayflow.window.time"
+
+#: The key of the one store holding every open session (fixed windows key stores by window end).
+_SESSIONS = 0
+
+#: Internal column: a row's session within the rows being merged.
+_SESSION_ID = "_rayflow_session"
+
+
+def _millis(seconds, what: str) -> int:
+    """``seconds`` as a whole positive number of milliseconds, else a :class:`ConfigError`."""
+    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+    ms = seconds * 1000 if ok else None
+    if not ok or ms <= 0 or abs(ms - round(ms)) > 1e-6:
+        raise ConfigError(
+            f"rf.ops.Window: {what} must be a positive number of seconds that is a whole number of "
+            f"milliseconds (e.g. 60 or 0.25), got {seconds!r}"
+        )
+    return int(round(ms))
+
+
+@dataclass(frozen=True)
+class _Store:
+    """Partial rows of one window end (fixed windows) or of every open session.
+
+    Columns: ``by`` + ``window_start`` + ``window_end`` (int64 ms) + the partial
+    columns. ``merged`` holds one row per window and key; ``pending`` the
+    batches' partials not yet merged into it; ``changed`` (``late="update"``)
+    the windows and keys a row reached after the window fired, to emit again.
+    """
+
+    merged: pa.Table | None = None
+    pending: tuple[pa.Table, ...] = ()
+    pending_rows: int = 0
+    changed: tuple[pa.Table, ...] = ()
+
+    @property
+    def tables(self) -> list[pa.Table]:
+        return ([self.merged] if self.merged is not None else []) + list(self.pending)
+
+    @property
+    def num_rows(self) -> int:
+        return (self.merged.num_rows if self.merged is not None else 0) + self.pending_rows
+
+
+@dataclass(frozen=True)
+class _State:
+    """One partition's window state (immutable: each call returns a new one).
+
+    ``stores``: window end -> :class:`_Store` (sessions: one store,
+    :data:`_SESSIONS`). ``watermark``: the last one :meth:`Window.advance` saw
+    (rows are late against it). ``due``: the lowest watermark at which
+    ``advance`` has anything to do, so an advance before it costs O(1).
+    ``time``: the event-time column's type (``None`` before the first row).
+    """
+
+    stores: dict
+    watermark: int = WATERMARK_NONE
+    late_rows: int = 0
+    due: int = _NEVER
+    time: pa.DataType | None = None
+
+
+class Window(Operator):
+    """Per-key aggregates over tumbling, hopping or session windows of event time.
+
+    ``by`` is a column or list of columns and must include the pipeline's key
+    columns. ``aggs`` is a list of ``(column, function)``, function one of
+    ``count``, ``sum``, ``min``, ``max``, ``mean`` (outputs ``<column>_<function>``,
+    as :class:`Aggregate`; ``count_distinct`` is not offered: it is not
+    mergeable without keeping every distinct value). ``event_time`` names the
+    event-time column (int64 milliseconds since the epoch, or an Arrow
+    timestamp of any unit and time zone); ``None`` takes the pipeline's.
+    Exactly one window kind:
+
+    - ``tumbling_s=size``: windows ``[k*size, (k+1)*size)``, aligned to epoch 0.
+    - ``hopping_s=(size, slide)``: windows ``[k*slide, k*slide + size)``; a row
+      is in each of them that contains it (``slide <= size``).
+    - ``session_gap_s=gap``: per key, rows less than ``gap`` apart (in event
+      time) chain into one session ``[first, last + gap)``; a row that
+      bridges two sessions merges them. A row exactly ``gap`` after the
+      previous one starts a new session (windows are half-open).
+
+    Sizes are whole milliseconds. Output: ``window_start``, ``window_end``
+    (int64 ms for an int64 event time, else ``timestamp("ms", tz)`` of the
+    input's time zone), the ``by`` columns, the aggregates.
+
+    **Closing.** A window ``[start, end)`` closes when the partition's
+    watermark reaches ``end + allowed_lateness_s``: with ``late="drop"`` or
+    ``"side"`` it is then emitted, once, and its state dropped. The state
+    holds only open windows. At the end of a bounded input the watermark
+    reaches the end of time and every window closes.
+
+    **Late rows.** A row whose window is closed (its end plus lateness is at or
+    below the watermark the operator last saw) is late; a row of a hopping
+    window may be late for some of its windows only, and counts once per
+    window it missed. Sessions decide after merging: a row that joins an open
+    session is not late, a row whose session would already be closed is.
+    ``late`` says what happens:
+
+    - ``"drop"`` (default): dropped and counted (``late_rows`` in
+      :meth:`metrics`, checkpointed with the state).
+    - ``"side"``: also counted, and sent to ``late_sink`` (required): the
+      input's columns plus ``window_start`` and ``window_end`` of the window
+      missed, as the side stream ``"late"``.
+    - ``"update"``: a window *fires* (is emitted) when the watermark reaches
+      its end, and is kept until end + lateness; a row for a fired window
+      makes it emitted again, whole, at the next watermark advance. The output
+      is then an upsert stream (``_version`` and the key ``by`` +
+      ``window_start`` + ``window_end`` in the schema metadata, see
+      ``rayflow/sinks/base.py``): the latest row of each window is its value
+      over every row not dropped. Rows past end + lateness are dropped and
+      counted. Not for sessions (a merge changes a window's key, and an
+      upsert stream cannot retract the old one).
+
+    **Guarantees.** Each window is emitted exactly once (``"update"``: its
+    latest emission is final) across commits, failures and restores: nothing
+    is emitted by :meth:`process`; :meth:`advance` emits what the new
+    watermark closes (or fires, or what changed in fired windows) and returns
+    a state without it, and the snapshot carries the operator's watermark, so
+    advancing a restored state to the committed watermark emits nothing.
+    Whether a row is late depends on the watermark when its batch is
+    processed, so with late rows the result depends on batch timing, as in
+    every watermark-based engine; rows within the out-of-orderness bound are
+    never late, and then the output equals SQL over all rows.
+
+    **Costs.** Each batch is assigned to windows with numpy (hopping windows
+    repeat a row once per window) and aggregated with one pyarrow
+    ``group_by``; partials are kept per window end and merged lazily, so a
+    batch costs O(its rows), not O(state). An advance that closes nothing is
+    O(1); one that closes windows merges only theirs. Sessions sort the batch
+    by key and time to merge intervals; an advance that may close a session,
+    and a batch with rows whose session alone would be closed (late
+    candidates), merge with every open session (O(open sessions), not
+    O(rows seen)). ``count`` counts non-null values, nulls in ``by`` form
+    groups, as in SQL.
+    """
+
+    stateful = True
+
+    def __init__(
+        self,
+        by: str | Sequence[str],
+        aggs: Sequence[tuple[str, str]],
+        *,
+        event_time: str | None = None,
+        tumbling_s: float | None = None,
+        hopping_s: tuple[float, float] | None = None,
+        session_gap_s: float | None = None,
+        allowed_lateness_s: float = 0.0,
+        late: str = "drop",
+        late_sink: Sink | None = None,
+    ):
+        self.by = [by] if isinstance(by, str) else list(by)
+        if not self.by or not all(isinstance(c, str) for c in self.by):
+            raise ConfigError(f"rf.ops.Window needs one or more group column names in by=, got {by!r}")
+        self.aggs = parse_aggs(aggs, "rf.ops.Window")
+        self._aggs = Partials(self.aggs)
+        if event_time is not None and not isinstance(event_time, str):
+            raise ConfigError(f"rf.ops.Window: event_time must be a column name, got {event_time!r}")
+        self.event_time = event_time
+        kinds = {"tumbling_s": tumbling_s, "hopping_s": hopping_s, "session_gap_s": session_gap_s}
+        given = [k for k, v in kinds.items() if v is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                "rf.ops.Window needs exactly one window kind: tumbling_s=size, hopping_s=(size, slide) "
+                f"or session_gap_s=gap (seconds); got {given or 'none'}"
+            )
+        self.kind = given[0][: -len("_s")]
+        if tumbling_s is not None:
+            self.size_ms = self.slide_ms = _millis(tumbling_s, "tumbling_s")
+        elif hopping_s is not None:
+            if not (isinstance(hopping_s, (tuple, list)) and len(hopping_s) == 2):
+                raise ConfigError(f"rf.ops.Window: hopping_s is (size_s, slide_s), got {hopping_s!r}")
+            self.size_ms = _millis(hopping_s[0], "the size of hopping_s")
+            self.slide_ms = _millis(hopping_s[1], "the slide of hopping_s")
+            if self.slide_ms > self.size_ms:
+                raise ConfigError(
+                    f"rf.ops.Window: hopping_s={tuple(hopping_s)!r} slides further than the window is "
+                    "long, so rows between windows would belong to none; give slide <= size"
+                )
+        else:
+            self.gap_ms = _millis(session_gap_s, "session_gap_s")
+        if allowed_lateness_s == 0:
+            self.lateness_ms = 0
+        else:
+            self.lateness_ms = _millis(allowed_lateness_s, "allowed_lateness_s (or 0)")
+        if late not in LATE_MODES:
+            raise ConfigError(f"rf.ops.Window: late must be one of {LATE_MODES}, got {late!r}")
+        if late == "side" and late_sink is None:
+            raise ConfigError(
+                "rf.ops.Window: late='side' sends late rows to late_sink=, which is missing; give "
+                "an rf.sinks sink (e.g. rf.sinks.Parquet('late/')), or use late='drop'"
+            )
+        if late_sink is not None and late != "side":
+            raise ConfigError(
+                f"rf.ops.Window: late_sink= is given but late={late!r}; only late='side' sends rows "
+                "to it: set late='side' or drop late_sink"
+            )
+        if late_sink is not None and not isinstance(late_sink, Sink):
+            raise ConfigError(f"rf.ops.Window: late_sink must be an rf.sinks sink, got {late_sink!r}")
+        if late == "update" and self.kind == "session_gap":
+            raise ConfigError(
+                "rf.ops.Window: late='update' is not offered for session windows: a late row can "
+                "merge two emitted sessions into one with another start, and an upsert stream "
+                "cannot retract the old rows; use late='drop' or 'side' with allowed_lateness_s"
+            )
+        self.late = late
+        self.late_sink = late_sink
+        reserved = {WINDOW_START, WINDOW_END} | ({VERSION_COLUMN} if late == "update" else set())
+        clash = sorted(reserved & set(self.by + [a.out for a in self.aggs]))
+        if clash:
+            raise ConfigError(
+                f"rf.ops.Window: {clash} are output columns of the window itself; rename the "
+                "input column(s) in an rf.ops.Map before it"
+            )
+        self._keys = self.by + [WINDOW_START, WINDOW_END]
+
+    # ------------------------------------------------------------------ description
+    def _window_spec(self) -> dict:
+        if self.kind == "tumbling":
+            return {"kind": "tumbling", "size_ms": self.size_ms}
+        if self.kind == "hopping":
+            return {"kind": "hopping", "size_ms": self.size_ms, "slide_ms": self.slide_ms}
+        return {"kind": "session", "gap_ms": self.gap_ms}
+
+    def spec(self) -> dict:
+        return {
+            "type": "Window",
+            "by": self.by,
+            "aggs": [[a.column, a.fn] for a in self.aggs],
+            "window": self._window_spec(),
+            "allowed_lateness_ms": self.lateness_ms,
+            "late": self.late,
+            "event_time": self.event_time,
+        }
+
+    def __repr__(self) -> str:
+        if self.kind == "tumbling":
+            kind = f"tumbling_s={self.size_ms / 1000:g}"
+        elif self.kind == "hopping":
+            kind = f"hopping_s=({self.size_ms / 1000:g}, {self.slide_ms / 1000:g})"
+        else:
+            kind = f"session_gap_s={self.gap_ms / 1000:g}"
+        extra = f", allowed_lateness_s={self.lateness_ms / 1000:g}" if self.lateness_ms else ""
+        extra += f", late={self.late!r}" if self.late != "drop" else ""
+        return (
+            f"rf.ops.Window(by={self.by}, aggs={[(a.column, a.fn) for a in self.aggs]}, "
+            f"event_time={self.event_time!r}, {kind}{extra})"
+        )
+
+    @property
+    def uses_event_time(self) -> bool:
+        return True
+
+    def with_event_time(self, column: str | None) -> Window:
+        if self.event_time is not None:
+            return self
+        if column is None:
+            raise ConfigError(
+                f"{self!r} needs an event-time column: name it with Window(event_time=...) or the "
+                "pipeline's event_time="
+            )
+        filled = copy.copy(self)
+        filled.event_time = column
+        return filled
+
+    @property
+    def group_columns(self) -> list[str]:
+        return self.by
+
+    @property
+    def emits_upserts(self) -> bool:
+        return self.late == "update"
+
+    def side_sinks(self) -> dict[str, object]:
+        return {LATE_STREAM: self.late_sink} if self.late == "side" else {}
+
+    def check_input(self, schema: pa.Schema) -> pa.Schema:
+        """Every column must be there, the event time int64 or a timestamp, each aggregation's
+        type accepted (checked by pyarrow, as :class:`Aggregate`); returns the output schema."""
+        if self.event_time is None:
+            self.with_event_time(None)  # raises: no event-time column
+        needed = self.by + [a.column for a in self.aggs]
+        missing = list(dict.fromkeys(c for c in needed if c not in schema.names))
+        if missing:
+            raise InputError(
+                f"{self!r} uses column(s) {missing} that the input does not have; its columns "
+                f"are {schema.names}"
+            )
+        check_event_time_column(schema, self.event_time, what=repr(self))
+        self._aggs.check_input(schema, self.by, repr(self))
+        out = self._aggs.empty_output(schema, self.by, repr(self))
+        time = _output_time(schema.field(self.event_time).type)
+        out = out.add_column(0, WINDOW_END, pa.array([], time)).add_column(
+            0, WINDOW_START, pa.array([], time)
+        )
+        return self._finish_output(out, 0).schema
+
+    # ------------------------------------------------------------------ state
+    def init_state(self) -> _State:
+        return _State(stores={})
+
+    def metrics(self, state: _State) -> dict[str, int]:
+        """``late_rows`` (counter, checkpointed), ``open_windows`` (fixed windows: the distinct
+        open ``[start, end)`` over all keys; sessions: the sessions held, where parts of one not
+        merged yet count apart) and ``state_rows`` (partial rows held, a key's window counted once
+        per partial table holding it until they are merged)."""
+        rows = sum(s.num_rows for s in state.stores.values())
+        windows = len(state.stores) if self.kind != "session_gap" else rows
+        return {"late_rows": state.late_rows, "open_windows": windows, "state_rows": rows}
+
+    def state_to_table(self, state: _State) -> pa.Table:
+        """The open windows' partials, merged, with the watermark, the late-row counter and the
+        event-time type in the schema metadata (Parquet keeps it). The ``late="update"`` change
+        set is not in it: every :meth:`advance` empties it, and a snapshot follows one."""
+        tables = [t for s in state.stores.values() for t in s.tables]
+        if not tables:
+            table = pa.table({c: pa.array([], pa.null()) for c in self._keys})
+        elif self.kind == "session_gap":
+            table = self._merge_sessions(tables)
+        else:
+            table = self._merge_windows(tables)
+        meta = {
+            _META_WATERMARK: str(state.watermark).encode(),
+            _META_LATE_ROWS: str(state.late_rows).encode(),
+        }
+        if state.time is not None:
+            meta[_META_TIME] = json.dumps(_time_to_json(state.time)).encode()
+        return table.replace_schema_metadata(meta)
+
+    def state_from_table(self, table: pa.Table) -> _State:
+        meta = table.schema.metadata or {}
+        watermark = int(meta.get(_META_WATERMARK, WATERMARK_NONE))
+        late_rows = int(meta.get(_META_LATE_ROWS, 0))
+        time = _time_from_json(json.loads(meta[_META_TIME])) if _META_TIME in meta else None
+        state = _State(stores={}, watermark=watermark, late_rows=late_rows, time=time)
+        if table.num_rows == 0:
+            return state
+        table = table.select(self._keys + self._aggs.state_columns).replace_schema_metadata(None)
+        if self.kind == "session_gap":
+            stores = {_SESSIONS: _Store(merged=table)}
+        else:
+            stores = {end: _Store(merged=t) for end, t in split_sorted(table, WINDOW_END)}
+        return replace(state, stores=stores, due=self._due(stores, watermark))
+
+    def _due(self, stores: dict, watermark: int) -> int:
+        """The lowest watermark at which :meth:`advance` has something to do with ``stores``."""
+        if self.kind == "session_gap":
+            store = stores.get(_SESSIONS)
+            if store is None or store.num_rows == 0:
+                return _NEVER
+            return min(_min(t, WINDOW_END) for t in store.tables) + self.lateness_ms
+        due = _NEVER
+        for end, store in stores.items():
+            if self.late == "update" and store.changed:
+                return watermark  # changes of a fired window: emit at the next advance
+            fires = end if self.late == "update" and end > watermark else end + self.lateness_ms
+            due = min(due, fires)
+        return due
+
+    # ------------------------------------------------------------------ process
+    def process(self, state: _State, table: pa.Table) -> tuple[_State, pa.Table | None]:
+        """Add one batch's rows to their windows; emits nothing but late rows (``late="side"``)."""
+        if table.num_rows == 0:
+            return state, None
+        col = table.column(self.event_time)
+        ts = event_millis(col, self.event_time, repr(self))
+        if state.time is None:
+            state = replace(state, time=_output_time(col.type))
+        if self.kind == "session_gap":
+            return self._process_sessions(state, table, ts)
+        rows, starts = fixed_windows(ts, self.size_ms, self.slide_ms)
+        ends = starts + self.size_ms
+        closed = state.watermark - self.lateness_ms  # a window ending at or before it is closed
+        side = None
+        late = ends <= closed if len(ends) and int(ends.min()) <= closed else None
+        if late is not None and late.any():
+            late_rows = rows[late] if rows is not None else np.flatnonzero(late)
+            state = replace(state, late_rows=state.late_rows + len(late_rows))
+            if self.late == "side":
+                side = self._late_table(state, table.take(late_rows), starts[late], ends[late])
+            keep = np.flatnonzero(~late)
+            rows = rows[keep] if rows is not None else keep
+            starts = starts[keep]
+        data = table.select(list(dict.fromkeys(self.by + [a.column for a in self.aggs])))
+        if rows is not None:
+            data = data.take(rows)
+        if data.num_rows == 0:
+            return state, side
+        data = data.append_column(WINDOW_START, pa.array(starts, pa.int64()))
+        part = self._with_end(self._aggs.partial(data, self.by + [WINDOW_START]))
+        stores = dict(state.stores)
+        for end, rows_of_end in split_sorted(part, WINDOW_END):
+            fired = self.late == "update" and end <= state.watermark
+            stores[end] = self._add(stores.get(end, _Store()), rows_of_end, changed=fired)
+        return replace(state, stores=stores, due=self._due(stores, state.watermark)), side
+
+    def _add(self, store: _Store, part: pa.Table, *, changed: bool) -> _Store:
+        """``store`` with the partial rows ``part``; merged once the pending rows outgrow it."""
+        store = _Store(
+            store.merged,
+            store.pending + (part,),
+            store.pending_rows + part.num_rows,
+            store.changed + ((part.select(self._keys),) if changed else ()),
+        )
+        merged_rows = store.merged.num_rows if store.merged is not None else 0
+        if store.pending_rows >= max(_MIN_MERGE_ROWS, merged_rows):
+            merge = self._merge_sessions if self.kind == "session_gap" else self._merge_windows
+            store = replace(store, merged=merge(store.tables), pending=(), pending_rows=0)
+        return store
+
+    def _merge_windows(self, tables: list[pa.Table]) -> pa.Table:
+        """Fixed windows' partial rows merged per key and window (grouped by the start only: the
+        end follows from it)."""
+        return self._with_end(self._aggs.merge(tables, self.by + [WINDOW_START]))
+
+    def _with_end(self, merged: pa.Table) -> pa.Table:
+        """``merged`` (``by`` + ``window_start`` + ...) with ``window_end`` after the start."""
+        start = np.asarray(merged.column(WINDOW_START).to_numpy(), dtype=np.int64)
+        return merged.add_column(len(self.by) + 1, WINDOW_END, pa.array(start + self.size_ms, pa.int64()))
+
+    def _late_table(self, state: _State, rows: pa.Table, starts: np.ndarray, ends: np.ndarray) -> pa.Table:
+        """Late ``rows`` with the window each one missed, as the side stream of late rows."""
+        out = rows.append_column(WINDOW_START, _time_array(starts, state.time))
+        out = out.append_column(WINDOW_END, _time_array(ends, state.time))
+        return side_stream(out, LATE_STREAM)
+
+    # ------------------------------------------------------------------ sessions
+    def _sessions(self, table: pa.Table, starts: np.ndarray, ends: np.ndarray, partials: bool) -> pa.Table:
+        """Merge the intervals ``[starts, ends)`` of ``table``'s rows per key into sessions:
+        ``by`` + window bounds + the partials of the rows (input rows if not ``partials``, else
+        partial rows, merged)."""
+        found = merge_intervals(key_codes(table, self.by), starts, ends, equal_lengths=not partials)
+        keyed = table.append_column(_SESSION_ID, pa.array(found.of_row, pa.int64()))
+        if partials:
+            res = self._aggs.merge([keyed.select([_SESSION_ID, *self._aggs.state_columns])], [_SESSION_ID])
+        else:
+            res = self._aggs.partial(keyed, [_SESSION_ID])
+        ids = np.asarray(res.column(_SESSION_ID).to_numpy(), dtype=np.int64)
+        out = table.select(self.by).take(found.first_row[ids])
+        out = out.append_column(WINDOW_START, pa.array(found.start[ids], pa.int64()))
+        out = out.append_column(WINDOW_END, pa.array(found.end[ids], pa.int64()))
+        for name in self._aggs.state_columns:
+            out = out.append_column(name, res.column(name))
+        return out
+
+    def _merge_sessions(self, tables: list[pa.Table]) -> pa.Table:
+        """Session fragments (partial rows) merged where they overlap: one row per session."""
+        t = pa.concat_tables(tables, promote_options="permissive")
+        starts = np.asarray(t.column(WINDOW_START).to_numpy(), dtype=np.int64)
+        ends = np.asarray(t.column(WINDOW_END).to_numpy(), dtype=np.int64)
+        return self._sessions(t, starts, ends, partials=True)
+
+    def _process_sessions(
+        self, state: _State, table: pa.Table, ts: np.ndarray
+    ) -> tuple[_State, pa.Table | None]:
+        ends = ts + self.gap_ms
+        closed = state.watermark - self.lateness_ms
+        side = None
+        if int(ends.min()) <= closed:
+            late = self._late_session_rows(state, table, ts, ends, closed)
+            if late.any():
+                state = replace(state, late_rows=state.late_rows + int(late.sum()))
+                if self.late == "side":
+                    side = self._late_sessions(state, table.filter(late), ts[late])
+                keep = ~late
+                table, ts, ends = table.filter(keep), ts[keep], ends[keep]
+        if table.num_rows == 0:
+            return state, side
+        needed = list(dict.fromkeys(self.by + [a.column for a in self.aggs]))
+        part = self._sessions(table.select(needed), ts, ends, partials=False)
+        stores = dict(state.stores)
+        stores[_SESSIONS] = self._add(stores.get(_SESSIONS, _Store()), part, changed=False)
+        due = min(state.due, _min(part, WINDOW_END) + self.lateness_ms)
+        return replace(state, stores=stores, due=due), side
+
+    def _late_session_rows(
+        self, state: _State, table: pa.Table, ts: np.ndarray, ends: np.ndarray, closed: int
+    ) -> np.ndarray:
+        """Which rows are late: merged with the open sessions, their session ends by ``closed``.
+
+        An open session ends after ``closed`` (else the last advance closed
+        it), so a session holding one is open: only sessions of new rows alone
+        can be closed, and their rows are late.
+        """
+        held = [t.select(self._keys) for t in state.stores[_SESSIONS].tables] if state.stores else []
+        rows = table.select(self.by)
+        rows = rows.append_column(WINDOW_START, pa.array(ts, pa.int64()))
+        rows = rows.append_column(WINDOW_END, pa.array(ends, pa.int64()))
+        t = pa.concat_tables([rows, *held], promote_options="permissive")
+        starts = np.asarray(t.column(WINDOW_START).to_numpy(), dtype=np.int64)
+        all_ends = np.asarray(t.column(WINDOW_END).to_numpy(), dtype=np.int64)
+        found = merge_intervals(key_codes(t, self.by), starts, all_ends)
+        return found.end[found.of_row[: table.num_rows]] <= closed
+
+    def _late_sessions(self, state: _State, rows: pa.Table, ts: np.ndarray) -> pa.Table:
+        """Late rows with the bounds of the (closed) session they form, per key, as late rows."""
+        found = merge_intervals(key_codes(rows, self.by), ts, ts + self.gap_ms, equal_lengths=True)
+        starts, ends = found.start[found.of_row], found.end[found.of_row]
+        return self._late_table(state, rows, starts, ends)
+
+    # ------------------------------------------------------------------ advance
+    def advance(self, state: _State, watermark_ms: int, *, version: int) -> tuple[_State, pa.Table | None]:
+        """Emit what the watermark closes (``late="update"``: fires, or changed since it fired)
+        and drop the windows past their lateness; O(1) when nothing is due."""
+        watermark = max(int(watermark_ms), state.watermark)
+        if watermark < state.due:
+            return (state if watermark == state.watermark else replace(state, watermark=watermark)), None
+        closed = watermark - self.lateness_ms
+        if self.kind == "session_gap":
+            sessions = self._merge_sessions(state.stores[_SESSIONS].tables)
+            ends = np.asarray(sessions.column(WINDOW_END).to_numpy(), dtype=np.int64)
+            done = ends <= closed
+            out, kept = sessions.filter(done), sessions.filter(~done)
+            stores = {_SESSIONS: _Store(merged=kept)} if kept.num_rows else {}
+        elif self.late == "update":
+            stores, out = self._advance_updates(state, watermark)
+        else:
+            done = [s.tables for end, s in state.stores.items() if end <= closed]
+            stores = {end: s for end, s in state.stores.items() if end > closed}
+            out = self._closed(done)
+        state = replace(state, stores=stores, watermark=watermark, due=self._due(stores, watermark))
+        if out is None or out.num_rows == 0:
+            return state, None
+        return state, self._output(out, state.time, version)
+
+    def _closed(self, windows: list[list[pa.Table]]) -> pa.Table | None:
+        """The merged rows of closed fixed windows (the partial tables of each); a window held
+        in one table (one batch's partials, or merged already) needs no merge."""
+        whole = [ts[0] for ts in windows if len(ts) == 1]
+        parts = [t for ts in windows if len(ts) > 1 for t in ts]
+        tables = whole + ([self._merge_windows(parts)] if parts else [])
+        return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+    def _advance_updates(self, state: _State, watermark: int) -> tuple[dict, pa.Table | None]:
+        """``late="update"``: windows that fire now (whole) and the changed rows of windows that
+        fired before, in one marked merge; windows past end + lateness are dropped."""
+        closed = watermark - self.lateness_ms
+        marked, touched = [], []
+        for end, store in state.stores.items():
+            if state.watermark < end <= watermark:  # fires now: every row
+                marked += [(t, True) for t in store.tables]
+            elif store.changed:  # fired before: the windows rows reached since
+                marked += [(t, False) for t in store.tables] + [(t, True) for t in store.changed]
+            else:
+                continue
+            touched.append(end)
+        stores = {end: s for end, s in state.stores.items() if end > closed and end not in touched}
+        if not marked:
+            return stores, None
+        merged, is_marked = self._aggs.merge_marked(marked, self.by + [WINDOW_START])
+        merged = self._with_end(merged)
+        ends = np.asarray(merged.column(WINDOW_END).to_numpy(), dtype=np.int64)
+        for end, t in split_sorted(merged.filter(ends > closed), WINDOW_END):
+            stores[end] = _Store(merged=t)
+        return stores, merged.filter(is_marked)
+
+    def _output(self, merged: pa.Table, time: pa.DataType, version: int) -> pa.Table:
+        """Merged partial rows as output rows: window bounds, ``by``, the aggregates."""
+        out = self._aggs.present(merged, self.by)
+        start = merged.column(WINDOW_START).cast(time)
+        end = merged.column(WINDOW_END).cast(time)
+        out = out.add_column(0, WINDOW_END, end).add_column(0, WINDOW_START, start)
+        return self._finish_output(out, version)
+
+    def _finish_output(self, out: pa.Table, version: int) -> pa.Table:
+        if self.late != "update":
+            return out
+        return as_upserts(out, self._keys, version)
+
+
+def _min(table: pa.Table, column: str) -> int:
+    return int(np.asarray(table.column(column).to_numpy()).min())
+
+
+def _output_time(t: pa.DataType) -> pa.DataType:
+    """The type of ``window_start`` / ``window_end`` for an event-time column of type ``t``."""
+    return pa.timestamp("ms", t.tz) if pa.types.is_timestamp(t) else pa.int64()
+
+
+def _time_array(ms: np.ndarray, time: pa.DataType) -> pa.Array:
+    return pa.array(ms, pa.int64()).cast(time)
+
+
+def _time_to_json(t: pa.DataType) -> dict:
+    return {"timestamp": True, "tz": t.tz} if pa.types.is_timestamp(t) else {"timestamp": False}
+
+
+def _time_from_json(d: dict) -> pa.DataType:
+    return pa.timestamp("ms", d.get("tz")) if d.get("timestamp") else pa.int64()
