@@ -1,6 +1,8 @@
-"""The flagship job: the WORKLOAD keyed job (per key: count and sum of value).
+"""The flagship job: the WORKLOAD keyed job (per key: count and sum of value), or with
+``--window-s`` the window job (per key and tumbling window of event time: count and sum).
 
     python jobs/pipeline.py                         # 10M synthetic events on a local Ray
+    python jobs/pipeline.py --window-s 1            # the same, per key and 1-second window of ts
     python jobs/pipeline.py --rate 200000           # a live stream until Ctrl-C (or SIGTERM)
     python jobs/pipeline.py --input kafka://localhost:9092/events   # a Kafka topic, until Ctrl-C
     python jobs/pipeline.py --input incoming/ --follow              # files as they arrive
@@ -12,7 +14,17 @@ Connects to a running Ray cluster when one is reachable (``--address``,
 ``RAY_ADDRESS``, or a cluster started on this machine with ``ray start``),
 otherwise starts a local Ray instance sized to this machine. Writes
 ``<key>, count, sum`` as a Parquet dataset to ``--output`` and prints a
-summary. Running it again with the same ``--checkpoint-dir`` resumes from the
+summary.
+
+With ``--window-s N`` the job counts and sums per key and N-second tumbling
+window of the event-time column (``--event-time``, default ``ts``: int64 ms
+or an Arrow timestamp; ``kafka_timestamp`` for a topic's message times) and
+writes ``window_start, window_end, <key>, count, sum``, one row per key and
+window, each written once, when the watermark (the largest event time read,
+less ``--max-out-of-orderness-s``) passes the window's end; at the end of a
+bounded input every window is written. Its defaults for ``--name`` and
+``--output`` differ from the keyed job's, so the two never mix checkpoints or
+output. Running it again with the same ``--checkpoint-dir`` resumes from the
 last commit (a finished job returns at once).
 
 With ``--rate`` the input is a live, paced stream (unbounded unless
@@ -21,7 +33,8 @@ With ``--rate`` the input is a live, paced stream (unbounded unless
 stop`` sends it to the driver; give it time with ``RAY_JOB_STOP_WAIT_TIME_S``),
 then stops gracefully (the sources stop reading, every consumer commits what
 it processed and leaves), prints its summary, and the next run resumes where
-it stopped.
+it stopped (a window still open at the stop is in the checkpoint: it is
+written by the run that sees its end).
 """
 
 from __future__ import annotations
@@ -42,7 +55,10 @@ import rayflow as rf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="rayflow flagship: per-key count and sum over a stream")
+    ap = argparse.ArgumentParser(
+        description="rayflow flagship: per-key count and sum over a stream (with --window-s: per "
+        "key and tumbling event-time window)"
+    )
     ap.add_argument(
         "--events",
         type=int,
@@ -72,9 +88,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--key", default="key", help="key column (default: key)")
     ap.add_argument("--value", default="value", help="value column to sum (default: value)")
+    ap.add_argument(
+        "--window-s",
+        type=float,
+        default=None,
+        help="count and sum per key and N-second tumbling window of --event-time instead of over "
+        "the whole stream; each window is written once, when the watermark passes its end",
+    )
+    ap.add_argument(
+        "--event-time",
+        default="ts",
+        help="with --window-s: the event-time column, int64 ms or a timestamp (default: ts; for a "
+        "Kafka topic, kafka_timestamp is the message time)",
+    )
+    ap.add_argument(
+        "--max-out-of-orderness-s",
+        type=float,
+        default=0.0,
+        help="with --window-s: how far event time may go back; the watermark trails the largest "
+        "event time read by this much, and rows behind the watermark are dropped (default: 0)",
+    )
     ap.add_argument("--partitions", type=int, default=16)
     ap.add_argument("--consumers", type=int, default=2)
-    ap.add_argument("--output", default="out/pipeline", help="output Parquet directory")
+    ap.add_argument(
+        "--output",
+        default=None,
+        help="output Parquet directory (default: out/pipeline, with --window-s out/pipeline-window)",
+    )
     ap.add_argument(
         "--checkpoint-dir",
         default="checkpoints",
@@ -87,7 +127,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "node reaches (a network filesystem, or nodes on one machine); without it they are refused",
     )
     ap.add_argument("--checkpoint-interval-s", type=float, default=2.0)
-    ap.add_argument("--name", default="pipeline", help="pipeline name (names actors and checkpoints)")
+    ap.add_argument(
+        "--name",
+        default=None,
+        help="pipeline name (names actors and checkpoints; default: pipeline, with --window-s "
+        "pipeline-window)",
+    )
     ap.add_argument(
         "--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)"
     )
@@ -99,7 +144,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "on nodes offering the rayflow_consumer / rayflow_source resources, the manager on the node "
         "offering rayflow_manager (see cluster.yaml)",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.window_s is not None and not args.window_s > 0:
+        ap.error(f"--window-s must be > 0 seconds, got {args.window_s}")
+    if args.max_out_of_orderness_s < 0:
+        ap.error(f"--max-out-of-orderness-s must be >= 0 seconds, got {args.max_out_of_orderness_s}")
+    windowed = args.window_s is not None
+    args.name = args.name or ("pipeline-window" if windowed else "pipeline")
+    args.output = args.output or ("out/pipeline-window" if windowed else "out/pipeline")
+    return args
 
 
 def make_source(args) -> rf.sources.Source:
@@ -139,16 +192,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     source = make_source(args)
     value = args.value
+    windowed = args.window_s is not None
 
     def rename(t: pa.Table) -> pa.Table:
         return t.rename_columns({f"{value}_count": "count", f"{value}_sum": "sum"})
 
+    aggs = [(value, "count"), (value, "sum")]
+    if windowed:
+        operator = rf.ops.Window(by=args.key, aggs=aggs, tumbling_s=args.window_s)
+        event_time = {"event_time": args.event_time, "max_out_of_orderness_s": args.max_out_of_orderness_s}
+    else:
+        operator = rf.ops.Aggregate(by=args.key, aggs=aggs)
+        event_time = {}
     pipeline = rf.Pipeline(
         name=args.name,
         source=source,
         key=args.key,
         partitions=args.partitions,
-        operator=[rf.ops.Aggregate(by=args.key, aggs=[(value, "count"), (value, "sum")]), rf.ops.Map(rename)],
+        operator=[operator, rf.ops.Map(rename)],
+        **event_time,
         sink=rf.sinks.Parquet(args.output),
         consumers=args.consumers,
         checkpoint_dir=args.checkpoint_dir,
@@ -173,8 +235,9 @@ def main(argv=None) -> int:
     s = result.stats
     import pyarrow.dataset as ds
 
+    groups = [args.key, "window_start"] if windowed else [args.key]
     out = (
-        latest_per_key(ds.dataset(args.output, format="parquet").to_table(), args.key)
+        latest_per_key(ds.dataset(args.output, format="parquet").to_table(), groups)
         if os.path.isdir(args.output)
         else pa.table({"count": pa.array([], pa.int64()), "sum": pa.array([], pa.float64())})
     )
@@ -189,7 +252,26 @@ def main(argv=None) -> int:
         f"  partitions  {s['partitions']}, consumers {s['consumers']}, rebalances {s['rebalances']}, "
         f"recoveries {s['recoveries']}"
     )
-    if out.num_rows:
+    if windowed:
+        print(f"  windows     {args.window_s:g} s tumbling over {args.event_time!r}, per {args.key!r}")
+        if s.get("stopped") or source.unbounded:
+            print("              (windows still open when the job stopped are written by a later run)")
+    if out.num_rows and windowed:
+        print(
+            f"  output      {out.num_rows:,} windows of {pc.count_distinct(out[args.key]).as_py():,} keys, "
+            f"total count {pc.sum(out['count']).as_py():,}, total sum {pc.sum(out['sum']).as_py():,.4f} "
+            f"-> {os.path.abspath(args.output)}"
+        )
+        print(
+            f"  event time  {time_label(pc.min(out['window_start']))} to {time_label(pc.max(out['window_end']))}"
+        )
+        busiest = out.take(pc.sort_indices(out, [("count", "descending")])[:1]).to_pylist()[0]
+        print(
+            f"  busiest     {args.key} {busiest[args.key]!r} in the window from "
+            f"{time_label(pa.scalar(busiest['window_start'], out.schema.field('window_start').type))}: "
+            f"count {busiest['count']:,}, sum {busiest['sum']:,.4f}"
+        )
+    elif out.num_rows:
         print(
             f"  output      {out.num_rows:,} keys, total count {pc.sum(out['count']).as_py():,}, "
             f"total sum {pc.sum(out['sum']).as_py():,.4f} -> {os.path.abspath(args.output)}"
@@ -197,15 +279,31 @@ def main(argv=None) -> int:
     return 0
 
 
-def latest_per_key(table: pa.Table, key: str) -> pa.Table:
-    """The output as a table of one row per key: a job over a live input writes, at each commit,
-    the keys that changed (with their ``_version``); the latest version of each key counts."""
+def time_label(value: pa.Scalar) -> str:
+    """An event time as UTC, to the millisecond: int64 milliseconds or an Arrow timestamp."""
+    if pa.types.is_integer(value.type):
+        value = pa.scalar(value.as_py(), pa.timestamp("ms", tz="UTC"))
+    elif pa.types.is_timestamp(value.type):  # naive: taken as UTC; zoned: shown in UTC
+        value = value.cast(pa.timestamp(value.type.unit, tz="UTC"))
+    return value.as_py().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
+def latest_per_key(table: pa.Table, key: str | list[str]) -> pa.Table:
+    """The output as a table of one row per group (``key``: a column, or the columns of a group,
+    e.g. the key and ``window_start``): a job over a live input writes, at each commit, the
+    groups that changed (with their ``_version``); the latest version of each group counts."""
     if "_version" not in table.column_names or table.num_rows == 0:
         return table
-    order = pc.sort_indices(table, [(key, "ascending"), ("_version", "descending")])
+    keys = [key] if isinstance(key, str) else list(key)
+    order = pc.sort_indices(table, [(k, "ascending") for k in keys] + [("_version", "descending")])
     table = table.take(order)
-    keys = table[key].combine_chunks()
-    first = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1))  # a key's first (latest) row
+    first = None  # a group's first (latest) row: any of its columns differs from the row before
+    for k in keys:
+        col = table[k].combine_chunks()
+        now, before = col.slice(1), col.slice(0, len(col) - 1)
+        both_null = pc.and_(pc.is_null(now), pc.is_null(before))  # nulls are one group
+        differs = pc.and_not(pc.fill_null(pc.not_equal(now, before), True), both_null)
+        first = differs if first is None else pc.or_(first, differs)
     return table.filter(pa.concat_arrays([pa.array([True]), first]))
 
 

@@ -245,6 +245,12 @@ class Window(Operator):
             )
         if late_sink is not None and not isinstance(late_sink, Sink):
             raise ConfigError(f"rf.ops.Window: late_sink must be an rf.sinks sink, got {late_sink!r}")
+        if late_sink is not None and late_sink.keeps_output_list:
+            raise ConfigError(
+                f"rf.ops.Window: late_sink={late_sink!r} hands its rows back as result.output, which "
+                "holds the main output; give the late rows a sink of their own (rf.sinks.Parquet, "
+                "rf.sinks.DuckDB or rf.sinks.Kafka)"
+            )
         if late == "update" and self.kind == "session_gap":
             raise ConfigError(
                 "rf.ops.Window: late='update' is not offered for session windows: a late row can "
