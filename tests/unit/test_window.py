@@ -18,7 +18,7 @@ from rayflow._internal.windowing import floor_div, merge_intervals
 from rayflow.errors import ConfigError, InputError
 from rayflow.ops.base import WATERMARK_END, side_stream_of
 from rayflow.ops.window import Window
-from rayflow.sinks import Collect
+from rayflow.sinks import Collect, Parquet
 from rayflow.sinks.base import UPSERT_KEY_METADATA, VERSION_COLUMN, upsert_key
 from rayflow.testing import assert_same_rows, duckdb_reference
 
@@ -329,7 +329,7 @@ def test_late_rows_dropped_and_counted_across_a_restore():
 
 
 def test_late_rows_go_to_the_side_stream_exactly():
-    sink = Collect()
+    sink = Parquet("late")
     op = Window("k", [("v", "sum")], event_time="ts", hopping_s=(2, 1), late="side", late_sink=sink)
     assert op.side_sinks() == {"late": sink}
     _, bs = late_stream()
@@ -350,7 +350,7 @@ def test_late_rows_go_to_the_side_stream_exactly():
 
 
 def test_session_late_rows_decided_after_merging():
-    sink = Collect()
+    sink = Parquet("late")
     op = Window("k", [("v", "sum")], event_time="ts", session_gap_s=1, late="side", late_sink=sink)
     d = Driver(op, bound_ms=0)
     d.feed(pa.table({"k": ["a", "a"], "ts": [0, 5_000], "v": [1.0, 2.0]}))  # wm 5000: [0, 1000) closed
@@ -530,7 +530,8 @@ def test_event_time_from_the_pipeline_and_the_contract_hooks():
         ({"tumbling_s": 1, "allowed_lateness_s": -1}, "allowed_lateness_s"),
         ({"tumbling_s": 1, "late": "keep"}, "late must be one of"),
         ({"tumbling_s": 1, "late": "side"}, "late_sink=, which is missing"),
-        ({"tumbling_s": 1, "late_sink": Collect()}, "only late='side'"),
+        ({"tumbling_s": 1, "late_sink": Parquet("late")}, "only late='side'"),
+        ({"tumbling_s": 1, "late": "side", "late_sink": Collect()}, "a sink of their own"),
         ({"tumbling_s": 1, "late": "side", "late_sink": "late/"}, "must be an rf.sinks sink"),
         ({"session_gap_s": 1, "late": "update"}, "not offered for session windows"),
         ({"tumbling_s": 1, "event_time": 3}, "event_time must be a column name"),
