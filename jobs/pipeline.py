@@ -106,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="with --window-s: how far event time may go back; the watermark trails the largest "
-        "event time read by this much, and rows behind the watermark are dropped (default: 0)",
+        "event time read by this much, and a row whose window it has already closed is dropped (default: 0)",
     )
     ap.add_argument("--partitions", type=int, default=16)
     ap.add_argument("--consumers", type=int, default=2)
