@@ -112,6 +112,9 @@ class PartitionTask:
     pending: list[Fetched] = field(default_factory=list)
     seq: int = 0
     first_done: bool = False
+    #: Entries handed out by :meth:`take` and not yet processed: what their fetch said about
+    #: positions and watermarks holds only once they are (a step may process them in runs).
+    in_hand: int = 0
     #: The partition's event-time clock (a job with event time), else ``None``.
     clock: PartitionClock | None = None
     num_sources: int = 1
@@ -163,6 +166,7 @@ class PartitionTask:
         """A source or the manager refused our lease epoch: a newer owner exists."""
         self.phase = Phase.FENCED
         self.buffer.clear()
+        self.in_hand = 0
         self.pending.clear()
         self.outputs = []
 
@@ -175,7 +179,11 @@ class PartitionTask:
             return
         self.buffer.extend(got.entries)
         self.pending.append(got)
-        if not self.buffer:
+        if self.clock is not None and got.watermarks is not None:
+            # The split names hold at once (they only hold the watermark back); what the reply
+            # says of their watermarks and idleness waits until its entries are processed.
+            self.clock.told(got.source, dict.fromkeys(got.watermarks), None)
+        if not self.buffer and not self.in_hand:
             self._apply_pending()
 
     def _apply_pending(self) -> None:
@@ -207,6 +215,7 @@ class PartitionTask:
                 break
             out.append(self.buffer.popleft())
             cost += nbytes * cost_per_byte_s
+        self.in_hand += len(out)
         return out
 
     def check_contiguous(self, entries: list) -> None:
@@ -242,8 +251,9 @@ class PartitionTask:
                 self.positions[e.split] = e.end
             if self.clock is not None:
                 self.clock.saw(e.split, e.watermark)
+        self.in_hand = max(0, self.in_hand - len(entries))
         self._progress()
-        if not self.buffer:
+        if not self.buffer and not self.in_hand:
             self._apply_pending()
 
     @property

@@ -138,17 +138,33 @@ def resolve_paths(spec: JobSpec, cwd: str | None = None) -> Paths:
     sink_root = absolute(spec.sink.root(pipeline_root=root), cwd)
     path = getattr(spec.sink, "path", None)
     sides = Chain(list(spec.operators)).side_sinks
+    side_roots = {
+        stream: absolute(sink.root(pipeline_root=join(root, "side", stream)), cwd)
+        for stream, sink in sides.items()
+    }
+    _check_apart({"the sink": sink_root, **{f"the side stream {s}": r for s, r in side_roots.items()}})
     return Paths(
         checkpoint_dir=ck,
         root=root,
         catalog=catalog_path(root),
         sink_root=sink_root,
         output_path=absolute(path, cwd) if path else sink_root,
-        side_roots={
-            stream: absolute(sink.root(pipeline_root=join(root, "side", stream)), cwd)
-            for stream, sink in sides.items()
-        },
+        side_roots=side_roots,
     )
+
+
+def _check_apart(roots: dict[str, str]) -> None:
+    """Refuse sinks whose directories are the same or nested: each publishes by moving files out
+    of its own pending area, and a commit's outputs of two streams share a name."""
+    items = sorted(roots.items(), key=lambda kv: kv[1])
+    for i, (a, ra) in enumerate(items):
+        for b, rb in items[i + 1 :]:
+            if rb.rstrip("/") == ra.rstrip("/") or rb.startswith(ra.rstrip("/") + "/"):
+                raise ConfigError(
+                    f"{a} and {b} write to the same directory ({ra} and {rb}): their files would "
+                    "overwrite each other. Give each its own directory (e.g. late_sink="
+                    "rf.sinks.Parquet('out/late') beside rf.sinks.Parquet('out/windows'))"
+                )
 
 
 def check_input(spec: JobSpec) -> tuple[list[Split], pa.Schema]:

@@ -139,6 +139,10 @@ class _Reader:
     available: int | None = None
     #: The largest event time read (a job with event time; written by the reading thread only).
     max_event_ms: int = WATERMARK_NONE
+    #: Since when an unbounded split has said it has nothing (idle ticks, or rows without event
+    #: time), None while it delivers timed rows: its idleness (time blocked on full queues
+    #: or waiting for its turn is never idleness: only the split itself can say it is quiet).
+    quiet_since: float | None = None
     #: ``(monotonic time, available)`` samples for the arrival rate.
     samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
 
@@ -439,12 +443,18 @@ class SourceActor:
         async with self._changed:
             self._changed.notify_all()  # long polls answer now (with the error, if one)
 
-    async def _deliver(self, r: _Reader, end: int, parts: list, rows: int, watermark: int | None) -> None:
+    async def _deliver(
+        self, r: _Reader, end: int, parts: list, rows: int, watermark: int | None, timed: bool
+    ) -> None:
         """On the loop, in one step: queue a prepared batch (or note an idle tick)."""
         now = time.monotonic()
         r.since_tick = now
         if rows:
             r.since_data = now
+        if timed:
+            r.quiet_since = None
+        elif r.quiet_since is None:
+            r.quiet_since = now
         self._append(r.name, end, parts, watermark)
         if rows and self.faults is not None:
             self.faults.hit("source.batch", self.name)
@@ -468,9 +478,11 @@ class SourceActor:
     def _prepare_next(self, r: _Reader) -> tuple | None:
         """Worker thread: read one batch, route it, put each sub-batch in the object store.
 
-        Returns ``(end, parts, rows, watermark)``, or None at the end of the
-        split. An idle tick (no rows) returns no parts. ``watermark``: the
-        split's, after this batch (a job with event time; else None).
+        Returns ``(end, parts, rows, watermark, timed)``, or None at the end of
+        the split. An idle tick (no rows) returns no parts. ``watermark``: the
+        split's, after this batch (a job with event time; else None);
+        ``timed``: the batch had rows with an event time (any rows, without
+        event time in the job).
         """
         if r.it is None:
             r.it = iter(r.split.read(r.start))
@@ -491,13 +503,15 @@ class SourceActor:
                     "must only grow"
                 )
             self.read_end[name] = end
-        wm = None
+        wm, timed = None, batch.num_rows > 0
         if self.event_time is not None:
             if batch.num_rows:
-                r.max_event_ms = max(r.max_event_ms, batch_max_ms(batch, self.event_time.column))
+                m = batch_max_ms(batch, self.event_time.column)
+                timed = m != WATERMARK_NONE
+                r.max_event_ms = max(r.max_event_ms, m)
             wm = self.event_time.watermark(r.max_event_ms)
         if batch.num_rows == 0:
-            return end, [], 0, wm  # an idle tick: nothing to queue (for dense=False, positions may move)
+            return end, [], 0, wm, False  # an idle tick: nothing to queue (dense=False: positions may move)
         self.rows_read += batch.num_rows
         routed = self.map.route(hash_table(batch, self.key))
         # A copy first (one C call, atomic under the GIL): trim() adds partitions on the loop.
@@ -512,7 +526,7 @@ class SourceActor:
             row_positions=None if r.split.dense else r.split.row_positions,
         )
         out = [(p, first, ray.put(sub), sub.num_rows, sub.nbytes) for p, first, sub in parts]
-        return end, out, batch.num_rows, wm
+        return end, out, batch.num_rows, wm, timed
 
     def _check_contiguous(self, name: str, start: int, end: int) -> None:
         """A dense split's batches must cover its rows without a gap or an overlap (DESIGN §2.1).
@@ -753,20 +767,38 @@ class SourceActor:
         return out
 
     def _watermarks(self) -> tuple[dict[str, int | None], set[str]]:
-        """Every split's watermark as of everything read, and the idle ones (see FetchResult)."""
+        """Every split's watermark as of everything read, and the ones to skip (see FetchResult).
+
+        A split that ended is at the end of time in a job that ends (a bounded
+        one); in a job that goes on (a watched directory's files end one by
+        one) it is skipped with its last watermark instead: the end of time
+        would close every window before the next file. An unbounded split is
+        skipped once it has been quiet (idle ticks, or rows without event time)
+        for the idle timeout; a bounded one never is (it is only waiting for
+        its turn, or for room in the queues).
+        """
         now = time.monotonic()
         timeout = self.event_time.idle_timeout_s
         wms: dict[str, int | None] = {}
-        idle = set()
+        skip = set()
         for name in self.frontier:
             r = self.readers.get(name)
-            if r is not None and r.done:
-                wms[name] = WATERMARK_END
-                continue
             wms[name] = self.split_wm.get(name)
-            if r is not None and timeout is not None and now - r.since_data >= timeout:
-                idle.add(name)
-        return wms, idle
+            if r is None:
+                continue
+            if r.done:
+                if self.unbounded:
+                    skip.add(name)
+                else:
+                    wms[name] = WATERMARK_END
+            elif (
+                r.split.unbounded
+                and timeout is not None
+                and r.quiet_since is not None
+                and now - r.quiet_since >= timeout
+            ):
+                skip.add(name)
+        return wms, skip
 
     async def trim(self, committed: dict[int, tuple[int, dict[str, int]]]) -> list[int]:
         """Drop queued entries covered by committed positions (``p -> (epoch, positions)``).

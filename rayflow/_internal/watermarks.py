@@ -101,6 +101,7 @@ def batch_max_ms(batch: pa.RecordBatch | pa.Table, column: str) -> int:
             f"the event-time column {column!r} is missing from a batch of the input (its columns "
             f"are {batch.schema.names})"
         )
+    check_event_time_column(batch.schema, column, what="a batch of the input")
     col = batch.column(column)
     m = pc.max(col)
     if not m.is_valid:

@@ -3,6 +3,7 @@
 - :func:`event_millis`: an event-time column as int64 milliseconds.
 - :func:`floor_div`: floored int64 division, fast.
 - :func:`fixed_windows`: every (row, window) pair of tumbling or hopping windows aligned to epoch 0.
+- :func:`window_rows`: the same pairs grouped by window: each window's rows.
 - :func:`key_codes`: one dense int64 code per distinct key (nulls are a key, as in ``group_by``).
 - :func:`merge_intervals`: per key, the connected components of half-open intervals (sessions).
 - :func:`split_sorted`: a table cut into slices by the distinct values of an int64 column.
@@ -72,6 +73,50 @@ def fixed_windows(ts: np.ndarray, size: int, slide: int) -> tuple[np.ndarray | N
     rows = np.repeat(np.arange(len(ts), dtype=np.int64), counts)
     offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
     return rows, (np.repeat(first, counts) + offsets) * slide
+
+
+#: Up to this many windows in a batch, :func:`window_rows` finds each one's rows with a comparison
+#: per window (a few passes over the times each); past it, one sort of all (row, window) pairs.
+_FEW_WINDOWS = 16
+
+
+def window_rows(ts: np.ndarray, size: int, slide: int) -> list[tuple[int, np.ndarray | None]]:
+    """The windows ``[start, start + size)`` (starts multiples of ``slide``, ``slide <= size``)
+    holding at least one of the times ``ts``, with their rows: ``[(start, rows)]``, starts
+    ascending; ``rows`` is ascending row indices, or ``None`` for every row (a batch within one
+    window: the common case, found from the minimum and maximum alone). A hopping row is in
+    each of its windows. A batch spanning few windows costs a comparison pass per window;
+    many, a sort of its (row, window) pairs."""
+    if len(ts) == 0:
+        return []
+    lo, hi = int(ts.min()), int(ts.max())
+    first = (lo - size) // slide + 1  # the first window ending after lo
+    last = hi // slide  # the last window starting at or before hi
+    if last - first < _FEW_WINDOWS:
+        out = []
+        for w in range(first, last + 1):
+            start = w * slide
+            if start <= lo and hi < start + size:
+                out.append((start, None))
+                continue
+            rows = np.flatnonzero((ts >= start) & (ts < start + size))
+            if len(rows):
+                out.append((start, rows))
+        return out
+    if slide == size:
+        rows, starts = None, floor_div(ts, size) * size
+    else:
+        rows, starts = fixed_windows(ts, size, slide)
+    order = np.argsort(starts, kind="stable")  # stable: each window's rows stay ascending
+    ordered = starts[order]
+    if rows is not None:
+        order = rows[order]
+    cuts = [0, *(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), len(ordered)]
+    n = len(ts)
+    return [
+        (int(ordered[a]), None if b - a == n else order[a:b])
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+    ]
 
 
 def key_codes(table: pa.Table, by: list[str]) -> np.ndarray:

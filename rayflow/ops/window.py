@@ -11,14 +11,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rayflow._internal.watermarks import check_event_time_column
 from rayflow._internal.windowing import (
     event_millis,
-    fixed_windows,
     key_codes,
     merge_intervals,
     split_sorted,
+    window_rows,
 )
 from rayflow.errors import ConfigError, InputError
 from rayflow.ops.aggregate import Partials, as_upserts, parse_aggs
@@ -37,6 +38,16 @@ LATE_STREAM = "late"
 #: Pending partial rows a window (or the session store) gathers before they are merged, at least:
 #: below it a merge costs more in calls than it saves in rows.
 _MIN_MERGE_ROWS = 65_536
+
+#: Bytes of input rows a partition holds in its open fixed windows before aggregating them (all
+#: of them, into partials): bounds the memory of long windows and the work of a snapshot, while
+#: windows of up to about a million narrow rows per partition are aggregated once, when they close.
+_MAX_RAW_BYTES = 16 * 2**20
+
+#: Batches' rows a window buffers, as many tables at most, before aggregating them: each table
+#: costs a tuple slot copied per batch and a chunk in the ``group_by``, so many small batches
+#: are aggregated in groups of this many instead.
+_MAX_RAW_TABLES = 256
 
 #: ``_State.due`` when nothing is open: no watermark reaches it.
 _NEVER = 2**63
@@ -67,31 +78,82 @@ def _millis(seconds, what: str) -> int:
 
 @dataclass(frozen=True)
 class _Store:
-    """Partial rows of one window end (fixed windows) or of every open session.
+    """The rows of one window end (fixed windows) or of every open session.
 
-    Columns: ``by`` + ``window_start`` + ``window_end`` (int64 ms) + the partial
-    columns. ``merged`` holds one row per window and key; ``pending`` the
-    batches' partials not yet merged into it; ``changed`` (``late="update"``)
-    the windows and keys a row reached after the window fired, to emit again.
+    Partial rows: columns ``by`` + ``window_start`` + ``window_end`` (int64 ms)
+    + the partial columns; ``merged`` holds one row per window and key,
+    ``pending`` partial tables not merged into it yet. ``raw`` (fixed windows
+    only): input rows of the window not aggregated yet, the ``by`` and
+    aggregated columns only, copied out of their batches (``raw_rows`` and
+    ``raw_bytes`` of them). ``changed`` (``late="update"``): the windows and
+    keys a row reached after the window fired, to emit again.
+
+    Immutable, but for one memo: a snapshot compacts a fixed window's store
+    into one partial table and remembers it (:meth:`remember`); it is the
+    same value, and every later use (:meth:`settled`) takes it in place of
+    the rows it sums up, so a row is compacted at most once however many
+    snapshots see it.
     """
 
     merged: pa.Table | None = None
     pending: tuple[pa.Table, ...] = ()
     pending_rows: int = 0
+    raw: tuple[pa.Table, ...] = ()
+    raw_rows: int = 0
+    raw_bytes: int = 0
     changed: tuple[pa.Table, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "_compacted", [])  # a list: appending to it is atomic
 
     @property
     def tables(self) -> list[pa.Table]:
+        """The partial tables (not the raw rows)."""
         return ([self.merged] if self.merged is not None else []) + list(self.pending)
 
     @property
     def num_rows(self) -> int:
-        return (self.merged.num_rows if self.merged is not None else 0) + self.pending_rows
+        """Rows held: partial rows plus raw rows (after a snapshot: the rows of its compaction)."""
+        if self._compacted:
+            return self._compacted[0].num_rows
+        return (self.merged.num_rows if self.merged is not None else 0) + self.pending_rows + self.raw_rows
+
+    @property
+    def whole(self) -> pa.Table | None:
+        """The store's one partial table (one row per window and key), if it is held as one."""
+        if self._compacted:
+            return self._compacted[0]
+        if not self.raw and len(self.tables) == 1:
+            return self.tables[0]
+        return None
+
+    def remember(self, compacted: pa.Table) -> None:
+        """Keep ``compacted``, this store's rows as one partial table (see the class doc)."""
+        if not self._compacted:
+            self._compacted.append(compacted)
+
+    def settled(self) -> _Store:
+        """The same store, held as its compaction if a snapshot made one."""
+        if not self._compacted:
+            return self
+        return _Store(merged=self._compacted[0], changed=self.changed)
+
+    def with_raw(self, rows: pa.Table) -> _Store:
+        return _Store(
+            merged=self.merged,
+            pending=self.pending,
+            pending_rows=self.pending_rows,
+            raw=self.raw + (rows,),
+            raw_rows=self.raw_rows + rows.num_rows,
+            raw_bytes=self.raw_bytes + rows.nbytes,
+            changed=self.changed,
+        )
 
 
 @dataclass(frozen=True)
 class _State:
-    """One partition's window state (immutable: each call returns a new one).
+    """One partition's window state (immutable: each call returns a new one; a store may
+    remember a snapshot's compaction of itself, the same value, see :class:`_Store`).
 
     ``stores``: window end -> :class:`_Store` (sessions: one store,
     :data:`_SESSIONS`). ``watermark``: the last one :meth:`Window.advance` saw
@@ -170,16 +232,29 @@ class Window(Operator):
     every watermark-based engine; rows within the out-of-orderness bound are
     never late, and then the output equals SQL over all rows.
 
-    **Costs.** Each batch is assigned to windows with numpy (hopping windows
-    repeat a row once per window) and aggregated with one pyarrow
-    ``group_by``; partials are kept per window end and merged lazily, so a
-    batch costs O(its rows), not O(state). An advance that closes nothing is
-    O(1); one that closes windows merges only theirs. Sessions sort the batch
-    by key and time to merge intervals; an advance that may close a session,
-    and a batch with rows whose session alone would be closed (late
-    candidates), merge with every open session (O(open sessions), not
-    O(rows seen)). ``count`` counts non-null values, nulls in ``by`` form
-    groups, as in SQL.
+    **Costs.** Fixed windows: each batch is assigned to windows with numpy (a
+    batch within one window, the common case, from its smallest and largest
+    event time alone; a hopping row goes to each of its windows), and its
+    rows, the ``by`` and aggregated columns only, are copied into their
+    windows' buffers: a batch costs O(its rows), nothing is aggregated
+    then. A window's rows are aggregated by one pyarrow ``group_by`` when
+    it closes (``late="update"``: fires). Once a partition's buffered rows
+    pass 16 MiB (``_MAX_RAW_BYTES``) they are all aggregated into mergeable
+    partials, merged when their window closes, which bounds the memory of
+    long windows; so are a window's rows once they come from 256 batches
+    (``_MAX_RAW_TABLES``), which bounds the cost of many small batches.
+    Rows reaching a window that already fired are aggregated with their
+    batch. A snapshot aggregates what is still buffered, and the state
+    keeps the result for the close and later snapshots. So each row is
+    aggregated once; partials (of folds and snapshots) are merged lazily,
+    once they outgrow what is merged, and at the close. An advance that
+    closes nothing is O(1); one that closes windows aggregates only theirs.
+    Sessions aggregate each batch with one ``group_by`` and merge the
+    partials lazily; they sort the batch by key and time to merge
+    intervals; an advance that may close a session, and a batch with rows
+    whose session alone would be closed (late candidates), merge with
+    every open session (O(open sessions), not O(rows seen)). ``count``
+    counts non-null values, nulls in ``by`` form groups, as in SQL.
     """
 
     stateful = True
@@ -356,23 +431,33 @@ class Window(Operator):
     def metrics(self, state: _State) -> dict[str, int]:
         """``late_rows`` (counter, checkpointed), ``open_windows`` (fixed windows: the distinct
         open ``[start, end)`` over all keys; sessions: the sessions held, where parts of one not
-        merged yet count apart) and ``state_rows`` (partial rows held, a key's window counted once
-        per partial table holding it until they are merged)."""
+        merged yet count apart) and ``state_rows`` (rows held: partial rows, a key's window
+        counted once per partial table holding it until they are merged, plus the input rows
+        fixed windows buffer unaggregated, a hopping row once per window holding it)."""
         rows = sum(s.num_rows for s in state.stores.values())
         windows = len(state.stores) if self.kind != "session_gap" else rows
         return {"late_rows": state.late_rows, "open_windows": windows, "state_rows": rows}
 
     def state_to_table(self, state: _State) -> pa.Table:
-        """The open windows' partials, merged, with the watermark, the late-row counter and the
-        event-time type in the schema metadata (Parquet keeps it). The ``late="update"`` change
-        set is not in it: every :meth:`advance` empties it, and a snapshot follows one."""
-        tables = [t for s in state.stores.values() for t in s.tables]
-        if not tables:
-            table = pa.table({c: pa.array([], pa.null()) for c in self._keys})
-        elif self.kind == "session_gap":
-            table = self._merge_sessions(tables)
+        """The open windows as partial rows, one per window and key, with the watermark, the
+        late-row counter and the event-time type in the schema metadata (Parquet keeps it).
+
+        Fixed windows: a window held as one partial table is taken as it is;
+        the others (buffered input rows, several partial tables) are compacted
+        in as few ``group_by`` calls as possible, and each store remembers its
+        compaction (:meth:`_Store.remember`), so a later snapshot or close
+        does not redo it: O(rows not compacted yet), each row compacted by
+        snapshots at most once. Sessions: their fragments merged. The
+        ``late="update"`` change set is not in it: every :meth:`advance`
+        empties it, and a snapshot follows one.
+        """
+        if self.kind == "session_gap":
+            tables = [t for s in state.stores.values() for t in s.tables]
+            table = self._merge_sessions(tables) if tables else None
         else:
-            table = self._merge_windows(tables)
+            table = self._snapshot_windows(state.stores)
+        if table is None:
+            table = pa.table({c: pa.array([], pa.null()) for c in self._keys})
         meta = {
             _META_WATERMARK: str(state.watermark).encode(),
             _META_LATE_ROWS: str(state.late_rows).encode(),
@@ -380,6 +465,28 @@ class Window(Operator):
         if state.time is not None:
             meta[_META_TIME] = json.dumps(_time_to_json(state.time)).encode()
         return table.replace_schema_metadata(meta)
+
+    def _snapshot_windows(self, stores: dict) -> pa.Table | None:
+        """Every open fixed window as partial rows, one per window and key (see
+        :meth:`state_to_table`)."""
+        tables, todo = [], []
+        for end, store in stores.items():
+            whole = store.whole
+            if whole is not None:
+                tables.append(whole)
+            else:
+                todo.append((end, store))
+        if todo:
+            done = self._compact(todo)
+            if len(todo) == 1:
+                todo[0][1].remember(done)
+            else:
+                for end, rows in split_sorted(done, WINDOW_END):
+                    stores[end].remember(rows)
+            tables.append(done)
+        if not tables:
+            return None
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
 
     def state_from_table(self, table: pa.Table) -> _State:
         meta = table.schema.metadata or {}
@@ -422,45 +529,103 @@ class Window(Operator):
             state = replace(state, time=_output_time(col.type))
         if self.kind == "session_gap":
             return self._process_sessions(state, table, ts)
-        rows, starts = fixed_windows(ts, self.size_ms, self.slide_ms)
-        ends = starts + self.size_ms
+        groups = window_rows(ts, self.size_ms, self.slide_ms)
         closed = state.watermark - self.lateness_ms  # a window ending at or before it is closed
+        late = [(start, rows) for start, rows in groups if start + self.size_ms <= closed]
         side = None
-        late = ends <= closed if len(ends) and int(ends.min()) <= closed else None
-        if late is not None and late.any():
-            late_rows = rows[late] if rows is not None else np.flatnonzero(late)
-            state = replace(state, late_rows=state.late_rows + len(late_rows))
+        if late:  # the first windows: starts ascend
+            groups = groups[len(late) :]
+            missed = sum(table.num_rows if rows is None else len(rows) for _, rows in late)
+            state = replace(state, late_rows=state.late_rows + missed)
             if self.late == "side":
-                side = self._late_table(state, table.take(late_rows), starts[late], ends[late])
-            keep = np.flatnonzero(~late)
-            rows = rows[keep] if rows is not None else keep
-            starts = starts[keep]
-        data = table.select(list(dict.fromkeys(self.by + [a.column for a in self.aggs])))
-        if rows is not None:
-            data = data.take(rows)
-        if data.num_rows == 0:
+                side = self._late_windows(state, table, late)
+        if not groups:
             return state, side
-        data = data.append_column(WINDOW_START, pa.array(starts, pa.int64()))
-        part = self._with_end(self._aggs.partial(data, self.by + [WINDOW_START]))
+        data = table.select(list(dict.fromkeys(self.by + [a.column for a in self.aggs])))
         stores = dict(state.stores)
-        for end, rows_of_end in split_sorted(part, WINDOW_END):
-            fired = self.late == "update" and end <= state.watermark
-            stores[end] = self._add(stores.get(end, _Store()), rows_of_end, changed=fired)
+        for start, rows in groups:
+            end = start + self.size_ms
+            store = stores.get(end, _Store()).settled()
+            if self.late == "update" and end <= state.watermark:
+                # A fired window: aggregated now, its keys marked to emit again at the next advance.
+                part = self._raw_partials([(end, (data if rows is None else data.take(rows),))])
+                stores[end] = self._add(store, part, changed=True)
+            else:
+                store = store.with_raw(_copy(data) if rows is None else data.take(rows))
+                stores[end] = self._fold(end, store) if len(store.raw) >= _MAX_RAW_TABLES else store
+        if sum(s.raw_bytes for s in stores.values()) > _MAX_RAW_BYTES:
+            stores = {end: self._fold(end, s) if s.raw else s for end, s in stores.items()}
         return replace(state, stores=stores, due=self._due(stores, state.watermark)), side
 
     def _add(self, store: _Store, part: pa.Table, *, changed: bool) -> _Store:
         """``store`` with the partial rows ``part``; merged once the pending rows outgrow it."""
         store = _Store(
-            store.merged,
-            store.pending + (part,),
-            store.pending_rows + part.num_rows,
-            store.changed + ((part.select(self._keys),) if changed else ()),
+            merged=store.merged,
+            pending=store.pending + (part,),
+            pending_rows=store.pending_rows + part.num_rows,
+            raw=store.raw,
+            raw_rows=store.raw_rows,
+            raw_bytes=store.raw_bytes,
+            changed=store.changed + ((part.select(self._keys),) if changed else ()),
         )
         merged_rows = store.merged.num_rows if store.merged is not None else 0
         if store.pending_rows >= max(_MIN_MERGE_ROWS, merged_rows):
             merge = self._merge_sessions if self.kind == "session_gap" else self._merge_windows
             store = replace(store, merged=merge(store.tables), pending=(), pending_rows=0)
         return store
+
+    def _fold(self, end: int, store: _Store) -> _Store:
+        """``store`` (of the window ending at ``end``) with its raw rows aggregated into partials."""
+        store = store.settled()
+        if not store.raw:
+            return store
+        part = self._raw_partials([(end, store.raw)])
+        kept = _Store(
+            merged=store.merged, pending=store.pending, pending_rows=store.pending_rows, changed=store.changed
+        )
+        return self._add(kept, part, changed=False)
+
+    def _raw_partials(self, raws: list[tuple[int, tuple[pa.Table, ...]]]) -> pa.Table:
+        """Raw rows of fixed windows (``(window end, tables)``) as partial rows, one per window and
+        key, in one ``group_by``: by the ``by`` columns alone for one window (cheaper than with
+        the start), else by them and the window start."""
+        if len(raws) == 1:
+            end, tables = raws[0]
+            t = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+            part = self._aggs.partial(t, self.by)
+            n, at = part.num_rows, len(self.by)
+            part = part.add_column(at, WINDOW_START, _constant(end - self.size_ms, n))
+            return part.add_column(at + 1, WINDOW_END, _constant(end, n))
+        t = pa.concat_tables(
+            [
+                r.append_column(WINDOW_START, _constant(end - self.size_ms, r.num_rows))
+                for end, rs in raws
+                for r in rs
+            ],
+            promote_options="permissive",
+        )
+        return self._with_end(self._aggs.partial(t, self.by + [WINDOW_START]))
+
+    def _compact(self, stores: list[tuple[int, _Store]]) -> pa.Table | None:
+        """The rows of fixed windows' stores (``(window end, store)``) as partial rows, one per
+        window and key: a store held as one partial table as it is, the raw rows of stores that
+        hold nothing else in one ``group_by``, and the other stores' tables in one merge."""
+        whole, raws, parts = [], [], []
+        for end, store in stores:
+            one = store.whole
+            if one is not None:
+                whole.append(one)
+            elif not store.tables:
+                raws.append((end, store.raw))
+            else:
+                parts += store.tables + ([self._raw_partials([(end, store.raw)])] if store.raw else [])
+        if raws:
+            whole.append(self._raw_partials(raws))
+        if parts:
+            whole.append(self._merge_windows(parts))
+        if not whole:
+            return None
+        return whole[0] if len(whole) == 1 else pa.concat_tables(whole, promote_options="permissive")
 
     def _merge_windows(self, tables: list[pa.Table]) -> pa.Table:
         """Fixed windows' partial rows merged per key and window (grouped by the start only: the
@@ -469,8 +634,17 @@ class Window(Operator):
 
     def _with_end(self, merged: pa.Table) -> pa.Table:
         """``merged`` (``by`` + ``window_start`` + ...) with ``window_end`` after the start."""
-        start = np.asarray(merged.column(WINDOW_START).to_numpy(), dtype=np.int64)
-        return merged.add_column(len(self.by) + 1, WINDOW_END, pa.array(start + self.size_ms, pa.int64()))
+        end = pc.add(merged.column(WINDOW_START), pa.scalar(self.size_ms, pa.int64()))
+        return merged.add_column(len(self.by) + 1, WINDOW_END, end)
+
+    def _late_windows(
+        self, state: _State, table: pa.Table, late: list[tuple[int, np.ndarray | None]]
+    ) -> pa.Table:
+        """The rows of ``table`` in the closed windows ``late`` (``(start, rows)``), once per
+        window, with the window missed, as the side stream of late rows."""
+        rows = [np.arange(table.num_rows, dtype=np.int64) if r is None else r for _, r in late]
+        starts = np.repeat(np.array([start for start, _ in late], dtype=np.int64), [len(r) for r in rows])
+        return self._late_table(state, table.take(np.concatenate(rows)), starts, starts + self.size_ms)
 
     def _late_table(self, state: _State, rows: pa.Table, starts: np.ndarray, ends: np.ndarray) -> pa.Table:
         """Late ``rows`` with the window each one missed, as the side stream of late rows."""
@@ -569,44 +743,51 @@ class Window(Operator):
         elif self.late == "update":
             stores, out = self._advance_updates(state, watermark)
         else:
-            done = [s.tables for end, s in state.stores.items() if end <= closed]
+            out = self._compact([(end, s) for end, s in state.stores.items() if end <= closed])
             stores = {end: s for end, s in state.stores.items() if end > closed}
-            out = self._closed(done)
         state = replace(state, stores=stores, watermark=watermark, due=self._due(stores, watermark))
         if out is None or out.num_rows == 0:
             return state, None
         return state, self._output(out, state.time, version)
 
-    def _closed(self, windows: list[list[pa.Table]]) -> pa.Table | None:
-        """The merged rows of closed fixed windows (the partial tables of each); a window held
-        in one table (one batch's partials, or merged already) needs no merge."""
-        whole = [ts[0] for ts in windows if len(ts) == 1]
-        parts = [t for ts in windows if len(ts) > 1 for t in ts]
-        tables = whole + ([self._merge_windows(parts)] if parts else [])
-        return pa.concat_tables(tables, promote_options="permissive") if tables else None
-
     def _advance_updates(self, state: _State, watermark: int) -> tuple[dict, pa.Table | None]:
-        """``late="update"``: windows that fire now (whole) and the changed rows of windows that
-        fired before, in one marked merge; windows past end + lateness are dropped."""
+        """``late="update"``: windows that fire now (whole, compacted as at a close) and the changed
+        rows of windows that fired before (one marked merge); windows past end + lateness are
+        dropped."""
         closed = watermark - self.lateness_ms
-        marked, touched = [], []
+        fire, again = [], []
         for end, store in state.stores.items():
             if state.watermark < end <= watermark:  # fires now: every row
-                marked += [(t, True) for t in store.tables]
+                fire.append((end, store))
             elif store.changed:  # fired before: the windows rows reached since
-                marked += [(t, False) for t in store.tables] + [(t, True) for t in store.changed]
-            else:
-                continue
-            touched.append(end)
+                again.append((end, store.settled()))
+        touched = {end for end, _ in fire + again}
         stores = {end: s for end, s in state.stores.items() if end > closed and end not in touched}
-        if not marked:
+        outs = []
+        if fire:
+            fired = self._compact(fire)
+            self._keep(stores, fired, closed)
+            outs.append(fired)
+        if again:
+            marked = [(t, True) for _, s in again for t in s.changed]
+            for end, s in again:
+                tables = s.tables + ([self._raw_partials([(end, s.raw)])] if s.raw else [])
+                marked += [(t, False) for t in tables]
+            merged, is_marked = self._aggs.merge_marked(marked, self.by + [WINDOW_START])
+            merged = self._with_end(merged)
+            self._keep(stores, merged, closed)
+            outs.append(merged.filter(is_marked))
+        if not outs:
             return stores, None
-        merged, is_marked = self._aggs.merge_marked(marked, self.by + [WINDOW_START])
-        merged = self._with_end(merged)
+        return stores, outs[0] if len(outs) == 1 else pa.concat_tables(outs, promote_options="permissive")
+
+    def _keep(self, stores: dict, merged: pa.Table, closed: int) -> None:
+        """Keep in ``stores`` the windows of ``merged`` (partial rows) still open at ``closed``."""
         ends = np.asarray(merged.column(WINDOW_END).to_numpy(), dtype=np.int64)
-        for end, t in split_sorted(merged.filter(ends > closed), WINDOW_END):
+        if len(ends) and int(ends.min()) <= closed:
+            merged = merged.filter(ends > closed)
+        for end, t in split_sorted(merged, WINDOW_END):
             stores[end] = _Store(merged=t)
-        return stores, merged.filter(is_marked)
 
     def _output(self, merged: pa.Table, time: pa.DataType, version: int) -> pa.Table:
         """Merged partial rows as output rows: window bounds, ``by``, the aggregates."""
@@ -620,6 +801,20 @@ class Window(Operator):
         if self.late != "update":
             return out
         return as_upserts(out, self._keys, version)
+
+
+def _constant(value: int, n: int) -> pa.Array:
+    """An int64 column of ``n`` times ``value``."""
+    return pa.array(np.full(n, value, dtype=np.int64))
+
+
+def _copy(table: pa.Table) -> pa.Table:
+    """``table`` in buffers of its own: rows a state keeps must not pin their whole batch (its
+    other columns, the shared-memory object it was read from)."""
+    cols = [
+        pa.chunked_array([pa.concat_arrays([c]) for c in col.chunks], type=col.type) for col in table.columns
+    ]
+    return pa.Table.from_arrays(cols, schema=table.schema)
 
 
 def _min(table: pa.Table, column: str) -> int:

@@ -115,6 +115,7 @@ def test_watermarks_follow_the_rows_and_reach_the_end(ray_session, tmp_path):
     out = res.output.to_pydict()
     assert out["wm"].count(WATERMARK_END) == 4  # one per partition
     assert sum(out["rows_seen"][i] for i, w in enumerate(out["wm"]) if w == WATERMARK_END) == 20_000
+    assert sum(out["late"][i] for i, w in enumerate(out["wm"]) if w == WATERMARK_END) == 0
     finite = [w for w in out["wm"] if w != WATERMARK_END]
     assert finite, "the watermark never moved before the end"
     assert max(finite) <= int(pc.max(data["ts"]).as_py()) - BOUND_MS
@@ -182,6 +183,17 @@ def test_watermarks_are_committed_restored_and_shown(ray_session, tmp_path):
     committed = {p: json.loads(w)["partition"] for p, w in rows}
     assert committed and all(w > WATERMARK_NONE for w in committed.values())
     res = job.run(timeout_s=180)
-    # The resumed run's first advance of each partition is past its committed watermark.
-    out = res.output.to_pydict()
+    out = res.output.to_pydict()  # both runs' outputs (Collect)
     assert out["wm"].count(WATERMARK_END) == 4
+    assert sum(out["late"][i] for i, w in enumerate(out["wm"]) if w == WATERMARK_END) == 0
+    # Over both runs, each partition's committed watermark never went back: the resumed run
+    # started from the restored one, and its first commit is not below it.
+    con = duckdb.connect(str(tmp_path / "ck" / "resume" / "catalog.duckdb"), read_only=True)
+    history = con.execute("SELECT partition, watermarks FROM commits ORDER BY commit_id").fetchall()
+    con.close()
+    last: dict[int, int] = {}
+    for p, w in history:
+        wm = json.loads(w)["partition"]
+        assert wm >= last.get(p, WATERMARK_NONE), f"partition {p}: watermark went back"
+        last[p] = wm
+    assert all(last[p] == WATERMARK_END for p in range(4))

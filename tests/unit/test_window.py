@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rayflow._internal.windowing import floor_div, merge_intervals
+import rayflow.ops.window as window_module
+from rayflow._internal.windowing import fixed_windows, floor_div, merge_intervals, window_rows
 from rayflow.errors import ConfigError, InputError
 from rayflow.ops.base import WATERMARK_END, side_stream_of
 from rayflow.ops.window import Window
@@ -297,6 +298,113 @@ def test_empty_state_round_trips_with_its_watermark_and_counter():
     assert restored.watermark == 5_000
     assert op.metrics(restored) == {"late_rows": 1, "open_windows": 0, "state_rows": 0}
     assert op.advance(restored, 5_000, version=2)[1] is None
+
+
+# ---------------------------------------------------------------------------------- raw rows
+# Fixed windows buffer their input rows and aggregate them once, when the window closes; past
+# window_module._MAX_RAW_BYTES a partition's buffered rows are folded into partials.
+_LONG = {"tumbling_s": 10.0, "hopping_s": (10.0, 2.5)}
+
+
+@pytest.mark.parametrize("kind", list(_LONG))
+@pytest.mark.parametrize("snapshots", ["none", "kept", "restored"])
+@pytest.mark.parametrize("bound, tables", [(6_000, 256), (2**40, 3)], ids=["bytes", "tables"])
+def test_windows_past_the_raw_bound_equal_sql(kind, snapshots, bound, tables, monkeypatch):
+    """Long windows and a tiny bound (bytes a partition buffers, or batches a window does):
+    windows hold partials and raw rows at once, through snapshots whose compaction the state
+    keeps (``kept``) or restores from (``restored``)."""
+    monkeypatch.setattr(window_module, "_MAX_RAW_BYTES", bound)
+    monkeypatch.setattr(window_module, "_MAX_RAW_TABLES", tables)
+    rows = stream(seed=21, n=3_000, rate_ms=7.0, bound_ms=2_000)  # 21 s of event time
+    op = Window("k", AGGS, event_time="ts", **{kind: _LONG[kind]})
+    d = Driver(op, bound_ms=2_000)
+    mixed = 0
+    for i, b in enumerate(batches(rows, [37, 5, 400])):
+        d.feed(b)
+        stores = d.state.stores.values()
+        assert sum(s.raw_bytes for s in stores) <= bound  # past it, every raw row is folded
+        assert all(len(s.raw) < tables for s in stores)
+        mixed += any(s.raw and s.tables for s in stores)
+        if snapshots == "kept" and i % 4 == 3:
+            first = op.state_to_table(d.state)
+            rows_held = op.metrics(d.state)["state_rows"]
+            assert rows_held == first.num_rows  # the compaction is what the state holds now
+            assert_same_rows(op.state_to_table(d.state), first)  # remembered: no work again
+        elif snapshots == "restored" and i % 4 == 3:
+            d.restore()
+    assert mixed  # the bound was crossed inside open windows
+    out = d.end()
+    assert_once(out)
+    assert_same_rows(out, reference(op, rows))
+
+
+def test_a_restore_in_the_middle_of_a_window_equals_sql():
+    """Every row of a window buffered raw, snapshotted, restored as partials, then more raw rows
+    for the same window: one emission, equal to SQL."""
+    rows = stream(seed=8, n=600, rate_ms=5.0, bound_ms=0)  # 3 s of event time, ordered
+    op = Window("k", AGGS, event_time="ts", tumbling_s=60)
+    d = Driver(op, bound_ms=0)
+    for b in batches(rows, [250]):
+        d.feed(b)
+        assert d.op.metrics(d.state)["state_rows"] >= b.num_rows  # raw rows are held
+        d.restore()
+        assert all(not s.raw for s in d.state.stores.values())  # restored as partials
+    assert d.outputs == []
+    out = d.end()
+    assert_same_rows(out, reference(op, rows))
+
+
+@pytest.mark.parametrize("kind", list(_LONG))
+def test_update_mode_with_raw_rows_snapshots_and_the_bound(kind, monkeypatch):
+    monkeypatch.setattr(window_module, "_MAX_RAW_BYTES", 5_000)
+    rng = np.random.default_rng(6)
+    rows = stream(seed=6, n=3_000, bound_ms=1_000)
+    late_idx = rng.choice(rows.num_rows - 200, 300, replace=False) + 200
+    ts = rows.column("ts").to_numpy().copy()
+    ts[late_idx] -= rng.integers(1_000, 9_000, len(late_idx))
+    rows = rows.set_column(1, "ts", pa.array(ts))
+    op = Window("k", AGGS, event_time="ts", late="update", allowed_lateness_s=12, **{kind: _LONG[kind]})
+    d = Driver(op, bound_ms=1_000)
+    for i, b in enumerate(batches(rows, [50, 7, 300])):
+        d.feed(b)
+        if i % 3 == 1:
+            op.state_to_table(d.state)  # kept: the state goes on from its compaction
+        if i % 7 == 6:
+            d.restore()
+    d.end()
+    assert op.metrics(d.state)["late_rows"] == 0
+    assert_same_rows(latest(d.outputs, ["k", "window_start", "window_end"]), reference(op, rows), columns=OUT)
+
+
+def test_raw_rows_are_copied_out_of_their_batch():
+    """A window keeps only its columns, in buffers of its own: not the batch it came in."""
+    op = window("tumbling_s")
+    batch = pa.table({"k": ["a", "b"], "ts": [100, 200], "v": [1.0, 2.0], "wide": ["x" * 1_000] * 2})
+    state, _ = op.process(op.init_state(), batch)
+    (store,) = state.stores.values()
+    (raw,) = store.raw
+    assert raw.column_names == ["k", "v"] and store.raw_bytes == raw.nbytes
+    v_in, v_raw = batch.column("v").chunk(0), raw.column("v").chunk(0)
+    assert v_raw.buffers()[1].address != v_in.buffers()[1].address
+
+
+@pytest.mark.parametrize("size, slide", [(1_000, 1_000), (3_000, 500), (50, 50), (1_000, 10), (7, 3)])
+def test_window_rows_are_the_pairs_of_fixed_windows(size, slide):
+    rng = np.random.default_rng(size + slide)
+    for lo, span in [(0, 900), (-5_000, 10_000), (1_700_000_000_000, 999), (12_345, 0)]:
+        ts = rng.integers(lo, lo + span + 1, 500)
+        rows, starts = fixed_windows(ts, size, slide)
+        rows = np.arange(len(ts)) if rows is None else rows
+        expected = sorted(zip(starts.tolist(), rows.tolist()))
+        got = []
+        for start, found in window_rows(ts, size, slide):
+            if found is None:
+                found = np.arange(len(ts))
+            else:
+                assert len(found) < len(ts) and (np.diff(found) > 0).all()
+            got += [(start, r) for r in found.tolist()]
+        assert got == expected
+    assert window_rows(np.zeros(0, dtype=np.int64), size, slide) == []
 
 
 # ---------------------------------------------------------------------------------- late rows

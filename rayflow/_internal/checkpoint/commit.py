@@ -172,8 +172,9 @@ def write_commit(
     name = output_name(partition, epoch, committed_positions, positions)
     for stream, outs in by_stream.items():
         store = sink_store if stream is None else side_stores[stream]
-        store.write_parquet(pending_path(name), pa.concat_tables(outs, promote_options="permissive"))
-        output_files.append(name if stream is None else side_output(stream, name))
+        file = name if stream is None else f"{stream}-{name}"  # apart even in one directory
+        store.write_parquet(pending_path(file), pa.concat_tables(outs, promote_options="permissive"))
+        output_files.append(file if stream is None else side_output(stream, file))
     return CommitRecord(
         partition=partition,
         lease_epoch=epoch,
