@@ -7,7 +7,6 @@ import io
 import random
 from unittest import mock
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +20,7 @@ from rayflow.errors import ConfigError, InputError
 from rayflow.ops.base import WATERMARK_END, WATERMARK_NONE
 from rayflow.ops.dedup import Dedup
 from rayflow.partitioning import hash_table
+from rayflow.testing import duckdb_reference as duckdb_query
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -141,16 +141,6 @@ def bounded_watermarks(batches: list[pa.Table], ooo_ms: int) -> list[int]:
         seen = max(seen, int(np.max(b.column("ts").to_numpy())))
         out.append(seen - ooo_ms)
     return out
-
-
-def duckdb_query(sql: str, **tables: pa.Table) -> pa.Table:
-    con = duckdb.connect()
-    try:
-        for name, t in tables.items():
-            con.register(name, t)
-        return con.sql(sql).to_arrow_table()
-    finally:
-        con.close()
 
 
 def keys_of(table: pa.Table, by: list[str]) -> list[tuple]:
