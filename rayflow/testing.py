@@ -214,6 +214,23 @@ class FaultPlan:
         return [f for i, f in enumerate(self.faults) if os.path.exists(os.path.join(self.dir, f"{i}.fired"))]
 
 
+def scale_out_while_held(run, plan: FaultPlan, *, consumers: int, held: str = "consumer-0") -> None:
+    """A rebalance mid-work: once ``plan`` has held ``held`` (a ``"pause"`` fault), scale ``run``
+    to ``consumers`` (the revocations wait for the held step), release it, and wait until the new
+    owners have processed rows. Condition waits only (60 s each)."""
+    from ray._common.test_utils import wait_for_condition
+
+    wait_for_condition(lambda: bool(plan.fired()), timeout=60)
+    run.scale(consumers=consumers)
+    plan.resume()
+
+    def new_owners_work() -> bool:
+        c = run.status()["consumers"]
+        return sum(x["rows_processed"] for m, x in c.items() if m != held) > 0
+
+    wait_for_condition(new_owners_work, timeout=60)
+
+
 def kill_actor(pipeline_name: str, actor: str, *, how: str = "SIGKILL") -> None:
     """Kill a pipeline's actor by name (``consumer-1``, ``source-0``, ``manager``).
 

@@ -19,7 +19,15 @@ from ray._common.test_utils import wait_for_condition
 
 import rayflow as rf
 from rayflow.sources import Source, Split
-from rayflow.testing import Fault, FaultPlan, assert_same_rows, keyed_reference, kill_actor, throttle
+from rayflow.testing import (
+    Fault,
+    FaultPlan,
+    assert_same_rows,
+    keyed_reference,
+    kill_actor,
+    scale_out_while_held,
+    throttle,
+)
 from tests.conftest import KEYED_AGGS, make_job
 
 pytestmark = pytest.mark.ray
@@ -180,15 +188,7 @@ def test_partitions_handed_over_mid_run_flush_before_their_last_commit(ray_sessi
         faults=plan,
     ).start()
     try:
-        wait_for_condition(lambda: bool(plan.fired()), timeout=60)
-        run.scale(consumers=3)  # its revocations wait for consumer-0's held step
-        plan.resume()
-
-        def new_owners_work() -> bool:
-            c = run.status()["consumers"]
-            return sum(x["rows_processed"] for m, x in c.items() if m != "consumer-0") > 0
-
-        wait_for_condition(new_owners_work, timeout=60)
+        scale_out_while_held(run, plan, consumers=3)  # its revocations wait for the held step
         assert not run.status()["done"]
         run.scale(consumers=1)  # consumers 1 and 2 stop: each flushes and commits first
         result = run.wait(timeout_s=180)
