@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from rayflow.errors import ConfigError
-from rayflow.ops.base import WATERMARK_END, Filter, Operator, side_stream, side_stream_of
+from rayflow.ops.base import WATERMARK_END, Operator, side_stream, side_stream_of
+from rayflow.ops.stateless import Filter
 
 #: Attribute set on an exception raised inside an operator: the driver hands such an
 #: exception back to the user as it is (``operator_error``), not wrapped in Ray's error.
@@ -139,7 +140,7 @@ class Chain:
         out: list[pa.Table] = []
         for i in self.event_indices:
             try:
-                states[i], table = self.ops[i].advance(states[i], watermark_ms, version=version)
+                states[i], table = self.ops[i].on_watermark(states[i], watermark_ms, version=version)
             except Exception as e:
                 _tag(e, i, self.ops[i], partition)
                 raise
@@ -159,7 +160,7 @@ class Chain:
             op = self.ops[i]
             try:
                 if op.uses_event_time:
-                    states[i], table = op.advance(states[i], WATERMARK_END, version=version)
+                    states[i], table = op.on_watermark(states[i], WATERMARK_END, version=version)
                 elif op.emits_changes:
                     states[i], table = op.flush(states[i], version=version)
                 else:

@@ -476,7 +476,7 @@ class ConsumerActor:
 
         With event time, the operators are advanced to the committed watermark
         at once: they emit nothing (the commit's outputs hold all they emitted
-        up to it, ``Operator.advance``) and learn where event time stands.
+        up to it, ``Operator.on_watermark``) and learn where event time stands.
         """
         out = {}
         for p, epoch in new.items():

@@ -17,8 +17,9 @@ The contract every operator follows is :class:`Operator` (``rayflow/ops/base.py`
 """
 
 from rayflow.ops.aggregate import Aggregate
-from rayflow.ops.base import Filter, Map, Operator, as_chain  # noqa: F401 (the Pipeline builds chains with it)
+from rayflow.ops.base import Operator, as_chain  # noqa: F401 (the Pipeline builds chains with it)
 from rayflow.ops.dedup import Dedup
+from rayflow.ops.stateless import Filter, Map
 from rayflow.ops.window import Window
 
 __all__ = ["Aggregate", "Dedup", "Filter", "Map", "Operator", "Window"]

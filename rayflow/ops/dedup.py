@@ -172,7 +172,7 @@ class Dedup(Operator):
     the input rows that survive, with the input's schema and in input order.
 
     **Semantics.** Let ``W`` be ``within_s`` in milliseconds (rounded, at least
-    1) and ``wm`` the partition's watermark (the last value :meth:`advance` gave; before any,
+    1) and ``wm`` the partition's watermark (the last value :meth:`on_watermark` gave; before any,
     nothing is late). The rows of a batch are decided one at a time, in order
     of (event time, arrival within the batch), batches in arrival order. A row
     with key ``k`` and event time ``t`` is:
@@ -198,7 +198,7 @@ class Dedup(Operator):
 
     **State** is the kept rows (key values and event time) that may still
     match a row that is not late: those with ``t0 > wm - 2W`` (a row ``t >=
-    wm - W`` matches only ``t0 > t - W >= wm - 2W``). :meth:`advance` forgets
+    wm - W`` matches only ``t0 > t - W >= wm - 2W``). :meth:`on_watermark` forgets
     the others (all at :data:`WATERMARK_END`), so the state holds the ids of
     about ``2W`` plus the out-of-orderness of event time. It is checkpointed as
     a table (the ``by`` columns and the kept event time; watermark and counters
@@ -373,7 +373,7 @@ class Dedup(Operator):
             "state_rows": live,
         }
 
-    def advance(self, state: _State, watermark_ms: int, *, version: int) -> tuple[_State, None]:
+    def on_watermark(self, state: _State, watermark_ms: int, *, version: int) -> tuple[_State, None]:
         """Move the watermark (never back) and forget expired ids; emits nothing.
 
         A segment whose rows have all expired is dropped; one with more than

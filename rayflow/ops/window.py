@@ -223,7 +223,7 @@ class Window(Operator):
 
     **Guarantees.** Each window is emitted exactly once (``"update"``: its
     latest emission is final) across commits, failures and restores: nothing
-    is emitted by :meth:`process`; :meth:`advance` emits what the new
+    is emitted by :meth:`process`; :meth:`on_watermark` emits what the new
     watermark closes (or fires, or what changed in fired windows) and returns
     a state without it, and the snapshot carries the operator's watermark, so
     advancing a restored state to the committed watermark emits nothing.
@@ -448,7 +448,7 @@ class Window(Operator):
         compaction (:meth:`_Store.remember`), so a later snapshot or close
         does not redo it: O(rows not compacted yet), each row compacted by
         snapshots at most once. Sessions: their fragments merged. The
-        ``late="update"`` change set is not in it: every :meth:`advance`
+        ``late="update"`` change set is not in it: every :meth:`on_watermark`
         empties it, and a snapshot follows one.
         """
         if self.kind == "session_gap":
@@ -504,7 +504,7 @@ class Window(Operator):
         return replace(state, stores=stores, due=self._due(stores, watermark))
 
     def _due(self, stores: dict, watermark: int) -> int:
-        """The lowest watermark at which :meth:`advance` has something to do with ``stores``."""
+        """The lowest watermark at which :meth:`on_watermark` has something to do with ``stores``."""
         if self.kind == "session_gap":
             store = stores.get(_SESSIONS)
             if store is None or store.num_rows == 0:
@@ -727,7 +727,9 @@ class Window(Operator):
         return self._late_table(state, rows, starts, ends)
 
     # ------------------------------------------------------------------ advance
-    def advance(self, state: _State, watermark_ms: int, *, version: int) -> tuple[_State, pa.Table | None]:
+    def on_watermark(
+        self, state: _State, watermark_ms: int, *, version: int
+    ) -> tuple[_State, pa.Table | None]:
         """Emit what the watermark closes (``late="update"``: fires, or changed since it fired)
         and drop the windows past their lateness; O(1) when nothing is due."""
         watermark = max(int(watermark_ms), state.watermark)

@@ -60,7 +60,7 @@ class Probe(Operator):
             return state, side_stream(table.filter(is_late), "late")
         return state, None
 
-    def advance(self, state, watermark_ms, *, version):
+    def on_watermark(self, state, watermark_ms, *, version):
         wm, rows, late = state
         if watermark_ms <= wm:
             return state, None

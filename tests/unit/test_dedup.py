@@ -78,7 +78,7 @@ def snapshot_restore(op: Dedup, state, pipeline_key: list[str]):
     buf = io.BytesIO()
     pq.write_table(table, buf)
     restored = op.state_from_table(pq.read_table(io.BytesIO(buf.getvalue())).drop_columns(["_hash"]))
-    restored, out = op.advance(restored, state.watermark, version=1)
+    restored, out = op.on_watermark(restored, state.watermark, version=1)
     assert out is None or out.num_rows == 0
     return restored
 
@@ -94,7 +94,7 @@ def run(
         state, out = op.process(state, b)
         assert out.schema == b.schema
         outs.append(out)
-        state, emitted = op.advance(state, wm, version=i)
+        state, emitted = op.on_watermark(state, wm, version=i)
         assert emitted is None
     return pa.concat_tables(outs), state
 
@@ -159,7 +159,7 @@ def assert_matches_model(op: Dedup, batches, watermarks, *, restore_at=None, key
         state, out = op.process(state, b)
         assert out.to_pylist() == b.take(pa.array(keep, pa.int64())).to_pylist(), f"batch {i}"
         model.advance(wm)
-        state, _ = op.advance(state, wm, version=i)
+        state, _ = op.on_watermark(state, wm, version=i)
         assert op.metrics(state) == model.metrics(), f"after batch {i}"
         outs.append(out)
     out = pa.concat_tables(outs)
@@ -300,7 +300,7 @@ def test_duplicate_bound_is_strict_and_two_sided():
 def test_late_rows_are_dropped_and_counted():
     op = Dedup("id", within_s=0.01, event_time="ts")
     state, _ = op.process(op.init_state(), pa.table({"id": [1], "ts": [100]}))
-    state, _ = op.advance(state, 100, version=1)
+    state, _ = op.on_watermark(state, 100, version=1)
     # late below 100 - 10 = 90: a new id at 89 is dropped all the same; 90 is not late.
     state, out = op.process(state, pa.table({"id": [2, 3, 1, 4], "ts": [89, 90, 85, 50]}))
     assert out.to_pydict() == {"id": [3], "ts": [90]}
@@ -310,13 +310,13 @@ def test_late_rows_are_dropped_and_counted():
 def test_advance_never_goes_back_and_emits_nothing():
     op = Dedup("id", within_s=0.01, event_time="ts")
     state, _ = op.process(op.init_state(), pa.table({"id": [1, 2], "ts": [100, 200]}))
-    state, out = op.advance(state, 200, version=1)
+    state, out = op.on_watermark(state, 200, version=1)
     assert out is None and state.watermark == 200
-    state, out = op.advance(state, 150, version=2)
+    state, out = op.on_watermark(state, 150, version=2)
     assert out is None and state.watermark == 200
     # 100 <= 200 - 20: expired; 200 is not.
     assert op.metrics(state)["state_rows"] == 1
-    state, out = op.advance(state, WATERMARK_END, version=3)
+    state, out = op.on_watermark(state, WATERMARK_END, version=3)
     assert out is None and op.metrics(state)["state_rows"] == 0
 
 
@@ -326,7 +326,7 @@ def test_no_false_drop_at_the_expiry_boundary():
     model = Model(10)
     state = op.init_state()
     for wm, rows in [(WATERMARK_NONE, [(1, 81)]), (100, [(1, 90), (1, 91)]), (111, [(1, 101), (1, 100)])]:
-        state, _ = op.advance(state, wm, version=0)
+        state, _ = op.on_watermark(state, wm, version=0)
         model.advance(wm)
         ids, ts = [r[0] for r in rows], [r[1] for r in rows]
         state, out = op.process(state, pa.table({"id": ids, "ts": ts}))
@@ -392,7 +392,7 @@ def test_snapshot_restore_mid_stream_gives_the_same_result():
 def test_restore_of_an_empty_state_keeps_watermark_and_counters():
     op = Dedup("id", within_s=0.01, event_time="ts")
     state, _ = op.process(op.init_state(), pa.table({"id": [1, 1], "ts": [0, 1]}))
-    state, _ = op.advance(state, 1_000, version=1)
+    state, _ = op.on_watermark(state, 1_000, version=1)
     state, _ = op.process(state, pa.table({"id": [2], "ts": [0]}))
     restored = snapshot_restore(op, state, ["id"])
     assert restored.num_rows == 0 and restored.watermark == 1_000
@@ -414,13 +414,13 @@ def test_state_is_bounded_as_the_watermark_moves():
         ids = np.arange(ts.shape[0]) + step * 1_000_000
         state, out = op.process(state, pa.table({"id": ids, "ts": ts}))
         assert out.num_rows == ts.shape[0]
-        state, _ = op.advance(state, int(ts.max()) - ooo_ms, version=step)
+        state, _ = op.on_watermark(state, int(ts.max()) - ooo_ms, version=step)
         peak = max(peak, op.metrics(state)["state_rows"])
         # held rows: the live ones, plus at most a quarter of each segment expired, not yet dropped
         assert state.num_rows <= op.metrics(state)["state_rows"] * 4 / 3 + len(state.segments)
     # live ids: event times in (watermark - 2W, max seen] = 2W + ooo + one batch's spread
     assert peak <= (2 * within_ms + ooo_ms + 100) * rate_per_ms
-    state, _ = op.advance(state, WATERMARK_END, version=999)
+    state, _ = op.on_watermark(state, WATERMARK_END, version=999)
     assert op.metrics(state)["state_rows"] == 0 and state.num_rows == 0
 
 
@@ -429,7 +429,7 @@ def test_expiry_drops_or_compacts_segments_and_stays_exact():
     n = 100_000
     state, _ = op.process(op.init_state(), pa.table({"id": np.arange(n), "ts": np.arange(n) // 1_000}))
     seg0 = state.segments[0]
-    state, _ = op.advance(state, 30, version=1)  # expires ts <= 10: 11% of the rows, left in place
+    state, _ = op.on_watermark(state, 30, version=1)  # expires ts <= 10: 11% of the rows, left in place
     assert state.segments == (seg0,) and op.metrics(state)["state_rows"] == n - 11_000
     # 5 (ts 0) has expired: not a duplicate; 30_000 (ts 30) is one; ts 15 is late (< 30 - 10).
     state, out = op.process(state, pa.table({"id": [5, 30_000, 6], "ts": [35, 35, 15]}))
@@ -437,7 +437,7 @@ def test_expiry_drops_or_compacts_segments_and_stays_exact():
     assert op.metrics(state) == {"late_rows": 1, "duplicates_dropped": 1, "state_rows": n - 11_000 + 1}
     assert [s.num_rows for s in state.segments] == [n, 1]
     # expires ts <= 35: 36% of the first segment (rewritten without them), all of the second (dropped)
-    state, _ = op.advance(state, 55, version=2)
+    state, _ = op.on_watermark(state, 55, version=2)
     assert [s.num_rows for s in state.segments] == [n - 36_000]
     assert op.metrics(state)["state_rows"] == n - 36_000 and state.segments[0].min_kept == 36
     state, out = op.process(state, pa.table({"id": [45_000, 5, 41_000], "ts": [50, 50, 50]}))

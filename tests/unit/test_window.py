@@ -146,7 +146,7 @@ class Driver:
         self.advance(self.watermark())
 
     def advance(self, watermark: int) -> None:
-        self.state, out = self.op.advance(self.state, watermark, version=self.version)
+        self.state, out = self.op.on_watermark(self.state, watermark, version=self.version)
         self.watermarks.append(watermark)
         if out is not None:
             self.outputs.append(out)
@@ -154,7 +154,7 @@ class Driver:
     def restore(self) -> None:
         """Snapshot and restore; advancing the restored state to the same watermark emits nothing."""
         self.state = snapshot_round_trip(self.op, self.state)
-        state, out = self.op.advance(self.state, self.watermarks[-1], version=self.version)
+        state, out = self.op.on_watermark(self.state, self.watermarks[-1], version=self.version)
         assert out is None, f"a restored state emitted {out.num_rows} row(s) again"
         self.state = state
 
@@ -282,22 +282,22 @@ def test_state_holds_only_open_windows(kind):
 def test_advance_with_nothing_due_is_o1_and_keeps_the_state():
     op = window("tumbling_s")
     s, _ = op.process(op.init_state(), pa.table({"k": ["a"], "ts": [1_500], "v": [1.0]}))
-    s1, out = op.advance(s, 1_000, version=1)
+    s1, out = op.on_watermark(s, 1_000, version=1)
     assert out is None and s1.due == 2_000
-    s2, out = op.advance(s1, 1_000, version=2)
+    s2, out = op.on_watermark(s1, 1_000, version=2)
     assert out is None and s2 is s1  # same watermark, nothing due: the very same state
 
 
 def test_empty_state_round_trips_with_its_watermark_and_counter():
     op = window("tumbling_s")
     s, _ = op.process(op.init_state(), pa.table({"k": ["a"], "ts": [500], "v": [1.0]}))
-    s, out = op.advance(s, 5_000, version=1)
+    s, out = op.on_watermark(s, 5_000, version=1)
     assert out.num_rows == 1
     s, _ = op.process(s, pa.table({"k": ["a"], "ts": [600], "v": [1.0]}))  # late
     restored = snapshot_round_trip(op, s)
     assert restored.watermark == 5_000
     assert op.metrics(restored) == {"late_rows": 1, "open_windows": 0, "state_rows": 0}
-    assert op.advance(restored, 5_000, version=2)[1] is None
+    assert op.on_watermark(restored, 5_000, version=2)[1] is None
 
 
 # ---------------------------------------------------------------------------------- raw rows
