@@ -1,4 +1,4 @@
-"""The operator contract (:class:`Operator`), side streams and watermark constants."""
+"""The operator contract (:class:`Operator`), side streams and watermark constants.
 
 An operator turns one partition's Arrow table into output, and may keep
 per-partition state. State is Arrow data, never one Python object per key,
