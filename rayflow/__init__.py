@@ -18,7 +18,7 @@ die and the job resumes with nothing lost and nothing counted twice::
 
 from rayflow import errors, ops, partitioning, sinks, sources
 from rayflow.config import EngineConfig
-from rayflow.pipeline import Pipeline, Result, Run
+from rayflow.pipeline import Pipeline, Result, Run, Stage, StagedRun
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,8 @@ __all__ = [
     "Pipeline",
     "Result",
     "Run",
+    "Stage",
+    "StagedRun",
     "__version__",
     "errors",
     "ops",

@@ -16,16 +16,25 @@ import dataclasses
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
 
 from rayflow import ops as _ops
+from rayflow._internal.chain import Chain
+from rayflow._internal.checkpoint.store import join
 from rayflow._internal.runtime import JobSpec, Result, Run
+from rayflow._internal.stages import StagedRun
 from rayflow._internal.watermarks import EventTime
 from rayflow.config import EngineConfig
 from rayflow.errors import ConfigError
 from rayflow.sinks import Collect, Sink
+from rayflow.sinks import Parquet as ParquetSink
 from rayflow.sources import Source
+from rayflow.sources.inputs import Input, Inputs
+from rayflow.sources.upstream import Upstream
 
-__all__ = ["Pipeline", "Result", "Run"]
+__all__ = ["Pipeline", "Result", "Run", "Stage", "StagedRun"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -66,8 +75,8 @@ class Pipeline:
         self,
         *,
         name: str,
-        source: Source,
-        key: str | Sequence[str],
+        source: Source | Sequence[Input],
+        key: str | Sequence[str] | None = None,
         partitions: int = 16,
         operator: _ops.Operator | Sequence[_ops.Operator] | None = None,
         sink: Sink | None = None,
@@ -81,14 +90,19 @@ class Pipeline:
         event_time: str | None = None,
         max_out_of_orderness_s: float = 0.0,
         idle_timeout_s: float | None = 30.0,
+        stages: Sequence[Stage] | None = None,
     ):
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ConfigError(
                 f"name must be 1-100 letters, digits, '_', '.' or '-' (it names actors and "
                 f"checkpoint folders), got {name!r}"
             )
+        if isinstance(source, (list, tuple)):
+            source = Inputs(source, key=None if key is None else ([key] if isinstance(key, str) else key))
         if not isinstance(source, Source):
-            raise ConfigError(f"source must be an rf.sources source, got {source!r}")
+            raise ConfigError(
+                f"source must be an rf.sources source (or a list of rf.sources.Input), got {source!r}"
+            )
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
             raise ConfigError(f"partitions must be an integer >= 1, got {partitions!r}")
         if isinstance(consumers, bool) or not isinstance(consumers, int) or consumers < 1:
@@ -108,9 +122,16 @@ class Pipeline:
             ):
                 raise ConfigError(f"checkpoint_interval_s must be > 0 seconds, got {checkpoint_interval_s!r}")
             config = dataclasses.replace(config, checkpoint_interval_s=float(checkpoint_interval_s))
-        keys = [key] if isinstance(key, str) else list(key)
-        if not keys or not all(isinstance(k, str) and k for k in keys):
-            raise ConfigError(f"key must name at least one column, got {key!r}")
+        if isinstance(source, Inputs):
+            # Each input hashes by its own key (the source actor reads it from the split); the
+            # job's key records them all, so a resume with another key of any input is refused.
+            keys = [f"{name}:{','.join(k)}" for name, k in source.keys.items()]
+            groupable = [set(k) for k in source.keys.values()]
+        else:
+            keys = [key] if isinstance(key, str) else list(key or [])
+            if not keys or not all(isinstance(k, str) and k for k in keys):
+                raise ConfigError(f"key must name at least one column, got {key!r}")
+            groupable = [set(keys)]
         ops = _ops.as_chain(operator)
         clock = None
         if event_time is not None:
@@ -129,7 +150,7 @@ class Pipeline:
         ops = [op.with_event_time(event_time) for op in ops]
         for op in ops:
             group = op.group_columns
-            if group is not None and not set(keys) <= set(group):
+            if group is not None and not any(k <= set(group) for k in groupable):
                 raise ConfigError(
                     f"{op!r} must group by the pipeline key {keys} (and may add columns): "
                     "otherwise one group would span partitions"
@@ -149,6 +170,23 @@ class Pipeline:
             faults=faults,
             event_time=clock,
         )
+        self._stages: list[Pipeline] = []
+        if stages:
+            common = dict(
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_interval_s=checkpoint_interval_s,
+                local_paths_shared=local_paths_shared,
+                config=config,
+                progress=progress,
+                faults=faults,
+                max_out_of_orderness_s=max_out_of_orderness_s,
+                idle_timeout_s=idle_timeout_s,
+            )
+            self._stages = _stage_pipelines(
+                name, list(stages), source=source, key=key, partitions=partitions, operator=operator,
+                sink=sink, consumers=consumers, event_time=event_time, common=common,
+            )  # fmt: skip
+            self._spec = self._stages[0]._spec
 
     # Read-only views of the spec (the job cannot change once built).
     @property
@@ -191,6 +229,30 @@ class Pipeline:
     def config(self) -> EngineConfig:
         return self._spec.config
 
+    @property
+    def output_schema(self) -> pa.Schema | None:
+        """The schema of what the job emits (of its last stage), or ``None`` when an operator
+        hides it (a ``Map`` without ``output_schema=``). Checks the input on the way."""
+        if self._stages:
+            return self._stages[-1].output_schema
+        s = self._spec
+        return Chain(list(s.operators)).for_input(unbounded=s.source.unbounded).check_input(s.source.schema)
+
+    @property
+    def emits_upserts(self) -> bool:
+        """Whether the output is an upsert stream (new values of keys, each commit): an
+        ``Aggregate`` over an unbounded input."""
+        if self._stages:
+            return self._stages[-1].emits_upserts
+        s = self._spec
+        ops = Chain(list(s.operators)).for_input(unbounded=s.source.unbounded).ops
+        return any(op.emits_upserts for op in ops)
+
+    @property
+    def stages(self) -> list[Pipeline]:
+        """The stages, as pipelines of their own (``[self]`` for a job of one stage)."""
+        return list(self._stages) or [self]
+
     def __repr__(self) -> str:
         s = self._spec
         return (
@@ -205,7 +267,7 @@ class Pipeline:
         directory, a paced ``Synthetic``) has no end to run to: this raises
         :class:`ConfigError`; use ``run = pipeline.start()``, then ``run.stop()``.
         """
-        if self._spec.source.unbounded:
+        if self.stages[0]._spec.source.unbounded:
             raise ConfigError(
                 f"the source {self._spec.source!r} is unbounded: the job never ends on its own, so "
                 "run() would never return. Start it with run = pipeline.start(), watch it with "
@@ -214,6 +276,63 @@ class Pipeline:
             )
         return self.start().wait(timeout_s=timeout_s)
 
-    def start(self) -> Run:
-        """Start the job and return at once with a :class:`Run` handle."""
+    def start(self) -> Run | StagedRun:
+        """Start the job and return at once with a :class:`Run` handle (a :class:`StagedRun`
+        for a job of several stages)."""
+        if self._stages:
+            return StagedRun([p._spec for p in self._stages])
         return Run(self._spec)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """A further stage of a pipeline: ``rf.Pipeline(..., stages=[rf.Stage(key="category", ...)])``.
+
+    The pipeline's own ``source``, ``key`` and ``operator`` are its first
+    stage; each :class:`Stage` reads what the stage before it publishes
+    (``rf.sources.Upstream``), repartitioned by its own ``key``, and runs its
+    ``operator`` (a list runs as a chain); the last one writes to the
+    pipeline's ``sink``. ``partitions`` and ``consumers`` default to the
+    pipeline's; ``event_time`` names this stage's event-time column (the
+    watermark settings are the pipeline's).
+    """
+
+    key: str | Sequence[str]
+    operator: _ops.Operator | Sequence[_ops.Operator] | None = None
+    partitions: int | None = None
+    consumers: int | None = None
+    event_time: str | None = None
+
+
+def exchange_path(checkpoint_dir: str | os.PathLike, stage_name: str) -> str:
+    """Where a stage publishes for the next one: its Parquet sink, under its checkpoint folder."""
+    return join(os.fspath(checkpoint_dir), stage_name, "exchange")
+
+
+def _stage_pipelines(
+    name: str, stages: list, *, source, key, partitions, operator, sink, consumers, event_time, common: dict
+) -> list[Pipeline]:
+    """The pipelines of a staged job: ``name`` first, then ``name.1``, ``name.2``, ...; each
+    publishes to its exchange directory, the last one to ``sink``."""
+    if not all(isinstance(st, Stage) for st in stages):
+        raise ConfigError(f"stages= takes a list of rf.Stage(key=..., operator=...), got {stages!r}")
+    ck = common["checkpoint_dir"]
+    out = [
+        Pipeline(
+            name=name, source=source, key=key, partitions=partitions, operator=operator,
+            sink=ParquetSink(exchange_path(ck, name)), consumers=consumers, event_time=event_time,
+            **common,
+        )
+    ]  # fmt: skip
+    for i, st in enumerate(stages, 1):
+        stage_name = f"{name}.{i}"
+        last = i == len(stages)
+        out.append(
+            Pipeline(
+                name=stage_name, source=Upstream(out[-1]), key=st.key,
+                partitions=st.partitions or partitions, operator=st.operator,
+                sink=sink if last else ParquetSink(exchange_path(ck, stage_name)),
+                consumers=st.consumers or consumers, event_time=st.event_time, **common,
+            )
+        )  # fmt: skip
+    return out

@@ -89,8 +89,9 @@ class Chain:
     def init_states(self) -> list:
         return [op.init_state() for op in self.ops]
 
-    def check_input(self, schema: pa.Schema) -> None:
-        """Check each operator against the schema of its input, before the job starts.
+    def check_input(self, schema: pa.Schema) -> pa.Schema | None:
+        """Check each operator against the schema of its input, before the job starts; returns
+        the chain's output schema, or ``None`` when it is unknown.
 
         The schema flows from one operator to the next while it is known: a
         ``Filter`` keeps it, an ``Aggregate`` gives its output's; after an
@@ -100,7 +101,8 @@ class Chain:
         for op in self.ops:
             schema = op.check_input(schema)
             if schema is None:
-                return
+                return None
+        return schema
 
     def _run_from(
         self, states: list, start: int, table: pa.Table | None, out: list[pa.Table], partition: int | None

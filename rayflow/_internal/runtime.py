@@ -28,6 +28,7 @@ raised as it is.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -56,6 +57,7 @@ from rayflow.ops import Operator
 from rayflow.partitioning import PartitionMap, key_columns
 from rayflow.sinks import Sink
 from rayflow.sources import Source, Split, Synthetic
+from rayflow.sources.inputs import Inputs
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +173,12 @@ def check_input(spec: JobSpec) -> tuple[list[Split], pa.Schema]:
     """Step 2: the splits and schema of the input, checked against the key and every operator."""
     splits = spec.source.splits()
     schema = spec.source.schema
-    key_columns(schema, list(spec.key))
+    inputs = spec.source.inputs if isinstance(spec.source, Inputs) else None
+    if inputs is None:
+        key_columns(schema, list(spec.key))  # (the union of inputs checked each input's key)
     if spec.event_time is not None:
-        check_event_time_column(schema, spec.event_time.column, what="the pipeline's event_time")
+        for what, s in [(f"the input {i.name!r}", i.schema) for i in inputs or []] or [("the input", schema)]:
+            check_event_time_column(s, spec.event_time.column, what=f"the pipeline's event_time ({what})")
     # As it will run: an Aggregate over a live input emits changes (with ``_version``).
     Chain(list(spec.operators)).for_input(unbounded=spec.source.unbounded).check_input(schema)
     return splits, schema
@@ -548,6 +553,9 @@ class Run:
             if self._result is None:
                 try:
                     self._result = self._result_from(st, stopped=False)
+                    # Every output is published (done): a next stage reading the sink may end.
+                    info = {"pipeline": self.spec.name, "events": self._result.stats["events"]}
+                    self.spec.sink.mark_complete(self.sink_store, json.dumps(info).encode())
                 finally:
                     self._teardown()
         return self._result

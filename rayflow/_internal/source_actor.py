@@ -278,6 +278,8 @@ class SourceActor:
         self._meta_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayflow-source-meta")
         self._tasks: list[asyncio.Task] = []  # every reading, discovery and polling task
         self._bounded_done = False
+        # A bounded dynamic source (``Source.complete``) has given its last listing.
+        self._discovery_done = False
         self._started = False
         self._run_lock = asyncio.Lock()
         self._stopping = False
@@ -370,7 +372,7 @@ class SourceActor:
         try:
             while not self._stopping:
                 if not self._round_robin:
-                    if self.source is None:
+                    if self.source is None or self._discovery_done:
                         break
                     self._more_bounded.clear()
                     await self._more_bounded.wait()
@@ -513,7 +515,8 @@ class SourceActor:
         if batch.num_rows == 0:
             return end, [], 0, wm, False  # an idle tick: nothing to queue (dense=False: positions may move)
         self.rows_read += batch.num_rows
-        routed = self.map.route(hash_table(batch, self.key))
+        # A split of one of several inputs is hashed by that input's key (sources/inputs.py).
+        routed = self.map.route(hash_table(batch, getattr(r.split, "key", None) or self.key))
         # A copy first (one C call, atomic under the GIL): trim() adds partitions on the loop.
         committed = {p: pos[name] for p, pos in dict(self.skip).items() if name in pos}
         parts = route_batch(
@@ -573,6 +576,10 @@ class SourceActor:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
+                # Asked before the listing: once complete, this listing has every split there is.
+                last = not self.unbounded and await loop.run_in_executor(
+                    self._meta_pool, self.source.complete
+                )
                 found = await loop.run_in_executor(self._meta_pool, self.source.splits)
                 new = {
                     s.name: s
@@ -589,6 +596,10 @@ class SourceActor:
                         if not self._stopping:
                             self._add_reader(s.bind(job_started_ms=self.started_ms), self._start_of(s.name))
                 self.discovery_error = None
+                if last:
+                    self._discovery_done = True
+                    self._more_bounded.set()  # the bounded reader ends once it has read them all
+                    return
             except Exception as e:  # a broker or a listing that fails now may answer next time
                 self.discovery_error = f"{type(e).__name__}: {e}"
                 logger.warning("rayflow %s: listing the splits of the source failed: %s", self.name, e)
@@ -787,7 +798,7 @@ class SourceActor:
             if r is None:
                 continue
             if r.done:
-                if self.unbounded:
+                if self.unbounded or (self.source is not None and not self._discovery_done):
                     skip.add(name)
                 else:
                     wms[name] = WATERMARK_END

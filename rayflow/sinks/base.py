@@ -121,6 +121,11 @@ class Sink:
 
         return query_files(store, sql)
 
+    def mark_complete(self, store: Store, info: bytes) -> None:
+        """Called by the driver once a bounded job has ended with every output published: a
+        sink whose directory a later stage reads (``rf.sources.Stage``) says that no file will
+        come any more. The default does nothing."""
+
     def close(self) -> None:
         """Release what :meth:`publish` opened (the manager calls this when the run ends)."""
 

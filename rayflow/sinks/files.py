@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from rayflow._internal.checkpoint.store import Store
 
 
+#: Written in a Parquet sink's directory when the bounded job writing it has ended: every file
+#: is published (``_`` keeps it out of datasets, DuckDB globs and ``rf.sources.Files``).
+COMPLETE_MARKER = "_rayflow_complete.json"
+
+
 class Parquet(Sink):
     """A Parquet dataset directory (local path or ``pyarrow.fs`` URI).
 
@@ -41,6 +46,11 @@ class Parquet(Sink):
 
     def __repr__(self) -> str:
         return f"rf.sinks.Parquet({self.path!r})"
+
+    def mark_complete(self, store: Store, info: bytes) -> None:
+        # Written after the last file is published (the job is done only then): a reader that
+        # sees the marker and then lists the directory sees every file (rf.sources.Stage).
+        store.write_bytes(COMPLETE_MARKER, info)
 
 
 class Collect(Sink):

@@ -10,9 +10,23 @@ module each: :class:`Table` (in memory, ``table.py``), :class:`Parquet`,
 
 from rayflow.sources.base import Source, Split
 from rayflow.sources.files import CSV, JSON, Files, Parquet
+from rayflow.sources.inputs import Input
 from rayflow.sources.kafka import Kafka
 from rayflow.sources.synthetic import SYNTHETIC_SCHEMA as SYNTHETIC_SCHEMA
 from rayflow.sources.synthetic import Synthetic
 from rayflow.sources.table import Table
+from rayflow.sources.upstream import Upstream
 
-__all__ = ["CSV", "Files", "JSON", "Kafka", "Parquet", "Source", "Split", "Synthetic", "Table"]
+__all__ = [
+    "CSV",
+    "Files",
+    "Input",
+    "JSON",
+    "Kafka",
+    "Parquet",
+    "Source",
+    "Split",
+    "Synthetic",
+    "Table",
+    "Upstream",
+]

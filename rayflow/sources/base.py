@@ -146,6 +146,17 @@ class Source(ABC):
         """The job never ends on its own: a split is unbounded, or splits may keep appearing."""
         return self.dynamic
 
+    def complete(self) -> bool:
+        """For a dynamic source that is *not* unbounded (its splits appear while the job runs,
+        and then stop appearing: the output of an upstream stage that ends): True once the
+        splits the next :meth:`splits` call returns are all it will ever have.
+
+        The source actors ask it before each listing; once it says True, that listing is the
+        last, and the job ends when those splits are read. The default (False) never ends a
+        dynamic source: with ``unbounded`` False it would wait for splits for ever.
+        """
+        return False
+
     def on_commit(self, positions: dict[str, int]) -> None:
         """Told, now and then, the positions every partition has committed (split name -> the
         lowest committed position over the partitions): Kafka commits them under its group id,

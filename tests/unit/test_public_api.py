@@ -10,6 +10,8 @@ def test_public_names_are_pinned():
         "Pipeline",
         "Result",
         "Run",
+        "Stage",
+        "StagedRun",
         "__version__",
         "errors",
         "ops",
@@ -20,6 +22,7 @@ def test_public_names_are_pinned():
     assert rf.sources.__all__ == [
         "CSV",
         "Files",
+        "Input",
         "JSON",
         "Kafka",
         "Parquet",
@@ -27,6 +30,7 @@ def test_public_names_are_pinned():
         "Split",
         "Synthetic",
         "Table",
+        "Upstream",
     ]
     assert rf.ops.__all__ == ["Aggregate", "Dedup", "Filter", "Map", "Operator", "Window"]
     assert rf.sinks.__all__ == ["Collect", "DuckDB", "Kafka", "Parquet", "Sink"]
