@@ -149,6 +149,8 @@ class Pipeline:
             )
         ops = [op.with_event_time(event_time) for op in ops]
         for op in ops:
+            if isinstance(source, Inputs) and hasattr(op, "check_partitioning"):
+                op.check_partitioning(source.keys)  # a join's sides must meet in one partition
             group = op.group_columns
             if group is not None and not any(k <= set(group) for k in groupable):
                 raise ConfigError(

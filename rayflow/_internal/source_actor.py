@@ -512,6 +512,8 @@ class SourceActor:
                 timed = m != WATERMARK_NONE
                 r.max_event_ms = max(r.max_event_ms, m)
             wm = self.event_time.watermark(r.max_event_ms)
+            if not self.unbounded and self.source is not None and not self._discovery_done:
+                wm = WATERMARK_NONE  # a stage's upstream: see _watermarks
         if batch.num_rows == 0:
             return end, [], 0, wm, False  # an idle tick: nothing to queue (dense=False: positions may move)
         self.rows_read += batch.num_rows
@@ -781,7 +783,7 @@ class SourceActor:
         """Every split's watermark as of everything read, and the ones to skip (see FetchResult).
 
         A split that ended is at the end of time in a job that ends (a bounded
-        one); in a job that goes on (a watched directory's files end one by
+        one, once every split is known); in a job that goes on (a watched directory's files end one by
         one) it is skipped with its last watermark instead: the end of time
         would close every window before the next file. An unbounded split is
         skipped once it has been quiet (idle ticks, or rows without event time)
@@ -792,6 +794,11 @@ class SourceActor:
         timeout = self.event_time.idle_timeout_s
         wms: dict[str, int | None] = {}
         skip = set()
+        if not self.unbounded and self.source is not None and not self._discovery_done:
+            # A bounded dynamic source (a stage's upstream): its splits come in no event-time
+            # order (one file per upstream commit and partition), so no split read so far bounds
+            # the rest. Event time stands still until the last split is known, then ends.
+            return {name: self.split_wm.get(name) for name in self.frontier}, set(self.frontier)
         for name in self.frontier:
             r = self.readers.get(name)
             wms[name] = self.split_wm.get(name)

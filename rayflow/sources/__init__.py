@@ -12,6 +12,7 @@ from rayflow.sources.base import Source, Split
 from rayflow.sources.files import CSV, JSON, Files, Parquet
 from rayflow.sources.inputs import Input
 from rayflow.sources.kafka import Kafka
+from rayflow.sources.nexmark import Nexmark
 from rayflow.sources.synthetic import SYNTHETIC_SCHEMA as SYNTHETIC_SCHEMA
 from rayflow.sources.synthetic import Synthetic
 from rayflow.sources.table import Table
@@ -23,6 +24,7 @@ __all__ = [
     "Input",
     "JSON",
     "Kafka",
+    "Nexmark",
     "Parquet",
     "Source",
     "Split",

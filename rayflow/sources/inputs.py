@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from rayflow.errors import ConfigError
+from rayflow.errors import ConfigError, InputError
 from rayflow.partitioning import _is_int_like, key_columns
 from rayflow.sources.base import Source, Split
 
@@ -48,9 +48,25 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 def input_columns(schema: pa.Schema) -> dict[str, list[str]] | None:
-    """Each input's own columns, from a union schema's metadata (``None``: not a union)."""
+    """Each input's own columns from a multi-input schema's :data:`INPUTS_METADATA`
+    (``{"person": ["id", "name", ...], ...}``), or ``None`` when the schema does not carry it
+    (one input, or an ``rf.ops.Map`` that dropped the metadata)."""
     raw = (schema.metadata or {}).get(INPUTS_METADATA)
-    return json.loads(raw) if raw is not None else None
+    if raw is None:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(c, str) for c in v)
+        for k, v in parsed.items()
+    ):
+        raise InputError(
+            f"the schema metadata {INPUTS_METADATA!r} must be JSON {{input name: [column, ...]}}, "
+            f"got {raw[:200]!r}"
+        )
+    return {k: list(v) for k, v in parsed.items()}
 
 
 class Input:

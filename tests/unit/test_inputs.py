@@ -67,7 +67,7 @@ def test_a_shared_name_with_two_types_is_refused_with_a_rename_hint():
         ]
     )
     with pytest.raises(ConfigError, match="rename"):
-        src.schema
+        _ = src.schema
     fixed = Inputs(
         [
             rf.sources.Input("person", rf.sources.Table(_persons()), key="id"),
@@ -89,9 +89,9 @@ def test_keys_must_be_alike_column_by_column():
         ]
     )
     with pytest.raises(ConfigError, match="integers hash alike"):
-        src.schema
+        _ = src.schema
     with pytest.raises(MissingKeyColumnError):
-        Inputs([rf.sources.Input("person", rf.sources.Table(_persons()), key="nope")]).schema
+        _ = Inputs([rf.sources.Input("person", rf.sources.Table(_persons()), key="nope")]).schema
 
 
 def test_bad_inputs_are_refused_clearly():
