@@ -12,6 +12,10 @@
   windows of event time, emitted when the watermark closes them.
 - :class:`Dedup` — drops a row whose key was already seen within a span of
   event time.
+- :class:`Join` — joins the rows of two inputs by key within an interval or a
+  tumbling window of event time (inner, left outer or semi).
+- :class:`Lookup` — adds the columns of the matching row of a table (Parquet
+  or DuckDB) that every consumer holds, reloaded when it changes.
 
 The contract every operator follows is :class:`Operator` (``rayflow/ops/base.py``).
 """
@@ -19,7 +23,10 @@ The contract every operator follows is :class:`Operator` (``rayflow/ops/base.py`
 from rayflow.ops.aggregate import Aggregate
 from rayflow.ops.base import Operator, as_chain  # noqa: F401 (the Pipeline builds chains with it)
 from rayflow.ops.dedup import Dedup
+from rayflow.ops.join import Join
+from rayflow.ops.lookup import Lookup
 from rayflow.ops.stateless import Filter, Map
+from rayflow.ops.top import Top
 from rayflow.ops.window import Window
 
-__all__ = ["Aggregate", "Dedup", "Filter", "Map", "Operator", "Window"]
+__all__ = ["Aggregate", "Dedup", "Filter", "Join", "Lookup", "Map", "Operator", "Top", "Window"]

@@ -25,6 +25,7 @@ def test_public_names_are_pinned():
         "Input",
         "JSON",
         "Kafka",
+        "Nexmark",
         "Parquet",
         "Source",
         "Split",
@@ -32,7 +33,17 @@ def test_public_names_are_pinned():
         "Table",
         "Upstream",
     ]
-    assert rf.ops.__all__ == ["Aggregate", "Dedup", "Filter", "Map", "Operator", "Window"]
+    assert rf.ops.__all__ == [
+        "Aggregate",
+        "Dedup",
+        "Filter",
+        "Join",
+        "Lookup",
+        "Map",
+        "Operator",
+        "Top",
+        "Window",
+    ]
     assert rf.sinks.__all__ == ["Collect", "DuckDB", "Kafka", "Parquet", "Sink"]
 
 
