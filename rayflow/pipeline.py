@@ -319,11 +319,14 @@ def _stage_pipelines(
     if not all(isinstance(st, Stage) for st in stages):
         raise ConfigError(f"stages= takes a list of rf.Stage(key=..., operator=...), got {stages!r}")
     ck = common["checkpoint_dir"]
+    # Tests give each stage its own fault plan: faults=[plan of stage 0, plan of stage 1, ...].
+    faults = common.pop("faults")
+    plans = list(faults) if isinstance(faults, (list, tuple)) else [faults] * (len(stages) + 1)
     out = [
         Pipeline(
             name=name, source=source, key=key, partitions=partitions, operator=operator,
             sink=ParquetSink(exchange_path(ck, name)), consumers=consumers, event_time=event_time,
-            **common,
+            faults=plans[0], **common,
         )
     ]  # fmt: skip
     for i, st in enumerate(stages, 1):
@@ -334,7 +337,7 @@ def _stage_pipelines(
                 name=stage_name, source=Upstream(out[-1]), key=st.key,
                 partitions=st.partitions or partitions, operator=st.operator,
                 sink=sink if last else ParquetSink(exchange_path(ck, stage_name)),
-                consumers=st.consumers or consumers, event_time=st.event_time, **common,
+                consumers=st.consumers or consumers, event_time=st.event_time, faults=plans[i], **common,
             )
         )  # fmt: skip
     return out
