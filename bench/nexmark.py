@@ -389,6 +389,58 @@ def run_query(
     return {"wall_s": wall, "startup_s": startup, "stages": len(stages)}, read_result(out)
 
 
+def skew(
+    *, events: int, seed: int, work: str, partitions: int, consumers: int, sources: int, interval_s: float
+) -> dict:
+    """How the hot auctions load the partitions: q5's first stage (bids keyed by auction, counted
+    per hopping window), sampled every 0.5 s: per partition its share of the rows, its peak lag
+    (rows read, not committed), and each consumer's busy fraction with the partitions it owns."""
+    bids = rf.sources.Nexmark("bid", events=events, seed=seed, splits=max(2 * sources, 1))
+    stage1 = rf.Pipeline(
+        name="nexmark-skew", source=bids, key="auction", partitions=partitions, consumers=consumers,
+        operator=[rf.ops.Window(by="auction", aggs=[("auction", "count")], hopping_s=(10.0, 2.0)),
+                  rf.ops.Top(value="auction_count", window=("window_start", "window_end"))],
+        event_time="dateTime", sink=rf.sinks.Parquet(os.path.join(work, "skew", "out")),
+        checkpoint_dir=os.path.join(work, "skew", "ck"), checkpoint_interval_s=interval_s,
+        config=rf.EngineConfig(num_sources=sources), progress=False,
+    )  # fmt: skip
+    # The hot auctions, straight from the generator: bids per auction of a sample.
+    sample = generate("bid", 0, min(events, 1_000_000), seed=seed).column("auction")
+    counts = pc.value_counts(sample).to_pylist()
+    top = sorted(counts, key=lambda x: -x["counts"])[:5]
+    hot_share = sum(x["counts"] for x in top) / len(sample)
+    run = stage1.start()
+    peak_lag = [0] * partitions
+    busy_at_start = {}
+    t0 = time.monotonic()
+    try:
+        while True:
+            st = run.status()
+            for part in st["partitions"]:
+                peak_lag[part["partition"]] = max(peak_lag[part["partition"]], part.get("lag_rows", 0))
+            if not busy_at_start:
+                busy_at_start = {m: c["busy_s"] for m, c in st["consumers"].items()}
+            if st.get("done"):
+                break
+            time.sleep(0.5)
+        wall = time.monotonic() - t0
+        owners = {}
+        for part in st["partitions"]:
+            owners.setdefault(part.get("owner"), []).append(part["partition"])
+        rows = [part["processed_rows"] for part in sorted(st["partitions"], key=lambda x: x["partition"])]
+        busy = {m: (c["busy_s"] - busy_at_start.get(m, 0.0)) / wall for m, c in st["consumers"].items()}
+    finally:
+        run.stop()
+    mean = sum(rows) / len(rows)
+    return {
+        "events": events, "partitions": partitions, "consumers": consumers,
+        "top_auctions_in_sample": top, "share_of_bids_of_the_top_5_auctions": hot_share,
+        "rows_per_partition": rows, "hottest_partition_over_mean": max(rows) / mean if mean else None,
+        "peak_lag_rows_per_partition": peak_lag, "consumer_busy_fraction": busy, "partitions_by_owner": owners,
+        "wall_s": wall,
+    }  # fmt: skip
+
+
 def event_count(events: int | None, input_dir: str | None) -> int:
     if input_dir is None:
         return int(events)
@@ -419,6 +471,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-interval-s", type=float, default=2.0)
     ap.add_argument("--check", action="store_true", help="compare each result with DuckDB's")
     ap.add_argument("--address", help="a Ray cluster to join (default: a local Ray)")
+    ap.add_argument(
+        "--skew", action="store_true", help="also report how the hot auctions load the partitions"
+    )
     ap.add_argument("--json", default=os.path.join(HERE, "results", "nexmark.json"))
     args = ap.parse_args(argv)
     if args.write_input:
@@ -469,6 +524,16 @@ def main(argv=None) -> int:
             rows.append(row)
             shutil.rmtree(os.path.join(work, name), ignore_errors=True)
             _print_row(row, cores)
+        skewed = None
+        if args.skew and args.input is None:
+            skewed = skew(
+                events=args.events, seed=args.seed, work=work, partitions=args.partitions,
+                consumers=args.consumers, sources=args.sources, interval_s=args.checkpoint_interval_s,
+            )  # fmt: skip
+            print(f"skew: the hottest partition holds {skewed['hottest_partition_over_mean']:.2f} x the mean; "
+                  f"rows {skewed['rows_per_partition']}; peak lag {skewed['peak_lag_rows_per_partition']}; "
+                  f"busy {skewed['consumer_busy_fraction']}; top 5 auctions take "
+                  f"{skewed['share_of_bids_of_the_top_5_auctions']:.1%} of bids")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
         ray.shutdown()
@@ -476,7 +541,8 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump({"machine": {"cores": cores, "platform": platform.platform()}, "events": events,
                    "partitions": args.partitions, "consumers": args.consumers, "sources": args.sources,
-                   "checkpoint_interval_s": args.checkpoint_interval_s, "queries": rows}, f, indent=2)  # fmt: skip
+                   "checkpoint_interval_s": args.checkpoint_interval_s, "queries": rows, "skew": skewed},
+                  f, indent=2)  # fmt: skip
     return 0 if all(r.get("exact", True) for r in rows) else 1
 
 
