@@ -37,6 +37,9 @@ rayflow pipelines:
 - q8: persons who opened an auction in the 10 s window in which they
   registered: a tumbling-window semi join of persons (by id) and auctions (by
   seller).
+- q11: bids per bidder session (10 s gap): a session window.
+- q14: a computed projection of bids in a price range (hour kinds, a count of
+  'c' in ``extra``): one vectorized Map.
 
 Reported per query: events/s (Nexmark events: persons + auctions + bids of the
 stream; a query that reads only bids still stands for the whole stream, as in
@@ -255,6 +258,60 @@ def q8(src, **kw):
     )  # fmt: skip
 
 
+def q11(src, **kw):
+    sessions = pa.schema(
+        [("window_start", pa.timestamp("ms")), ("window_end", pa.timestamp("ms")), ("bidder", pa.int64()),
+         ("bidder_count", pa.int64())]
+    )  # fmt: skip
+    return rf.Pipeline(
+        source=src["bid"],
+        key="bidder",
+        operator=[
+            rf.ops.Window(by="bidder", aggs=[("bidder", "count")], session_gap_s=10.0),
+            _renamed({"bidder": "bidder", "bidder_count": "bid_count", "window_start": "starttime",
+                      "window_end": "endtime"}, sessions),
+        ],
+        event_time="dateTime",
+        **kw,
+    )  # fmt: skip
+
+
+_Q14 = ["auction", "bidder", "price", "bidTimeType", "dateTime", "extra", "c_counts"]
+
+
+def _q14(t: pa.Table) -> pa.Table:
+    """Flink's q14: the euro price in a range, the hour's kind, the count of 'c' in extra."""
+    euro = pc.multiply(t.column("price").cast(pa.float64()), 0.908)
+    t = t.filter(pc.and_(pc.greater(euro, 1_000_000), pc.less(euro, 50_000_000)))
+    euro = pc.multiply(t.column("price").cast(pa.float64()), 0.908)
+    hour = pc.hour(t.column("dateTime"))
+    day = pc.and_(pc.greater_equal(hour, 8), pc.less_equal(hour, 18))
+    night = pc.or_(pc.less_equal(hour, 6), pc.greater_equal(hour, 20))
+    kind = pc.if_else(day, "dayTime", pc.if_else(night, "nightTime", "otherTime"))
+    extra = t.column("extra")
+    c_counts = pc.subtract(pc.utf8_length(extra), pc.utf8_length(pc.replace_substring(extra, "c", "")))
+    return pa.table(
+        [
+            t.column("auction"),
+            t.column("bidder"),
+            euro,
+            kind,
+            t.column("dateTime"),
+            extra,
+            c_counts.cast(pa.int64()),
+        ],
+        names=_Q14,
+    )
+
+
+def q14(src, **kw):
+    out = pa.schema(
+        [("auction", pa.int64()), ("bidder", pa.int64()), ("price", pa.float64()), ("bidTimeType", pa.string()),
+         ("dateTime", pa.timestamp("ms")), ("extra", pa.string()), ("c_counts", pa.int64())]
+    )  # fmt: skip
+    return rf.Pipeline(source=src["bid"], key="auction", operator=rf.ops.Map(_q14, output_schema=out), **kw)
+
+
 # DuckDB's references: the Flink SQL of each query, with windows as integer arithmetic on ms.
 _MS = "epoch_ms(dateTime::TIMESTAMP)"  # (DuckDB 2.0 has no epoch_ms of a TIMESTAMP_MS)
 QUERIES = {
@@ -298,6 +355,23 @@ QUERIES = {
             "* 10000) AS stime FROM person P JOIN auction A ON P.id = A.seller AND "
             f"{_MS.replace('dateTime', 'P.dateTime')} // 10000 = {_MS.replace('dateTime', 'A.dateTime')} // 10000",
             ("id", "name", "stime"),
+        ),
+        Query(
+            "q11", ("bid",), q11,
+            f"WITH o AS (SELECT bidder, {_MS} AS t, CASE WHEN {_MS} - lag({_MS}) OVER (PARTITION BY bidder "
+            f"ORDER BY {_MS}) < 10000 THEN 0 ELSE 1 END AS starts FROM bid), "
+            "s AS (SELECT *, sum(starts) OVER (PARTITION BY bidder ORDER BY t ROWS UNBOUNDED PRECEDING) AS sid "
+            "FROM o) SELECT bidder, count(*) AS bid_count, epoch_ms(min(t)) AS starttime, "
+            "epoch_ms(max(t) + 10000) AS endtime FROM s GROUP BY bidder, sid",
+            ("bidder", "bid_count", "starttime", "endtime"),
+        ),
+        Query(
+            "q14", ("bid",), q14,
+            "SELECT auction, bidder, 0.908 * price AS price, CASE WHEN hour(dateTime) BETWEEN 8 AND 18 THEN "
+            "'dayTime' WHEN hour(dateTime) <= 6 OR hour(dateTime) >= 20 THEN 'nightTime' ELSE 'otherTime' END "
+            "AS bidTimeType, dateTime, extra, length(extra) - length(replace(extra, 'c', '')) AS c_counts "
+            "FROM bid WHERE 0.908 * price > 1000000 AND 0.908 * price < 50000000",
+            tuple(_Q14),
         ),
     ]
 }  # fmt: skip
