@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayflow._internal.watermarks import TO_MS, check_event_time_column
-from rayflow.errors import InputError
+from rayflow.errors import ConfigError, InputError
 
 
 def event_millis(col: pa.ChunkedArray | pa.Array, column: str, who: str) -> np.ndarray:
@@ -205,3 +206,34 @@ def split_sorted(table: pa.Table, column: str) -> list[tuple[int, pa.Table]]:
     return [
         (int(ordered[a]), sorted_table.slice(a, b - a)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
+
+
+def millis(seconds, what: str, *, who: str) -> int:
+    """``seconds`` as a whole positive number of milliseconds, else a :class:`ConfigError` that
+    names the operator (``who``) and the argument (``what``)."""
+    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+    ms = seconds * 1000 if ok else None
+    if not ok or ms <= 0 or abs(ms - round(ms)) > 1e-6:
+        raise ConfigError(
+            f"{who}: {what} must be a positive number of seconds that is a whole number of "
+            f"milliseconds (e.g. 60 or 0.25), got {seconds!r}"
+        )
+    return int(round(ms))
+
+
+def fixed_sizes(who: str, tumbling_s, hopping_s) -> tuple[int, int]:
+    """``(size_ms, slide_ms)`` of tumbling (``tumbling_s``) or hopping (``hopping_s=(size_s,
+    slide_s)``) windows, checked; exactly one of them is given."""
+    if tumbling_s is not None:
+        size = millis(tumbling_s, "tumbling_s", who=who)
+        return size, size
+    if not (isinstance(hopping_s, (tuple, list)) and len(hopping_s) == 2):
+        raise ConfigError(f"{who}: hopping_s is (size_s, slide_s), got {hopping_s!r}")
+    size = millis(hopping_s[0], "the size of hopping_s", who=who)
+    slide = millis(hopping_s[1], "the slide of hopping_s", who=who)
+    if slide > size:
+        raise ConfigError(
+            f"{who}: hopping_s={tuple(hopping_s)!r} slides further than the window is long, so rows "
+            "between windows would belong to none; give slide <= size"
+        )
+    return size, slide

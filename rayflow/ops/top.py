@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayflow._internal.watermarks import check_event_time_column
-from rayflow._internal.windowing import event_millis, fixed_windows, floor_div, key_codes
+from rayflow._internal.windowing import event_millis, fixed_sizes, fixed_windows, floor_div, key_codes
 from rayflow.errors import ConfigError, InputError
 from rayflow.ops.base import WATERMARK_NONE, Operator
 from rayflow.ops.window import WINDOW_END, WINDOW_START, _output_time
@@ -31,18 +31,6 @@ _META_LATE_ROWS = b"rayflow.top.late_rows"
 #: ... and the held rows' Arrow schema (IPC, base64): Parquet does not keep every type as it is
 #: (``timestamp("s")`` comes back as ``"ms"``), and the rows must come out as they went in.
 _META_SCHEMA = b"rayflow.top.schema"
-
-
-def _millis(seconds, what: str) -> int:
-    """``seconds`` as a whole positive number of milliseconds, else a :class:`ConfigError`."""
-    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
-    ms = seconds * 1000 if ok else None
-    if not ok or ms <= 0 or abs(ms - round(ms)) > 1e-6:
-        raise ConfigError(
-            f"rf.ops.Top: {what} must be a positive number of seconds that is a whole number of "
-            f"milliseconds (e.g. 10 or 0.25), got {seconds!r}"
-        )
-    return int(round(ms))
 
 
 def _orderable(t: pa.DataType) -> bool:
@@ -223,18 +211,8 @@ class Top(Operator):
             )
         self.kind = given[0].removesuffix("_s")
         self.size_ms = self.slide_ms = 0
-        if tumbling_s is not None:
-            self.size_ms = self.slide_ms = _millis(tumbling_s, "tumbling_s")
-        elif hopping_s is not None:
-            if not (isinstance(hopping_s, (tuple, list)) and len(hopping_s) == 2):
-                raise ConfigError(f"rf.ops.Top: hopping_s is (size_s, slide_s), got {hopping_s!r}")
-            self.size_ms = _millis(hopping_s[0], "the size of hopping_s")
-            self.slide_ms = _millis(hopping_s[1], "the slide of hopping_s")
-            if self.slide_ms > self.size_ms:
-                raise ConfigError(
-                    f"rf.ops.Top: hopping_s={tuple(hopping_s)!r} slides further than the window is "
-                    "long, so rows between windows would belong to none; give slide <= size"
-                )
+        if tumbling_s is not None or hopping_s is not None:
+            self.size_ms, self.slide_ms = fixed_sizes("rf.ops.Top", tumbling_s, hopping_s)
         else:
             if not (
                 isinstance(window, (tuple, list))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -16,8 +15,10 @@ import pyarrow.compute as pc
 from rayflow._internal.watermarks import check_event_time_column
 from rayflow._internal.windowing import (
     event_millis,
+    fixed_sizes,
     key_codes,
     merge_intervals,
+    millis,
     split_sorted,
     window_rows,
 )
@@ -65,15 +66,7 @@ _SESSION_ID = "_rayflow_session"
 
 
 def _millis(seconds, what: str) -> int:
-    """``seconds`` as a whole positive number of milliseconds, else a :class:`ConfigError`."""
-    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
-    ms = seconds * 1000 if ok else None
-    if not ok or ms <= 0 or abs(ms - round(ms)) > 1e-6:
-        raise ConfigError(
-            f"rf.ops.Window: {what} must be a positive number of seconds that is a whole number of "
-            f"milliseconds (e.g. 60 or 0.25), got {seconds!r}"
-        )
-    return int(round(ms))
+    return millis(seconds, what, who="rf.ops.Window")
 
 
 @dataclass(frozen=True)
@@ -288,18 +281,8 @@ class Window(Operator):
                 f"or session_gap_s=gap (seconds); got {given or 'none'}"
             )
         self.kind = given[0][: -len("_s")]
-        if tumbling_s is not None:
-            self.size_ms = self.slide_ms = _millis(tumbling_s, "tumbling_s")
-        elif hopping_s is not None:
-            if not (isinstance(hopping_s, (tuple, list)) and len(hopping_s) == 2):
-                raise ConfigError(f"rf.ops.Window: hopping_s is (size_s, slide_s), got {hopping_s!r}")
-            self.size_ms = _millis(hopping_s[0], "the size of hopping_s")
-            self.slide_ms = _millis(hopping_s[1], "the slide of hopping_s")
-            if self.slide_ms > self.size_ms:
-                raise ConfigError(
-                    f"rf.ops.Window: hopping_s={tuple(hopping_s)!r} slides further than the window is "
-                    "long, so rows between windows would belong to none; give slide <= size"
-                )
+        if tumbling_s is not None or hopping_s is not None:
+            self.size_ms, self.slide_ms = fixed_sizes("rf.ops.Window", tumbling_s, hopping_s)
         else:
             self.gap_ms = _millis(session_gap_s, "session_gap_s")
         if allowed_lateness_s == 0:

@@ -29,6 +29,7 @@ on:
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
@@ -218,3 +219,17 @@ def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
 def _check_batch_rows(batch_rows: int) -> None:
     if not isinstance(batch_rows, int) or batch_rows < 1:
         raise ConfigError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
+
+
+def wait_until_due(
+    release_ms: float, idle: pa.RecordBatch, position: int
+) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """For a paced split: sleep until the wall clock reaches ``release_ms`` (ms since the epoch),
+    yielding ``(idle, position)`` idle ticks at least every :data:`IDLE_TICK_S` meanwhile."""
+    while True:
+        left_s = (release_ms - time.time() * 1000) / 1000
+        if left_s <= 0:
+            return
+        time.sleep(min(left_s, IDLE_TICK_S))
+        if time.time() * 1000 < release_ms:
+            yield idle, position  # an idle tick: alive, nothing due yet

@@ -86,7 +86,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayflow.errors import ConfigError
-from rayflow.sources.base import IDLE_TICK_S, Source, Split, _check_batch_rows
+from rayflow.sources.base import Source, Split, _check_batch_rows, wait_until_due
 
 # ----------------------------------------------------------------------------- reference constants
 
@@ -834,13 +834,7 @@ class _PacedNexmarkSplit(Split):
         while size is None or p < size:
             end = self.batch_end(p)
             release_ms = self._due_ms(end - 1)
-            while True:
-                left_s = (release_ms - time.time() * 1000) / 1000
-                if left_s <= 0:
-                    break
-                time.sleep(min(left_s, IDLE_TICK_S))
-                if time.time() * 1000 < release_ms:
-                    yield idle, p  # an idle tick: alive, nothing due yet
+            yield from wait_until_due(release_ms, idle, p)
             k = self._kind_index(p)
             yield _kind_rows(self.kind, k, k + (end - p), self.config), end
             p = end

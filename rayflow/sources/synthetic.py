@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayflow.errors import ConfigError
-from rayflow.sources.base import IDLE_TICK_S, Source, Split
+from rayflow.sources.base import Source, Split, wait_until_due
 
 #: WORKLOAD.md constants.
 SYNTHETIC_BLOCK_ROWS = 1_000_000
@@ -256,13 +256,7 @@ class _PacedSplit(Split):
         while self.last is None or p < self.last:
             end = self.batch_end(p)
             release_ms = self.start_ms + self.schedule.time_of(end - 1)  # its last row is due
-            while True:
-                left_s = (release_ms - time.time() * 1000) / 1000
-                if left_s <= 0:
-                    break
-                time.sleep(min(left_s, IDLE_TICK_S))
-                if time.time() * 1000 < release_ms:
-                    yield idle, p  # an idle tick: alive, nothing due yet
+            yield from wait_until_due(release_ms, idle, p)
             b = self._global_block(p)
             if cache is None or cache[0] != b:
                 cache = (b, gen.columns(b, self._block_rows(p)))
