@@ -13,6 +13,7 @@ through the rest.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -44,6 +45,22 @@ def without_side_stream(table: pa.Table) -> pa.Table:
     if not meta or SIDE_STREAM_METADATA not in meta:
         return table
     return table.replace_schema_metadata({k: v for k, v in meta.items() if k != SIDE_STREAM_METADATA} or None)
+
+
+def filled_event_time(op: Operator, column: str | None) -> Operator:
+    """``op`` (an operator with an ``event_time`` attribute) with the pipeline's event-time
+    ``column`` where it names none: a shallow copy, so the user's object is left as it was.
+    Raises :class:`ConfigError` when neither names one."""
+    if op.event_time is not None:
+        return op
+    if column is None:
+        raise ConfigError(
+            f"{op!r} needs an event-time column: pass event_time= to it, or give the pipeline "
+            "event_time='<column>'"
+        )
+    filled = copy.copy(op)
+    filled.event_time = column
+    return filled
 
 
 def side_stream_of(table: pa.Table) -> str | None:

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from rayflow._internal.watermarks import check_event_time_column
 from rayflow._internal.windowing import event_millis
 from rayflow.errors import ConfigError, InputError, UnsupportedKeyTypeError
-from rayflow.ops.base import WATERMARK_END, WATERMARK_NONE, Operator
+from rayflow.ops.base import WATERMARK_END, WATERMARK_NONE, Operator, filled_event_time
 from rayflow.partitioning import check_key_type, hash_table
 
 #: The state table's column holding each kept row's event time (int64 ms); a ``by`` column
@@ -274,10 +274,7 @@ class Dedup(Operator):
         if self.event_time is not None:
             return self
         if column is None:
-            raise ConfigError(
-                f"{self!r} needs an event-time column: pass event_time= to it, or name the "
-                "pipeline's event-time column"
-            )
+            return filled_event_time(self, column)  # raises, saying what to do
         return Dedup(self.by, within_s=self.within_s, event_time=column)
 
     def _event_column(self) -> str:

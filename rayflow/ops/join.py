@@ -11,7 +11,6 @@ each row's input. The schema's metadata :data:`INPUTS_METADATA` lists each input
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,7 @@ import pyarrow.compute as pc
 from rayflow._internal.watermarks import check_event_time_column
 from rayflow._internal.windowing import event_millis
 from rayflow.errors import ConfigError, InputError, UnsupportedKeyTypeError
-from rayflow.ops.base import WATERMARK_END, WATERMARK_NONE, Operator
+from rayflow.ops.base import WATERMARK_END, WATERMARK_NONE, Operator, filled_event_time
 from rayflow.ops.window import WINDOW_END, WINDOW_START, _output_time, _time_from_json, _time_to_json
 from rayflow.partitioning import check_key_type
 from rayflow.sources.inputs import INPUTS_METADATA, SOURCE_COLUMN, input_columns
@@ -530,16 +529,9 @@ class Join(Operator):
         return True
 
     def with_event_time(self, column: str | None) -> Join:
-        if self.event_time is not None:
-            return self
-        if column is None:
-            raise ConfigError(
-                f"{self!r} needs an event-time column: pass event_time= to it, or name the "
-                "pipeline's event_time="
-            )
-        filled = copy.copy(self)
-        filled.event_time = column
-        filled._layouts = {}
+        filled = filled_event_time(self, column)
+        if filled is not self:
+            filled._layouts = {}  # layouts are worked out per event-time column
         return filled
 
     def _event_column(self) -> str:

@@ -4,7 +4,6 @@ as the watermark closes the window (DESIGN §11, §12)."""
 from __future__ import annotations
 
 import base64
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -16,7 +15,7 @@ import pyarrow.compute as pc
 from rayflow._internal.watermarks import check_event_time_column
 from rayflow._internal.windowing import event_millis, fixed_sizes, fixed_windows, floor_div, key_codes
 from rayflow.errors import ConfigError, InputError
-from rayflow.ops.base import WATERMARK_NONE, Operator
+from rayflow.ops.base import WATERMARK_NONE, Operator, filled_event_time
 from rayflow.ops.window import WINDOW_END, WINDOW_START, _output_time
 
 #: Internal column: the group code of a row while the maximum of its group is found.
@@ -271,16 +270,9 @@ class Top(Operator):
         return True  # with window= too: the partition's watermark closes the windows
 
     def with_event_time(self, column: str | None) -> Top:
-        if self.kind == "window" or self.event_time is not None:
+        if self.kind == "window":  # the rows carry their windows: no column to read
             return self
-        if column is None:
-            raise ConfigError(
-                f"{self!r} needs an event-time column to assign windows: name it with "
-                "Top(event_time=...) or the pipeline's event_time="
-            )
-        filled = copy.copy(self)
-        filled.event_time = column
-        return filled
+        return filled_event_time(self, column)
 
     @property
     def group_columns(self) -> list[str] | None:

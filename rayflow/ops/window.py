@@ -3,7 +3,6 @@ them (DESIGN §11)."""
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -24,7 +23,7 @@ from rayflow._internal.windowing import (
 )
 from rayflow.errors import ConfigError, InputError
 from rayflow.ops.aggregate import Partials, as_upserts, parse_aggs
-from rayflow.ops.base import WATERMARK_NONE, Operator, side_stream
+from rayflow.ops.base import WATERMARK_NONE, Operator, filled_event_time, side_stream
 from rayflow.sinks.base import VERSION_COLUMN, Sink
 
 #: What happens to a row whose window is already closed: see :class:`Window`.
@@ -364,16 +363,7 @@ class Window(Operator):
         return True
 
     def with_event_time(self, column: str | None) -> Window:
-        if self.event_time is not None:
-            return self
-        if column is None:
-            raise ConfigError(
-                f"{self!r} needs an event-time column: name it with Window(event_time=...) or the "
-                "pipeline's event_time="
-            )
-        filled = copy.copy(self)
-        filled.event_time = column
-        return filled
+        return filled_event_time(self, column)
 
     @property
     def group_columns(self) -> list[str]:
