@@ -216,6 +216,10 @@ class Inputs(Source):
             out.extend(_InputSplit(s, i.name, key, i.rename, own, schema) for s in i.source.splits())
         return out
 
+    def complete(self) -> bool:
+        """Every input that gains splits while the job runs has given its last ones."""
+        return all(i.source.complete() for i in self.inputs if i.source.dynamic)
+
     def on_commit(self, positions: dict[str, int]) -> None:
         for i in self.inputs:
             prefix = i.name + "/"

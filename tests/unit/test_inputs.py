@@ -117,3 +117,21 @@ def test_the_pipeline_key_serves_inputs_that_name_none():
     )
     assert p.key == ["a:id", "b:id"]
     assert p.output_schema.names == ["id", "name", SOURCE_COLUMN]
+
+
+def test_a_union_is_complete_when_its_growing_inputs_are(tmp_path):
+    import pyarrow.parquet as pq
+
+    from rayflow.sinks.files import COMPLETE_MARKER
+
+    up = rf.sources.Upstream(str(tmp_path / "x"), schema=_persons().schema, ends=True)
+    src = Inputs(
+        [rf.sources.Input("a", rf.sources.Table(_persons()), key="id"), rf.sources.Input("b", up, key="id")]
+    )
+    assert src.dynamic and not src.unbounded
+    assert not src.complete()
+    assert [s.name for s in src.splits()] == ["a/" + src.splits()[0].inner.name]
+    pq.write_table(_persons(3), tmp_path / "x" / "part-0.parquet")
+    (tmp_path / "x" / COMPLETE_MARKER).write_text("{}")
+    assert src.complete()
+    assert [s.name for s in src.splits()][-1] == "b/part-0.parquet"  # the listing after the marker
