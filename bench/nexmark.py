@@ -38,8 +38,12 @@ rayflow pipelines:
   registered: a tumbling-window semi join of persons (by id) and auctions (by
   seller).
 - q11: bids per bidder session (10 s gap): a session window.
+- q13: bids enriched from a side table (``key`` = auction mod 10,000): a
+  lookup join (``rf.ops.Lookup``) against a Parquet file every consumer holds.
 - q14: a computed projection of bids in a price range (hour kinds, a count of
   'c' in ``extra``): one vectorized Map.
+- q21: a channel id from the channel's name or, by a regular expression, the
+  url: one vectorized Map.
 
 Reported per query: events/s (Nexmark events: persons + auctions + bids of the
 stream; a query that reads only bids still stands for the whole stream, as in
@@ -312,6 +316,60 @@ def q14(src, **kw):
     return rf.Pipeline(source=src["bid"], key="auction", operator=rf.ops.Map(_q14, output_schema=out), **kw)
 
 
+#: q13's side input: ``key`` 0..9999 and its ``value`` (as the nexmark repo's side_input.txt).
+SIDE_KEYS = 10_000
+
+
+def side_input(path: str) -> str:
+    """Write q13's side input table (Parquet) at ``path`` once; returns the path."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        keys = pa.array(range(SIDE_KEYS), pa.int64())
+        pq.write_table(pa.table({"key": keys, "value": pc.cast(keys, pa.string())}), path)
+    return path
+
+
+def _side_key(t: pa.Table) -> pa.Table:
+    return t.append_column("key", pc.modulo(t.column("auction"), SIDE_KEYS))
+
+
+def q13(src, **kw):
+    side = side_input(os.path.join(os.fspath(kw["checkpoint_dir"]), "side_input.parquet"))
+    keyed = pa.schema([*BID, ("key", pa.int64())])
+    joined = pa.schema([*keyed, ("value", pa.string())])
+    return rf.Pipeline(
+        source=src["bid"],
+        key="auction",
+        operator=[
+            rf.ops.Map(_side_key, output_schema=keyed),
+            rf.ops.Lookup(side, on="key", how="inner", columns=["value"]),
+            _renamed({"auction": "auction", "bidder": "bidder", "price": "price", "dateTime": "customTime",
+                      "value": "value"}, joined),
+        ],
+        **kw,
+    )  # fmt: skip
+
+
+_CHANNEL_IDS = {"apple": "0", "google": "1", "facebook": "2", "baidu": "3"}
+
+
+def _q21(t: pa.Table) -> pa.Table:
+    """Flink's q21: a channel id from the channel's name, else from the url."""
+    lower = pc.utf8_lower(t.column("channel"))
+    found = pc.extract_regex(t.column("url"), r"(?:&|^)channel_id=(?P<id>[^&]*)")
+    cid = pc.if_else(pc.is_valid(found), pc.struct_field(found, [0]), pa.scalar(None, pa.string()))
+    for name, code in _CHANNEL_IDS.items():
+        cid = pc.if_else(pc.equal(lower, name), code, cid)
+    t = t.select(["auction", "bidder", "price", "channel"]).append_column("channel_id", cid)
+    return t.filter(pc.is_valid(t.column("channel_id")))
+
+
+def q21(src, **kw):
+    out = pa.schema([BID.field("auction"), BID.field("bidder"), BID.field("price"), BID.field("channel"),
+                     ("channel_id", pa.string())])  # fmt: skip
+    return rf.Pipeline(source=src["bid"], key="auction", operator=rf.ops.Map(_q21, output_schema=out), **kw)
+
+
 # DuckDB's references: the Flink SQL of each query, with windows as integer arithmetic on ms.
 _MS = "epoch_ms(dateTime::TIMESTAMP)"  # (DuckDB 2.0 has no epoch_ms of a TIMESTAMP_MS)
 QUERIES = {
@@ -372,6 +430,21 @@ QUERIES = {
             "AS bidTimeType, dateTime, extra, length(extra) - length(replace(extra, 'c', '')) AS c_counts "
             "FROM bid WHERE 0.908 * price > 1000000 AND 0.908 * price < 50000000",
             tuple(_Q14),
+        ),
+        Query(
+            "q13", ("bid",), q13,
+            f"SELECT auction, bidder, price, dateTime AS customTime, CAST(auction % {SIDE_KEYS} AS VARCHAR) AS value "
+            "FROM bid",
+            ("auction", "bidder", "price", "customTime", "value"),
+        ),
+        Query(
+            "q21", ("bid",), q21,
+            "SELECT auction, bidder, price, channel, CASE lower(channel) WHEN 'apple' THEN '0' WHEN 'google' "
+            "THEN '1' WHEN 'facebook' THEN '2' WHEN 'baidu' THEN '3' ELSE CASE WHEN "
+            "regexp_matches(url, '(&|^)channel_id=([^&]*)') THEN regexp_extract(url, '(&|^)channel_id=([^&]*)', 2) "
+            "END END AS channel_id FROM bid WHERE regexp_matches(url, '(&|^)channel_id=([^&]*)') OR "
+            "lower(channel) IN ('apple', 'google', 'facebook', 'baidu')",
+            ("auction", "bidder", "price", "channel", "channel_id"),
         ),
     ]
 }  # fmt: skip
