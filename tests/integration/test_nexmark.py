@@ -64,7 +64,13 @@ def check(name, tmp_path, tables) -> None:
         pytest.fail(f"{name}: {got.num_rows} rows, DuckDB has {expected.num_rows} (differences above)")
 
 
-@pytest.mark.parametrize("name", list(nexmark.QUERIES))
+#: One stage of stateless operators over bids: the chain alone decides their results, checked
+#: without Ray in tests/unit/test_nexmark_queries.py (which asserts they are stateless).
+STATELESS = ("q0", "q1", "q2", "q13", "q14", "q21")
+STATEFUL = [name for name in nexmark.QUERIES if name not in STATELESS]
+
+
+@pytest.mark.parametrize("name", STATEFUL)
 def test_each_query_equals_duckdb(ray_session, tmp_path, tables, name):
     pipeline(name, tmp_path).run(timeout_s=180)
     check(name, tmp_path, tables)
