@@ -28,6 +28,7 @@ from rayflow._internal.stages import StagedRun
 from rayflow._internal.watermarks import EventTime
 from rayflow.config import EngineConfig
 from rayflow.errors import ConfigError
+from rayflow.partitioning import key_columns
 from rayflow.sinks import Collect, Sink
 from rayflow.sinks import Parquet as ParquetSink
 from rayflow.sources import Source
@@ -148,14 +149,19 @@ class Pipeline:
                 "decides when windows close)"
             )
         ops = [op.with_event_time(event_time) for op in ops]
+        joined = False
         for op in ops:
             if isinstance(source, Inputs) and hasattr(op, "check_partitioning"):
                 op.check_partitioning(source.keys)  # a join's sides must meet in one partition
+                joined = True
             group = op.group_columns
-            if group is not None and not any(k <= set(group) for k in groupable):
+            # Before a join, every input's rows must meet their group in one partition (each
+            # input is partitioned by its own key); after it, a joined row's sides share a key.
+            meets = any if joined else all
+            if group is not None and not meets(k <= set(group) for k in groupable):
                 raise ConfigError(
-                    f"{op!r} must group by the pipeline key {keys} (and may add columns): "
-                    "otherwise one group would span partitions"
+                    f"{op!r} must group by the pipeline key {keys} (every input's key, before a "
+                    "join; and may add columns): otherwise one group would span partitions"
                 )
         self._spec = JobSpec(
             name=name,
@@ -340,4 +346,8 @@ def _stage_pipelines(
                 consumers=st.consumers or consumers, event_time=st.event_time, faults=plans[i], **common,
             )
         )  # fmt: skip
+        # Checked now, not once the upstream's actors run: the stage's key and operators against
+        # what the stage before it emits.
+        key_columns(out[-1].source.schema, [st.key] if isinstance(st.key, str) else list(st.key))
+        _ = out[-1].output_schema  # runs check_input of each operator
     return out

@@ -28,7 +28,6 @@ raised as it is.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -553,9 +552,6 @@ class Run:
             if self._result is None:
                 try:
                     self._result = self._result_from(st, stopped=False)
-                    # Every output is published (done): a next stage reading the sink may end.
-                    info = {"pipeline": self.spec.name, "events": self._result.stats["events"]}
-                    self.spec.sink.mark_complete(self.sink_store, json.dumps(info).encode())
                 finally:
                     self._teardown()
         return self._result
@@ -653,6 +649,8 @@ class Run:
     def _stop(self, timeout_s: float) -> Result:
         if not self._actors:  # it failed (and wait() raised why): what was last seen, no output
             return self._result_from(self._last_status, stopped=True, running=False)
+        # A bounded job that had ended (its result not yet asked for by wait()) was not stopped.
+        ended = self._get(self.manager.status.remote())["done"]
         for what, refs in (
             ("sources", lambda: [s.stop_reading.remote() for s in self.sources]),
             ("consumers", lambda: [c.stop.remote() for c in self.consumers.values()]),
@@ -663,7 +661,7 @@ class Run:
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                     # Dead, or stuck past the timeout: a new run resumes from the last commit.
                     logger.warning("rayflow: stopping the %s of %r: %s", what, self.spec.name, e)
-        return self._result_from(self._get(self.manager.status.remote()), stopped=True)
+        return self._result_from(self._get(self.manager.status.remote()), stopped=not ended)
 
     def _teardown(self) -> None:
         """Stop every actor of the run (best effort: each failure is logged), then its job file."""

@@ -161,6 +161,12 @@ class _Reader:
         return max(0.0, (a1 - a0) / (t1 - t0))
 
 
+def listing_split(index: int) -> str:
+    """The name under which source actor ``index`` of a staged job reports its listing to the
+    watermark (see ``SourceActor._watermarks``): not a split a source could name."""
+    return f"rayflow:listing-{index}"
+
+
 def route_batch(
     batch: pa.RecordBatch,
     routed: np.ndarray,
@@ -512,7 +518,7 @@ class SourceActor:
                 timed = m != WATERMARK_NONE
                 r.max_event_ms = max(r.max_event_ms, m)
             wm = self.event_time.watermark(r.max_event_ms)
-            if not self.unbounded and self.source is not None and not self._discovery_done:
+            if self._staged:
                 wm = WATERMARK_NONE  # a stage's upstream: see _watermarks
         if batch.num_rows == 0:
             return end, [], 0, wm, False  # an idle tick: nothing to queue (dense=False: positions may move)
@@ -794,11 +800,20 @@ class SourceActor:
         timeout = self.event_time.idle_timeout_s
         wms: dict[str, int | None] = {}
         skip = set()
-        if not self.unbounded and self.source is not None and not self._discovery_done:
-            # A bounded dynamic source (a stage's upstream): its splits come in no event-time
-            # order (one file per upstream commit and partition), so no split read so far bounds
-            # the rest. Event time stands still until the last split is known, then ends.
-            return {name: self.split_wm.get(name) for name in self.frontier}, set(self.frontier)
+        if self._staged:
+            # A bounded dynamic source (a stage's upstream): its files come in no event-time order
+            # (one per upstream commit and partition, each in no order inside), so neither a file
+            # nor the files read so far bound the rest. Each file is at the end of time once read
+            # whole, and this actor's listing holds event time back (a split of its own, never
+            # idle: another actor's may be done first) until it has its last files.
+            wms = {
+                name: WATERMARK_END
+                if (r := self.readers.get(name)) is not None and r.done
+                else WATERMARK_NONE
+                for name in self.frontier
+            }
+            wms[listing_split(self.index)] = WATERMARK_END if self._discovery_done else WATERMARK_NONE
+            return wms, set()
         for name in self.frontier:
             r = self.readers.get(name)
             wms[name] = self.split_wm.get(name)
@@ -817,6 +832,12 @@ class SourceActor:
             ):
                 skip.add(name)
         return wms, skip
+
+    @property
+    def _staged(self) -> bool:
+        """The source gains splits while the job runs, and ends (``Source.complete``): a stage's
+        upstream."""
+        return not self.unbounded and self.source is not None
 
     async def trim(self, committed: dict[int, tuple[int, dict[str, int]]]) -> list[int]:
         """Drop queued entries covered by committed positions (``p -> (epoch, positions)``).

@@ -95,7 +95,8 @@ class StagedRun:
             return self._result
         for i, r in enumerate(self.runs):
             self._results[i] = r.stop(timeout_s=timeout_s)
-        return self._combine(stopped=True)
+        # Stopped: some stage had not ended on its own (a stage that had keeps its result).
+        return self._combine(stopped=any(res.stats["stopped"] for res in self._results.values()))
 
     def _stop_all(self, *, timeout_s: float) -> None:
         for r in self.runs:

@@ -126,6 +126,10 @@ class Sink:
         sink whose directory a later stage reads (``rf.sources.Stage``) says that no file will
         come any more. The default does nothing."""
 
+    def clear_complete(self, store: Store) -> None:
+        """Called by a job's manager when it starts with nothing committed: a marker of
+        :meth:`mark_complete` left by an earlier job in the same place is not this job's."""
+
     def close(self) -> None:
         """Release what :meth:`publish` opened (the manager calls this when the run ends)."""
 

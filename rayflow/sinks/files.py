@@ -52,6 +52,10 @@ class Parquet(Sink):
         # sees the marker and then lists the directory sees every file (rf.sources.Stage).
         store.write_bytes(COMPLETE_MARKER, info)
 
+    def clear_complete(self, store: Store) -> None:
+        if store.exists(COMPLETE_MARKER):
+            store.delete(COMPLETE_MARKER)
+
 
 class Collect(Sink):
     """Collect the output into ``result.output`` (an Arrow table)."""

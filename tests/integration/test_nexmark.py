@@ -4,6 +4,7 @@ killed in each stage, and across a stop and a resume."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import pathlib
 import sys
@@ -95,10 +96,22 @@ def test_q3_and_q4_are_exact_with_a_consumer_killed_in_each_stage(ray_session, t
 
 def test_a_stopped_staged_query_resumes_exactly(ray_session, tmp_path, tables):
     """q4 stopped while its first stage runs (q3's join state across a restore: the kill test)."""
-    run = pipeline("q4", tmp_path, checkpoint_interval_s=0.1).start()
+    # Both consumers of stage 1 are held after their second step, so the stop lands mid-way.
+    hold = FaultPlan(
+        [Fault(point="consumer.step", actor=f"consumer-{i}", nth=2, action="pause") for i in (0, 1)],
+        dir=str(tmp_path / "hold"),
+    )
+    run = pipeline("q4", tmp_path, checkpoint_interval_s=0.1, faults=[hold, None]).start()
+    stopping = None
     try:
-        wait_for_condition(lambda: run.status()["stages"][0]["processed_rows"] > 0, timeout=60)
+        wait_for_condition(lambda: len(hold.fired()) == 2, timeout=60)
+        stopping = concurrent.futures.ThreadPoolExecutor(1).submit(run.stop)
     finally:
-        assert run.stop().stats["stopped"]
-    pipeline("q4", tmp_path).run(timeout_s=180)
+        hold.resume()
+        stopped = stopping.result(timeout=120) if stopping is not None else run.stop()
+    first = stopped.stats["stages"][0]
+    total = sum(t.num_rows for k, t in tables.items() if k in ("auction", "bid"))
+    assert first["stopped"] and first["events"] < total, stopped.stats  # stopped mid-way
+    rest = pipeline("q4", tmp_path).run(timeout_s=180)
+    assert rest.stats["stages"][0]["events"] + first["events"] == total  # each row once
     check("q4", tmp_path, tables)

@@ -106,9 +106,13 @@ def test_a_stopped_staged_job_resumes_exactly(ray_session, data, tmp_path):
         wait_for_condition(lambda: run.status()["stages"][1]["processed_rows"] > 5_000, timeout=60)
     finally:
         stopped = run.stop()
-    assert stopped.stats["stopped"]
+    first, second = stopped.stats["stages"]
+    # Stopped mid-way: neither stage had all the rows (else the resume would prove nothing).
+    assert first["stopped"] and second["stopped"], stopped.stats
+    assert second["events"] < data.num_rows, stopped.stats
     result = staged("stg-resume", data, tmp_path, slow=False).run(timeout_s=180)
     assert not result.stats["stopped"]
+    assert result.stats["stages"][1]["events"] + second["events"] == data.num_rows  # each row once
     _check(tmp_path, data)
 
 

@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import json
 import logging
 import threading
 import time
@@ -186,6 +187,13 @@ class GroupManager:
             # may re-join and keep their leases (Coordinator.restore).
             self.group.restore(self.catalog.lease_owners(), time.monotonic())
         self._repair_files(restarted)
+        # The sink's "complete" marker (a later stage reads it, rf.sources.Upstream) is this run's
+        # to write once everything is published; one from an earlier job in the same directory
+        # must not end the new job's downstream before this job has committed anything.
+        self._unbounded = job.unbounded
+        self._marked = False
+        if not self.catalog.latest_commits():
+            self.sink.clear_complete(self.publisher.store)
 
     def _check_meta(self, meta: JobMeta) -> None:
         """May this run resume the checkpoint? (``compat.check_resume``, the one place it is decided.)
@@ -380,9 +388,21 @@ class GroupManager:
             await asyncio.sleep(self.config.heartbeat_interval_s)
             async with self._lock:
                 await self._apply(self.group.expire(time.monotonic(), self.config.session_timeout_s))
+            if not self._marked and not self._unbounded and self.group.done() and not self._unpublished:
+                await self._mark_complete()
             if time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + METRICS_EVERY_S
                 await self._publish_metrics()
+
+    async def _mark_complete(self) -> None:
+        """A bounded job is done and every output published: tell a next stage reading the sink
+        (``Sink.mark_complete``) that no file will come any more. Retried by the loop on failure."""
+        info = json.dumps({"pipeline": self.name, "marked_at": time.time()}).encode()
+        try:
+            await self._in_io(self.sink.mark_complete, self.publisher.store, info)
+            self._marked = True
+        except Exception as e:  # a sink that cannot be written now may be next time
+            logger.warning("rayflow manager %s: marking the sink complete failed: %r", self.name, e)
 
     async def _publish_metrics(self) -> None:
         try:
@@ -688,11 +708,16 @@ class GroupManager:
         """The group as plain data, from memory (no I/O).
 
         ``done``: every partition's final commit is recorded *and* every
-        recorded output is published. ``failed``: None, or why the job cannot
+        recorded output is published (and, for a bounded job, the sink marked
+        complete: the one write here). ``failed``: None, or why the job cannot
         finish (publication keeps failing), for the driver to raise.
         """
-        parts = []
         g = self.group
+        done = g.done() and not self._unpublished
+        if done and not self._unbounded and not self._marked:
+            await self._mark_complete()  # before the driver sees done and ends the run
+            done = self._marked
+        parts = []
         now = time.time()
         for p in range(self.map.num_partitions):
             lease = g.leases.leases[p]
@@ -729,7 +754,7 @@ class GroupManager:
             "members": sorted(g.members),
             # Restored from the catalog after a restart of this actor, not yet re-joined.
             "ghosts": sorted(m.id for m in g.members.values() if m.ghost),
-            "done": g.done() and not self._unpublished,
+            "done": done,
             "failed": self._publish_stuck(),
             "rebalances": g.rebalances,
             "recoveries": g.recoveries,
