@@ -82,7 +82,7 @@ def _kill(actor: str, nth: int, tmp_path, tag: str) -> FaultPlan:
 
 
 def test_q3_and_q4_are_exact_with_a_consumer_killed_in_each_stage(ray_session, tmp_path, tables):
-    plan = _kill("consumer-0", 2, tmp_path, "q3")
+    plan = _kill("consumer-0", 1, tmp_path, "q3")
     result = pipeline("q3", tmp_path / "q3", faults=plan).run(timeout_s=180)
     assert plan.fired() and result.stats["recoveries"] >= 1, (plan, result.stats)
     check("q3", tmp_path / "q3", tables)

@@ -4,6 +4,7 @@ stage dies, and across a stop and a resume; the result is checked against DuckDB
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pytest
 from ray._common.test_utils import wait_for_condition
 
 import rayflow as rf
-from rayflow.testing import assert_same_rows, duckdb_reference, kill_actor
+from rayflow.testing import Fault, FaultPlan, assert_same_rows, duckdb_reference
 
 pytestmark = pytest.mark.ray
 
@@ -43,7 +44,7 @@ def slow_with_bucket(t: pa.Table) -> pa.Table:
     return with_bucket(t)
 
 
-def staged(name, data, tmp_path, *, slow=True):
+def staged(name, data, tmp_path, *, slow=True, faults=None):
     ops = [rf.ops.Map(slow_with_bucket if slow else with_bucket, output_schema=SCHEMA)]
     return rf.Pipeline(
         name=name,
@@ -64,6 +65,7 @@ def staged(name, data, tmp_path, *, slow=True):
         checkpoint_interval_s=0.2,
         config=rf.EngineConfig(fetch_max_bytes=100_000, heartbeat_interval_s=0.1, session_timeout_s=5.0),
         progress=False,
+        faults=faults,
     )
 
 
@@ -82,34 +84,37 @@ def _read(path) -> pa.Table:
 
 
 def test_two_stages_equal_duckdb_with_a_consumer_killed_in_each(ray_session, data, tmp_path):
-    p = staged("stg-kill", data, tmp_path, slow=True)
-    run = p.start()
-    try:
-        first, second = (s.name for s in p.stages)
-        wait_for_condition(lambda: run.status()["stages"][0]["processed_rows"] > 20_000, timeout=60)
-        kill_actor(first, "consumer-0")
-        wait_for_condition(lambda: run.status()["stages"][1]["processed_rows"] > 5_000, timeout=60)
-        kill_actor(second, "consumer-1")
-        result = run.wait(timeout_s=180)
-    finally:
-        run.stop()
+    # A SIGKILL at a commit of each stage: stage 1's second, stage 2's first (stage 2 reads the
+    # exchange in bursts, one per listing, so a kill by time could land after it is done).
+    plans = [
+        FaultPlan([Fault(point="consumer.after_commit", actor=a, nth=n)], dir=str(tmp_path / f"f{i}"))
+        for i, (a, n) in enumerate([("consumer-0", 2), ("consumer-1", 1)])
+    ]
+    result = staged("stg-kill", data, tmp_path, slow=True, faults=plans).run(timeout_s=180)
     stages = result.stats["stages"]
+    assert all(p.fired() for p in plans), plans
     assert stages[0]["recoveries"] >= 1 and stages[1]["recoveries"] >= 1, stages
     assert stages[1]["events"] == data.num_rows  # every row crossed the exchange once
     _check(tmp_path, data)
 
 
 def test_a_stopped_staged_job_resumes_exactly(ray_session, data, tmp_path):
-    p = staged("stg-resume", data, tmp_path, slow=True)
-    run = p.start()
+    # Stage 2's consumers are held after their first step, so the stop lands while rows are
+    # crossing the exchange (stage 1 may have ended by then: it is fast).
+    hold = FaultPlan(
+        [Fault(point="consumer.step", actor=f"consumer-{i}", nth=1, action="pause") for i in (0, 1)],
+        dir=str(tmp_path / "hold"),
+    )
+    run = staged("stg-resume", data, tmp_path, slow=True, faults=[None, hold]).start()
+    stopping = None
     try:
-        wait_for_condition(lambda: run.status()["stages"][1]["processed_rows"] > 5_000, timeout=60)
+        wait_for_condition(lambda: len(hold.fired()) >= 1, timeout=60)
+        stopping = concurrent.futures.ThreadPoolExecutor(1).submit(run.stop)
     finally:
-        stopped = run.stop()
-    first, second = stopped.stats["stages"]
-    # Stopped mid-way: neither stage had all the rows (else the resume would prove nothing).
-    assert first["stopped"] and second["stopped"], stopped.stats
-    assert second["events"] < data.num_rows, stopped.stats
+        hold.resume()
+        stopped = stopping.result(timeout=120) if stopping is not None else run.stop()
+    second = stopped.stats["stages"][1]
+    assert second["stopped"] and 0 < second["events"] < data.num_rows, stopped.stats  # mid-way
     result = staged("stg-resume", data, tmp_path, slow=False).run(timeout_s=180)
     assert not result.stats["stopped"]
     assert result.stats["stages"][1]["events"] + second["events"] == data.num_rows  # each row once
