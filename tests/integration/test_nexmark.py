@@ -78,7 +78,11 @@ def test_each_query_equals_duckdb(ray_session, tmp_path, tables, name):
 
 
 def _kill(actor: str, nth: int, tmp_path, tag: str) -> FaultPlan:
-    return FaultPlan([Fault(point="consumer.after_commit", actor=actor, nth=nth)], dir=str(tmp_path / tag))
+    """SIGKILL ``actor`` as it starts its ``nth`` commit: before its partitions can be final (a
+    kill after a final commit could land after the stage had ended, and recover nothing)."""
+    return FaultPlan(
+        [Fault(point="consumer.before_state_write", actor=actor, nth=nth)], dir=str(tmp_path / tag)
+    )
 
 
 def test_q3_and_q4_are_exact_with_a_consumer_killed_in_each_stage(ray_session, tmp_path, tables):

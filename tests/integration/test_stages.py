@@ -84,10 +84,10 @@ def _read(path) -> pa.Table:
 
 
 def test_two_stages_equal_duckdb_with_a_consumer_killed_in_each(ray_session, data, tmp_path):
-    # A SIGKILL at a commit of each stage: stage 1's second, stage 2's first (stage 2 reads the
-    # exchange in bursts, one per listing, so a kill by time could land after it is done).
+    # A SIGKILL as each stage starts a commit: stage 1's second, stage 2's first (stage 2 reads
+    # the exchange in bursts, one per listing, so a kill by time could land after it is done).
     plans = [
-        FaultPlan([Fault(point="consumer.after_commit", actor=a, nth=n)], dir=str(tmp_path / f"f{i}"))
+        FaultPlan([Fault(point="consumer.before_state_write", actor=a, nth=n)], dir=str(tmp_path / f"f{i}"))
         for i, (a, n) in enumerate([("consumer-0", 2), ("consumer-1", 1)])
     ]
     result = staged("stg-kill", data, tmp_path, slow=True, faults=plans).run(timeout_s=180)
