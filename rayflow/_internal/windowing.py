@@ -237,3 +237,12 @@ def fixed_sizes(who: str, tumbling_s, hopping_s) -> tuple[int, int]:
             "between windows would belong to none; give slide <= size"
         )
     return size, slide
+
+
+def fixed_repr(kind: str, size_ms: int, slide_ms: int) -> str | None:
+    """The argument that made tumbling or hopping windows (for an operator's repr), else None."""
+    if kind == "tumbling":
+        return f"tumbling_s={size_ms / 1000:g}"
+    if kind == "hopping":
+        return f"hopping_s=({size_ms / 1000:g}, {slide_ms / 1000:g})"
+    return None

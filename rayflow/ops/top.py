@@ -13,7 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayflow._internal.watermarks import check_event_time_column
-from rayflow._internal.windowing import event_millis, fixed_sizes, fixed_windows, floor_div, key_codes
+from rayflow._internal.windowing import (
+    event_millis,
+    fixed_repr,
+    fixed_sizes,
+    fixed_windows,
+    floor_div,
+    key_codes,
+)
 from rayflow.errors import ConfigError, InputError
 from rayflow.ops.base import WATERMARK_NONE, Operator, filled_event_time
 from rayflow.ops.window import WINDOW_END, WINDOW_START, _output_time
@@ -257,11 +264,8 @@ class Top(Operator):
         }
 
     def __repr__(self) -> str:
-        if self.kind == "tumbling":
-            kind = f"tumbling_s={self.size_ms / 1000:g}"
-        elif self.kind == "hopping":
-            kind = f"hopping_s=({self.size_ms / 1000:g}, {self.slide_ms / 1000:g})"
-        else:
+        kind = fixed_repr(self.kind, self.size_ms, self.slide_ms)
+        if kind is None:
             return f"rf.ops.Top(value={self.value!r}, by={self.by}, window={self.window!r})"
         return f"rf.ops.Top(value={self.value!r}, by={self.by}, event_time={self.event_time!r}, {kind})"
 

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from rayflow._internal.watermarks import check_event_time_column
 from rayflow._internal.windowing import (
     event_millis,
+    fixed_repr,
     fixed_sizes,
     key_codes,
     merge_intervals,
@@ -345,10 +346,8 @@ class Window(Operator):
         }
 
     def __repr__(self) -> str:
-        if self.kind == "tumbling":
-            kind = f"tumbling_s={self.size_ms / 1000:g}"
-        elif self.kind == "hopping":
-            kind = f"hopping_s=({self.size_ms / 1000:g}, {self.slide_ms / 1000:g})"
+        if self.kind in ("tumbling", "hopping"):
+            kind = fixed_repr(self.kind, self.size_ms, self.slide_ms)
         else:
             kind = f"session_gap_s={self.gap_ms / 1000:g}"
         extra = f", allowed_lateness_s={self.lateness_ms / 1000:g}" if self.lateness_ms else ""
