@@ -683,6 +683,8 @@ class GroupManager:
         try:
             await self._in_io(fn)
         except Exception as e:  # retried at the next period
+            if self._closed:  # the run is ending under a late tick: nothing failed
+                return
             self._maintenance_failed(what, e)
 
     def _maintenance_failed(self, what: str, e: BaseException) -> None:
