@@ -46,6 +46,8 @@ __all__ = [
     "NULL_HASH",
     "PartitionMap",
     "canonical_bytes",
+    "compact",
+    "owns_compactly",
     "hash_arrays",
     "hash_key",
     "hash_table",
@@ -360,34 +362,91 @@ def split_by_partition(
 ) -> list[tuple[int, pa.RecordBatch]]:
     """Cut ``batch`` into one compact sub-batch per non-empty partition, in one pass.
 
-    One stable radix argsort of the partition ids, then one ``take`` per
-    partition over a contiguous slice of that order: every row is copied once,
-    rows keep their input order within a partition, and no Python runs per row.
+    Every row is copied once, straight into the buffers the sub-batches are
+    made of (and that ``ray.put`` then copies into the object store), rows keep
+    their input order within a partition, and no Python runs per row:
+
+    - one stable radix argsort of the partition ids (one byte each for up to 256
+      partitions), then, per column:
+    - a fixed-width column without nulls (integers, floats, dates, times,
+      timestamps, durations) is permuted once in numpy, and each partition's
+      slice of the result is wrapped zero-copy with the column's own type;
+    - any other column (strings, binaries, nulls, nested, dictionary) is taken
+      once per partition over that partition's slice of the order (one copy).
+
+    A batch whose rows all go to one partition is not copied at all when it
+    owns its bytes compactly (every buffer just the size of its rows, as a
+    freshly read batch does); a slice of a larger batch is compacted, as it
+    would otherwise serialize (``ray.put``, pickle) its whole parent buffers.
+    Every sub-batch returned owns exactly its rows' bytes.
     """
-    if batch.num_rows == 0:
+    n = batch.num_rows
+    if n == 0:
         return []
-    pid = partitions.astype(np.uint16 if num_partitions <= 65535 else np.uint32, copy=False)
-    order = np.argsort(pid, kind="stable")
+    pid = np.asarray(partitions)
+    if pid.dtype.itemsize > 1 and num_partitions <= 256:
+        pid = pid.astype(np.uint8)  # a one-byte key: a single radix pass, a quarter the bytes
+    elif pid.dtype.itemsize > 2 and num_partitions <= 65536:
+        pid = pid.astype(np.uint16)
     counts = np.bincount(pid, minlength=num_partitions)
     present = np.flatnonzero(counts)
+    if present.size == 1:
+        return [(int(present[0]), compact(batch))]
+    order = np.argsort(pid, kind="stable")
     ends = np.cumsum(counts)
-    if all(_plain_numeric(c) for c in batch.columns):
-        # Fixed-width columns without nulls: permute each column once in numpy, then
-        # wrap each partition's slice zero-copy. Each sub-batch owns exactly its rows'
-        # bytes (so it pickles compactly), and the data is copied once in all.
-        cols = [c.to_numpy(zero_copy_only=True)[order] for c in batch.columns]
-        return [
-            (
-                int(p),
-                pa.RecordBatch.from_arrays(
-                    [pa.array(c[ends[p] - counts[p] : ends[p]]) for c in cols], schema=batch.schema
-                ),
+    bounds = [(int(ends[p] - counts[p]), int(ends[p])) for p in present]
+    indices = None
+    columns: list[list[pa.Array]] = []  # per column, its sub-array for each present partition
+    for col in batch.columns:
+        values = _fixed_width_values(col)
+        if values is not None:
+            permuted = values[order]
+            columns.append(
+                [
+                    pa.Array.from_buffers(col.type, hi - lo, [None, pa.py_buffer(permuted[lo:hi])])
+                    for lo, hi in bounds
+                ]
             )
-            for p in present
-        ]
-    return [(int(p), batch.take(pa.array(order[ends[p] - counts[p] : ends[p]]))) for p in present]
+        else:
+            if indices is None:
+                idx = pa.array(order.astype(np.int32 if n < 1 << 31 else np.int64, copy=False))
+                indices = [idx.slice(lo, hi - lo) for lo, hi in bounds]
+            columns.append([col.take(i) for i in indices])
+    return [
+        (int(p), pa.RecordBatch.from_arrays([c[k] for c in columns], schema=batch.schema))
+        for k, p in enumerate(present)
+    ]
 
 
-def _plain_numeric(arr: pa.Array) -> bool:
+def _fixed_width_values(arr: pa.Array) -> np.ndarray | None:
+    """The values of a fixed-width column without nulls as unsigned integers of its width (a
+    zero-copy view of its data buffer, its offset applied); None for any other column."""
     t = arr.type
-    return arr.null_count == 0 and (pa.types.is_integer(t) or pa.types.is_floating(t)) and arr.offset == 0
+    if arr.null_count or pa.types.is_boolean(t) or pa.types.is_dictionary(t) or pa.types.is_decimal(t):
+        return None
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t)):
+        return None
+    if pa.types.is_interval(t) or t.bit_width not in (8, 16, 32, 64):
+        return None
+    bufs = arr.buffers()
+    if len(bufs) != 2 or bufs[1] is None:
+        return None
+    dtype = np.dtype(f"<u{t.bit_width // 8}")
+    return np.frombuffer(bufs[1], dtype=dtype)[arr.offset : arr.offset + len(arr)]
+
+
+def owns_compactly(batch: pa.RecordBatch) -> bool:
+    """Whether the buffers of ``batch`` are about the size of its rows (so pickling it, as
+    ``ray.put`` does, writes its own bytes, not those of a larger parent it is a slice of).
+
+    Slack of a few bytes per column (a string column's last offset) or 1/64 of the
+    batch is allowed: copying to save that much would cost more than it saves.
+    """
+    return batch.get_total_buffer_size() <= batch.nbytes + 64 * batch.num_columns + batch.nbytes // 64
+
+
+def compact(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` itself if it owns its bytes compactly, else a compact copy (one copy)."""
+    if owns_compactly(batch):
+        return batch
+    return pa.RecordBatch.from_arrays([pa.concat_arrays([c]) for c in batch.columns], schema=batch.schema)

@@ -7,7 +7,10 @@ sub-batches to the queues happens on the event loop in one step, so a fetch
 never sees half a batch.
 
 Each sub-batch is put into Ray's object store once (``ray.put``) and its
-reference queued; consumers ``ray.get`` it zero-copy. A fetch answers for
+reference queued; consumers ``ray.get`` it zero-copy. Between the read and the
+consumer a row is copied twice: once by the split, straight into the compact
+buffers of its sub-batch (none when a batch's rows all go to one partition),
+and once by ``ray.put`` into shared memory (docs/performance.md). A fetch answers for
 many partitions at once, so Ray's per-call cost is paid per batch.
 
 **Readers.** Bounded splits are read round-robin, one batch of each in turn,
@@ -59,7 +62,7 @@ from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.queues import Entry, PartitionQueue
 from rayflow._internal.watermarks import WATERMARK_END, WATERMARK_NONE, batch_max_ms
 from rayflow.errors import FencedError, MalformedInputError, PositionGapError, ProtocolError
-from rayflow.partitioning import hash_table, split_by_partition
+from rayflow.partitioning import compact, hash_table, split_by_partition
 from rayflow.sources import Split
 
 logger = logging.getLogger(__name__)
@@ -750,7 +753,8 @@ class SourceActor:
                     continue
                 batch = await fe.ref
                 pos = np.asarray(reader.split.row_positions(batch), dtype=np.int64)
-                cut = batch.slice(int(np.searchsorted(pos, at, side="left")))
+                # Compacted: a slice would serialize (ray.put) the whole batch's buffers.
+                cut = compact(batch.slice(int(np.searchsorted(pos, at, side="left"))))
                 r.entries[i] = FetchedEntry(
                     fe.split, at, fe.end, cut.num_rows, ray.put(cut), since=at, watermark=fe.watermark
                 )
