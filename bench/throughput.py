@@ -4,13 +4,16 @@
     python bench/throughput.py --events 2000000 --consumers 1 2 4
     python bench/throughput.py --job window         # 1 s tumbling event-time windows per key
     python bench/throughput.py --job keyed window   # both, in the same run
+    python bench/throughput.py --sources 1 2        # each consumer count with 1, then 2 source actors
 
 Generates the WORKLOAD events once as a Parquet file (row groups of 1M rows,
 under bench/data/), then for each job and consumer count runs the job from
 that file with checkpointing on, checks the result against the reference, and
 reports events/s (first read to final commit, WORKLOAD.md), the ratio to the
 pyarrow reference (read + group_by over the same file, one thread and all
-threads), start-up time, and the peak memory of the Ray processes.
+threads), start-up time, the source actors the run used (``--sources``, or the
+engine's auto rule: ``EngineConfig.num_sources=None``), and the peak memory of
+the Ray processes.
 
 The keyed job is ``rf.ops.Aggregate`` per key over the whole input; its
 reference is ``group_by("key")``. The window job is ``rf.ops.Window`` with
@@ -127,7 +130,10 @@ class PeakRSS:
         self._t.join()
 
 
-def run_once(path, *, job="keyed", consumers, partitions, interval_s, address) -> tuple[dict, pa.Table]:
+def run_once(
+    path, *, job="keyed", consumers, partitions, interval_s, address, sources=None
+) -> tuple[dict, pa.Table]:
+    """One run of ``job``; ``sources``: source actors (``None``: the engine's auto rule)."""
     ck = tempfile.mkdtemp(prefix="rayflow-bench-")
     try:
         pipeline = rf.Pipeline(
@@ -140,6 +146,7 @@ def run_once(path, *, job="keyed", consumers, partitions, interval_s, address) -
             consumers=consumers,
             checkpoint_dir=os.path.join(ck, "checkpoints"),
             checkpoint_interval_s=interval_s,
+            config=rf.EngineConfig(num_sources=sources),
             progress=False,
             **({"event_time": "ts", "max_out_of_orderness_s": 0.0} if job == "window" else {}),
         )
@@ -201,6 +208,13 @@ def main(argv=None) -> int:
         help="commit interval, the same for every job of the run (default: 1 s when the window job "
         "runs, the window target's setting; 2 s for the keyed job alone)",
     )
+    ap.add_argument(
+        "--sources",
+        type=int,
+        nargs="+",
+        default=None,
+        help="source actor counts to run each consumer count with (default: the engine's auto rule)",
+    )
     ap.add_argument("--repeat", type=int, default=2, help="runs per consumer count (best is reported)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
@@ -251,24 +265,27 @@ def main(argv=None) -> int:
         ref1_s, refn_s, ref = refs[job]
         rows = []
         for c in args.consumers:
-            best = None
-            for _ in range(args.repeat):
-                stats, out = run_once(
-                    path,
-                    job=job,
-                    consumers=c,
-                    partitions=args.partitions,
-                    interval_s=args.checkpoint_interval_s,
-                    address=args.address,
-                )
-                stats["correct"] = same(out, ref, job)
-                stats["output_rows"] = out.num_rows
-                if best is None or stats["events_per_s"] > best["events_per_s"]:
-                    best = stats
-            best["events_per_s_per_consumer"] = best["events_per_s"] / c
-            best["ratio_to_pyarrow_1_thread"] = best["events_per_s"] / (args.events / ref1_s)
-            best["ratio_to_pyarrow_all_threads"] = best["events_per_s"] / (args.events / refn_s)
-            rows.append(best)
+            for n_src in args.sources or [None]:
+                best = None
+                for _ in range(args.repeat):
+                    stats, out = run_once(
+                        path,
+                        job=job,
+                        consumers=c,
+                        partitions=args.partitions,
+                        interval_s=args.checkpoint_interval_s,
+                        address=args.address,
+                        sources=n_src,
+                    )
+                    stats["correct"] = same(out, ref, job)
+                    stats["output_rows"] = out.num_rows
+                    stats["sources_requested"] = "auto" if n_src is None else n_src
+                    if best is None or stats["events_per_s"] > best["events_per_s"]:
+                        best = stats
+                best["events_per_s_per_consumer"] = best["events_per_s"] / c
+                best["ratio_to_pyarrow_1_thread"] = best["events_per_s"] / (args.events / ref1_s)
+                best["ratio_to_pyarrow_all_threads"] = best["events_per_s"] / (args.events / refn_s)
+                rows.append(best)
         reports[job] = {
             "workload": job,
             "events": args.events,
@@ -324,20 +341,21 @@ def print_table(report: dict, args) -> None:
     )
     blank = ""
     print(
-        f"{'engine':<22}{'events/s':>14}{'per consumer':>14}{'seconds':>10}{'vs 1 thr':>10}{'vs all thr':>12}"
+        f"{'engine':<22}{'sources':>9}{'events/s':>14}{'per consumer':>14}{'seconds':>10}{'vs 1 thr':>10}{'vs all thr':>12}"
         f"{'peak RSS':>11}{'ok':>5}"
     )
     print(
-        f"{'pyarrow, 1 thread':<22}{events / ref1_s:>14,.0f}{blank:>14}{ref1_s:>10.2f}{1.0:>10.2f}"
+        f"{'pyarrow, 1 thread':<22}{blank:>9}{events / ref1_s:>14,.0f}{blank:>14}{ref1_s:>10.2f}{1.0:>10.2f}"
         f"{refn_s / ref1_s:>12.2f}"
     )
     print(
-        f"{'pyarrow, all threads':<22}{events / refn_s:>14,.0f}{blank:>14}{refn_s:>10.2f}{ref1_s / refn_s:>10.2f}"
+        f"{'pyarrow, all threads':<22}{blank:>9}{events / refn_s:>14,.0f}{blank:>14}{refn_s:>10.2f}{ref1_s / refn_s:>10.2f}"
         f"{1.0:>12.2f}"
     )
     for r in report["runs"]:
+        n_src = str(r.get("sources", "?")) + (" (auto)" if r.get("sources_requested") == "auto" else "")
         print(
-            f"{'rayflow, ' + str(r['consumers']) + ' consumers':<22}{r['events_per_s']:>14,.0f}"
+            f"{'rayflow, ' + str(r['consumers']) + ' consumers':<22}{n_src:>9}{r['events_per_s']:>14,.0f}"
             f"{r['events_per_s_per_consumer']:>14,.0f}{r['seconds']:>10.2f}{r['ratio_to_pyarrow_1_thread']:>10.2f}"
             f"{r['ratio_to_pyarrow_all_threads']:>12.2f}{r['peak_rss_bytes'] / 2**30:>9.2f}Gi"
             f"{'yes' if r['correct'] else 'NO':>5}"

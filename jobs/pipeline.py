@@ -7,6 +7,7 @@
     python jobs/pipeline.py --input kafka://localhost:9092/events   # a Kafka topic, until Ctrl-C
     python jobs/pipeline.py --input incoming/ --follow              # files as they arrive
     python jobs/pipeline.py --input data/ --key user_id --value amount
+    python jobs/pipeline.py --input big.parquet --sources 4           # 4 readers share the file
     ray submit cluster.yaml jobs/pipeline.py        # on a running cluster
     ray job submit --working-dir . -- python jobs/pipeline.py
 
@@ -111,6 +112,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--partitions", type=int, default=16)
     ap.add_argument("--consumers", type=int, default=2)
     ap.add_argument(
+        "--sources",
+        type=int,
+        default=None,
+        help="source actors reading the input in parallel (default: sized to the cluster's CPUs, "
+        "one per consumer, at most one per CPU and no more than the input's splits)",
+    )
+    ap.add_argument(
         "--output",
         default=None,
         help="output Parquet directory (default: out/pipeline, with --window-s out/pipeline-window)",
@@ -147,6 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.window_s is not None and not args.window_s > 0:
         ap.error(f"--window-s must be > 0 seconds, got {args.window_s}")
+    if args.sources is not None and args.sources < 1:
+        ap.error(f"--sources must be >= 1, got {args.sources}")
     if args.max_out_of_orderness_s < 0:
         ap.error(f"--max-out-of-orderness-s must be >= 0 seconds, got {args.max_out_of_orderness_s}")
     windowed = args.window_s is not None
@@ -217,12 +227,17 @@ def main(argv=None) -> int:
         local_paths_shared=args.local_paths_shared,
         checkpoint_interval_s=args.checkpoint_interval_s,
         config=rf.EngineConfig(
-            consumer_resources={"rayflow_consumer": 1},
-            source_resources={"rayflow_source": 1},
-            manager_resources={"rayflow_manager": 0.01},
-        )
-        if args.placement == "resources"
-        else None,
+            num_sources=args.sources,
+            **(
+                {
+                    "consumer_resources": {"rayflow_consumer": 1},
+                    "source_resources": {"rayflow_source": 1},
+                    "manager_resources": {"rayflow_manager": 0.01},
+                }
+                if args.placement == "resources"
+                else {}
+            ),
+        ),
     )
     t0 = time.perf_counter()
     where = init_ray(args.address)

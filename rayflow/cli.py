@@ -73,9 +73,44 @@ def _open_copy(job_dir: str):
         else []
     )
     if files:
-        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        con.execute(f"CREATE VIEW state AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+        con.execute(f"CREATE VIEW state AS {_state_sql(files)}")
     return con, os.path.dirname(path)
+
+
+def _sql_list(files: list[str]) -> str:
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+
+
+def _state_sql(files: list[str]) -> str:
+    """The ``state`` view: the latest commits' state files; where a commit names a base and its
+    deltas (incremental commits), folded as their files' ``rayflow.state_merge`` metadata says."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from rayflow._internal.checkpoint.commit import is_delta, state_file_op
+    from rayflow.ops.aggregate import STATE_MERGE_KEY
+
+    chains: dict[tuple[str, int], list[str]] = {}
+    for f in files:  # a partition's files, per operator, in order: base first
+        chains.setdefault((os.path.dirname(f), state_file_op(f)), []).append(f)
+    plain = [f for c in chains.values() if not any(map(is_delta, c)) for f in c]
+    parts = [f"SELECT * FROM read_parquet({_sql_list(plain)}, union_by_name=true)"] if plain else []
+    folded: dict[bytes, list[str]] = {}
+    for c in chains.values():
+        if any(map(is_delta, c)):
+            # The chain's newest delta says how it folds (an aggregation added on resume is in it).
+            newest = next(filter(is_delta, reversed(c)))
+            folded.setdefault(pq.read_schema(newest).metadata[STATE_MERGE_KEY], []).extend(c)
+    for spec, fs in folded.items():
+        s = json.loads(spec)
+        by = ", ".join(f'"{c}"' for c in s["by"])
+        aggs = ", ".join(f'{fn}("{c}") AS "{c}"' for c, fn in s["merge"].items())
+        parts.append(
+            f"SELECT {by}, {aggs}, min(_hash) AS _hash FROM read_parquet({_sql_list(fs)}, union_by_name=true) "
+            f"GROUP BY {by}"
+        )
+    return " UNION ALL BY NAME ".join(parts)
 
 
 def _print(rel) -> None:

@@ -46,6 +46,10 @@ CALL_TIMEOUT_S = 120.0
 #: its splits again: the delay before a new file or topic partition is read. A listing per
 #: second is cheap for a directory or a broker, and short next to a checkpoint interval.
 DISCOVERY_INTERVAL_S = 1.0
+#: Deltas a partition's state may pile up after its base before a background compaction folds
+#: them into a new base (DESIGN §5). A restore reads the base and every delta: 8 keep a restore
+#: within a few group-bys, while a commit writes only what changed since the last one.
+STATE_DELTAS_MAX = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +74,8 @@ class EngineConfig:
     #: Source actors; a source's splits are dealt to them round-robin (the splits a dynamic
     #: source gains while the job runs: by a stable hash of their names). A bounded source
     #: starts no more actors than it has splits; a dynamic one starts all of them.
-    num_sources: int = 1
+    #: ``None`` (the default): sized to the cluster's CPUs by :func:`auto_num_sources`.
+    num_sources: int | None = None
     #: CPUs each consumer reserves from Ray's scheduler (0: place anywhere).
     consumer_num_cpus: float = 0.0
     #: CPUs each source actor reserves.
@@ -82,10 +87,16 @@ class EngineConfig:
     source_resources: dict[str, float] = field(default_factory=dict)
     #: Custom Ray resources the manager needs (it holds the catalog: keep it where that lives).
     manager_resources: dict[str, float] = field(default_factory=dict)
+    #: Incremental commits: a commit of an operator that supports it (``rf.ops.Aggregate``)
+    #: writes only the groups changed since the last commit, as a delta; past this many deltas a
+    #: background compaction folds them into a new base. 0: every commit writes the whole state.
+    state_deltas_max: int = STATE_DELTAS_MAX
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "num_sources" and v is None:
+                continue  # auto: auto_num_sources() when the job starts
             if f.name.endswith("_resources"):
                 if not isinstance(v, dict) or not all(
                     isinstance(k, str) and isinstance(x, (int, float)) and x >= 0 for k, x in v.items()
@@ -96,9 +107,33 @@ class EngineConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"EngineConfig.{f.name} must be a number, got {v!r}")
-            positive = f.name not in ("consumer_num_cpus", "source_num_cpus")
+            positive = f.name not in ("consumer_num_cpus", "source_num_cpus", "state_deltas_max")
             if v < 0 or (positive and v == 0):
                 raise ConfigError(f"EngineConfig.{f.name} must be {'> 0' if positive else '>= 0'}, got {v!r}")
-        for name in ("num_sources", "commit_max_attempts"):
-            if not isinstance(getattr(self, name), int):
+        for name in ("num_sources", "commit_max_attempts", "state_deltas_max"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), int):
                 raise ConfigError(f"EngineConfig.{name} must be an integer, got {getattr(self, name)!r}")
+
+
+#: Source actors per CPU at most when ``num_sources`` is auto. Measured on a 2-core machine
+#: (keyed job, 2 consumers, 10M events from Parquet): 2 source actors beat 1 by about 15%, as a
+#: reader blocks on backpressure and on the object store as much as it computes, so readers and
+#: consumers may share the cores; more than one reader per CPU only adds processes.
+AUTO_SOURCES_PER_CPU = 1.0
+
+
+def auto_num_sources(*, cpus: float, consumers: int, splits: int | None) -> int:
+    """The source actors a job starts when ``EngineConfig.num_sources`` is ``None`` (pure).
+
+    ``cpus``: the cluster's CPUs (``ray.cluster_resources()["CPU"]``); ``consumers``: the
+    consumers the job starts with; ``splits``: the input's splits (for a dynamic source, those
+    it lists at start), or ``None`` when not known.
+
+    One reader per consumer (a reader feeds about one consumer's worth of events), at most
+    :data:`AUTO_SOURCES_PER_CPU` per CPU, never more than the splits, and at least one: 2 CPUs
+    and 2 consumers read with 2 actors, 16 CPUs and 8 consumers with 8, a 1-CPU machine with 1.
+    """
+    n = min(max(1, consumers), max(1, int(cpus * AUTO_SOURCES_PER_CPU)))
+    if splits is not None:
+        n = min(n, max(1, splits))
+    return n

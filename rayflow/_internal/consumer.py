@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pyarrow as pa
 import ray
@@ -101,6 +103,12 @@ class ConsumerActor:
         self.busy_s = 0.0
         self.steps = 0  # processing steps run (each bounded by the step's time budget)
         self.rows_processed = 0
+        # Commit work: seconds in commits (step 1 to 6, the processing loop waits meanwhile),
+        # state files written whole (bases) and as deltas, compactions named by a commit.
+        self.commit_s = 0.0
+        self.state_bases = 0
+        self.state_deltas = 0
+        self.compactions = 0
         # Commit failures: consecutive count, since when, next attempt not before, last cause.
         self.commit_failures = 0
         self._failing_since: float | None = None
@@ -124,6 +132,10 @@ class ConsumerActor:
         self._task: asyncio.Task | None = None
         self._hb_task: asyncio.Task | None = None
         self._error: BaseException | None = None
+        # Background compactions of state chains, per (partition, operator index): one thread, so
+        # a compaction never takes more than one core from processing.
+        self._compactor = ThreadPoolExecutor(1, thread_name_prefix="rayflow-compact")
+        self._compactions: dict[tuple[int, int], _Compaction] = {}
 
     # ------------------------------------------------------------------ control
     async def start(self) -> None:
@@ -157,6 +169,9 @@ class ConsumerActor:
             await self._commit([t for t in self.owned.values() if t.needs_commit])
         if self._hb_task is not None:
             self._hb_task.cancel()
+        for p in list(self.owned):
+            self._drop_compactions(p)
+        self._compactor.shutdown(wait=False, cancel_futures=True)
         try:
             await _call(self.manager.leave.remote(self.member_id), self.config.call_timeout_s)
         except (Exception, ray.exceptions.RayError) as e:  # it sees us gone through its watch anyway
@@ -179,6 +194,10 @@ class ConsumerActor:
             "steps": self.steps,
             "commit_failures": self.commit_failures,
             "last_commit_error": self.last_commit_error,
+            "commit_s": self.commit_s,
+            "state_bases": self.state_bases,
+            "state_deltas": self.state_deltas,
+            "compactions": self.compactions,
         }
 
     # ------------------------------------------------------------------ heartbeat task
@@ -243,7 +262,7 @@ class ConsumerActor:
         if self._kept is not None:
             kept, self._kept = self._kept, None
             for p in [p for p in self.owned if p not in kept]:
-                del self.owned[p]  # moved on while we were away: its uncommitted state goes
+                self._forget(p)  # moved on while we were away: its uncommitted state goes
         a, self._assignment = self._assignment, None
         if a is None:
             return {}, {}, []
@@ -251,7 +270,7 @@ class ConsumerActor:
         # Lost (moved while we were presumed dead): uncommitted state goes. An answer listing an
         # older epoch than ours predates a renewal of ours (reconcile): stale, not a loss.
         for p in [p for p, t in self.owned.items() if p not in owned or owned[p] > t.epoch]:
-            del self.owned[p]
+            self._forget(p)
         new = {}
         for p, e in owned.items():
             if p in self.owned:
@@ -388,7 +407,7 @@ class ConsumerActor:
                 )
             )
             if t.phase is pt.Phase.FENCED:
-                del self.owned[p]
+                self._forget(p)
             elif res.full and not res.entries and t.phase is pt.Phase.CLEAN:
                 # The source's queue is full of rows we have committed, yet no trim of ours
                 # reached them (they were queued again after it): trim again, or it waits for ever.
@@ -482,12 +501,20 @@ class ConsumerActor:
         for p, epoch in new.items():
             c = commits.get(p)
             states = self.chain.init_states()
+            file_rows: dict[str, int] = {}
             if c is not None:
-                for i, f in zip(self.chain.stateful_indices, c.state_files):
-                    t = self.state_store.read_parquet(f)
-                    states[i] = self.chain.ops[i].state_from_table(t.drop_columns(["_hash"]))
+                for i, files in cm.state_chains(c.state_files).items():
+                    tables, rows = cm.read_state(self.state_store, files)
+                    states[i] = self.chain.ops[i].state_from_tables(tables)
+                    file_rows.update(rows)
             task = pt.PartitionTask.from_commit(
-                p, epoch, states, c, event_time=self.event_time is not None, num_sources=self.num_sources
+                p,
+                epoch,
+                states,
+                c,
+                event_time=self.event_time is not None,
+                num_sources=self.num_sources,
+                file_rows=file_rows,
             )
             if task.clock is not None and task.running and task.clock.applied != WATERMARK_NONE:
                 task.watermark_advanced(
@@ -516,11 +543,18 @@ class ConsumerActor:
             return
         for p, e in release.items():
             self._released[p] = (e, self._hb_seq)
-            self.owned.pop(p, None)
+            self._forget(p)
 
     # ------------------------------------------------------------------ commit
     async def _commit(self, tasks: list[pt.PartitionTask], *, count_failure: bool = True) -> None:
         """Commit ``tasks`` (protocol steps 1, 2-5 at the manager, 6; see checkpoint/commit.py)."""
+        t0 = time.perf_counter()
+        try:
+            await self._commit_steps(tasks, count_failure=count_failure)
+        finally:
+            self.commit_s += time.perf_counter() - t0
+
+    async def _commit_steps(self, tasks: list[pt.PartitionTask], *, count_failure: bool) -> None:
         if self._unsettled and not await self._reconcile():
             self._failed(_outcome_unknown(), count_failure)
             return
@@ -548,6 +582,7 @@ class ConsumerActor:
             return
         fenced = set(reply["fenced"])
         self._settle(records, accepted=set(reply["accepted"]), fenced=fenced)
+        self._start_compactions([self.owned[r.partition] for r in records if r.partition in self.owned])
         if fenced:
             # A fenced attempt may still have landed: Ray retries a call whose manager died
             # after recording it, and the restarted manager fences the retry. Only the catalog
@@ -568,15 +603,14 @@ class ConsumerActor:
         records: list[CommitRecord] = []
         try:
             for t in tasks:
-                states = {
-                    i: self.chain.ops[i].state_to_table(t.states[i]) for i in self.chain.stateful_indices
-                }
+                states, deltas = self._states_to_write(t)
                 records.append(
                     cm.write_commit(
                         partition=t.partition,
                         epoch=t.epoch,
                         seq=t.next_seq(),
                         state_tables=states,
+                        state_deltas=deltas,
                         outputs=t.outputs,
                         committed_positions=t.committed_positions,
                         positions=t.positions,
@@ -591,6 +625,10 @@ class ConsumerActor:
                         watermarks=t.clock.committed() if t.clock is not None else None,
                     )
                 )
+                t.file_rows.update(records[-1].written_rows)
+                deltas = sum(map(cm.is_delta, records[-1].written_rows))
+                self.state_deltas += deltas
+                self.state_bases += len(records[-1].written_rows) - deltas
         except BaseException:
             for rec in records:  # never sent: nothing can name them
                 cm.discard(
@@ -602,13 +640,131 @@ class ConsumerActor:
             raise
         return records
 
+    def _states_to_write(self, t: pt.PartitionTask) -> tuple[dict[int, pa.Table], dict]:
+        """Worker thread: what a commit of ``t`` writes per stateful operator: the whole state
+        (a new base), or, for an incremental one with a recorded chain, the delta since it.
+
+        An incremental operator gives up its delta at every commit, kept staged
+        until one is recorded. A whole snapshot is written when there is no
+        chain yet (the partition's first commit, or incremental commits off),
+        and when the chain has grown past four times ``state_deltas_max``
+        (compaction falls behind): a restore never reads an unbounded chain.
+        A finished background compaction replaces the files it folded.
+        """
+        states: dict[int, pa.Table] = {}
+        deltas: dict[int, tuple[cm.StateChain, pa.Table]] = {}
+        limit = self.config.state_deltas_max
+        for i in self.chain.stateful_indices:
+            op = self.chain.ops[i]
+            if op.incremental:
+                t.states[i], delta = op.state_delta(t.states[i])
+                if delta.num_rows:
+                    t.staged_deltas.setdefault(i, []).append(delta)
+                chain = self._compacted(t, i)
+                if limit and chain.files and chain.deltas < 4 * limit:
+                    staged = t.staged_deltas.get(i, [])
+                    merged = op.merge_states(staged) if len(staged) > 1 else (staged[0] if staged else delta)
+                    deltas[i] = (chain, merged)
+                    continue
+            states[i] = op.state_to_table(t.states[i])
+        return states, deltas
+
+    def _compacted(self, t: pt.PartitionTask, i: int) -> cm.StateChain:
+        """Operator ``i``'s recorded chain, with a finished compaction's base in place of the
+        files it folded; a compaction that failed or no longer applies is dropped (its file
+        deleted: nothing names it)."""
+        chain = t.chains.get(i, cm.StateChain())
+        job = self._compactions.get((t.partition, i))
+        if job is None or not job.future.done():
+            return chain
+        if job.future.exception() is not None:
+            self._compactions.pop((t.partition, i))
+            self.last_commit_error = f"compaction: {job.future.exception()!r}"
+            return chain
+        base, rows = job.future.result()
+        rebased = chain.rebased(base, rows, job.folded)
+        if rebased is None:
+            return chain  # replaced meanwhile: _retire_compaction deletes the base
+        t.file_rows[base] = rows
+        job.offered = True  # an attempt names it from now on: only the catalog can tell its fate
+        return rebased
+
+    def _retire_compaction(self, key: tuple[int, int], chain: cm.StateChain) -> bool:
+        """Forget a finished compaction once its base is in the recorded ``chain``, or can no
+        longer be (the chain was replaced by a whole snapshot: the base is deleted, as nothing
+        names it). True while one is running or waits to be named."""
+        job = self._compactions.get(key)
+        if job is None:
+            return False
+        if not job.future.done():
+            return True
+        if job.future.exception() is None:
+            base = job.future.result()[0]
+            if base not in chain.files and chain.files[: len(job.folded)] == job.folded:
+                return True  # not named yet: the next commit will
+            self.compactions += base in chain.files
+            if base not in chain.files and base not in {f for r in self._unsettled for f in r.state_files}:
+                self.state_store.delete(base)
+        self._compactions.pop(key)
+        return False
+
+    def _start_compactions(self, tasks: list[pt.PartitionTask]) -> None:
+        """Fold long chains into new bases, in the background (reads files only: the partitions
+        go on meanwhile). One compaction per partition and operator at a time."""
+        limit = self.config.state_deltas_max
+        if self._stopping:
+            return  # the last commit of a stopping consumer: the next owner compacts
+        for t in tasks:
+            for i, chain in t.chains.items():
+                key = (t.partition, i)
+                if self._retire_compaction(key, chain) or not limit or chain.deltas < limit:
+                    continue
+                if t.phase is pt.Phase.FINAL:
+                    continue  # nothing will commit again: a restore reads the chain
+                self._compactions[key] = _Compaction(
+                    future=self._compactor.submit(
+                        self._compact, t.partition, i, cm.state_tag(t.epoch, t.next_seq()), chain
+                    ),
+                    folded=chain.files,
+                )
+
+    def _compact(self, partition: int, i: int, tag: str, chain: cm.StateChain) -> tuple[str, int]:
+        """Compaction thread: fold ``chain`` into a new base (``commit.compact``)."""
+        out = cm.compact(
+            self.state_store,
+            partition=partition,
+            op_index=i,
+            tag=tag,
+            chain=chain,
+            op=self.chain.ops[i],
+            key=self.key,
+        )
+        self._fault("consumer.after_compaction")
+        return out
+
+    def _forget(self, partition: int) -> None:
+        """Drop an owned partition (released, moved on, fenced) with its compactions."""
+        self._drop_compactions(partition)
+        self.owned.pop(partition, None)
+
+    def _drop_compactions(self, partition: int) -> None:
+        """``partition`` leaves this consumer: forget its compactions, deleting a finished base
+        that no attempt ever named (so no catalog row can). One still running, or one an
+        attempt named (it may have landed, its reply lost: the partition may leave before its
+        reconciliation), is left: the next fresh start deletes what no row names."""
+        for key in [k for k in self._compactions if k[0] == partition]:
+            job = self._compactions.pop(key)
+            if job.offered or not job.future.done() or job.future.exception() is not None:
+                continue
+            self.state_store.delete(job.future.result()[0])
+
     def _settle(self, records: list[CommitRecord], *, accepted: set[int], fenced: set[int]) -> None:
         """Apply the manager's verdict, then trim the sources (step 6)."""
         trim = {}
         for rec in records:
             t = self.owned.get(rec.partition)
             if rec.partition in fenced:
-                self.owned.pop(rec.partition, None)  # a newer owner exists: our state goes
+                self._forget(rec.partition)  # a newer owner exists: our state goes
                 continue
             if rec.partition not in accepted or t is None or t.epoch != rec.lease_epoch:
                 continue
@@ -646,7 +802,7 @@ class ConsumerActor:
                 if how == "landed":
                     t.commit_recorded(rec)
                 if new_epoch is None or how == "unknown":
-                    del self.owned[rec.partition]  # no longer ours: a newer owner has it
+                    self._forget(rec.partition)  # no longer ours: a newer owner has it
                 else:
                     t.epoch = new_epoch
                     if how == "landed":
@@ -719,6 +875,16 @@ class ConsumerActor:
     def _fault(self, point: str) -> None:
         if self.faults is not None:
             self.faults.hit(point, self.member_id)
+
+
+@dataclass
+class _Compaction:
+    """A background compaction: its future (``(base file, rows)``), the files it folds, and
+    whether a commit attempt has named its base yet."""
+
+    future: Future
+    folded: tuple[str, ...]
+    offered: bool = False
 
 
 def _by_watermark(taken: list) -> list[list]:

@@ -31,6 +31,13 @@ the next one, which adds its own flush after it (with a newer version, see
 :meth:`next_version`). The states have given those changes up, so the
 snapshot of any attempt and its staged outputs cover the same history.
 
+**Deltas are staged the same way.** An incremental operator gives up its
+changes at each commit (``Operator.state_delta``); the delta stays in
+``staged_deltas`` until a commit is recorded, so an attempt that fails is
+followed by one whose delta covers it too (or by a whole snapshot, which
+covers everything). ``chains`` are the state files of the last recorded
+commit per operator (a base, then its deltas): what the next delta follows.
+
 Positions are contiguous per split: an entry's ``since`` (where the source's
 previous entry for this partition ended) must not be past the processed
 position (else rows were lost: :class:`PositionGapError`), and its ``start``
@@ -45,7 +52,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from rayflow._internal.checkpoint.commit import CommitRecord
+from rayflow._internal.checkpoint.commit import CommitRecord, StateChain, state_chains
 from rayflow._internal.watermarks import WATERMARK_END, PartitionClock
 from rayflow.errors import PositionGapError, ProtocolError
 
@@ -118,6 +125,14 @@ class PartitionTask:
     #: The partition's event-time clock (a job with event time), else ``None``.
     clock: PartitionClock | None = None
     num_sources: int = 1
+    #: Per stateful operator index: the state files of the last recorded commit (a base, then
+    #: the deltas after it), each with its rows.
+    chains: dict[int, StateChain] = field(default_factory=dict)
+    #: Per incremental operator index: deltas taken from its state and not yet in a recorded
+    #: commit, in order.
+    staged_deltas: dict[int, list[pa.Table]] = field(default_factory=dict)
+    #: Rows of the state files this task wrote or read (what :attr:`chains` counts).
+    file_rows: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -130,11 +145,14 @@ class PartitionTask:
         *,
         event_time: bool = False,
         num_sources: int = 1,
+        file_rows: dict[str, int] | None = None,
     ) -> PartitionTask:
         """A newly granted partition, restored from its last recorded commit (or from scratch);
-        ``event_time``: the job has event time (its watermarks are restored too)."""
+        ``event_time``: the job has event time (its watermarks are restored too); ``file_rows``:
+        the rows of the commit's state files, as read."""
         positions = dict(commit.positions) if commit else {}
         rows = commit.rows_total if commit else 0
+        file_rows = dict(file_rows or {})
         clock = PartitionClock.restored(commit.watermarks if commit else None) if event_time else None
         return cls(
             clock=clock,
@@ -147,6 +165,8 @@ class PartitionTask:
             rows_total=rows,
             rows_committed=rows,
             phase=Phase.FINAL if commit is not None and commit.final else Phase.CLEAN,
+            file_rows=file_rows,
+            chains=_chains(commit.state_files, file_rows) if commit else {},
         )
 
     # ------------------------------------------------------------------ queries
@@ -305,6 +325,10 @@ class PartitionTask:
         self.committed_positions = dict(rec.positions)
         self.rows_committed = rec.rows_total
         self.outputs = []
+        self.staged_deltas = {}
+        self.chains = _chains(rec.state_files, self.file_rows)
+        named = {f for c in self.chains.values() for f in c.files}
+        self.file_rows = {f: r for f, r in self.file_rows.items() if f in named}
         if rec.final:
             self.phase = Phase.FINAL
         elif self.phase in (Phase.DIRTY, Phase.BACKLOGGED) and self.positions == rec.positions:
@@ -321,6 +345,13 @@ class PartitionTask:
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
+
+
+def _chains(state_files: list[str], file_rows: dict[str, int]) -> dict[int, StateChain]:
+    return {
+        i: StateChain(tuple(files), tuple(file_rows.get(f, 0) for f in files))
+        for i, files in state_chains(state_files).items()
+    }
 
 
 def commit_due(

@@ -50,12 +50,12 @@ from rayflow._internal.jobfile import JobFile, delete_job_files, write_job_file
 from rayflow._internal.lag import add_lag
 from rayflow._internal.source_actor import SourceActor
 from rayflow._internal.watermarks import EventTime, check_event_time_column
-from rayflow.config import EngineConfig
-from rayflow.errors import ConfigError, PipelineFailedError, RayflowError
+from rayflow.config import EngineConfig, auto_num_sources
+from rayflow.errors import ConfigError, IncompatibleCheckpointError, PipelineFailedError, RayflowError
 from rayflow.ops import Operator
 from rayflow.partitioning import PartitionMap, key_columns
 from rayflow.sinks import Sink
-from rayflow.sources import Source, Split, Synthetic
+from rayflow.sources import Parquet, Source, Split, Synthetic
 from rayflow.sources.inputs import Inputs
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Result:
     ``output``: the output as one Arrow table for :class:`rf.sinks.Collect`
     (else ``None``). ``stats``: ``events`` (committed by this run),
     ``seconds`` (first read to last commit), ``events_per_s``, ``startup_s``,
-    ``rebalances``, ``recoveries``, ``partitions``, ``consumers``, and
+    ``rebalances``, ``recoveries``, ``partitions``, ``consumers``, ``sources``, and
     ``stopped`` (True when ``stop()`` ended the run, False when the input
     ended). ``output_path``: where the output is (absolute, or a URI).
     """
@@ -183,6 +183,45 @@ def check_input(spec: JobSpec) -> tuple[list[Split], pa.Schema]:
     return splits, schema
 
 
+def projected_columns(spec: JobSpec, schema: pa.Schema) -> list[str] | None:
+    """The input columns the job uses, in the schema's order, or ``None``: all of them, or not
+    known (pure).
+
+    The operators after the first see only its output, which depends only on the columns it
+    uses (:meth:`Operator.columns_used`): so those, with the key and the pipeline's event-time
+    column (the sources hash the one and read watermarks from the other), are all the job
+    needs. ``None`` when the first operator does not say (a ``Map`` of any function, a
+    ``Filter``, which passes every column on), when there is no operator (the output is the
+    input), or when every column is used anyway.
+    """
+    if not spec.operators:
+        return None
+    used = spec.operators[0].columns_used(schema)
+    if used is None:
+        return None
+    wanted = set(spec.key) | set(used)
+    if spec.event_time is not None:
+        wanted.add(spec.event_time.column)
+    if wanted >= set(schema.names):
+        return None
+    return [c for c in schema.names if c in wanted]
+
+
+def project_source(spec: JobSpec, splits: list[Split], schema: pa.Schema) -> list[Split]:
+    """Step 2b: a Parquet source's splits reading only :func:`projected_columns` (the same names,
+    so positions and a resume are unaffected); any other source's splits as they are.
+
+    Only what is read is cut: the job's recorded input schema stays the source's whole one, so
+    a later run whose operators use other columns resumes as before.
+    """
+    cols = projected_columns(spec, schema)
+    if cols is None or not isinstance(spec.source, Parquet):
+        return splits
+    projected = spec.source.with_columns(cols).splits()
+    assert [s.name for s in projected] == [s.name for s in splits], "projection renamed splits"
+    return projected
+
+
 def check_storage(paths: Paths, *, alive_nodes: int, shared: bool) -> None:
     """Step 3: refuse node-local paths on a multi-node cluster unless the user says they are shared.
 
@@ -205,6 +244,29 @@ def check_storage(paths: Paths, *, alive_nodes: int, shared: bool) -> None:
             "checkpoint_dir, or a network filesystem mounted at the same path on every node, "
             "and then say so with Pipeline(local_paths_shared=True)"
         )
+
+
+def _with_split_hint(e: IncompatibleCheckpointError, source: Source) -> IncompatibleCheckpointError:
+    """``e``, with a way out when this run's source names its splits otherwise than the one a
+    checkpoint of an earlier rayflow was written with (one split per Parquet file; one split of
+    the synthetic stream): the checkpoint's split names are then missing from this run."""
+    if "input split(s)" not in str(e):
+        return e
+    hint = ""
+    if isinstance(source, Parquet) and source.splits_files:
+        hint = (
+            "rf.sources.Parquet now reads a file of several row groups as several splits "
+            "(<file>#rg<first>-<last>); a checkpoint written with one split per file resumes with "
+            "rf.sources.Parquet(path, split_rows=None)"
+        )
+    elif isinstance(source, Synthetic) and source.schedule is None and source.num_splits > 1:
+        hint = (
+            f"rf.sources.Synthetic now reads the stream as {source.num_splits} splits by default; "
+            "a checkpoint written with one split resumes with rf.sources.Synthetic(..., splits=1)"
+        )
+    if not hint:
+        return e
+    return IncompatibleCheckpointError(f"{e} Note: {hint}.")
 
 
 def _alive_nodes() -> int:
@@ -265,6 +327,7 @@ class Run:
         self.unbounded = spec.source.unbounded
         self.paths = resolve_paths(spec)
         splits, schema = check_input(spec)
+        splits = project_source(spec, splits, schema)
         self._total_rows = (
             spec.source.events if isinstance(spec.source, Synthetic) and not self.unbounded else None
         )
@@ -278,7 +341,13 @@ class Run:
         self.sink_store = Store(self.paths.sink_root)
         try:
             self._write_job_file(splits, schema)
-            self._start_manager()
+            try:
+                self._start_manager()
+            except IncompatibleCheckpointError as e:
+                hinted = _with_split_hint(e, spec.source)
+                if hinted is e:
+                    raise
+                raise hinted from e
             self._start_sources()
             self._add_consumers(spec.consumers)
             self._activate()
@@ -295,9 +364,15 @@ class Run:
         spec = self.spec
         # A dynamic source may start with few splits (or none) and gain more: every source
         # actor is started, to share what comes. Otherwise no actor without a split.
-        n_src = max(
-            1, spec.config.num_sources if spec.source.dynamic else min(spec.config.num_sources, len(splits))
-        )
+        n_src = spec.config.num_sources
+        if n_src is None:
+            n_src = auto_num_sources(
+                cpus=ray.cluster_resources().get("CPU", 1.0),
+                consumers=spec.consumers,
+                # A dynamic source: the splits it lists now (more may come; at least one reader).
+                splits=len(splits),
+            )
+        n_src = max(1, n_src if spec.source.dynamic else min(n_src, len(splits)))
         self.job = JobFile(
             name=spec.name,
             root=self.paths.root,
@@ -450,7 +525,17 @@ class Run:
         st["splits"] = {name: x for s in src for name, x in s["splits"].items()}
         st["rows_read"] = sum(s["rows_read"] for s in src)
         st["processed_rows"] = sum(x["processed_rows"] for x in st["partitions"])
-        keys = ("busy_s", "steps", "rows_processed", "commit_failures", "last_commit_error")
+        keys = (
+            "busy_s",
+            "steps",
+            "rows_processed",
+            "commit_failures",
+            "last_commit_error",
+            "commit_s",
+            "state_bases",
+            "state_deltas",
+            "compactions",
+        )
         st["consumers"] = {n: {k: c[k] for k in keys} for n, c in self._poll_consumers().items()}
         return st
 
@@ -579,8 +664,18 @@ class Run:
             "recoveries": st["recoveries"],
             "partitions": self.spec.partitions,
             "consumers": len(self.consumers),
+            "sources": len(self.sources),
             "stopped": stopped,
         }
+        if running:  # commit work of the consumers alive at the end (a killed one's is lost)
+            alive = []
+            for ref in [c.status.remote() for c in self.consumers.values()]:
+                try:  # not _poll_consumers: a run that ends replaces no consumer
+                    alive.append(self._get(ref, timeout=5.0))
+                except (Exception, ray.exceptions.RayError):
+                    pass
+            for k in ("commit_s", "state_bases", "state_deltas", "compactions"):
+                stats[k] = sum(c.get(k, 0) for c in alive)
         output = None
         if running:
             files = self._get(self.manager.output_files.remote())

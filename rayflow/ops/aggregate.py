@@ -35,6 +35,9 @@ class _Agg:
 
 
 _MERGE = {"count": "sum", "sum": "sum", "min": "min", "max": "max"}
+#: Schema metadata of an incremental state file: ``{"by": [...], "merge": {column: function}}``,
+#: how a base and its deltas fold into one state (as SQL aggregates over their union).
+STATE_MERGE_KEY = b"rayflow.state_merge"
 SUPPORTED_AGGS = ("count", "sum", "min", "max", "mean")
 
 
@@ -271,6 +274,10 @@ class Aggregate(Operator):
     def group_columns(self) -> list[str]:
         return self.by
 
+    def columns_used(self, schema: pa.Schema) -> list[str]:
+        """The ``by`` columns and the aggregated ones: the output depends on nothing else."""
+        return list(dict.fromkeys(self.by + [a.column for a in self.aggs]))
+
     def check_input(self, schema: pa.Schema) -> pa.Schema:
         """Every column must be there, with a type its aggregation accepts; returns the output schema.
 
@@ -291,9 +298,10 @@ class Aggregate(Operator):
         return out.schema
 
     # State: (merged table or None, [pending partial tables], pending rows,
-    #         [key tables of the groups changed since the last flush] ("changes" mode only))
+    #         [key tables of the groups changed since the last flush] ("changes" mode only),
+    #         [partial tables since the last state_delta] (what an incremental commit writes))
     def init_state(self):
-        return (None, [], 0, [])
+        return (None, [], 0, [], [])
 
     def _partial(self, table: pa.Table) -> pa.Table:
         return self._aggs.partial(table, self.by)
@@ -303,7 +311,7 @@ class Aggregate(Operator):
         return self._aggs.merge(tables, self.by, extra)
 
     def process(self, state, table):
-        merged, pending, pending_rows, changed = state
+        merged, pending, pending_rows, changed, delta = state
         if table.num_rows == 0:
             return state, None
         part = self._partial(table)
@@ -311,11 +319,18 @@ class Aggregate(Operator):
         pending_rows += part.num_rows
         if self.emits_changes:  # the batch's groups, unique already: a zero-copy selection
             changed = changed + [part.select(self.by)]
+        delta = delta + [part]  # shares the partial's buffers with ``pending``: no copy
         # Merge once the partials outgrow the state: amortized O(rows) per batch.
         if pending_rows >= max(65_536, merged.num_rows if merged is not None else 0):
             merged = self._merge(([merged] if merged is not None else []) + pending)
             pending, pending_rows = [], 0
-        return (merged, pending, pending_rows, changed), None
+        # The delta, too, is folded once it outgrows the state (or 64k rows): it never holds
+        # more rows than the state has groups, even if no commit takes it for a long time.
+        if len(delta) > 1 and sum(d.num_rows for d in delta) >= max(
+            65_536, merged.num_rows if merged is not None else 0
+        ):
+            delta = [self._merge(delta)]
+        return (merged, pending, pending_rows, changed, delta), None
 
     def _compact(self, state) -> pa.Table | None:
         merged, pending = state[0], state[1]
@@ -344,14 +359,14 @@ class Aggregate(Operator):
         (:meth:`Partials.merge_marked`).
         The change set is emptied: the returned state carries no unflushed change.
         """
-        merged, pending, _, changed = state
+        merged, pending, _, changed, delta = state
         if not changed:
             return state, None
         base = ([merged] if merged is not None else []) + pending
         keys = pa.concat_tables(changed, promote_options="permissive")
         merged, is_changed = self._aggs.merge_marked([(t, False) for t in base] + [(keys, True)], self.by)
         out = self._present(merged.filter(is_changed))
-        return (merged, [], 0, []), self._upserts(out, version)
+        return (merged, [], 0, [], delta), self._upserts(out, version)
 
     def state_to_table(self, state) -> pa.Table:
         t = self._compact(state)
@@ -367,10 +382,56 @@ class Aggregate(Operator):
         """
         if table.num_rows == 0:
             return self.init_state()
+        return (self._filled(table), [], 0, [], [])
+
+    def _filled(self, table: pa.Table) -> pa.Table:
+        """``table``'s group and partial columns, a partial it lacks filled as empty (count 0,
+        else null: see :meth:`state_from_table`)."""
         for _, fn, col in self._partials:
             if col not in table.column_names:
                 fill = (
                     pa.array([0] * table.num_rows, pa.int64()) if fn == "count" else pa.nulls(table.num_rows)
                 )
                 table = table.append_column(col, fill)
-        return (table.select(self.by + [s for _, _, s in self._partials]), [], 0, [])
+        return table.select(self.by + [s for _, _, s in self._partials])
+
+    @property
+    def incremental(self) -> bool:
+        return True
+
+    def state_delta(self, state) -> tuple[object, pa.Table]:
+        """The partials of the rows processed since the last call, one row per group they touched.
+
+        Partials merge exactly (counts and sums add, min and max combine), so
+        the state equals :meth:`merge_states` of the last snapshot and every
+        delta since, in any order. Costs O(rows since the last call), not
+        O(state): the delta is kept as the per-batch partials, already computed.
+        """
+        merged, pending, pending_rows, changed, delta = state
+        if not delta:
+            out = self._filled(pa.table({c: pa.array([], pa.null()) for c in self.by}))
+        else:
+            out = delta[0] if len(delta) == 1 else self._merge(delta)
+        return (merged, pending, pending_rows, changed, []), self._with_merge_spec(out)
+
+    def merge_states(self, tables: list[pa.Table]) -> pa.Table:
+        """One state table from a snapshot and its deltas (see :meth:`state_delta`)."""
+        tables = [self._filled(t) for t in tables if t.num_rows]
+        if not tables:
+            return self._filled(pa.table({c: pa.array([], pa.null()) for c in self.by}))
+        return self._with_merge_spec(tables[0] if len(tables) == 1 else self._merge(tables))
+
+    def state_from_tables(self, tables: list[pa.Table]):
+        """The snapshot as the merged state, its deltas as pending partials: no merge at restore
+        (a new owner starts at once); they fold in later, as every batch's partials do."""
+        tables = [t for t in tables if t.num_rows]
+        if len(tables) <= 1:
+            return self.state_from_table(tables[0]) if tables else self.init_state()
+        first, *rest = (self._filled(t) for t in tables)
+        return (first, rest, sum(t.num_rows for t in rest), [], [])
+
+    def _with_merge_spec(self, t: pa.Table) -> pa.Table:
+        """``t`` with how its rows fold (``STATE_MERGE_KEY`` metadata), so ``rayflow sql`` can show
+        a base and its deltas as one state without the pipeline at hand."""
+        spec = {"by": self.by, "merge": {col: _MERGE[fn] for _, fn, col in self._partials}}
+        return t.replace_schema_metadata({**(t.schema.metadata or {}), STATE_MERGE_KEY: json.dumps(spec)})

@@ -115,6 +115,30 @@ class Operator:
     def state_from_table(self, table: pa.Table):
         raise NotImplementedError
 
+    @property
+    def incremental(self) -> bool:
+        """Whether a commit may write only what changed (:meth:`state_delta`) instead of the whole
+        state (DESIGN §5: commit cost follows change, not size)."""
+        return False
+
+    def state_delta(self, state) -> tuple[object, pa.Table]:
+        """``(new_state, delta)``: what changed since the previous call, as a state table that
+        :meth:`merge_states` folds into the snapshot before it. Called at every commit of an
+        :attr:`incremental` operator (whether the commit then writes the delta or the whole
+        state), so the returned state tracks changes from here on."""
+        raise NotImplementedError
+
+    def merge_states(self, tables: list[pa.Table]) -> pa.Table:
+        """One state table from a snapshot (:meth:`state_to_table`) and the deltas after it, in
+        commit order; what :meth:`state_from_table` then restores (incremental operators)."""
+        raise NotImplementedError
+
+    def state_from_tables(self, tables: list[pa.Table]):
+        """Restore state from a snapshot and the deltas after it (one table: a snapshot alone).
+        An operator may keep them apart and fold them lazily, as long as it behaves as if they
+        were folded by :meth:`merge_states`."""
+        return self.state_from_table(tables[0] if len(tables) == 1 else self.merge_states(tables))
+
     def spec(self) -> dict:
         """What a resumed run checks against the checkpoint (``_internal/compat.py``)."""
         return {"type": type(self).__name__}
@@ -128,6 +152,17 @@ class Operator:
         ``None`` when it cannot be known before running (then the operators
         after this one are not checked at start). The base class knows nothing
         of the output: ``None``.
+        """
+        return None
+
+    def columns_used(self, schema: pa.Schema) -> list[str] | None:
+        """The input columns this operator's output depends on (all it reads or passes on), or
+        ``None``: unknown, or all of them (the default).
+
+        The engine reads only these (with the key and the event-time column) from a source
+        that can project (``rf.sources.Parquet``) when this is the first operator of the
+        chain; so an operator that says which columns it uses must give the same output from a
+        table holding just those.
         """
         return None
 

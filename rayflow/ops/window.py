@@ -375,6 +375,13 @@ class Window(Operator):
     def side_sinks(self) -> dict[str, object]:
         return {LATE_STREAM: self.late_sink} if self.late == "side" else {}
 
+    def columns_used(self, schema: pa.Schema) -> list[str] | None:
+        """The ``by`` columns, the aggregated ones and the event time; ``None`` (all) with
+        ``late="side"``, which sends late input rows, every column, to ``late_sink``."""
+        if self.late == "side" or self.event_time is None:
+            return None
+        return list(dict.fromkeys(self.by + [a.column for a in self.aggs] + [self.event_time]))
+
     def check_input(self, schema: pa.Schema) -> pa.Schema:
         """Every column must be there, the event time int64 or a timestamp, each aggregation's
         type accepted (checked by pyarrow, as :class:`Aggregate`); returns the output schema."""

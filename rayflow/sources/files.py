@@ -3,6 +3,7 @@ and :class:`Files` (a directory, local or a ``pyarrow.fs`` URI, optionally watch
 
 from __future__ import annotations
 
+import copy
 import glob as _glob
 import os
 import time
@@ -116,6 +117,9 @@ class _ParquetSplit(Split):
     fs: pafs.FileSystem | None = None
     #: Set by :class:`Files`: the file as it was taken (see :class:`_Pinned`).
     pinned: _Pinned | None = None
+    #: The row groups ``[first, stop)`` of the file this split reads (:func:`row_group_ranges`);
+    #: ``None``: all of them. Positions count rows from the first row of ``first``.
+    row_groups: tuple[int, int] | None = None
 
     def fingerprint(self) -> str | None:
         """The pinned file's size and mtime (:class:`Files`); None for a plain Parquet source."""
@@ -132,23 +136,31 @@ class _ParquetSplit(Split):
         except (pa.ArrowInvalid, OSError) as e:
             raise _open_failed(self.name, "Parquet", e) from e
         md = pf.metadata
-        first = 0
+        first, stop = self.row_groups or (0, md.num_row_groups)
+        if stop > md.num_row_groups:
+            raise MalformedInputError(
+                f"the Parquet file {where!r} has {md.num_row_groups} row groups, but the split "
+                f"{self.name!r} reads row groups {first}-{stop - 1}: the file was replaced after the "
+                "job split it, and its committed positions would read other rows. Restore the file, "
+                "or start afresh with a new checkpoint_dir or name"
+            )
         start_row = 0
         # Skip whole row groups before the position, using the footer only.
-        while first < md.num_row_groups and start_row + md.row_group(first).num_rows <= position:
+        while first < stop and start_row + md.row_group(first).num_rows <= position:
             start_row += md.row_group(first).num_rows
             first += 1
-        if first >= md.num_row_groups:
+        if first >= stop:
             return
 
         def raw() -> Iterator[pa.RecordBatch]:
             cols = list(self.columns) if self.columns else None
-            for i in range(first, md.num_row_groups):
+            for i in range(first, stop):
                 if md.row_group(i).num_rows <= _WHOLE_ROW_GROUP_ROWS:
-                    # Reading a row group whole is about twice as fast as iter_batches.
-                    yield from (
-                        pf.read_row_group(i, columns=cols, use_threads=False).combine_chunks().to_batches()
-                    )
+                    # Reading a row group whole is about twice as fast as iter_batches. No
+                    # combine_chunks(): a row group reads as one chunk per column (then it is a
+                    # no-op), and where it does not, _regrid joins the pieces of a batch anyway:
+                    # joining here too would copy them twice.
+                    yield from pf.read_row_group(i, columns=cols, use_threads=False).to_batches()
                 else:  # a huge row group: stream it in bounded batches
                     yield from pf.iter_batches(batch_size=self.batch_rows, row_groups=[i], columns=cols)
 
@@ -200,18 +212,122 @@ class _FileSource(Source):
         return f"rf.sources.{type(self).__name__}({self._path!r})"
 
 
+#: Rows a :class:`Parquet` split holds at least (whole row groups, the file's last split
+#: excepted): a 10M-row file of 1M-row row groups is 10 splits, enough for the source actors of
+#: a 16-CPU machine to share it, while each split still amortizes opening the file and its
+#: footer over a million rows.
+PARQUET_SPLIT_ROWS = 1_000_000
+
+
+def row_group_ranges(rows_per_group: Sequence[int], split_rows: int | None) -> list[tuple[int, int]]:
+    """The splits of one Parquet file: ranges ``[first, stop)`` of its row groups, in order,
+    covering every row group once. Row groups are taken whole, in order, until a range holds at
+    least ``split_rows`` rows (the last range may hold fewer); ``split_rows=None``: one range.
+
+    A function of the footer's row counts alone (pure): every process, and every resume of a
+    job with the same ``split_rows``, cuts a file the same way, so split names stay stable.
+    A file without row groups is one (empty) range.
+    """
+    n = len(rows_per_group)
+    if split_rows is None or n <= 1:
+        return [(0, n)]
+    out, first, acc = [], 0, 0
+    for i, rows in enumerate(rows_per_group):
+        acc += rows
+        if acc >= split_rows:
+            out.append((first, i + 1))
+            first, acc = i + 1, 0
+    if first < n:
+        out.append((first, n))
+    return out
+
+
+def row_group_split_name(file: str, first: int, stop: int, groups: int) -> str:
+    """The name of the split of ``file`` that reads row groups ``[first, stop)`` of its
+    ``groups``: ``<file>#rg<first>-<last>`` (last inclusive), or ``<file>`` alone when it reads
+    the whole file (the name every file had when a file was one split, so a checkpoint of a
+    job over single-split files resumes as it was)."""
+    if (first, stop) == (0, groups) or groups == 0:
+        return file
+    return f"{file}#rg{first}-{stop - 1}"
+
+
 class Parquet(_FileSource):
-    """Parquet file(s): a file, a directory or a glob. One split per file.
+    """Parquet file(s): a file, a directory or a glob.
+
+    **Splits.** A file is cut into splits of whole row groups, each of at least
+    ``split_rows`` rows (the file's last split may hold fewer; see
+    :func:`row_group_ranges`), so several source actors read one big file in
+    parallel. A split is named ``<file>#rg<first>-<last>`` (row groups, last
+    inclusive), or ``<file>`` when it is the whole file (a file of one row group,
+    or smaller than ``split_rows``). Positions are row offsets within the split.
+    ``split_rows=None`` makes each file one split, named ``<file>``: that is how
+    rayflow before row-group splits read every file, and how a checkpoint it wrote
+    (whose split names are whole files) resumes. Keep ``split_rows`` the same
+    across the runs of a job: the names depend on it, and a resume whose source
+    lacks a split with committed positions is refused
+    (:class:`~rayflow.errors.IncompatibleCheckpointError`).
 
     The schema is the files' schemas unified: a column that only some files
     have is read as nulls from the others (so a dataset can gain columns).
+    ``columns=`` reads only those columns (the engine also projects a Parquet
+    source to the columns its job uses, when the operators say which,
+    :meth:`with_columns`).
+
+    Caveat: a file must not be replaced while a job has positions in it; a
+    replaced file with fewer row groups than a split reads raises
+    :class:`~rayflow.errors.MalformedInputError`.
     """
 
     fmt = "Parquet"
 
-    def __init__(self, path, *, columns: Sequence[str] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS):
+    def __init__(
+        self,
+        path,
+        *,
+        columns: Sequence[str] | None = None,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        split_rows: int | None = PARQUET_SPLIT_ROWS,
+    ):
         super().__init__(path, batch_rows=batch_rows)
+        if split_rows is not None and (
+            isinstance(split_rows, bool) or not isinstance(split_rows, int) or split_rows < 1
+        ):
+            raise ConfigError(
+                f"rf.sources.Parquet: split_rows must be an integer >= 1 (rows per split), or None "
+                f"(one split per file), got {split_rows!r}"
+            )
         self._columns = tuple(columns) if columns else None
+        self._split_rows = split_rows
+
+    def with_columns(self, columns: Sequence[str]) -> Parquet:
+        """This source reading only ``columns`` (in the schema's order): the same files, splits
+        and split names; raises :class:`ConfigError` for a column the schema lacks."""
+        missing = [c for c in columns if c not in self.schema.names]
+        if missing:
+            raise ConfigError(f"{self!r} has no column(s) {missing}; its columns are {self.schema.names}")
+        projected = copy.copy(self)
+        projected.__dict__.pop("schema", None)  # cached_property: recomputed for the columns
+        projected._columns = tuple(c for c in self.schema.names if c in set(columns))
+        return projected
+
+    @property
+    def splits_files(self) -> bool:
+        """Some file is read as several splits (names with ``#rg``)."""
+        return any(len(ranges) > 1 for _, ranges in self._ranges.values())
+
+    @cached_property
+    def _ranges(self) -> dict[str, tuple[int, list[tuple[int, int]]]]:
+        """Per file: its row count and its row-group ranges (from the footers, read once)."""
+        out = {}
+        for f in self._files:
+            try:
+                md = pq.ParquetFile(f).metadata
+            except pa.ArrowInvalid as e:
+                raise MalformedInputError(f"{f!r} is not a readable Parquet file: {e}") from e
+            groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+            out[f] = (md.num_rows, row_group_ranges(groups, self._split_rows))
+        return out
 
     @cached_property
     def schema(self) -> pa.Schema:
@@ -232,19 +348,23 @@ class Parquet(_FileSource):
         return pa.schema([s.field(c) for c in self._columns]) if self._columns else s
 
     def splits(self) -> list[Split]:
-        rows = 0
-        for f in self._files:
-            try:
-                rows += pq.ParquetFile(f).metadata.num_rows
-            except pa.ArrowInvalid as e:
-                raise MalformedInputError(f"{f!r} is not a readable Parquet file: {e}") from e
-        if rows == 0:
+        """Each file's row-group splits, files in name order, a file's splits in row order."""
+        ranges = self._ranges
+        if sum(rows for rows, _ in ranges.values()) == 0:
             raise EmptyInputError(f"the Parquet input {self._path!r} holds no rows")
         schema = self.schema
-        return [
-            _ParquetSplit(f, self._batch_rows, self._columns, schema, path=os.path.abspath(f))
-            for f in self._files
-        ]
+        out: list[Split] = []
+        for f, (_, rs) in ranges.items():
+            groups = rs[-1][1]
+            for first, stop in rs:
+                out.append(
+                    _ParquetSplit(
+                        row_group_split_name(f, first, stop, groups), self._batch_rows, self._columns,
+                        schema, path=os.path.abspath(f),
+                        row_groups=None if (first, stop) == (0, groups) else (first, stop),
+                    )
+                )  # fmt: skip
+        return out
 
 
 @dataclass(frozen=True)
@@ -365,6 +485,9 @@ class Files(Source):
     directory (``2024/06/part-7.parquet``): the name keys its committed position, so a job that
     is stopped and started again (same ``name`` and ``checkpoint_dir``) resumes each file where
     it was committed, and reads the files that arrived while it was stopped from their top.
+    (Unlike :class:`Parquet`, a file is never cut into row-group splits: a watched directory's
+    parallelism comes from its many files, and a dynamic source is not held to its old split
+    names on resume, so renaming the splits of a file already read would read it again.)
 
     **When a file is complete** (taken). The directory is searched recursively, once per *poll*;
     every file there is read as ``format``, whatever its extension (keep other files out, or

@@ -52,6 +52,10 @@ PACED_BATCH_MS = 50
 
 #: ``events`` not given: 10M events unpaced (WORKLOAD.md), unbounded when paced.
 _DEFAULT_EVENTS = 10_000_000
+#: Splits of an unpaced stream when ``splits`` is not given (at most one per block): enough for
+#: the source actors of a 16-CPU machine to share the stream (``EngineConfig.num_sources``), and
+#: the rows do not depend on it (every row is a function of its global index).
+DEFAULT_UNPACED_SPLITS = 16
 
 
 # ----------------------------------------------------------------------------- the schedule
@@ -369,7 +373,12 @@ class Synthetic(Source):
 
     - ``Synthetic(events=N)`` (default 10M): the N events unpaced, exactly as
       WORKLOAD.md pins them. ``splits`` cuts the stream into that many
-      contiguous ranges of whole blocks, so several source actors can share it.
+      contiguous ranges of whole blocks (at most one per block), so several
+      source actors can share it; by default :data:`DEFAULT_UNPACED_SPLITS`.
+      The rows are the same for any split count (a row is a function of its
+      global index), but split names are ``synthetic[<first>:<stop>]``: a
+      checkpoint resumes only with the split count it was written with
+      (``splits=1`` for one written before the default was several).
     - ``Synthetic(rate=R)``: a live stream, unbounded (the job runs until
       ``run.stop()``), paced at ``R`` events/s: each row is released when the
       wall clock reaches its scheduled time, and ``ts`` is that time
@@ -379,6 +388,8 @@ class Synthetic(Source):
       (``[(5, 10_000), (math.inf, 100_000)]``: a slow start, then steady).
       The rows are the same ``key`` and ``value`` as the unpaced stream's; with
       ``splits=n`` each split takes every n-th block and an n-th of the rate.
+      Paced, ``splits`` is 1 by default: the rate, not reading, bounds a paced
+      stream, and each split must keep a whole number of events/s.
     - ``Synthetic(rate=R, events=N)``: paced, ending after N events (the same
       rows as ``Synthetic(events=N)``, with generation-time ``ts``).
 
@@ -399,13 +410,15 @@ class Synthetic(Source):
         rate: int | float | Sequence[tuple[float, float]] | None = None,
         keys: int = 100_000,
         seed: int = 42,
-        splits: int = 1,
+        splits: int | None = None,
         zipf_s: float = 1.0,
         start_ms: int | None = None,
         batch_ms: int = PACED_BATCH_MS,
     ):
         if events is None and rate is None:
             events = _DEFAULT_EVENTS
+        if splits is None:
+            splits = 1 if rate is not None else DEFAULT_UNPACED_SPLITS
         for name, v, lo in (("keys", keys, 1), ("splits", splits, 1)) + (
             (("events", events, 1),) if events is not None else ()
         ):

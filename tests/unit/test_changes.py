@@ -169,7 +169,7 @@ def record(positions=(), *, epoch=1, rows_total=0) -> CommitRecord:
         partition=3,
         lease_epoch=epoch,
         positions=dict(positions),
-        state_files=["s"],
+        state_files=["state/p00003/e000001-s000001-x-op0.parquet"],
         output_files=["o"],
         rows_in=0,
         rows_total=rows_total,

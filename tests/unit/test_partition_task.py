@@ -35,7 +35,14 @@ def task(**kw) -> PartitionTask:
     return PartitionTask.from_commit(3, 1, [None], None) if not kw else PartitionTask(**kw)
 
 
-def record(positions, *, final=False, epoch=1, state_files=("s1",), outputs=()) -> CommitRecord:
+def record(
+    positions,
+    *,
+    final=False,
+    epoch=1,
+    state_files=("state/p00000/e000001-s000001-x-op0.parquet",),
+    outputs=(),
+) -> CommitRecord:
     return CommitRecord(
         partition=3,
         lease_epoch=epoch,

@@ -567,8 +567,9 @@ class Catalog:
     def retire_state_files(self, *, keep: int) -> list[str]:
         """Stop naming the state files of all but the last ``keep`` commits per partition.
 
-        Returns the files no row names any more (the caller deletes them). The
-        positions and row counts of old commits stay, as history.
+        Returns the files no row names any more (the caller deletes them): a
+        file a kept commit names too (the base of a state chain, its earlier
+        deltas) stays. The positions and row counts of old commits stay, as history.
         """
         rows = self.con.execute(
             """SELECT commit_id, state_files FROM (
@@ -588,7 +589,8 @@ class Catalog:
         self._clear_state_files(cur, ids)
         self._set_applied(cur, n)
         cur.execute("COMMIT")
-        return [f for _, files in rows for f in json.loads(files)]
+        named = self.all_state_files()
+        return list(dict.fromkeys(f for _, files in rows for f in json.loads(files) if f not in named))
 
     def _clear_state_files(self, cur, commit_ids: list[int]) -> None:
         cur.executemany(

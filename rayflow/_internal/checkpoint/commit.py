@@ -6,7 +6,13 @@ steps, numbered once here and in ``docs/checkpoints.md``:
 
 1. **Write** (consumer, :func:`write_commit`). Each stateful operator's state
    goes to a Parquet file sorted by ``_hash`` under a unique name
-   (``state/p<partition>/e<epoch>-s<seq>-<uuid>-op<i>.parquet``); the staged
+   (``state/p<partition>/e<epoch>-s<seq>-<uuid>-op<i>.parquet``), or, for an
+   operator whose state can be committed incrementally, only what changed
+   since the last recorded commit: a *delta* file (``...-op<i>-d.parquet``,
+   also sorted by ``_hash``), the commit then naming the base and every
+   delta since, in order (a *state chain*, see :class:`StateChain`). A
+   background compaction folds a chain into a new base (``...-op<i>-c.parquet``)
+   that a later commit names instead. The staged
    outputs go to one file in the sink's pending area, named by the lease epoch
    and the positions it covers (:func:`output_name`), so a repeat by the same
    owner rewrites the same name and never adds a second copy. Nothing is
@@ -33,7 +39,8 @@ steps, numbered once here and in ``docs/checkpoints.md``:
 6. **Trim** (consumer -> sources). The sources drop queued entries the
    committed positions cover, under the lease epoch (a stale one is refused).
 7. **Retire** (manager). State files of older commits stop being named by the
-   catalog first, then are deleted: a row never points at a missing file.
+   catalog first, then are deleted: a row never points at a missing file (a
+   file a later row still names, a chain's base, stays).
 
 After a commit call that failed (an error, a lost reply, a manager restart),
 the consumer does not know whether step 4 happened. Before it writes or
@@ -50,9 +57,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
@@ -83,6 +91,70 @@ class CommitRecord:
     #: The partition's watermark and its splits' (``watermarks.PartitionClock.committed``), for a
     #: job with event time; ``None`` otherwise (and in commits recorded before watermarks existed).
     watermarks: dict | None = None
+    #: The state files this attempt names but did not write (a chain's base and earlier deltas,
+    #: recorded before; a compaction's base): never deleted with the attempt (:func:`discard`).
+    #: Not recorded in the catalog (a recorded row's files are all named alike).
+    inherited: tuple[str, ...] = ()
+    #: The rows of each state file this attempt wrote (the consumer's count of a chain's rows).
+    written_rows: dict[str, int] = field(default_factory=dict)
+
+
+_STATE_FILE = re.compile(r"-op(\d+)(-[dc])?\.parquet$")
+
+
+def state_file_op(path: str) -> int:
+    """The index, in the operator chain, of the operator whose state ``path`` holds."""
+    m = _STATE_FILE.search(path)
+    if m is None:
+        raise ValueError(f"not a state file name: {path}")
+    return int(m.group(1))
+
+
+def is_delta(path: str) -> bool:
+    """Whether the state file ``path`` is a delta (else a whole snapshot: a base)."""
+    m = _STATE_FILE.search(path)
+    return m is not None and m.group(2) == "-d"
+
+
+@dataclass(frozen=True)
+class StateChain:
+    """One operator's recorded state in a partition: a base file, then the deltas after it, in
+    commit order, with each file's row count. Folding them (``Operator.merge_states``) gives the
+    state as of the commit that names them."""
+
+    files: tuple[str, ...] = ()
+    rows: tuple[int, ...] = ()
+
+    @property
+    def deltas(self) -> int:
+        return sum(1 for f in self.files if is_delta(f))
+
+    @property
+    def delta_rows(self) -> int:
+        return sum(r for f, r in zip(self.files, self.rows) if is_delta(f))
+
+    @property
+    def base_rows(self) -> int:
+        return sum(r for f, r in zip(self.files, self.rows) if not is_delta(f))
+
+    def then(self, file: str, rows: int) -> StateChain:
+        return StateChain(self.files + (file,), self.rows + (rows,))
+
+    def rebased(self, base: str, rows: int, folded: tuple[str, ...]) -> StateChain | None:
+        """This chain with its first files ``folded`` replaced by the ``base`` that folds them
+        (a compaction's result); None if the chain no longer starts with them."""
+        if self.files[: len(folded)] != folded:
+            return None
+        n = len(folded)
+        return StateChain((base,) + self.files[n:], (rows,) + self.rows[n:])
+
+
+def state_chains(state_files: list[str]) -> dict[int, list[str]]:
+    """A recorded commit's state files by operator index, in order (a base, then deltas)."""
+    out: dict[int, list[str]] = {}
+    for f in state_files:
+        out.setdefault(state_file_op(f), []).append(f)
+    return out
 
 
 def output_name(partition: int, epoch: int, start: dict[str, int], end: dict[str, int]) -> str:
@@ -123,12 +195,47 @@ def output_store(output: str, sink_store: Store, side_stores: Mapping[str, Store
     return (sink_store if stream is None else side_stores[stream]), name
 
 
+def write_state(store: Store, path: str, table: pa.Table, key: list[str]) -> tuple[str, int]:
+    """Write one state table (a base or a delta) sorted by ``_hash``: ``(file, rows)``."""
+    t = with_hash(table, key)
+    return store.write_parquet(path, t, fast=True), t.num_rows
+
+
+def read_state(store: Store, files: list[str] | tuple[str, ...]) -> tuple[list[pa.Table], dict[str, int]]:
+    """The tables of the files a commit names for one operator (a base, then its deltas, for an
+    incremental operator), without ``_hash``; with each file's rows."""
+    tables = [store.read_parquet(f) for f in files]
+    rows = {f: t.num_rows for f, t in zip(files, tables)}
+    return [t.drop_columns(["_hash"]) if "_hash" in t.column_names else t for t in tables], rows
+
+
+def compact(
+    store: Store, *, partition: int, op_index: int, tag: str, chain: StateChain, op, key: list[str]
+) -> tuple[str, int]:
+    """Fold ``chain`` (a base and its deltas) into one new base file: ``(file, rows)``.
+
+    Reads only files (never the live state), so it runs in the background
+    while the partition goes on; the result names a state some recorded
+    commit had, so a later commit may name it in place of the files it folds
+    (:meth:`StateChain.rebased`). Until one does, nothing names it: a crash
+    leaves garbage that the next fresh start deletes.
+    """
+    tables, _ = read_state(store, chain.files)
+    table = tables[0] if len(tables) == 1 else op.merge_states(tables)
+    return write_state(store, f"state/p{partition:05d}/{tag}-op{op_index}-c.parquet", table, key)
+
+
+def state_tag(epoch: int, seq: int) -> str:
+    """The unique part of a state file's name: lease epoch, attempt sequence, random suffix."""
+    return f"e{epoch:06d}-s{seq:06d}-{uuid.uuid4().hex[:8]}"
+
+
 def with_hash(t: pa.Table, key: list[str]) -> pa.Table:
     """The state table with its rows' key hash as ``_hash``, sorted by it (DESIGN §3)."""
     if t.num_rows == 0 or not all(k in t.column_names for k in key):
         return t.append_column("_hash", pa.array(np.zeros(t.num_rows, np.uint64)))
     h = hash_table(t, key)
-    order = np.argsort(h, kind="stable")
+    order = np.argsort(h)  # keys are unique in a state: a stable sort would buy nothing
     return t.take(pa.array(order)).append_column("_hash", pa.array(h[order]))
 
 
@@ -138,6 +245,7 @@ def write_commit(
     epoch: int,
     seq: int,
     state_tables: dict[int, pa.Table],
+    state_deltas: Mapping[int, tuple[StateChain, pa.Table]] = MappingProxyType({}),
     outputs: list[pa.Table],
     committed_positions: dict[str, int],
     positions: dict[str, int],
@@ -153,17 +261,31 @@ def write_commit(
 ) -> CommitRecord:
     """Step 1: write state files and the pending output files; return the record to send.
 
-    ``state_tables`` maps each stateful operator's index to its state as a
-    table. Outputs marked as a side stream (``rf.ops.base.side_stream``) go,
-    unmarked, to one pending file in that stream's store (``side_stores``),
-    the rest to one in ``sink_store``. Blocking I/O: call it from a worker thread.
+    ``state_tables`` maps a stateful operator's index to its whole state as a
+    table (a new base); ``state_deltas`` maps an incremental operator's index
+    to its recorded chain and the delta since (an empty delta adds no file:
+    the commit names the chain as it is). Outputs marked as a side stream
+    (``rf.ops.base.side_stream``) go, unmarked, to one pending file in that
+    stream's store (``side_stores``), the rest to one in ``sink_store``.
+    ``state_rows`` of the record: the rows of every state file it names.
+    Blocking I/O: call it from a worker thread.
     """
-    tag = f"e{epoch:06d}-s{seq:06d}-{uuid.uuid4().hex[:8]}"
-    state_files, state_rows = [], 0
-    for i, table in state_tables.items():
-        t = with_hash(table, key)
-        state_rows += t.num_rows
-        state_files.append(state_store.write_parquet(f"state/p{partition:05d}/{tag}-op{i}.parquet", t))
+    tag = state_tag(epoch, seq)
+    state_files, inherited, written = [], [], {}
+    for i in sorted({*state_tables, *state_deltas}):
+        if i in state_tables:
+            table, suffix = state_tables[i], ""
+        else:
+            chain, table = state_deltas[i]
+            state_files += chain.files
+            inherited += chain.files
+            if not table.num_rows:
+                continue
+            suffix = "-d"
+        f, rows = write_state(state_store, f"state/p{partition:05d}/{tag}-op{i}{suffix}.parquet", table, key)
+        state_files.append(f)
+        written[f] = rows
+    state_rows = sum(written.values()) + sum(r for chain, _ in state_deltas.values() for r in chain.rows)
     output_files = []
     by_stream: dict[str | None, list[pa.Table]] = {}
     for t in outputs:
@@ -187,6 +309,8 @@ def write_commit(
         final=final,
         map_version=map_version,
         watermarks=watermarks,
+        inherited=tuple(inherited),
+        written_rows=written,
     )
 
 
@@ -245,7 +369,7 @@ def discard(
     no recorded commit names the output of an attempt that did not land.
     """
     for f in attempt.state_files:
-        if f not in keep:
+        if f not in keep and f not in attempt.inherited:
             state_store.delete(f)
     for output in attempt.output_files:
         if output not in keep:

