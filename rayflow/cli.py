@@ -104,13 +104,22 @@ def _state_sql(files: list[str]) -> str:
             folded.setdefault(pq.read_schema(newest).metadata[STATE_MERGE_KEY], []).extend(c)
     for spec, fs in folded.items():
         s = json.loads(spec)
-        by = ", ".join(f'"{c}"' for c in s["by"])
-        aggs = ", ".join(f'{fn}("{c}") AS "{c}"' for c, fn in s["merge"].items())
+        by = ", ".join(map(_quote, s["by"]))
+        aggs = ", ".join(f"{fn}({_quote(c)}) AS {_quote(c)}" for c, fn in s["merge"].items())
         parts.append(
             f"SELECT {by}, {aggs}, min(_hash) AS _hash FROM read_parquet({_sql_list(fs)}, union_by_name=true) "
             f"GROUP BY {by}"
         )
-    return " UNION ALL BY NAME ".join(parts)
+    union = " UNION ALL BY NAME ".join(parts)
+    # A count added on resume is 0, not NULL, where no file has it yet (as a restore fills it).
+    zero = sorted({c for spec in folded for c in json.loads(spec).get("zero", [])})
+    if not zero:
+        return union
+    return f"SELECT * REPLACE ({', '.join(f'coalesce({q}, 0) AS {q}' for q in map(_quote, zero))}) FROM ({union})"
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _print(rel) -> None:

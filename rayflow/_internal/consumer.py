@@ -533,7 +533,7 @@ class ConsumerActor:
         """
         tasks = [self.owned[p] for p in revoke if p in self.owned]
         self._retry_at = 0.0  # a revocation does not wait for a backoff
-        await self._commit([t for t in tasks if t.revoked()], count_failure=False)
+        await self._commit([t for t in tasks if t.revoked()], count_failure=False, compact=False)
         release = {t.partition: t.epoch for t in tasks if t.partition in self.owned}
         try:
             await _call(self.manager.release.remote(self.member_id, release), self.config.call_timeout_s)
@@ -546,15 +546,20 @@ class ConsumerActor:
             self._forget(p)
 
     # ------------------------------------------------------------------ commit
-    async def _commit(self, tasks: list[pt.PartitionTask], *, count_failure: bool = True) -> None:
-        """Commit ``tasks`` (protocol steps 1, 2-5 at the manager, 6; see checkpoint/commit.py)."""
+    async def _commit(
+        self, tasks: list[pt.PartitionTask], *, count_failure: bool = True, compact: bool = True
+    ) -> None:
+        """Commit ``tasks`` (protocol steps 1, 2-5 at the manager, 6; see checkpoint/commit.py);
+        ``compact``: start compactions of long chains after (not for partitions on their way out)."""
         t0 = time.perf_counter()
         try:
-            await self._commit_steps(tasks, count_failure=count_failure)
+            await self._commit_steps(tasks, count_failure=count_failure, compact=compact)
         finally:
             self.commit_s += time.perf_counter() - t0
 
-    async def _commit_steps(self, tasks: list[pt.PartitionTask], *, count_failure: bool) -> None:
+    async def _commit_steps(
+        self, tasks: list[pt.PartitionTask], *, count_failure: bool, compact: bool
+    ) -> None:
         if self._unsettled and not await self._reconcile():
             self._failed(_outcome_unknown(), count_failure)
             return
@@ -582,7 +587,8 @@ class ConsumerActor:
             return
         fenced = set(reply["fenced"])
         self._settle(records, accepted=set(reply["accepted"]), fenced=fenced)
-        self._start_compactions([self.owned[r.partition] for r in records if r.partition in self.owned])
+        if compact:
+            self._start_compactions([self.owned[r.partition] for r in records if r.partition in self.owned])
         if fenced:
             # A fenced attempt may still have landed: Ray retries a call whose manager died
             # after recording it, and the restarted manager fences the retry. Only the catalog
@@ -663,8 +669,9 @@ class ConsumerActor:
                 chain = self._compacted(t, i)
                 if limit and chain.files and chain.deltas < 4 * limit:
                     staged = t.staged_deltas.get(i, [])
-                    merged = op.merge_states(staged) if len(staged) > 1 else (staged[0] if staged else delta)
-                    deltas[i] = (chain, merged)
+                    if len(staged) > 1:  # attempts that failed: fold them once, not at every retry
+                        staged[:] = [op.merge_states(staged)]
+                    deltas[i] = (chain, staged[0] if staged else delta)
                     continue
             states[i] = op.state_to_table(t.states[i])
         return states, deltas
@@ -704,7 +711,7 @@ class ConsumerActor:
                 return True  # not named yet: the next commit will
             self.compactions += base in chain.files
             if base not in chain.files and base not in {f for r in self._unsettled for f in r.state_files}:
-                self.state_store.delete(base)
+                self._delete_later(base)
         self._compactions.pop(key)
         return False
 
@@ -728,8 +735,17 @@ class ConsumerActor:
                     folded=chain.files,
                 )
 
+    def _delete_later(self, file: str) -> None:
+        """Delete a state file nothing names, on the compaction thread: never on the event loop
+        (a remote store's delete is a round trip), after the compactions queued before it."""
+        try:
+            self._compactor.submit(self.state_store.delete, file)
+        except RuntimeError:  # shut down (a stopping consumer): the next fresh start deletes it
+            pass
+
     def _compact(self, partition: int, i: int, tag: str, chain: cm.StateChain) -> tuple[str, int]:
-        """Compaction thread: fold ``chain`` into a new base (``commit.compact``)."""
+        """Compaction thread: fold ``chain`` into a new base (``commit.compact``); a failure after
+        the write deletes the base (nothing can name it yet)."""
         out = cm.compact(
             self.state_store,
             partition=partition,
@@ -739,7 +755,11 @@ class ConsumerActor:
             op=self.chain.ops[i],
             key=self.key,
         )
-        self._fault("consumer.after_compaction")
+        try:
+            self._fault("consumer.after_compaction")
+        except BaseException:
+            self.state_store.delete(out[0])
+            raise
         return out
 
     def _forget(self, partition: int) -> None:
@@ -756,7 +776,7 @@ class ConsumerActor:
             job = self._compactions.pop(key)
             if job.offered or not job.future.done() or job.future.exception() is not None:
                 continue
-            self.state_store.delete(job.future.result()[0])
+            self._delete_later(job.future.result()[0])
 
     def _settle(self, records: list[CommitRecord], *, accepted: set[int], fenced: set[int]) -> None:
         """Apply the manager's verdict, then trim the sources (step 6)."""

@@ -341,15 +341,22 @@ class Run:
         self.sink_store = Store(self.paths.sink_root)
         try:
             self._write_job_file(splits, schema)
+            # Every actor's process starts at once (an actor's start-up is mostly its process
+            # importing Ray, pyarrow and rayflow: ~1 s each on a small machine); then the calls
+            # run in the protocol's order: the manager ready, the sources made known, the
+            # consumers joining.
+            self._create_manager()
+            self._start_sources()
+            consumers = self._create_consumers(spec.consumers)
             try:
-                self._start_manager()
+                self._manager_ready()
             except IncompatibleCheckpointError as e:
                 hinted = _with_split_hint(e, spec.source)
                 if hinted is e:
                     raise
                 raise hinted from e
-            self._start_sources()
-            self._add_consumers(spec.consumers)
+            self._get(self.manager.set_sources.remote(self.sources))
+            self._get([a.start.remote() for a in consumers])
             self._activate()
             self.startup_s = time.monotonic() - t0
             self._start_reading()
@@ -402,7 +409,7 @@ class Run:
         )
         self._job_file = write_job_file(self.job)
 
-    def _start_manager(self) -> None:
+    def _create_manager(self) -> None:
         """Step 5: the GroupManager (restartable: reloads from the catalog; consumers keep leases)."""
         spec, name = self.spec, naming.manager_name(self.spec.name)
         _wait_name_free(name)
@@ -422,6 +429,9 @@ class Run:
                 "first or choose another name"
             ) from e
         self._actors.append(self.manager)
+
+    def _manager_ready(self) -> None:
+        """Step 5, done: the manager loaded the catalog (and checked the job against it)."""
         self._get(self.manager.ready.remote())
         # The name is ours now: job files of earlier runs (a crashed driver's) can go.
         delete_job_files(self.paths.root, keep=self._job_file)
@@ -441,10 +451,13 @@ class Run:
             for i in range(len(self.job.splits))
         ]
         self._actors.extend(self.sources)
-        self._get(self.manager.set_sources.remote(self.sources))
 
     def _add_consumers(self, n: int) -> None:
         """Step 7 (and scaling up): consumers join the group; not restartable, a dead one is replaced."""
+        self._get([a.start.remote() for a in self._create_consumers(n)])
+
+    def _create_consumers(self, n: int) -> list:
+        """The actors of ``n`` new consumers (they join the group on ``start``)."""
         spec, new = self.spec, []
         for _ in range(n):
             member = f"consumer-{self._next_consumer}"
@@ -476,7 +489,7 @@ class Run:
             self.consumers[member] = actor
             self._actors.append(actor)
             new.append(actor)
-        self._get([a.start.remote() for a in new])
+        return new
 
     def _activate(self) -> None:
         """Step 8: the first assignment, once the expected consumers have joined."""

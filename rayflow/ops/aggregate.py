@@ -35,8 +35,9 @@ class _Agg:
 
 
 _MERGE = {"count": "sum", "sum": "sum", "min": "min", "max": "max"}
-#: Schema metadata of an incremental state file: ``{"by": [...], "merge": {column: function}}``,
-#: how a base and its deltas fold into one state (as SQL aggregates over their union).
+#: Schema metadata of an incremental state file: ``{"by": [...], "merge": {column: function},
+#: "zero": [count columns]}``, how a base and its deltas fold into one state (as SQL aggregates
+#: over their union; a count column a file lacks counts 0, see ``Aggregate.state_from_table``).
 STATE_MERGE_KEY = b"rayflow.state_merge"
 SUPPORTED_AGGS = ("count", "sum", "min", "max", "mean")
 
@@ -433,5 +434,9 @@ class Aggregate(Operator):
     def _with_merge_spec(self, t: pa.Table) -> pa.Table:
         """``t`` with how its rows fold (``STATE_MERGE_KEY`` metadata), so ``rayflow sql`` can show
         a base and its deltas as one state without the pipeline at hand."""
-        spec = {"by": self.by, "merge": {col: _MERGE[fn] for _, fn, col in self._partials}}
+        spec = {
+            "by": self.by,
+            "merge": {col: _MERGE[fn] for _, fn, col in self._partials},
+            "zero": [col for _, fn, col in self._partials if fn == "count"],  # a missing count is 0
+        }
         return t.replace_schema_metadata({**(t.schema.metadata or {}), STATE_MERGE_KEY: json.dumps(spec)})

@@ -73,16 +73,6 @@ def test_a_delta_holds_only_the_groups_touched_since_the_last_commit():
     assert third.num_rows == 0
 
 
-def test_an_untaken_delta_stays_bounded_by_the_groups():
-    """A delta no commit takes is folded as it grows: never more rows than the state's groups."""
-    op = rf.ops.Aggregate(by="key", aggs=[("value", "sum")])
-    state = op.init_state()
-    rng = np.random.default_rng(3)
-    for _ in range(40):
-        state, _ = op.process(state, batch(rng, 10_000, 100))
-    assert sum(t.num_rows for t in state[4]) <= 100_000 + 100
-
-
 def write_chain(store: Store, op, tables: list[pa.Table]) -> cm.StateChain:
     chain = cm.StateChain()
     for n, t in enumerate(tables):

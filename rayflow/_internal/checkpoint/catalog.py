@@ -51,12 +51,14 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-
-import duckdb
+from typing import TYPE_CHECKING
 
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store, is_remote, join
 from rayflow.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import duckdb
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,8 @@ _LOG_READERS = 16
 
 
 def _connect(path: str, lock_timeout_s: float) -> duckdb.DuckDBPyConnection:
+    import duckdb  # here, not at the top: only the manager's process opens the catalog
+
     deadline = time.monotonic() + lock_timeout_s
     while True:
         try:
@@ -122,6 +126,12 @@ def _connect(path: str, lock_timeout_s: float) -> duckdb.DuckDBPyConnection:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _duckdb_error() -> type[Exception]:
+    import duckdb
+
+    return duckdb.Error
 
 
 def catalog_path(root: str) -> str:
@@ -523,7 +533,7 @@ class Catalog:
             self._last_checkpoint = now
             try:
                 self.con.execute("CHECKPOINT")
-            except duckdb.Error as e:  # only freshness for readers of a copy: never fail a commit
+            except _duckdb_error() as e:  # only freshness for readers of a copy: never fail a commit
                 logger.warning("rayflow catalog %s: CHECKPOINT failed (retried later): %s", self.path, e)
 
     # ------------------------------------------------------------------ outputs
