@@ -131,9 +131,21 @@ class PeakRSS:
 
 
 def run_once(
-    path, *, job="keyed", consumers, partitions, interval_s, address, sources=None
+    path,
+    *,
+    job="keyed",
+    consumers,
+    partitions,
+    interval_s,
+    address,
+    sources=None,
+    state_deltas_max=None,
+    one_machine=False,
 ) -> tuple[dict, pa.Table]:
-    """One run of ``job``; ``sources``: source actors (``None``: the engine's auto rule)."""
+    """One run of ``job``; ``sources``: source actors (``None``: the engine's auto rule);
+    ``state_deltas_max``: ``EngineConfig.state_deltas_max`` (``None``: its default);
+    ``one_machine``: every node of the cluster is on this machine (``--nodes``), so its local
+    paths are shared (``Pipeline(local_paths_shared=True)``)."""
     ck = tempfile.mkdtemp(prefix="rayflow-bench-")
     try:
         pipeline = rf.Pipeline(
@@ -146,8 +158,12 @@ def run_once(
             consumers=consumers,
             checkpoint_dir=os.path.join(ck, "checkpoints"),
             checkpoint_interval_s=interval_s,
-            config=rf.EngineConfig(num_sources=sources),
+            config=rf.EngineConfig(
+                num_sources=sources,
+                **({} if state_deltas_max is None else {"state_deltas_max": state_deltas_max}),
+            ),
             progress=False,
+            local_paths_shared=one_machine,
             **({"event_time": "ts", "max_out_of_orderness_s": 0.0} if job == "window" else {}),
         )
         with PeakRSS() as mem:
@@ -276,6 +292,7 @@ def main(argv=None) -> int:
                         interval_s=args.checkpoint_interval_s,
                         address=args.address,
                         sources=n_src,
+                        one_machine=bool(args.nodes) and args.address is None,
                     )
                     stats["correct"] = same(out, ref, job)
                     stats["output_rows"] = out.num_rows
