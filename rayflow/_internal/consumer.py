@@ -123,6 +123,11 @@ class ConsumerActor:
         self._assignment: dict | None = None
         self._hb_seq = 0
         self._released: dict[int, tuple[int, int]] = {}  # partition -> (epoch, hb seq at release)
+        # partition -> the highest lease epoch a reconciliation fenced (renewed or moved past): an
+        # answer granting it again under that epoch or an older one predates the renewal, and
+        # must not bring back a second owner of (partition, epoch), which output names and
+        # discard rely on never existing.
+        self._fenced_upto: dict[int, int] = {}
         self._kept: set[int] | None = None  # after a re-join: the claims the manager confirmed
         self._firsts: dict[int, tuple[int, float]] = {}
         self._stopping = False
@@ -278,6 +283,8 @@ class ConsumerActor:
             rel = self._released.get(p)
             if rel is not None and rel[0] == e and a["seq"] <= rel[1]:
                 continue  # an answer from before our release: not a grant
+            if e <= self._fenced_upto.get(p, 0):
+                continue  # an answer from before a renewal that fenced this epoch: not a grant
             new[p] = e
         return new, a["commits"], [p for p in a["revoke"] if p in self.owned]
 
@@ -817,6 +824,8 @@ class ConsumerActor:
         for rec in attempts:
             new_epoch, latest = answer[rec.partition]
             how = cm.outcome(rec, latest)
+            # Renewed (or moved on): the lease never holds rec.lease_epoch again.
+            self._fenced_upto[rec.partition] = max(self._fenced_upto.get(rec.partition, 0), rec.lease_epoch)
             t = self.owned.get(rec.partition)
             if t is not None and t.epoch == rec.lease_epoch:
                 if how == "landed":

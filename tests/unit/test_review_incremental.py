@@ -52,6 +52,7 @@ def _consumer(tmp_path, manager=None):
     c.sources = []
     c.owned = {}
     c._unsettled = []
+    c._fenced_upto = {}
     c._compactions = {}
     c.compactions = 0
     c.last_commit_error = None
