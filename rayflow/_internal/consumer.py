@@ -775,15 +775,19 @@ class ConsumerActor:
         self.owned.pop(partition, None)
 
     def _drop_compactions(self, partition: int) -> None:
-        """``partition`` leaves this consumer: forget its compactions, deleting a finished base
-        that no attempt ever named (so no catalog row can). One still running, or one an
-        attempt named (it may have landed, its reply lost: the partition may leave before its
-        reconciliation), is left: the next fresh start deletes what no row names."""
+        """``partition`` leaves this consumer: forget its compactions, deleting each base no
+        attempt ever named (so no catalog row can), now or, for one still running, once it is
+        written. A base an attempt named (it may have landed, its reply lost: the partition may
+        leave before its reconciliation) is left: the next fresh start deletes it if no row names it."""
         for key in [k for k in self._compactions if k[0] == partition]:
             job = self._compactions.pop(key)
-            if job.offered or not job.future.done() or job.future.exception() is not None:
+            if job.offered:
                 continue
-            self._delete_later(job.future.result()[0])
+            if job.future.done():
+                if job.future.exception() is None:
+                    self._delete_later(job.future.result()[0])
+            else:  # deleted once written, on the compaction thread (no attempt can name it now)
+                job.future.add_done_callback(_delete_result(self.state_store))
 
     def _settle(self, records: list[CommitRecord], *, accepted: set[int], fenced: set[int]) -> None:
         """Apply the manager's verdict, then trim the sources (step 6)."""
@@ -904,6 +908,16 @@ class ConsumerActor:
     def _fault(self, point: str) -> None:
         if self.faults is not None:
             self.faults.hit(point, self.member_id)
+
+
+def _delete_result(store: Store):
+    """A done-callback deleting the base file a compaction future wrote (if it wrote one)."""
+
+    def delete(fut: Future) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            store.delete(fut.result()[0])
+
+    return delete
 
 
 @dataclass
