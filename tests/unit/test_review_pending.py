@@ -27,7 +27,6 @@ The interleaving, driven here on a bare instance of the actor's class with a fak
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -38,19 +37,10 @@ from rayflow._internal.chain import Chain
 from rayflow._internal.checkpoint import commit as cm
 from rayflow._internal.checkpoint.store import Store
 from rayflow._internal.consumer import ConsumerActor
+from rayflow._internal.queues import Entry
 from rayflow.sinks import PENDING_DIR
 
 Consumer = ConsumerActor.__ray_metadata__.modified_class
-
-
-@dataclass(frozen=True)
-class Entry:
-    split: str
-    start: int
-    end: int
-    rows: int
-    since: int | None = None
-    watermark: int | None = None
 
 
 def _remote(fn):
@@ -99,7 +89,7 @@ def _entries(start: int, end: int, step: int = 2_000):
     for s in range(start, end, step):
         ids = pa.array(range(s + 1, s + step, 2), pa.int64())  # this partition's rows of the batch
         batch = pa.record_batch({"id": ids, "key": ids, "value": pa.array([1.0] * len(ids))})
-        out.append((Entry("table", s, s + step, len(ids), since=s), batch))
+        out.append((Entry("table", s, s + step, len(ids), batch.nbytes, None, since=s), batch))
     return out
 
 
