@@ -18,6 +18,7 @@ also from the builtin exception a Python caller would expect, so both
     ├── BrokerUnreachableError(ConnectionError)  a Kafka broker did not answer within the timeout
     ├── CheckpointError                    committed state cannot be used as it is
     │   └── IncompatibleCheckpointError    the checkpoint was written by a different job shape
+    │       └── MissingSplitsError         splits with committed positions are not in this run's source
     ├── FencedError                        a stale lease epoch: the caller no longer owns the partition
     ├── ProtocolError(RuntimeError)        a message broke the commit or lease protocol (a bug)
     │   └── PositionGapError               rows are missing between two batches of a split
@@ -119,6 +120,12 @@ class CheckpointError(RayflowError):
 
 class IncompatibleCheckpointError(CheckpointError, ValueError):
     """The checkpoint was written by a job of a different shape (schema, key, partition map)."""
+
+
+class MissingSplitsError(IncompatibleCheckpointError):
+    """Input splits with committed positions are not in this run's source (files gone, or a
+    source that now names its splits otherwise): resuming would count their rows again or lose
+    them. The message names the splits, and the source argument that resumes when there is one."""
 
 
 class FencedError(RayflowError):

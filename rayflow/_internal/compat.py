@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from rayflow.errors import IncompatibleCheckpointError
+from rayflow.errors import IncompatibleCheckpointError, MissingSplitsError
 
 _FRESH = "Run with the original setting, or start afresh with a new checkpoint_dir or name."
 
@@ -169,10 +169,10 @@ def check_resume(
         had = set(old.splits or ()) | set(known_splits)
         gone = [] if new.dynamic else sorted(had - new_splits)
         if gone:
-            _refuse(
-                name,
-                f"input split(s) {gone[:5]} have committed positions but are not in this run's "
-                "source; resuming would count their rows again or lose them",
+            raise MissingSplitsError(
+                f"cannot resume pipeline {name!r}: input split(s) {gone[:5]} have committed "
+                "positions but are not in this run's source; resuming would count their rows "
+                f"again or lose them. {_FRESH}"
             )
         added = sorted(new_splits - had)
         if finished and added:

@@ -781,13 +781,13 @@ class ConsumerActor:
         leave before its reconciliation) is left: the next fresh start deletes it if no row names it."""
         for key in [k for k in self._compactions if k[0] == partition]:
             job = self._compactions.pop(key)
-            if job.offered:
-                continue
-            if job.future.done():
-                if job.future.exception() is None:
-                    self._delete_later(job.future.result()[0])
-            else:  # deleted once written, on the compaction thread (no attempt can name it now)
-                job.future.add_done_callback(_delete_result(self.state_store))
+            if not job.offered:  # deleted once written (now, if it is), on the compaction thread
+                job.future.add_done_callback(self._delete_written)
+
+    def _delete_written(self, fut: Future) -> None:
+        """Done-callback: delete the base a compaction wrote, if it wrote one (``_delete_later``)."""
+        if not fut.cancelled() and fut.exception() is None:
+            self._delete_later(fut.result()[0])
 
     def _settle(self, records: list[CommitRecord], *, accepted: set[int], fenced: set[int]) -> None:
         """Apply the manager's verdict, then trim the sources (step 6)."""
@@ -908,16 +908,6 @@ class ConsumerActor:
     def _fault(self, point: str) -> None:
         if self.faults is not None:
             self.faults.hit(point, self.member_id)
-
-
-def _delete_result(store: Store):
-    """A done-callback deleting the base file a compaction future wrote (if it wrote one)."""
-
-    def delete(fut: Future) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            store.delete(fut.result()[0])
-
-    return delete
 
 
 @dataclass

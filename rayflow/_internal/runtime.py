@@ -51,7 +51,13 @@ from rayflow._internal.lag import add_lag
 from rayflow._internal.source_actor import SourceActor
 from rayflow._internal.watermarks import EventTime, check_event_time_column
 from rayflow.config import EngineConfig, auto_num_sources
-from rayflow.errors import ConfigError, IncompatibleCheckpointError, PipelineFailedError, RayflowError
+from rayflow.errors import (
+    ConfigError,
+    IncompatibleCheckpointError,
+    MissingSplitsError,
+    PipelineFailedError,
+    RayflowError,
+)
 from rayflow.ops import Operator
 from rayflow.partitioning import PartitionMap, key_columns
 from rayflow.sinks import Sink
@@ -250,7 +256,7 @@ def _with_split_hint(e: IncompatibleCheckpointError, source: Source) -> Incompat
     """``e``, with a way out when this run's source names its splits otherwise than the one a
     checkpoint of an earlier rayflow was written with (one split per Parquet file; one split of
     the synthetic stream): the checkpoint's split names are then missing from this run."""
-    if "input split(s)" not in str(e):
+    if not isinstance(e, MissingSplitsError):
         return e
     hint = ""
     if isinstance(source, Parquet) and source.splits_files:
@@ -266,7 +272,7 @@ def _with_split_hint(e: IncompatibleCheckpointError, source: Source) -> Incompat
         )
     if not hint:
         return e
-    return IncompatibleCheckpointError(f"{e} Note: {hint}.")
+    return MissingSplitsError(f"{e} Note: {hint}.")
 
 
 def _alive_nodes() -> int:

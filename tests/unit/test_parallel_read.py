@@ -268,11 +268,11 @@ def test_with_columns_refuses_an_unknown_column(wide):
 
 def test_a_checkpoint_with_whole_file_splits_gets_a_way_out(tmp_path, events):
     from rayflow._internal.runtime import _with_split_hint
-    from rayflow.errors import IncompatibleCheckpointError
+    from rayflow.errors import IncompatibleCheckpointError, MissingSplitsError
 
     path = str(tmp_path / "f.parquet")
     pq.write_table(events, path, row_group_size=20_000)
-    refused = IncompatibleCheckpointError(
+    refused = MissingSplitsError(  # what the resume check raises (compat.check_resume)
         f"cannot resume pipeline 'p': input split(s) [{path!r}] have committed positions but are "
         "not in this run's source"
     )

@@ -129,14 +129,6 @@ class StateChain:
     def deltas(self) -> int:
         return sum(1 for f in self.files if is_delta(f))
 
-    @property
-    def delta_rows(self) -> int:
-        return sum(r for f, r in zip(self.files, self.rows) if is_delta(f))
-
-    @property
-    def base_rows(self) -> int:
-        return sum(r for f, r in zip(self.files, self.rows) if not is_delta(f))
-
     def then(self, file: str, rows: int) -> StateChain:
         return StateChain(self.files + (file,), self.rows + (rows,))
 
