@@ -74,10 +74,15 @@ def test_deltas_and_compactions_are_exact(ray_session, tmp_path, data, expected)
     assert stats["compactions"] > 0, stats
     root = tmp_path / "ck" / "incr"
     chains = latest_state_files(root)
-    assert all(len(c) <= 1 + 4 * 2 for c in chains)  # compaction keeps chains short
-    live = {f for c in chains for f in c}
+    assert all(len(c) <= 1 + 4 * 2 for c in chains)  # the hard cap: a restore never reads more
+    con = duckdb.connect(str(root / "catalog.duckdb"), read_only=True)
+    named = {f for (r,) in con.execute("SELECT state_files FROM commits").fetchall() for f in json.loads(r)}
+    con.close()
     on_disk = {str(p.relative_to(root)) for p in (root / "state").rglob("*.parquet")}
-    assert len(on_disk - live) <= 4 * 3 * 4, "retired state files pile up"
+    # Nothing on disk that no row names, beyond one compaction base per partition no commit named
+    # yet. (This run is too short for the manager's retirement tick: the catalog unit tests cover
+    # retirement over chains.)
+    assert len(on_disk - named) <= 4, sorted(on_disk - named)
     con, _ = _open_copy(str(root))  # rayflow sql's state view folds a base and its deltas
     n, total = con.execute("SELECT count(*), sum(value_count) FROM state").fetchone()
     con.close()
