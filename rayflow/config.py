@@ -50,6 +50,23 @@ DISCOVERY_INTERVAL_S = 1.0
 #: them into a new base (DESIGN §5). A restore reads the base and every delta: 8 keep a restore
 #: within a few group-bys, while a commit writes only what changed since the last one.
 STATE_DELTAS_MAX = 8
+#: Bytes all partition queues of one source actor may hold in the object store together: past
+#: it, further sub-batches spill to local disk. 512 MiB keeps a laptop's default object store
+#: (30% of RAM) from filling with two readers, and is 8 full queues at the default bound.
+SOURCE_MAX_BYTES = 512 * 1024 * 1024
+#: Bytes of local disk one source actor may spill sub-batches to (Arrow IPC files) once a
+#: partition's queue or the actor's memory is at its bound; only past this does the source
+#: pause. 4 GiB absorbs a 10x burst of several minutes at laptop rates.
+SPILL_MAX_BYTES = 4 * 1024 * 1024 * 1024
+#: Bytes of operator state a consumer keeps in memory; past it, a stateful operator that
+#: supports it (``rf.ops.Aggregate``) keeps the cold part of its state on local disk.
+CONSUMER_MAX_BYTES = 2 * 1024 * 1024 * 1024
+#: Seconds between two samples of the job's history in the catalog (partition rates and lag,
+#: consumers' busy time and memory): the resolution of ``rayflow report``. One sample of 16
+#: partitions is one small insert; every 5 s costs well under 1% of the manager's time.
+HISTORY_INTERVAL_S = 5.0
+#: Seconds of history kept in the catalog (older samples are deleted): one week.
+HISTORY_RETENTION_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,12 +108,32 @@ class EngineConfig:
     #: writes only the groups changed since the last commit, as a delta; past this many deltas a
     #: background compaction folds them into a new base. 0: every commit writes the whole state.
     state_deltas_max: int = STATE_DELTAS_MAX
+    #: Object-store bytes one source actor's queues may hold in all (``queue_max_bytes`` bounds
+    #: each partition); past either bound a sub-batch spills to local disk (``spill_max_bytes``).
+    source_max_bytes: int = SOURCE_MAX_BYTES
+    #: Local disk bytes one source actor may spill to; past it the source pauses. 0: never
+    #: spill (a full queue pauses the source at once).
+    spill_max_bytes: int = SPILL_MAX_BYTES
+    #: Directory for spilled queue data and state on each node; ``None``: the system's
+    #: temporary directory. Spilled files are the process's own and deleted when it ends.
+    spill_dir: str | None = None
+    #: Bytes of operator state one consumer keeps in memory before it moves the cold part to
+    #: local disk (``rf.ops.Aggregate``; other operators keep their state in memory).
+    consumer_max_bytes: int = CONSUMER_MAX_BYTES
+    #: Seconds between two samples of the job's history in the catalog (``rayflow report``).
+    history_interval_s: float = HISTORY_INTERVAL_S
+    #: Seconds of history kept in the catalog.
+    history_retention_s: float = HISTORY_RETENTION_S
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name == "num_sources" and v is None:
                 continue  # auto: auto_num_sources() when the job starts
+            if f.name == "spill_dir":
+                if v is not None and (not isinstance(v, str) or not v):
+                    raise ConfigError(f"EngineConfig.spill_dir must be a directory path or None, got {v!r}")
+                continue
             if f.name.endswith("_resources"):
                 if not isinstance(v, dict) or not all(
                     isinstance(k, str) and isinstance(x, (int, float)) and x >= 0 for k, x in v.items()
@@ -107,10 +144,22 @@ class EngineConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"EngineConfig.{f.name} must be a number, got {v!r}")
-            positive = f.name not in ("consumer_num_cpus", "source_num_cpus", "state_deltas_max")
+            positive = f.name not in (
+                "consumer_num_cpus",
+                "source_num_cpus",
+                "state_deltas_max",
+                "spill_max_bytes",
+            )
             if v < 0 or (positive and v == 0):
                 raise ConfigError(f"EngineConfig.{f.name} must be {'> 0' if positive else '>= 0'}, got {v!r}")
-        for name in ("num_sources", "commit_max_attempts", "state_deltas_max"):
+        for name in (
+            "num_sources",
+            "commit_max_attempts",
+            "state_deltas_max",
+            "source_max_bytes",
+            "spill_max_bytes",
+            "consumer_max_bytes",
+        ):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), int):
                 raise ConfigError(f"EngineConfig.{name} must be an integer, got {getattr(self, name)!r}")
 

@@ -36,6 +36,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import psutil
 import pyarrow as pa
 import ray
 
@@ -191,6 +192,7 @@ class ConsumerActor:
         return {
             "member": self.member_id,
             "pid": os.getpid(),
+            "rss_bytes": psutil.Process().memory_info().rss,
             "watermarks": {p: t.clock.applied for p, t in owned.items() if t.clock is not None},
             "partitions": {p: t.epoch for p, t in owned.items()},
             "phases": {p: t.phase.value for p, t in owned.items()},
