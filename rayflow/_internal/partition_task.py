@@ -208,9 +208,18 @@ class PartitionTask:
 
     def _apply_pending(self) -> None:
         """The buffer is drained: what the fetches said about positions and ends now holds."""
+        if self.clock is not None:
+            # Their entries are processed: the news about their splits holds after them.
+            self.clock.told_with_rows(
+                [
+                    (got.source, got.watermarks, got.idle)
+                    for got in self.pending
+                    if got.watermarks is not None
+                ],
+                fresh={e.split for got in self.pending for e, _ in got.entries},
+                num_sources=self.num_sources,
+            )
         for got in self.pending:
-            if self.clock is not None and got.watermarks is not None:
-                self.clock.told(got.source, got.watermarks, got.idle)
             if got.frontier:
                 for s, v in got.frontier.items():
                     if v > self.positions.get(s, 0):

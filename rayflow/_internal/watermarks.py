@@ -15,13 +15,20 @@
   ``idle_timeout_s``) but applied by a partition only once it has processed
   everything the source has read of that split: rows still queued are never
   made late by their own split's silence.
+- What processed rows reached holds: a fetch reply may carry a split's last
+  rows *and* the news that the split ended or went quiet (skipped), as it does
+  whenever the consumer fetches after the source hit the end of the split.
+  The news then applies as if it had come after the rows, in a reply of its
+  own (:meth:`PartitionClock.told_with_rows`): the watermark does not depend
+  on when the consumer fetched.
 - Watermarks are committed with the positions (``CommitRecord.watermarks``)
   and restored with them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -129,6 +136,9 @@ class PartitionClock:
     heard: set[int] = field(default_factory=set)
     #: The watermark the operators have been advanced to (committed with the positions).
     applied: int = WATERMARK_NONE
+    #: A watermark processed rows reached before news skipped their splits
+    #: (:meth:`told_with_rows`): the partition's watermark never stands below it.
+    floor: int = WATERMARK_NONE
 
     @classmethod
     def restored(cls, committed: dict | None) -> PartitionClock:
@@ -163,14 +173,43 @@ class PartitionClock:
                 else:
                     self.idle.discard(s)
 
+    def told_with_rows(
+        self,
+        news: Iterable[tuple[int, dict[str, int | None], set[str] | None]],
+        *,
+        fresh: set[str],
+        num_sources: int,
+    ) -> None:
+        """:meth:`told` for each of ``news`` (``(source, watermarks, idle)``: the fetch replies whose
+        entries were just processed), where ``fresh`` are the splits those entries were of.
+
+        A reply says which splits are idle or ended as of everything read, so it may skip a fresh
+        split in the very reply that carried its last rows (the consumer fetched after the
+        source hit the end of a watched directory's file). Applied as it comes, the news would
+        skip that split before the operators were advanced to the watermark its rows reached,
+        and with every split skipped event time would stand below those rows for ever (their
+        windows never close). So the watermark the partition would have with this news holding
+        for every other split, the fresh ones still counted, holds (:attr:`floor`): what it gets
+        when the news comes after the rows, in a reply of its own."""
+        news = list(news)
+        if any(idle and fresh & idle for _, _, idle in news):  # else the same as told() alone
+            trial = replace(self, splits=dict(self.splits), idle=set(self.idle), heard=set(self.heard))
+            for source, watermarks, idle in news:
+                trial.told(source, watermarks, None if idle is None else idle - fresh)
+            self.floor = max(self.floor, trial.target(num_sources))
+        for source, watermarks, idle in news:
+            self.told(source, watermarks, idle)
+
     def target(self, num_sources: int) -> int:
-        """The watermark the partition may advance to now (never below :attr:`applied`)."""
+        """The watermark the partition may advance to now (never below :attr:`applied` nor
+        :attr:`floor`)."""
+        reached = max(self.applied, self.floor)
         if len(self.heard) < num_sources:
-            return self.applied
+            return reached
         active = [w for s, w in self.splits.items() if s not in self.idle]
         if not active:  # every split idle (or none): event time stands still, as in Flink
-            return self.applied
-        return max(self.applied, min(active))
+            return reached
+        return max(reached, min(active))
 
 
 def lag_s(watermark_ms: int, now_s: float) -> float | None:

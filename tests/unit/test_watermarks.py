@@ -163,3 +163,38 @@ def test_watermarks_move_as_entries_are_processed_not_as_they_are_fetched():
     assert t.watermark_due and t.watermark_target == 200
     t.input_finished([])
     assert t.clock.applied == WATERMARK_END
+
+
+def test_news_in_the_reply_with_a_files_last_rows_keeps_the_watermark_they_reached():
+    """Regression (the watched-directory stall of tests/integration/test_review_event_time.py):
+    a fetch reply carries a file's last rows and the news that it ended (its split skipped), as
+    it does whenever the consumer fetches after the reader hit the file's end (timing). Applied
+    in ``batch_processed`` before the consumer advanced the operators, that news skipped every
+    split, and event time stood below the file's rows for ever (its windows never closed). The
+    news must apply as if it had come after the rows, in a reply of its own."""
+    t = _task()
+    batch = pa.table({"x": [1]})
+    files = [
+        # (split, its watermark, the splits the reply with its rows says are skipped)
+        ("00", 9_495, {"00"}),  # its rows and its end in one reply
+        ("01", 19_495, {"00"}),  # its rows before its end ...
+        ("02", 29_495, {"00", "01", "02"}),  # ... which comes with the next file's rows and end
+    ]
+    for split, wm, skipped in files:
+        e = Entry(split, 0, 1_000, 1, 0, None, 0, watermark=wm)
+        wms = {**t.clock.splits, split: wm}
+        t.fetch_applied(
+            pt.Fetched(source=0, entries=[(e, batch)], frontier={split: 1_000}, watermarks=wms, idle=skipped)
+        )
+        t.take(1.0, 0.0)
+        t.batch_processed([e], [], 1)
+        assert t.clock.idle == skipped
+        assert t.watermark_due and t.watermark_target == wm, (split, t.clock)
+        t.watermark_advanced(t.watermark_target, [])
+    assert not t.watermark_due  # every split skipped: event time stands at the last file's watermark
+    # News without rows still skips as it comes: every split idle, event time stands still.
+    c = PartitionClock()
+    c.told_with_rows([(0, {"a": 100}, set()), (1, {"b": 200}, set())], fresh=set(), num_sources=2)
+    c.applied = c.target(2)
+    c.told_with_rows([(0, {"a": 100}, {"a"}), (1, {"b": 200}, {"b"})], fresh=set(), num_sources=2)
+    assert c.target(2) == 100
