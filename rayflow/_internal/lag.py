@@ -13,7 +13,7 @@ def add_lag(st: dict, sources: list[dict], *, wall: float) -> None:
     Lag follows Kafka's consumer lag: rows the input holds that are not yet
     *committed* (results appear with commits). Per partition:
 
-    - ``lag_rows``: its queued rows (read, not committed) plus its share of the
+    - ``lag_rows``: its queued rows (read, not committed; in memory or spilled) plus its share of the
       rows available at the sources but not read yet (``Split.available``);
       shares are the rows routed to each partition so far (uniform before any).
     - ``rate_rows_per_s``: its processing rate (smoothed, from heartbeats).

@@ -32,7 +32,17 @@ class ManagerMetrics:
         self.processed = Gauge("rayflow_partition_processed_rows", "Rows processed so far.", _P)
         self.rate = Gauge("rayflow_partition_rows_per_s", "Smoothed processing rate.", _P)
         self.epoch = Gauge("rayflow_partition_lease_epoch", "Current lease epoch.", _P)
-        self.blocked = Gauge("rayflow_partition_blocked_s", "Seconds the source waited on this queue.", _P)
+        self.blocked = Gauge(
+            "rayflow_partition_blocked_s",
+            "Seconds the sources paused reading on this partition's account.",
+            _P,
+        )
+        self.queued_bytes = Gauge(
+            "rayflow_partition_queued_bytes", "Bytes of read, uncommitted rows in the object store.", _P
+        )
+        self.spilled_bytes = Gauge(
+            "rayflow_partition_spilled_bytes", "Bytes of read, uncommitted rows spilled to local disk.", _P
+        )
         self.watermark = Gauge(
             "rayflow_partition_watermark_ms", "The partition's event-time watermark (ms since the epoch).", _P
         )
@@ -66,6 +76,8 @@ class ManagerMetrics:
             self.rate.set(part["load_rows_per_s"], tags=t)
             self.epoch.set(part["lease_epoch"], tags=t)
             self.blocked.set(sum(s["blocked_s"][p] for s in sources), tags=t)
+            self.queued_bytes.set(sum(s["queued_bytes"][p] for s in sources), tags=t)
+            self.spilled_bytes.set(sum(s["spilled_bytes"][p] for s in sources), tags=t)
             if part.get("watermark_ms") is not None and part.get("event_time_lag_s") is not None:
                 self.watermark.set(part["watermark_ms"], tags=t)
                 self.event_lag.set(part["event_time_lag_s"], tags=t)

@@ -5,8 +5,25 @@ yet committed. Each entry is tagged with its split and row range
 ``[start, end)`` in that split. A consumer fetches the entries after the
 positions it has processed; after it commits, the source trims the entries up
 to the committed positions. So what a queue retains is exactly what a
-consumer crash would need again, and it is bounded (``max_rows`` /
-``max_bytes``): a full queue holds the source back (DESIGN §6).
+consumer crash would need again.
+
+An entry lives in Ray's object store (``payload`` an ObjectRef) or, *spilled*,
+in a local file (``payload`` a ``spill.SpillHandle``); the queue keeps both in
+one order and serves them alike. ``rows`` / ``nbytes`` count what is in memory,
+``spilled_rows`` / ``spilled_bytes`` what is on disk.
+
+**Bounds** (DESIGN §6, :func:`place` and :func:`must_pause`, composed as
+"a sub-batch goes to memory only if every memory bound says yes"):
+
+1. a partition's queue: ``queue_max_rows`` / ``queue_max_bytes`` in memory
+   (``PartitionQueue.full``);
+2. the source actor: ``source_max_bytes`` in memory over all its queues;
+3. the source actor's spill: ``spill_max_bytes`` on disk.
+
+A sub-batch goes to memory while 1 and 2 have room, else to disk while 3 has
+room; the source pauses reading only while a memory bound is hit *and* the disk
+budget is used up (with ``spill_max_bytes=0``: while a memory bound is hit). So a
+slow partition spills, and the others keep flowing until the disk budget is spent.
 """
 
 from __future__ import annotations
@@ -39,6 +56,9 @@ class Entry:
     since: int | None = None
     #: The split's watermark after the batch this entry was cut from (a job with event time).
     watermark: int | None = None
+    #: On local disk (``payload`` a ``spill.SpillHandle``), not in the object store.
+    #: ``nbytes`` is the sub-batch's size in memory either way (what a fetch will carry).
+    spilled: bool = False
 
 
 class PartitionQueue:
@@ -47,16 +67,30 @@ class PartitionQueue:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.entries: deque[Entry] = deque()
-        self.rows = 0
+        self.rows = 0  # in memory (the object store)
         self.nbytes = 0
+        self.spilled_rows = 0  # on local disk
+        self.spilled_bytes = 0
         self.state = QueueState.OPEN
 
     def append(self, entry: Entry) -> None:
         if self.state is not QueueState.OPEN:
             raise ProtocolError(f"partition {self.partition}: append to a {self.state.value} queue")
         self.entries.append(entry)
-        self.rows += entry.rows
-        self.nbytes += entry.nbytes
+        self._count(entry, 1)
+
+    def _count(self, e: Entry, sign: int) -> None:
+        if e.spilled:
+            self.spilled_rows += sign * e.rows
+            self.spilled_bytes += sign * e.nbytes
+        else:
+            self.rows += sign * e.rows
+            self.nbytes += sign * e.nbytes
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows held, in memory or on disk: read and not yet committed."""
+        return self.rows + self.spilled_rows
 
     def close_input(self) -> None:
         if self.state is QueueState.OPEN:
@@ -64,6 +98,7 @@ class PartitionQueue:
 
     @property
     def full(self) -> bool:
+        """At its memory bound (spilled entries do not count): further sub-batches spill."""
         return self.rows >= self.max_rows or self.nbytes >= self.max_bytes
 
     def after(self, positions: dict[str, int], max_bytes: int) -> tuple[list[Entry], bool]:
@@ -85,16 +120,118 @@ class PartitionQueue:
 
     def trim(self, positions: dict[str, int]) -> int:
         """Drop entries covered by committed ``positions``; returns the rows freed."""
-        freed = 0
+        return sum(e.rows for e in self.drop(positions))
+
+    def drop(self, positions: dict[str, int]) -> list[Entry]:
+        """Drop entries covered by committed ``positions``; returns them (the caller releases
+        the spilled ones' files)."""
+        dropped: list[Entry] = []
         keep: deque[Entry] = deque()
         for e in self.entries:
             if e.end <= positions.get(e.split, 0):
-                freed += e.rows
-                self.nbytes -= e.nbytes
+                dropped.append(e)
+                self._count(e, -1)
             else:
                 keep.append(e)
         self.entries = keep
-        self.rows -= freed
         if self.state is QueueState.DRAINING and not self.entries:
             self.state = QueueState.CLOSED
-        return freed
+        return dropped
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The bounds of one source actor's queues (from ``EngineConfig``), in rows and bytes."""
+
+    queue_max_rows: int
+    queue_max_bytes: int
+    source_max_bytes: int
+    spill_max_bytes: int
+
+    @classmethod
+    def from_config(cls, config) -> Budget:
+        return cls(
+            queue_max_rows=config.queue_max_rows,
+            queue_max_bytes=config.queue_max_bytes,
+            source_max_bytes=config.source_max_bytes,
+            spill_max_bytes=config.spill_max_bytes,
+        )
+
+
+@dataclass
+class Counts:
+    """A snapshot of what one source actor's queues hold: per partition rows and bytes in
+    memory, and the bytes of its spill files on disk (taken by a reading thread while the
+    event loop may change the queues: a moment old, see :func:`place`)."""
+
+    rows: list[int]
+    nbytes: list[int]
+    spill_bytes: int
+    memory_bytes: int = -1  # the sum of ``nbytes`` (computed when not given)
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes < 0:
+            self.memory_bytes = sum(self.nbytes)
+
+    @classmethod
+    def of(cls, queues: list[PartitionQueue], spill_bytes: int) -> Counts:
+        return cls([q.rows for q in queues], [q.nbytes for q in queues], spill_bytes)
+
+
+def _memory_full(b: Budget, c: Counts, p: int) -> bool:
+    return (
+        c.rows[p] >= b.queue_max_rows
+        or c.nbytes[p] >= b.queue_max_bytes
+        or c.memory_bytes >= b.source_max_bytes
+    )
+
+
+def place(b: Budget, c: Counts, parts: list[tuple[int, int, int]]) -> list[bool]:
+    """Where each sub-batch of one batch goes: ``True`` to disk (spill), ``False`` to memory.
+
+    ``parts``: ``(partition, rows, nbytes)`` in the batch's order; ``c`` is updated
+    as they are placed. A sub-batch goes to memory while its partition's queue is
+    under ``queue_max_rows`` / ``queue_max_bytes`` and the actor's memory under
+    ``source_max_bytes``; else to disk if the spill was under ``spill_max_bytes``
+    when the batch began; else to memory after all.
+
+    So a bound is passed by at most one batch (per reading thread, each asks
+    :func:`must_pause` before it reads a batch): the disk only when it had room as
+    the batch began, the memory only when the disk had none, and then (else the
+    reader would have paused) no memory bound was hit as the batch began. Deciding
+    per sub-batch against the disk's level instead would let each trim that frees
+    a little disk push a batch's worth more into memory already past its bound.
+    """
+    disk_room = c.spill_bytes < b.spill_max_bytes
+    out = []
+    for p, rows, nbytes in parts:
+        spill = disk_room and _memory_full(b, c, p)
+        if spill:
+            c.spill_bytes += nbytes
+        else:
+            c.rows[p] += rows
+            c.nbytes[p] += nbytes
+            c.memory_bytes += nbytes
+        out.append(spill)
+    return out
+
+
+def must_pause(b: Budget, c: Counts) -> bool:
+    """Whether the source must stop reading until a trim frees room: some memory bound is hit
+    (a partition's queue, or the actor's sum) and the disk budget is used up. With
+    ``spill_max_bytes=0`` a memory bound alone pauses: the rule before spilling existed."""
+    if c.spill_bytes < b.spill_max_bytes:
+        return False
+    if c.memory_bytes >= b.source_max_bytes:
+        return True
+    return any(r >= b.queue_max_rows or n >= b.queue_max_bytes for r, n in zip(c.rows, c.nbytes))
+
+
+def blamed(queues: list[PartitionQueue]) -> list[int]:
+    """The partitions a pause is charged to (``blocked_s``): those whose queue is at its memory
+    bound, else (the actor's memory or disk bound) every partition holding rows."""
+    full = [q.partition for q in queues if q.full]
+    return full or [q.partition for q in queues if q.queued_rows]

@@ -520,10 +520,14 @@ class Run:
         """The job now, as plain data.
 
         ``partitions``: per partition its owner, lease epoch, lease state, processed
-        and committed rows, queued rows, rows/s, and whether it is final;
+        and committed rows, rows/s, and whether it is final; what the sources hold
+        of it (docs/backpressure.md): ``queued_rows`` (read, not committed: in memory
+        or spilled), ``queued_bytes`` (in the object store), ``spilled_rows`` and
+        ``spilled_bytes`` (on local disk), ``blocked_s`` (the time reading was
+        paused on its account); overall ``memory_bytes`` (the sources' queues in
+        the object store) and ``spill_disk_bytes`` (their spill files);
         ``members``; ``consumers``: per live consumer its busy seconds, rows
-        processed and failed commit attempts; ``blocked_s``: per partition, the
-        time the source waited on its full queue; ``rows_read``,
+        processed and failed commit attempts; ``rows_read``,
         ``processed_rows``, ``rebalances``, ``recoveries``, ``done``,
         ``unbounded``; lag in rows and seconds, rates and the last commit's time,
         per partition and overall (see :func:`add_lag`); ``splits``: per split its
@@ -537,8 +541,10 @@ class Run:
         src = self._get([s.stats.remote() for s in self.sources])
         for part in st["partitions"]:
             i = part["partition"]
-            part["queued_rows"] = sum(s["queued_rows"][i] for s in src)
-            part["blocked_s"] = sum(s["blocked_s"][i] for s in src)
+            for key in ("queued_rows", "queued_bytes", "spilled_rows", "spilled_bytes", "blocked_s"):
+                part[key] = sum(s[key][i] for s in src)
+        st["memory_bytes"] = sum(s["memory_bytes"] for s in src)
+        st["spill_disk_bytes"] = sum(s["spill_disk_bytes"] for s in src)
         add_lag(st, src, wall=time.time())
         st["unbounded"] = self.unbounded
         st["splits"] = {name: x for s in src for name, x in s["splits"].items()}
@@ -554,6 +560,8 @@ class Run:
             "state_bases",
             "state_deltas",
             "compactions",
+            "state_bytes",
+            "state_spilled_bytes",
         )
         st["consumers"] = {n: {k: c[k] for k in keys} for n, c in self._poll_consumers().items()}
         return st

@@ -13,6 +13,18 @@ buffers of its sub-batch (none when a batch's rows all go to one partition),
 and once by ``ray.put`` into shared memory (docs/performance.md). A fetch answers for
 many partitions at once, so Ray's per-call cost is paid per batch.
 
+**Bounds and spill** (DESIGN §6, docs/backpressure.md). A sub-batch whose
+partition's queue, or this actor's memory, is at its bound is written to a local
+Arrow IPC file instead (``_internal/spill.py``), within the disk budget; the
+choice is made in the reading thread from a snapshot of the queues
+(``queues.place``). Reading pauses only while a memory bound is hit and the
+disk budget is used up (``queues.must_pause``), so a slow or frozen consumer's
+partitions spill while the others keep flowing. A fetch reads spilled entries
+back (in a thread, memory-mapped) and puts them in the object store for that
+reply only; the queue keeps the disk copy until a commit trims it, so a new
+owner after a hand-over reads it again. A restarted actor starts with no spill:
+it replays from the committed positions, as for its memory.
+
 **Readers.** Bounded splits are read round-robin, one batch of each in turn,
 by one task on one worker thread (as many files as there are, one reader).
 Each *unbounded* split (``Split.unbounded``: a Kafka partition, a paced
@@ -45,8 +57,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import logging
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -59,7 +74,8 @@ import ray
 
 from rayflow._internal import naming
 from rayflow._internal.jobfile import read_job_file
-from rayflow._internal.queues import Entry, PartitionQueue
+from rayflow._internal.queues import Budget, Counts, Entry, PartitionQueue, blamed, must_pause, place
+from rayflow._internal.spill import SpillHandle, SpillStore, close_files, spill_owner
 from rayflow._internal.watermarks import WATERMARK_END, WATERMARK_NONE, batch_max_ms
 from rayflow.errors import FencedError, MalformedInputError, PositionGapError, ProtocolError
 from rayflow.partitioning import compact, hash_table, split_by_partition
@@ -104,6 +120,8 @@ class FetchedEntry:
     ref: ray.ObjectRef
     since: int | None = None  # see queues.Entry.since: lets the consumer prove contiguity
     watermark: int | None = None  # see queues.Entry.watermark
+    #: Only inside the source, before ``_load_spilled``: ``ref`` is a ``spill.SpillHandle``.
+    spilled: bool = False
 
 
 @dataclass
@@ -114,7 +132,8 @@ class FetchResult:
     frontier: dict[str, int] | None = None
     #: Input exhausted and nothing left to serve past the asked positions.
     end: bool = False
-    #: The queue is at its bound: commit soon so it can be trimmed.
+    #: The queue is at its memory bound (further sub-batches spill), or reading is paused (the
+    #: disk budget is used up too) and the queue holds rows: commit soon so it can be trimmed.
     full: bool = False
     #: Set when the request's lease epoch is stale: the caller must drop the partition.
     fenced: FencedError | None = None
@@ -267,6 +286,20 @@ class SourceActor:
             PartitionQueue(p, max_rows=config.queue_max_rows, max_bytes=config.queue_max_bytes)
             for p in range(n)
         ]
+        self.budget = Budget.from_config(config)
+        self.spill = SpillStore(
+            os.path.join(config.spill_dir or tempfile.gettempdir(), "rayflow-spill"),
+            spill_owner(self.pipeline, job_root, index),
+            partitions=n,
+            max_bytes=config.spill_max_bytes,
+        )
+        self.spill_error: str | None = None
+        if config.spill_max_bytes:
+            try:
+                self.spill.open()
+            except OSError as e:
+                self._spill_failed(e)
+        self._spill_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayflow-source-spill")
         self._replay_from({})  # until _sync() has the committed positions
         # The newest lease epoch per partition, pushed by the manager at every grant:
         # a fetch or trim under an older epoch comes from a stale owner.
@@ -274,7 +307,7 @@ class SourceActor:
         self.rows_read = 0
         self.routed_rows = np.zeros(n, dtype=np.int64)  # rows queued per partition (lag shares)
         self.blocked_s = np.zeros(n)
-        self._blocked_at: float | None = None
+        self._blocked_at: float | None = None  # since when reading is paused (None: it is not)
         self.exhausted = False
         self.error: BaseException | None = None
         self.discovery_error: str | None = None
@@ -472,18 +505,23 @@ class SourceActor:
         async with self._changed:
             self._changed.notify_all()
 
+    def _must_pause(self) -> bool:
+        return not self._stopping and must_pause(self.budget, Counts.of(self.queues, self.spill.disk_bytes))
+
     async def _wait_for_room(self) -> None:
-        if self._stopping or not any(q.full for q in self.queues):
+        """Before each batch: wait while no sub-batch could go anywhere (``queues.must_pause``:
+        a memory bound is hit and the disk budget is used up); trims wake it."""
+        if not self._must_pause():
             return
         # Several readers may wait at once: the first one in counts the blocked time.
         first = self._blocked_at is None
         if first:
             self._blocked_at = time.monotonic()
-            full = [q.partition for q in self.queues if q.full]
+            held = blamed(self.queues)
         async with self._changed:
-            await self._changed.wait_for(lambda: self._stopping or not any(q.full for q in self.queues))
+            await self._changed.wait_for(lambda: not self._must_pause())
         if first:
-            self.blocked_s[full] += time.monotonic() - self._blocked_at
+            self.blocked_s[held] += time.monotonic() - self._blocked_at
             self._blocked_at = None
 
     def _prepare_next(self, r: _Reader) -> tuple | None:
@@ -539,8 +577,40 @@ class SourceActor:
             committed=committed,
             row_positions=None if r.split.dense else r.split.row_positions,
         )
-        out = [(p, first, ray.put(sub), sub.num_rows, sub.nbytes) for p, first, sub in parts]
-        return end, out, batch.num_rows, wm, timed
+        return end, self._store(parts), batch.num_rows, wm, timed
+
+    def _store(self, parts: list) -> list:
+        """Worker thread: put each sub-batch in the object store, or spill it (``queues.place``).
+
+        Returns ``(partition, first, payload, rows, nbytes, spilled)`` per sub-batch.
+        A spill write that fails (disk full) turns spilling off for this actor (with a
+        warning, and ``spill_error`` in its stats): it then pauses at the memory bounds.
+        """
+        counts = Counts.of(self.queues, self.spill.disk_bytes)
+        where = place(self.budget, counts, [(p, sub.num_rows, sub.nbytes) for p, _, sub in parts])
+        out = []
+        for (p, first, sub), spill in zip(parts, where):
+            if spill and self.budget.spill_max_bytes:
+                try:
+                    out.append((p, first, self.spill.write(p, sub), sub.num_rows, sub.nbytes, True))
+                    continue
+                except OSError as e:
+                    self._spill_failed(e)
+            out.append((p, first, ray.put(sub), sub.num_rows, sub.nbytes, False))
+        return out
+
+    def _spill_failed(self, e: OSError) -> None:
+        """Spilling cannot work here (the directory cannot be made, the disk is full): go on
+        without it, as with ``spill_max_bytes=0`` (what is spilled already stays readable)."""
+        self.spill_error = f"{type(e).__name__}: {e}"
+        self.budget = dataclasses.replace(self.budget, spill_max_bytes=0)
+        logger.warning(
+            "rayflow %s: spilling to %s failed (%s); the source now pauses at its memory bounds "
+            "instead. Set EngineConfig.spill_dir to a writable local directory with free space",
+            self.name,
+            self.spill.root,
+            self.spill_error,
+        )
 
     def _check_contiguous(self, name: str, start: int, end: int) -> None:
         """A dense split's batches must cover its rows without a gap or an overlap (DESIGN §2.1).
@@ -568,11 +638,13 @@ class SourceActor:
         self.read_end[name] = end
 
     def _append(self, name: str, end: int, parts: list, watermark: int | None = None) -> None:
-        for p, first, ref, rows, nbytes in parts:
+        for p, first, payload, rows, nbytes, spilled in parts:
             if end <= self.skip.get(p, {}).get(name, 0):
+                if spilled:
+                    self._release([payload])
                 continue  # committed meanwhile (a trim after this batch was prepared)
             since = self.since.get((p, name), self.skip.get(p, {}).get(name, 0))
-            self.queues[p].append(Entry(name, first, end, rows, nbytes, ref, since, watermark))
+            self.queues[p].append(Entry(name, first, end, rows, nbytes, payload, since, watermark, spilled))
             self.since[(p, name)] = end
             self.routed_rows[p] += rows
         if end > self.frontier.get(name, 0):
@@ -727,8 +799,44 @@ class SourceActor:
                 except asyncio.TimeoutError:
                     pass
             res = self._serve(requests, max_bytes)
+        await self._load_spilled(res)
         await self._cut_overlaps(requests, res)
         return res
+
+    async def _load_spilled(self, res: dict[int, FetchResult]) -> None:
+        """Read the spilled entries of a reply back from disk, in a thread, and put them in the
+        object store for this reply only (the queue keeps the disk copy until it is trimmed).
+
+        An entry whose file is gone meanwhile (a commit trimmed it: the asker is behind a
+        newer commit) ends that partition's reply there, as one with more to come.
+        """
+        todo = [(r, i, fe) for r in res.values() for i, fe in enumerate(r.entries) if fe.spilled]
+        if not todo:
+            return
+        loop = asyncio.get_running_loop()
+        refs = await loop.run_in_executor(self._spill_pool, self._read_spilled, [fe.ref for _, _, fe in todo])
+        cut: dict[int, tuple[FetchResult, int]] = {}
+        for (r, i, fe), ref in zip(todo, refs):
+            if ref is None:
+                if id(r) not in cut or i < cut[id(r)][1]:
+                    cut[id(r)] = (r, i)
+            else:
+                r.entries[i] = dataclasses.replace(fe, ref=ref, spilled=False)
+        for r, i in cut.values():
+            r.entries = r.entries[:i]
+            r.frontier, r.end = None, False
+            if r.watermarks is not None:
+                r.watermarks, r.idle = dict.fromkeys(r.watermarks), None
+
+    def _read_spilled(self, handles: list[SpillHandle]) -> list[ray.ObjectRef | None]:
+        """Worker thread: read spilled sub-batches and put each in the object store."""
+        return [None if b is None else ray.put(b) for b in self.spill.read(handles)]
+
+    def _release(self, handles: list[SpillHandle]) -> None:
+        """Free spilled entries (trimmed, or never queued); their files close in a thread."""
+        retired = self.spill.release(handles)
+        if retired:
+            self._spill_pool.submit(close_files, retired)
 
     async def _cut_overlaps(self, requests: dict[int, tuple[int, dict[str, int]]], res: dict) -> None:
         """Serve a replayed batch that straddles the asker's processed position cut at it.
@@ -772,10 +880,10 @@ class SourceActor:
             entries, rest = q.after(positions, max_bytes)
             r = FetchResult(
                 entries=[
-                    FetchedEntry(e.split, e.start, e.end, e.rows, e.payload, e.since, e.watermark)
+                    FetchedEntry(e.split, e.start, e.end, e.rows, e.payload, e.since, e.watermark, e.spilled)
                     for e in entries
                 ],
-                full=q.full,
+                full=q.full or (self._blocked_at is not None and q.queued_rows > 0),
             )
             if not rest:
                 r.frontier = dict(self.frontier)
@@ -854,7 +962,9 @@ class SourceActor:
             if self._fenced(p, epoch) is not None:
                 fenced.append(p)
                 continue
-            self.queues[p].trim(positions)
+            spilled = [e.payload for e in self.queues[p].drop(positions) if e.spilled]
+            if spilled:
+                self._release(spilled)
             # What is committed need never be queued again: a replay that is still below these
             # positions (this actor restarted after its last look at the catalog) skips them,
             # instead of queueing rows no trim will come for.
@@ -869,9 +979,16 @@ class SourceActor:
     async def stats(self) -> dict:
         """Reading figures as plain data.
 
-        ``rows_read``, ``exhausted``, per partition ``queued_rows``, ``queued_bytes``,
-        ``blocked_s`` and ``routed_rows`` (rows queued since this actor started: the
-        partitions' shares of the input); ``frontier`` (read position per split);
+        ``rows_read``, ``exhausted``, per partition ``queued_rows`` (read, not yet
+        committed: in memory or spilled), ``queued_bytes`` (of those, the bytes in the
+        object store), ``spilled_rows`` and ``spilled_bytes`` (of those, on local disk;
+        bytes as in memory), ``blocked_s`` (seconds reading was paused, charged to the
+        partitions at their memory bound, see ``queues.blamed``) and ``routed_rows``
+        (rows queued since this actor started: the partitions' shares of the input);
+        ``memory_bytes`` (all queues, in the object store), ``spill_disk_bytes`` (this
+        actor's spill files, see ``spill.SpillStore.disk_bytes``), ``paused`` (reading
+        waits for room now), ``spill_error`` (None, or why spilling was turned off), ``pid``;
+        ``frontier`` (read position per split);
         ``splits``: per split still read (a finished bounded one is left out: a watched
         directory gains a split per file) its read ``position``, ``available`` (None:
         unknown), ``unbounded``, ``done``, and the seconds since its last batch with rows
@@ -905,9 +1022,16 @@ class SourceActor:
         return {
             "rows_read": self.rows_read,
             "exhausted": self.exhausted,
-            "queued_rows": [q.rows for q in self.queues],
+            "queued_rows": [q.queued_rows for q in self.queues],
             "queued_bytes": [q.nbytes for q in self.queues],
+            "spilled_rows": [q.spilled_rows for q in self.queues],
+            "spilled_bytes": [q.spilled_bytes for q in self.queues],
             "blocked_s": self.blocked_s.tolist(),
+            "memory_bytes": sum(q.nbytes for q in self.queues),
+            "spill_disk_bytes": self.spill.disk_bytes,
+            "paused": self._blocked_at is not None,
+            "spill_error": self.spill_error,
+            "pid": os.getpid(),
             "routed_rows": self.routed_rows.tolist(),
             "frontier": dict(self.frontier),
             "splits": splits,
