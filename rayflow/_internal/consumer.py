@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import pyarrow as pa
 import ray
 
 from rayflow._internal import partition_task as pt
+from rayflow._internal import runs as rn
 from rayflow._internal.chain import Chain
 from rayflow._internal.checkpoint import commit as cm
 from rayflow._internal.checkpoint.commit import CommitRecord
@@ -142,6 +144,11 @@ class ConsumerActor:
         # a compaction never takes more than one core from processing.
         self._compactor = ThreadPoolExecutor(1, thread_name_prefix="rayflow-compact")
         self._compactions: dict[tuple[int, int], _Compaction] = {}
+        # State past ``consumer_max_bytes`` goes to runs under this directory (``_bind_states``),
+        # this process's own; what dead consumers of the job left beside it is garbage.
+        spill_base = config.spill_dir or tempfile.gettempdir()
+        self._spill_root = os.path.join(spill_base, rn.spill_dir_name(pipeline, member_id, os.getpid()))
+        rn.wipe_dead(spill_base, pipeline, alive=psutil.pid_exists)
 
     # ------------------------------------------------------------------ control
     async def start(self) -> None:
@@ -175,8 +182,11 @@ class ConsumerActor:
             await self._commit([t for t in self.owned.values() if t.needs_commit])
         if self._hb_task is not None:
             self._hb_task.cancel()
-        for p in list(self.owned):
+        for p, t in list(self.owned.items()):
             self._drop_compactions(p)
+            if t.state_share:
+                self._release_states(t)
+        rn.wipe(self._spill_root)
         self._compactor.shutdown(wait=False, cancel_futures=True)
         try:
             await _call(self.manager.leave.remote(self.member_id), self.config.call_timeout_s)
@@ -205,7 +215,22 @@ class ConsumerActor:
             "state_bases": self.state_bases,
             "state_deltas": self.state_deltas,
             "compactions": self.compactions,
+            **self._state_bytes(owned),
         }
+
+    def _state_bytes(self, owned: dict[int, pt.PartitionTask]) -> dict[str, int]:
+        """``state_bytes``: operator state in memory; ``state_spilled_bytes``: in runs on disk.
+        Read while the worker thread may change a state: a state caught mid-change is skipped
+        (a figure of the moment; status must never fail for it)."""
+        mem = disk = 0
+        for t in owned.values():
+            for i in self.chain.stateful_indices:
+                try:
+                    m, d = self.chain.ops[i].state_nbytes(t.states[i])
+                except RuntimeError:  # a dict or list of the state changed size meanwhile
+                    continue
+                mem, disk = mem + m, disk + d
+        return {"state_bytes": mem, "state_spilled_bytes": disk}
 
     # ------------------------------------------------------------------ heartbeat task
     async def _heartbeat_loop(self) -> None:
@@ -302,6 +327,7 @@ class ConsumerActor:
                 if revoke:
                     await self._give_up(revoke)
                 running = [t for t in self.owned.values() if t.running]
+                self._release_final()
                 if not running and not any(t.needs_commit for t in self.owned.values()):
                     self._wake.clear()
                     try:
@@ -459,6 +485,8 @@ class ConsumerActor:
         t0 = time.monotonic()
         budget = self._step_s
         nbytes = rows = 0
+        for t in running:  # the partitions owned changed: a new share of the memory budget
+            self._bind_states(t)
         n = len(running)
         self._rr = (self._rr + 1) % max(1, n)
         for k in range(n):
@@ -525,6 +553,8 @@ class ConsumerActor:
                 num_sources=self.num_sources,
                 file_rows=file_rows,
             )
+            if task.running:  # a finished partition's state is never read again
+                self._bind_states(task, owned=len(self.owned) + len(new))
             if task.clock is not None and task.running and task.clock.applied != WATERMARK_NONE:
                 task.watermark_advanced(
                     task.clock.applied,
@@ -772,9 +802,43 @@ class ConsumerActor:
         return out
 
     def _forget(self, partition: int) -> None:
-        """Drop an owned partition (released, moved on, fenced) with its compactions."""
+        """Drop an owned partition (released, moved on, fenced) with its compactions and the
+        state it keeps on local disk."""
         self._drop_compactions(partition)
-        self.owned.pop(partition, None)
+        t = self.owned.pop(partition, None)
+        if t is not None and t.state_share:  # bound: it may have runs on disk
+            self._release_states(t)
+
+    def _bind_states(self, t: pt.PartitionTask, owned: int | None = None) -> None:
+        """Worker thread: grant ``t``'s stateful operators their share of ``consumer_max_bytes``
+        (``runs.state_share`` over the ``owned`` partitions), when it changed
+        (``Operator.bound_state``: an operator may spill part of its state at once)."""
+        ops = self.chain.stateful_indices
+        share = rn.state_share(
+            self.config.consumer_max_bytes,
+            partitions=owned if owned is not None else len(self.owned),
+            operators=len(ops),
+        )
+        if not ops or t.state_share == share:
+            return
+        for i in ops:
+            spill_dir = os.path.join(self._spill_root, f"p{t.partition:05d}-e{t.epoch:06d}-op{i}")
+            t.states[i] = self.chain.ops[i].bound_state(
+                t.states[i], max_bytes=share, spill_dir=spill_dir, key=self.key
+            )
+        t.state_share = share
+
+    def _release_final(self) -> None:
+        """Delete the runs of partitions whose final commit is recorded: nothing reads them again."""
+        for t in self.owned.values():
+            if t.phase is pt.Phase.FINAL and t.state_share:
+                self._release_states(t)
+                t.state_share = 0
+
+    def _release_states(self, t: pt.PartitionTask) -> None:
+        """``t`` leaves: its operators delete what they keep on disk (``Operator.release_state``)."""
+        for i in self.chain.stateful_indices:
+            self.chain.ops[i].release_state(t.states[i])
 
     def _drop_compactions(self, partition: int) -> None:
         """``partition`` leaves this consumer: forget its compactions, deleting each base no

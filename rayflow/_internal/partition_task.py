@@ -133,6 +133,9 @@ class PartitionTask:
     staged_deltas: dict[int, list[pa.Table]] = field(default_factory=dict)
     #: Rows of the state files this task wrote or read (what :attr:`chains` counts).
     file_rows: dict[str, int] = field(default_factory=dict)
+    #: The memory share its stateful operators were last granted (``Operator.bound_state``),
+    #: in bytes; 0: none yet.
+    state_share: int = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod

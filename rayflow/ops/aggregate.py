@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rayflow._internal.runs import RunSet, iter_ranges, runs_to_merge
 from rayflow.errors import ConfigError, InputError
 from rayflow.ops.base import Operator, _columns, _empty, _first_line
+from rayflow.partitioning import hash_table
 from rayflow.sinks.base import UPSERT_KEY_METADATA, VERSION_COLUMN
 
 
@@ -216,6 +218,10 @@ class Aggregate(Operator):
     changed groups in one ``group_by`` (as costly as the snapshot that
     follows it anyway). ``count`` counts non-null values, as pyarrow and SQL's
     ``count(col)`` do; null groups are groups, as in SQL.
+
+    Past its share of the consumer's memory (``EngineConfig.consumer_max_bytes``,
+    see :meth:`bound_state`) the merged state goes to sorted runs on local disk
+    and the operator keeps working, exactly (``docs/large-state.md``).
     """
 
     stateful = True
@@ -300,9 +306,12 @@ class Aggregate(Operator):
 
     # State: (merged table or None, [pending partial tables], pending rows,
     #         [key tables of the groups changed since the last flush] ("changes" mode only),
-    #         [partial tables since the last state_delta] (what an incremental commit writes))
+    #         [partial tables since the last state_delta] (what an incremental commit writes),
+    #         _Spill or None (the memory share and the runs on disk, see bound_state))
+    # With runs, the state is the merge of merged, pending and every run (partials merge in any
+    # order); a group may have a row in several of them.
     def init_state(self):
-        return (None, [], 0, [], [])
+        return (None, [], 0, [], [], None)
 
     def _partial(self, table: pa.Table) -> pa.Table:
         return self._aggs.partial(table, self.by)
@@ -312,7 +321,7 @@ class Aggregate(Operator):
         return self._aggs.merge(tables, self.by, extra)
 
     def process(self, state, table):
-        merged, pending, pending_rows, changed, delta = state
+        merged, pending, pending_rows, changed, delta, spill = state
         if table.num_rows == 0:
             return state, None
         part = self._partial(table)
@@ -321,17 +330,87 @@ class Aggregate(Operator):
         if self.emits_changes:  # the batch's groups, unique already: a zero-copy selection
             changed = changed + [part.select(self.by)]
         delta = delta + [part]  # shares the partial's buffers with ``pending``: no copy
-        # Merge once the partials outgrow the state: amortized O(rows) per batch.
-        if pending_rows >= max(65_536, merged.num_rows if merged is not None else 0):
+        # Merge once the partials outgrow the state: amortized O(rows) per batch. With a memory
+        # share, also once they hold a quarter of it (a merge shrinks them to one row a group).
+        if pending_rows >= max(65_536, merged.num_rows if merged is not None else 0) or (
+            spill is not None and _nbytes(pending) >= spill.max_bytes // 4
+        ):
             merged = self._merge(([merged] if merged is not None else []) + pending)
             pending, pending_rows = [], 0
         # The delta, too, is folded once it outgrows the state (or 64k rows): it never holds
-        # more rows than the state has groups, even if no commit takes it for a long time.
+        # more rows than the state has groups, even if no commit takes it for a long time. A
+        # spilled state's memory part is small: then once it doubles (amortized O(rows) too).
         if len(delta) > 1 and sum(d.num_rows for d in delta) >= max(
-            65_536, merged.num_rows if merged is not None else 0
+            65_536,
+            merged.num_rows if merged is not None else 0,
+            2 * delta[0].num_rows if spill is not None else 0,
         ):
             delta = [self._merge(delta)]
-        return (merged, pending, pending_rows, changed, delta), None
+        state = (merged, pending, pending_rows, changed, delta, spill)
+        return self._spill_if_over(state), None
+
+    # ------------------------------------------------------------------ state past memory
+    def bound_state(self, state, *, max_bytes: int, spill_dir: str, key: list[str]):
+        """Keep at most about ``max_bytes`` of this partition's merged state in memory; the rest
+        goes to sorted runs under ``spill_dir`` (``rayflow/_internal/runs.py``), hashed by the
+        pipeline's ``key`` (a subset of ``by``, as the checkpoint files are).
+
+        Half the share holds the merged state, a quarter the pending partials; the
+        rest is left to the delta and the change set, which a commit empties. Past
+        that, the merged state is written as a run and memory starts over: a
+        group then has rows in memory and in runs, which every read merges
+        (partials merge in any order), so results are exact in every emit mode.
+        Runs of a size tier are merged once there are 4 (``runs_to_merge``).
+        Called again with a new share when the consumer's partitions change;
+        spills at once if the state is over it (a restored state, read whole).
+        """
+        merged, pending, pending_rows, changed, delta, spill = state
+        if spill is None:
+            spill = _Spill(max_bytes, RunSet(spill_dir, list(key)))
+        else:
+            spill.max_bytes = max_bytes
+        return self._spill_if_over((merged, pending, pending_rows, changed, delta, spill))
+
+    def _spill_if_over(self, state):
+        """Write the in-memory state as a run once it passes half its share; merge runs by tier."""
+        merged, pending, pending_rows, changed, delta, spill = state
+        if spill is None:
+            return state
+        small = merged is None or merged.nbytes <= spill.max_bytes // 2
+        if small and _nbytes(pending) < spill.max_bytes // 4:
+            return state
+        mem = self._compact(state)
+        if mem is not None and mem.nbytes > spill.max_bytes // 2:
+            spill.runs.write(mem)
+            mem = None
+            merge = runs_to_merge([r.nbytes for r in spill.runs.runs])
+            if merge:
+                spill.runs.merge(merge, self._merge_runs, range_bytes=max(1, spill.max_bytes // 2))
+        return (mem, [], 0, changed, delta, spill)
+
+    def _merge_runs(self, tables: list[pa.Table]) -> pa.Table:
+        """Partials read from runs, merged (one table: a run's rows are one per group already)."""
+        return tables[0] if len(tables) == 1 else self._merge(tables)
+
+    def _ranges(self, state):
+        """The whole state, merged, one hash range at a time (a spilled state; see ``iter_ranges``)."""
+        spill = state[5]
+        for parts in iter_ranges(
+            spill.runs, self._compact(state), spill.runs.key, range_bytes=max(1, spill.max_bytes // 2)
+        ):
+            yield self._merge_runs(parts)
+
+    def state_nbytes(self, state) -> tuple[int, int]:
+        """(bytes of this state in memory, bytes in runs on local disk). The memory figure counts
+        the delta's buffers again where it shares them with the pending partials."""
+        merged, pending, _, changed, delta, spill = state
+        mem = (merged.nbytes if merged is not None else 0) + _nbytes(pending) + _nbytes(changed)
+        return mem + _nbytes(delta), (spill.runs.nbytes if spill is not None else 0)
+
+    def release_state(self, state) -> None:
+        """The partition leaves this consumer: delete its runs."""
+        if state is not None and state[5] is not None:
+            state[5].runs.delete()
 
     def _compact(self, state) -> pa.Table | None:
         merged, pending = state[0], state[1]
@@ -347,6 +426,11 @@ class Aggregate(Operator):
         return as_upserts(t, self.by, version)
 
     def finish(self, state) -> pa.Table | None:
+        """Every group's final values. A spilled state is merged one hash range at a time;
+        the result is one table (the operator's output), as large as the result itself."""
+        if _spilled(state):
+            outs = [self._present(t) for t in self._ranges(state)]
+            return pa.concat_tables(outs, promote_options="permissive") if outs else None
         t = self._compact(state)
         if t is None:
             return None
@@ -360,16 +444,32 @@ class Aggregate(Operator):
         (:meth:`Partials.merge_marked`).
         The change set is emptied: the returned state carries no unflushed change.
         """
-        merged, pending, _, changed, delta = state
+        merged, pending, _, changed, delta, spill = state
         if not changed:
             return state, None
-        base = ([merged] if merged is not None else []) + pending
         keys = pa.concat_tables(changed, promote_options="permissive")
+        if _spilled(state):
+            # The changed groups' rows in the runs join the merge; they stay in the runs (the
+            # memory part keeps only what it had: a group's rows are never counted twice).
+            mem = self._compact(state)
+            cold = spill.runs.lookup(hash_table(keys, spill.runs.key))
+            base = ([mem] if mem is not None else []) + cold
+            every, is_changed = self._aggs.merge_marked([(t, False) for t in base] + [(keys, True)], self.by)
+            out = self._present(every.filter(is_changed))
+            return self._spill_if_over((mem, [], 0, [], delta, spill)), self._upserts(out, version)
+        base = ([merged] if merged is not None else []) + pending
         merged, is_changed = self._aggs.merge_marked([(t, False) for t in base] + [(keys, True)], self.by)
         out = self._present(merged.filter(is_changed))
-        return (merged, [], 0, [], delta), self._upserts(out, version)
+        return (merged, [], 0, [], delta, spill), self._upserts(out, version)
 
     def state_to_table(self, state) -> pa.Table:
+        """The whole state as one table (a base). A spilled state is merged one hash range at a
+        time, but the table returned holds it all: a whole snapshot needs memory for the
+        whole state (incremental commits write deltas, and need not)."""
+        if _spilled(state):
+            parts = list(self._ranges(state))
+            if parts:
+                return pa.concat_tables(parts, promote_options="permissive")
         t = self._compact(state)
         return t if t is not None else pa.table({c: pa.array([], pa.null()) for c in self.by})
 
@@ -383,7 +483,7 @@ class Aggregate(Operator):
         """
         if table.num_rows == 0:
             return self.init_state()
-        return (self._filled(table), [], 0, [], [])
+        return (self._filled(table), [], 0, [], [], None)
 
     def _filled(self, table: pa.Table) -> pa.Table:
         """``table``'s group and partial columns, a partial it lacks filled as empty (count 0,
@@ -408,12 +508,12 @@ class Aggregate(Operator):
         delta since, in any order. Costs O(rows since the last call), not
         O(state): the delta is kept as the per-batch partials, already computed.
         """
-        merged, pending, pending_rows, changed, delta = state
+        merged, pending, pending_rows, changed, delta, spill = state
         if not delta:
             out = self._filled(pa.table({c: pa.array([], pa.null()) for c in self.by}))
         else:
             out = delta[0] if len(delta) == 1 else self._merge(delta)
-        return (merged, pending, pending_rows, changed, []), self._with_merge_spec(out)
+        return (merged, pending, pending_rows, changed, [], spill), self._with_merge_spec(out)
 
     def merge_states(self, tables: list[pa.Table]) -> pa.Table:
         """One state table from a snapshot and its deltas (see :meth:`state_delta`)."""
@@ -429,7 +529,7 @@ class Aggregate(Operator):
         if len(tables) <= 1:
             return self.state_from_table(tables[0]) if tables else self.init_state()
         first, *rest = (self._filled(t) for t in tables)
-        return (first, rest, sum(t.num_rows for t in rest), [], [])
+        return (first, rest, sum(t.num_rows for t in rest), [], [], None)
 
     def _with_merge_spec(self, t: pa.Table) -> pa.Table:
         """``t`` with how its rows fold (``STATE_MERGE_KEY`` metadata), so ``rayflow sql`` can show
@@ -440,3 +540,20 @@ class Aggregate(Operator):
             "zero": [col for _, fn, col in self._partials if fn == "count"],  # a missing count is 0
         }
         return t.replace_schema_metadata({**(t.schema.metadata or {}), STATE_MERGE_KEY: json.dumps(spec)})
+
+
+@dataclass
+class _Spill:
+    """A partition's memory share (bytes) and its runs on local disk (``Aggregate.bound_state``)."""
+
+    max_bytes: int
+    runs: RunSet
+
+
+def _spilled(state) -> bool:
+    """Whether part of ``state`` is in runs on disk."""
+    return state[5] is not None and bool(state[5].runs.runs)
+
+
+def _nbytes(tables: list[pa.Table]) -> int:
+    return sum(t.nbytes for t in tables)

@@ -139,6 +139,31 @@ class Operator:
         were folded by :meth:`merge_states`."""
         return self.state_from_table(tables[0] if len(tables) == 1 else self.merge_states(tables))
 
+    # ------------------------------------------------------------------ state and memory
+    def bound_state(self, state, *, max_bytes: int, spill_dir: str, key: list[str]):
+        """The consumer grants one partition's ``state`` about ``max_bytes`` of memory: return the
+        state to go on with. An operator that can keep the cold part of its state on local disk
+        does so under ``spill_dir`` (its own directory, for this partition and operator), its
+        rows hashed by the pipeline's ``key`` columns; it must stay exact, and delete its files
+        in :meth:`release_state`.
+
+        Called from a worker thread (I/O is allowed) when a partition's state is
+        created or restored, and again with a new share when the consumer's
+        partitions change (``rayflow/_internal/runs.py``: ``state_share``). The
+        default keeps everything in memory and returns ``state`` as it is.
+        """
+        return state
+
+    def state_nbytes(self, state) -> tuple[int, int]:
+        """``(bytes in memory, bytes on local disk)`` of one partition's ``state``, for the
+        consumer's status. The default counts the Arrow data the state holds (tables, arrays,
+        in tuples, lists and dicts) and no disk."""
+        return _arrow_nbytes(state), 0
+
+    def release_state(self, state) -> None:
+        """The partition leaves this consumer (released, moved, fenced, or the consumer stops):
+        delete what :meth:`bound_state` put on disk. The default does nothing."""
+
     def spec(self) -> dict:
         """What a resumed run checks against the checkpoint (``_internal/compat.py``)."""
         return {"type": type(self).__name__}
@@ -226,6 +251,17 @@ class Operator:
         """Whether the output is an upsert stream (new values of keys, no retractions): a Filter
         or another stateful operator cannot follow it (see ``_internal/chain.py``)."""
         return self.emits_changes
+
+
+def _arrow_nbytes(obj, depth: int = 0) -> int:
+    """Bytes of the Arrow data in ``obj`` (a table, batch or array, or containers of them)."""
+    if isinstance(obj, (pa.Table, pa.RecordBatch, pa.Array, pa.ChunkedArray)):
+        return obj.nbytes
+    if depth < 4 and isinstance(obj, (tuple, list)):
+        return sum(_arrow_nbytes(x, depth + 1) for x in obj)
+    if depth < 4 and isinstance(obj, dict):
+        return sum(_arrow_nbytes(x, depth + 1) for x in obj.values())
+    return 0
 
 
 def _columns(schema: pa.Schema) -> list[tuple[str, str]]:
