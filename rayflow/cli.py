@@ -1,6 +1,8 @@
 """The ``rayflow`` command line.
 
-    rayflow status NAME [--address ADDR]     live partitions, owners, epochs, lag of a running job
+    rayflow status NAME [--watch [S]]        live partitions of a running job: lag (rows, s), event-time
+                                             lag, owners, epochs, rates, last commits, stalled ones
+                                             (--watch: redrawn every S seconds until Ctrl-C) [--address ADDR]
     rayflow checkpoints DIR                  committed epochs per partition, for each job under DIR
     rayflow sql DIR "SELECT ..."             DuckDB SQL over the catalog (tables commits, outputs,
                                              events, leases; views latest, state) of the job under
@@ -12,6 +14,9 @@
                                              output: every row; latest: the latest row per key of
                                              an upsert stream) or a DuckDB database file
     (any sql: --to FILE.parquet writes the result there instead of printing it)
+    rayflow report DIR -o FILE.html          one self-contained HTML file with plots of the job's
+                                             history (throughput, lag, event-time lag, commits,
+                                             events, skew), readable offline (--name to pick)
 
 Commands that read checkpoints work on a copy of the catalog, so they are safe
 while the job runs (DuckDB lets one process hold the live file). The catalog
@@ -35,7 +40,7 @@ import os
 import shutil
 import sys
 
-from rayflow.errors import RayflowError
+from rayflow.errors import ConfigError, RayflowError
 
 
 def _catalogs(root: str, name: str | None) -> list[tuple[str, str]]:
@@ -164,6 +169,20 @@ def cmd_checkpoints(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """``rayflow report DIR [--name NAME] -o FILE``: :mod:`rayflow._internal.report`."""
+    from rayflow._internal.report import write_report
+
+    jobs = _catalogs(args.dir, args.name)
+    if len(jobs) > 1:
+        names = ", ".join(n for n, _ in jobs)
+        raise RayflowError(f"{args.dir!r} holds several jobs ({names}): pick one with --name")
+    ((name, job_dir),) = jobs
+    out = write_report(job_dir, args.output, name=name)
+    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB): open it in a browser (works offline)")
+    return 0
+
+
 def cmd_sql(args) -> int:
     if (args.pipeline or args.output) and len(args.args) != 1:
         raise RayflowError("with --pipeline or --output, give only the query")
@@ -231,43 +250,154 @@ def _query_output(path: str, query: str):
 
 
 def cmd_status(args) -> int:
+    """``rayflow status NAME [--watch [SECONDS]]``: the table of :mod:`rayflow._internal.status_view`
+    (lag in rows and seconds, event-time lag, owner and epoch, rate, last commit, queued and spilled
+    bytes, stalled partitions), once, or refreshed every SECONDS until Ctrl-C (exit 0). Exit 1: no
+    such pipeline, or it went away during a watch before it was done."""
     import ray
 
     from rayflow._internal import naming
 
+    if args.watch is not None and not args.watch > 0:
+        raise ConfigError(f"--watch takes a refresh period in seconds > 0, got {args.watch!r}")
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR")
     try:
         mgr = ray.get_actor(naming.manager_name(args.name), namespace=naming.NAMESPACE)
     except ValueError:
         print(f"no running pipeline named {args.name!r} on this cluster", file=sys.stderr)
         return 1
-    st = ray.get(mgr.status.remote(), timeout=30)
-    print(
-        f"pipeline {args.name}: members {', '.join(st['members']) or '-'}; rebalances {st['rebalances']}, "
-        f"recoveries {st['recoveries']}; {'done' if st['done'] else 'running'}"
+    if args.watch is None:
+        st = _live_status(mgr, args.name)
+        if st is None:
+            print(f"pipeline {args.name!r} is no longer running", file=sys.stderr)
+            return 1
+        print(_status_table(args.name, st, None, None, color=sys.stdout.isatty()), end="")
+        return 0
+    return _watch_status(mgr, args.name, args.watch)
+
+
+def _status_table(name: str, st: dict, progress, now, *, color: bool) -> str:
+    from rayflow._internal import status_view
+
+    return status_view.render(
+        name,
+        st,
+        stall_after_s=status_view.stall_after_s(st.get("checkpoint_interval_s")),
+        progress=progress,
+        now=now,
+        color=color,
     )
-    print(
-        f"{'partition':>9}  {'owner':<14}{'epoch':>6}  {'state':<10}{'processed':>12}{'committed':>12}  final"
-    )
-    for p in st["partitions"]:
-        print(
-            f"{p['partition']:>9}  {str(p['owner']):<14}{p['lease_epoch']:>6}  {p['state']:<10}"
-            f"{p['processed_rows']:>12,}{p['committed_rows']:>12,}  {p['final']}"
-        )
-    return 0
+
+
+def _watch_status(mgr, name: str, period_s: float) -> int:
+    """Redraw the status table every ``period_s`` until Ctrl-C (exit 0) or the pipeline goes
+    away (exit 0 once it was seen done, else 1); a manager restarting, or too slow to answer, is
+    said on screen and asked again. In place on a terminal; appended otherwise."""
+    import time
+
+    from rayflow._internal import status_view
+
+    tty = sys.stdout.isatty()
+    progress: dict = {}
+    done = False
+    try:
+        while True:
+            try:
+                st = _live_status(mgr, name)
+            except RayflowError as e:  # a manager restarting or slow: say so, and look again
+                sys.stdout.write(status_view.frame(f"{e}\n", tty=tty, stamp=time.strftime("%H:%M:%S")))
+                sys.stdout.flush()
+                time.sleep(period_s)
+                continue
+            if st is None:
+                print(f"pipeline {name!r} is no longer running", file=sys.stderr)
+                return 0 if done else 1
+            done = st["done"]
+            now = time.monotonic()
+            progress = status_view.track_progress(progress, st, now=now)
+            text = _status_table(name, st, progress, now, color=tty)
+            sys.stdout.write(status_view.frame(text, tty=tty, stamp=time.strftime("%H:%M:%S")))
+            sys.stdout.flush()
+            time.sleep(period_s)  # a refresh period, not a wait for a condition
+    except KeyboardInterrupt:
+        return 0
+
+
+def _live_status(mgr, name: str) -> dict | None:
+    """The manager's status with the source actors' figures folded in and the lag added (as
+    ``Run.status()`` does); None once the manager is gone. The source actors are found by name
+    (``<name>/source-<i>``); when they cannot be asked (restarting, gone at the end of a bounded
+    job), the lag is shown as unknown."""
+    import time
+
+    import ray
+
+    from rayflow._internal import naming, status_view
+
+    try:
+        st = ray.get(mgr.status.remote(), timeout=30)
+    except ray.exceptions.ActorUnavailableError:  # before RayActorError: a subclass, not the end
+        raise RayflowError(f"the manager of pipeline {name!r} is restarting; try again in a moment") from None
+    except ray.exceptions.RayActorError:
+        return None
+    except ray.exceptions.GetTimeoutError:
+        raise RayflowError(f"the manager of pipeline {name!r} did not answer within 30 s") from None
+    prefix = naming.actor_name(name, "source-")  # <name>/source-<i>
+    sources = None
+    try:
+        handles = [
+            ray.get_actor(a["name"], namespace=naming.NAMESPACE)
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == naming.NAMESPACE and a["name"].startswith(prefix)
+        ]
+        if handles:
+            sources = ray.get([h.stats.remote() for h in handles], timeout=10)
+    except (ValueError, ray.exceptions.RayError):
+        sources = None  # a source restarting or gone: lag unknown this time
+    return status_view.combine(st, sources, wall=time.time())
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="rayflow", description="rayflow: inspect running jobs and checkpoints")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("status", help="live status of a running pipeline")
+    p = sub.add_parser(
+        "status",
+        help="live status of a running pipeline: lag, event-time lag, owners and epochs, rates, last commits",
+        description="rayflow status NAME: per partition its lag (rows and seconds), event-time lag, "
+        "owner and lease epoch, rows/s, last commit, queued and spilled bytes; stalled partitions "
+        "(rows waiting, no commit or no progress for several checkpoint intervals) are marked. "
+        "--watch redraws it every SECONDS (default 2) until Ctrl-C.",
+    )
     p.add_argument("name")
     p.add_argument("--address", default=None)
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("checkpoints", help="committed epochs per partition")
     p.add_argument("dir")
     p.add_argument("--name", default=None)
     p.set_defaults(fn=cmd_checkpoints)
+    p = sub.add_parser(
+        "report",
+        help="an HTML file with plots of a job's history (safe while it runs)",
+        description="rayflow report DIR -o FILE.html: one self-contained HTML file (plotly.js inlined: "
+        "it opens offline) with plots of the history the job's manager samples into its catalog "
+        "every EngineConfig.history_interval_s: throughput (whole and per partition), lag per "
+        "partition, event-time lag, commit duration, consumers' busy time and memory, events "
+        "(rebalances, failures, recoveries) on the same time axis, and skew. Reads a copy of the "
+        "catalog, so it works on a running job too.",
+    )
+    p.add_argument("dir", help="the checkpoint directory (of one job, or holding several)")
+    p.add_argument("--name", default=None, help="the job under DIR (when DIR holds several)")
+    p.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser(
         "sql",
         help="DuckDB SQL over the catalog (commits, latest, outputs, events, leases, state), or over "

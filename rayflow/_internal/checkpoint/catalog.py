@@ -17,6 +17,10 @@ Tables:
 - ``leases(partition, owner, lease_epoch)``: the last grant of each partition,
   so epochs keep increasing across manager restarts;
 - ``events(ts, kind, detail)``: joins, leaves, rebalances, failures;
+- ``history_partitions``, ``history_consumers``: samples of the running job
+  every ``EngineConfig.history_interval_s`` (``_internal/history.py`` says what
+  each column is), kept ``history_retention_s``, drawn by ``rayflow report``
+  (:func:`read_history`);
 - ``splits(name, first_seen, fingerprint)``: every split a *dynamic* source
   has had (the ones at each start, and those discovered while a job ran),
   recorded before any of its rows is served, so a resume knows them all; and
@@ -33,7 +37,8 @@ resume.
 
 Growth is bounded (:meth:`Catalog.trim`): the latest commit of each partition
 is kept for good (recovery), and so is every row that names live state files
-or an unpublished output; older history is kept by count. The ``outputs``
+or an unpublished output; older history is kept by count. History samples
+are kept by age (:meth:`Catalog.trim_history`, ``history_retention_s``). The ``outputs``
 rows of published files go with their commits, unless the sink reads its
 output back from that list (``Sink.keeps_output_list``: the Collect sink).
 """
@@ -50,11 +55,12 @@ import tempfile
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store, is_remote, join
+from rayflow._internal.history import TABLES as HISTORY_TABLES
 from rayflow.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -76,7 +82,10 @@ CREATE TABLE IF NOT EXISTS splits (name VARCHAR PRIMARY KEY, first_seen TIMESTAM
 ALTER TABLE splits ADD COLUMN IF NOT EXISTS fingerprint VARCHAR;
 -- A catalog from before event time: its commits carry no watermarks (NULL).
 ALTER TABLE commits ADD COLUMN IF NOT EXISTS watermarks VARCHAR;
-"""
+""" + "".join(  # history (``rayflow report``): the columns ``_internal/history.py`` defines
+    f"CREATE TABLE IF NOT EXISTS {t} ({', '.join(f'{c} {ty}' for c, ty in cols)});\n"
+    for t, cols in HISTORY_TABLES.items()
+)
 #: The meta key of the job's first start (ms since the epoch); ``_``: the catalog's own.
 STARTED_KEY = "_started_ms"
 _OUTPUTS = """CREATE TABLE outputs (
@@ -188,8 +197,8 @@ class Catalog:
     the newest snapshot (if its index is older) and the entries after it, so
     start-up time does not grow with the job's age.
 
-    Caveats: events are not logged (a manager on another node starts with
-    none); published flags are logged only by snapshots, so a rebuild checks
+    Caveats: events and history samples are not logged (a manager on another
+    node starts with none); published flags are logged only by snapshots, so a rebuild checks
     the outputs recorded after the snapshot again (publication is idempotent).
     """
 
@@ -675,6 +684,47 @@ class Catalog:
         cur = self.con.cursor()
         cur.executemany("INSERT INTO events VALUES (?, ?, ?)", [[now, k, json.dumps(d)] for k, d in events])
 
+    # ------------------------------------------------------------------ history
+    def record_history(self, partitions: list[tuple], consumers: list[tuple]) -> None:
+        """Append one sample (rows as built by ``history.partition_rows`` / ``consumer_rows``),
+        in one transaction. Arrow in, not row by row: DuckDB's ``executemany`` takes ~20 ms
+        for 16 rows, an Arrow scan ~2 ms."""
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            for table, rows in (("history_partitions", partitions), ("history_consumers", consumers)):
+                if rows:
+                    cur.register("_sample", _arrow_rows(HISTORY_TABLES[table], rows))
+                    cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _sample")
+                    cur.unregister("_sample")
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        # No CHECKPOINT here: a reader's copy takes the WAL along (snapshot_copy), and commits
+        # fold it often enough (DuckDB also does once it reaches its size limit).
+
+    def trim_history(self, *, retention_s: float) -> int:
+        """Delete history samples older than ``retention_s``; returns the rows deleted."""
+        cutoff = _now() - timedelta(seconds=retention_s)
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        n = sum(cur.execute(f"DELETE FROM {t} WHERE ts < ?", [cutoff]).fetchone()[0] for t in HISTORY_TABLES)
+        cur.execute("COMMIT")
+        return int(n)
+
+
+def _arrow_rows(columns: tuple[tuple[str, str], ...], rows: list[tuple]):
+    """``rows`` as an Arrow table with the columns' names and types."""
+    import pyarrow as pa
+
+    types = {"TIMESTAMP": pa.timestamp("us"), "INTEGER": pa.int32(), "BIGINT": pa.int64(),
+             "DOUBLE": pa.float64(), "VARCHAR": pa.string()}  # fmt: skip
+    return pa.table(
+        [pa.array(list(col), type=types[ty]) for (_, ty), col in zip(columns, zip(*rows))],
+        names=[c for c, _ in columns],
+    )
+
 
 def _splits_body(splits) -> dict:
     """Known splits as logged (``-s`` entries, snapshots): names, and their fingerprints alongside
@@ -688,6 +738,97 @@ def _logged_splits(body: dict) -> list[tuple[str, str | None]]:
     names = body.get("splits", [])
     fingerprints = body.get("fingerprints") or [None] * len(names)
     return list(zip(names, fingerprints))
+
+
+#: Points per series a report draws at most: longer histories are averaged into this many
+#: time buckets (a week at 5 s is 120,960 samples; a browser draws 1,500 points per line easily).
+HISTORY_MAX_POINTS = 1_500
+
+
+#: Events shown from this long before the first sample (the manager samples as it starts, so
+#: this covers the start's joins and first rebalance, not the events of runs before history).
+HISTORY_EVENTS_BEFORE_S = 10.0
+
+
+def read_history(path: str, *, max_points: int = HISTORY_MAX_POINTS) -> dict:
+    """The history a catalog file holds, for ``rayflow report``: safe while the job runs (it
+    reads a copy, :func:`snapshot_copy`).
+
+    Samples are grouped into at most ``max_points`` time buckets (all of them
+    when fewer). Returns Arrow tables: ``partitions`` (per bucket and
+    partition: its last figures, the largest lags, ``rows_per_s`` from the
+    growth of processed rows since the previous bucket (never negative: a
+    restore to an older commit does not count back), the commits' sums and
+    longest), ``consumers`` (per bucket and member), ``events`` (from just
+    before the first sample on; all when there is none), and ``info``: a dict with
+    ``bucket_s``, ``first``, ``last`` (datetimes, UTC, None without samples),
+    ``samples`` and ``meta`` (the job's recorded meta).
+    """
+    import duckdb
+
+    copy = snapshot_copy(path)
+    try:
+        con = duckdb.connect(copy)
+        try:
+            # A catalog written before history existed: the tables, empty.
+            con.cursor().execute(_SCHEMA)
+            return _read_history(con, max_points)
+        finally:
+            con.close()
+    finally:
+        shutil.rmtree(os.path.dirname(copy), ignore_errors=True)
+
+
+def _read_history(con, max_points: int) -> dict:
+    first, last, samples = (
+        con.cursor().execute("SELECT min(ts), max(ts), count(DISTINCT ts) FROM history_partitions").fetchone()
+    )
+    span_ms = (last - first).total_seconds() * 1000 if first is not None else 0.0
+    width_ms = max(1, -(-int(span_ms) // max(1, max_points - 1)))
+    bucket = f"make_timestamp((epoch_ms(ts) // {width_ms}) * {width_ms} * 1000)"
+    partitions = (
+        con.cursor()
+        .sql(
+            f"""WITH b AS (
+                SELECT {bucket} AS ts, partition, max(ts) AS sampled_at,
+                       arg_max(processed_rows, ts) AS processed_rows, arg_max(committed_rows, ts) AS committed_rows,
+                       avg(rate_rows_per_s) AS rate_rows_per_s, max(lag_rows) AS lag_rows, max(lag_s) AS lag_s,
+                       arg_max(watermark_ms, ts) AS watermark_ms, max(event_time_lag_s) AS event_time_lag_s,
+                       arg_max(owner, ts) AS owner, max(lease_epoch) AS lease_epoch,
+                       max(queued_bytes) AS queued_bytes, max(spilled_bytes) AS spilled_bytes,
+                       sum(commits)::BIGINT AS commits, sum(commit_rows)::BIGINT AS commit_rows,
+                       sum(commit_bytes)::BIGINT AS commit_bytes, sum(commit_s_sum) AS commit_s_sum,
+                       max(commit_s_max) AS commit_s_max
+                FROM history_partitions GROUP BY ALL)
+            SELECT * EXCLUDE (sampled_at),
+                   greatest(0, processed_rows - lag(processed_rows) OVER w) AS rows_delta,
+                   greatest(0, processed_rows - lag(processed_rows) OVER w)
+                       / nullif(epoch(sampled_at) - epoch(lag(sampled_at) OVER w), 0) AS rows_per_s
+            FROM b WINDOW w AS (PARTITION BY partition ORDER BY ts) ORDER BY ts, partition"""
+        )
+        .to_arrow_table()
+    )
+    consumers = (
+        con.cursor()
+        .sql(
+            f"""SELECT {bucket} AS ts, member, avg(busy_fraction) AS busy_fraction,
+                   avg(commit_fraction) AS commit_fraction, arg_max(rows_processed, ts) AS rows_processed,
+                   max(rss_bytes) AS rss_bytes
+            FROM history_consumers GROUP BY ALL ORDER BY ts, member"""
+        )
+        .to_arrow_table()
+    )
+    events = (
+        con.cursor()
+        .sql(
+            "SELECT ts, kind, detail FROM events WHERE ts >= coalesce($since, ts) ORDER BY ts",
+            params={"since": None if first is None else first - timedelta(seconds=HISTORY_EVENTS_BEFORE_S)},
+        )
+        .to_arrow_table()
+    )
+    meta = dict(con.cursor().execute("SELECT key, value FROM meta").fetchall())
+    info = {"bucket_s": width_ms / 1000, "first": first, "last": last, "samples": samples, "meta": meta}
+    return {"partitions": partitions, "consumers": consumers, "events": events, "info": info}
 
 
 def snapshot_copy(path: str) -> str:

@@ -58,6 +58,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -97,6 +98,11 @@ class CommitRecord:
     inherited: tuple[str, ...] = ()
     #: The rows of each state file this attempt wrote (the consumer's count of a chain's rows).
     written_rows: dict[str, int] = field(default_factory=dict)
+    #: Seconds step 1 took for this record, and the Arrow bytes it wrote (state and outputs, in
+    #: memory: the files are compressed), for the history ``rayflow report`` draws. Not part of
+    #: what identifies an attempt (``compare=False``), and not in the ``commits`` table.
+    write_s: float = field(default=0.0, compare=False)
+    nbytes: int = field(default=0, compare=False)
 
 
 _STATE_FILE = re.compile(r"-op(\d+)(-[dc])?\.parquet$")
@@ -262,8 +268,9 @@ def write_commit(
     ``state_rows`` of the record: the rows of every state file it names.
     Blocking I/O: call it from a worker thread.
     """
+    t0 = time.perf_counter()
     tag = state_tag(epoch, seq)
-    state_files, inherited, written = [], [], {}
+    state_files, inherited, written, nbytes = [], [], {}, 0
     for i in sorted({*state_tables, *state_deltas}):
         if i in state_tables:
             table, suffix = state_tables[i], ""
@@ -275,6 +282,7 @@ def write_commit(
                 continue
             suffix = "-d"
         f, rows = write_state(state_store, f"state/p{partition:05d}/{tag}-op{i}{suffix}.parquet", table, key)
+        nbytes += table.nbytes
         state_files.append(f)
         written[f] = rows
     state_rows = sum(written.values()) + sum(r for chain, _ in state_deltas.values() for r in chain.rows)
@@ -287,7 +295,9 @@ def write_commit(
     for stream, outs in by_stream.items():
         store = sink_store if stream is None else side_stores[stream]
         file = name if stream is None else f"{stream}-{name}"  # apart even in one directory
-        store.write_parquet(pending_path(file), pa.concat_tables(outs, promote_options="permissive"))
+        table = pa.concat_tables(outs, promote_options="permissive")
+        store.write_parquet(pending_path(file), table)
+        nbytes += table.nbytes
         output_files.append(file if stream is None else side_output(stream, file))
     return CommitRecord(
         partition=partition,
@@ -303,6 +313,8 @@ def write_commit(
         watermarks=watermarks,
         inherited=tuple(inherited),
         written_rows=written,
+        write_s=time.perf_counter() - t0,
+        nbytes=nbytes,
     )
 
 

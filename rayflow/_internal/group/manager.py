@@ -51,6 +51,15 @@ The commit protocol, seen from here (steps as numbered in ``checkpoint/commit.py
    reported ``failed``.
 7. Retirement of old state files, and trimming of the catalog's history, by
    the maintenance loop.
+
+**History** (``_internal/history.py``, drawn by ``rayflow report``): every
+``history_interval_s`` a loop of its own samples the partitions (from memory and
+the sources' stats), the consumers (their ``status``, each awaited at most
+``HISTORY_WAIT_S``: one that does not answer is skipped) and the commits recorded
+since the last sample (tallied by ``commit`` in memory: no I/O on the commit
+path), and queues one insert on the I/O thread. The last sample is taken at
+``close``. Caveat: a crash of this actor loses the commits tallied since the
+last sample.
 """
 
 from __future__ import annotations
@@ -64,16 +73,18 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
 
 import ray
 
-from rayflow._internal import naming
+from rayflow._internal import history, naming
 from rayflow._internal.checkpoint.catalog import Catalog, IndexBehindLog
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store, is_remote
 from rayflow._internal.compat import JobMeta, check_resume
 from rayflow._internal.group.coordinator import Coordinator, Effects
 from rayflow._internal.jobfile import read_job_file
+from rayflow._internal.lag import add_lag
 from rayflow._internal.metrics import ManagerMetrics
 from rayflow._internal.publish import Publisher
 from rayflow._internal.watermarks import WATERMARK_NONE, lag_s
@@ -103,6 +114,11 @@ PUBLISH_RETRY_MAX_S = 10.0
 #: Outputs published per job of the I/O thread by the retry loop, so that commits interleave
 #: with a long backlog instead of waiting for all of it.
 PUBLISH_BATCH = 16
+#: Longest a history sample waits for each consumer's and source's answer: one that has not
+#: answered by then is left out of that sample (a consumer), or leaves its lag unknown (a source).
+HISTORY_WAIT_S = 1.0
+#: The same at ``close``, for the last sample of a run: short, as it delays the end of the run.
+HISTORY_FINAL_WAIT_S = 0.3
 #: Completed moves kept in memory for :meth:`GroupManager.moves_since` (the catalog's events keep
 #: more): enough for the benchmarks and tests that read them, bounded for a long-running job.
 MOVES_KEPT = 1_000
@@ -149,6 +165,19 @@ class GroupManager:
         self._started_ms: int | None = None  # when the job first read (ms since the epoch)
         self._commit_at: dict[int, float] = {}  # partition -> wall time of its latest recorded commit
         self._loops: list[asyncio.Task] = []  # started by the first call, inside the event loop
+        self._commit_tally = history.CommitTally()  # commits since the last history sample
+        self._consumer_clocks: dict[str, history.ConsumerClock] = {}
+        # Sampling cost, in all and for the last sample: seconds on the event loop (CPU), and the
+        # insert on the I/O thread (wall, and that thread's CPU: the wall time includes waiting
+        # for the GIL). Waiting for answers is not cost: the loop serves other calls meanwhile.
+        self._history_cost = {
+            "samples": 0,
+            "loop_s": 0.0,
+            "write_s": 0.0,
+            "write_cpu_s": 0.0,
+            "last_loop_s": 0.0,
+            "last_write_s": 0.0,
+        }
         try:
             self._io.submit(self._start, job_root, job_file, _was_restarted()).result()
         except BaseException as e:  # raised by ready(): an actor whose __init__ fails just dies
@@ -284,7 +313,11 @@ class GroupManager:
         the first call, whichever it is)."""
         if not self._loops and self._init_error is None:
             loop = asyncio.get_running_loop()
-            self._loops = [loop.create_task(self._expire_loop()), loop.create_task(self._maintain_loop())]
+            self._loops = [
+                loop.create_task(self._expire_loop()),
+                loop.create_task(self._maintain_loop()),
+                loop.create_task(self._history_loop()),
+            ]
 
     async def set_sources(self, sources: list) -> None:
         self.sources = sources
@@ -470,6 +503,7 @@ class GroupManager:
         record that breaks the protocol or names a missing file.
         """
         self._ensure_loops()
+        t0 = time.perf_counter()
         fresh: list[CommitRecord] = []
         repeated: list[CommitRecord] = []
         fenced: list[int] = []
@@ -492,10 +526,18 @@ class GroupManager:
                     self._index_behind = True
                     self._maintenance_failed("indexing logged commits", e)
                 now = time.time()
+                record_s = time.perf_counter() - t0  # steps 2-4, waiting for the lock included
                 for rec in fresh:
                     self.group.apply_commit(rec)
                     self._unpublished.update(dict.fromkeys(rec.output_files))
                     self._commit_at[rec.partition] = now
+                    self._commit_tally.add(
+                        rec.partition,
+                        rows=rec.rows_in,
+                        nbytes=rec.nbytes,
+                        write_s=rec.write_s,
+                        record_s=record_s,
+                    )
                 self._fault("manager.after_record")
         # Step 5, outside the lock: publication changes no lease, and never fails a recorded commit.
         await self._publish([f for rec in fresh + repeated for f in rec.output_files])
@@ -703,7 +745,67 @@ class GroupManager:
 
     def _trim(self) -> None:
         self.catalog.trim(keep_published_outputs=self.sink.keeps_output_list)
+        self.catalog.trim_history(retention_s=self.config.history_retention_s)
         self.catalog.compact_log()
+
+    # ------------------------------------------------------------------ history
+    async def _history_loop(self) -> None:
+        while True:  # a sample at once: the history starts with the run (or this actor's restart)
+            await self._sample_history(HISTORY_WAIT_S)
+            await asyncio.sleep(self.config.history_interval_s)
+
+    async def _sample_history(self, wait_s: float) -> None:
+        """Take one history sample and queue its insert (see the module doc). Never raises."""
+        try:
+            sources, consumers = await asyncio.gather(self._ask_sources(wait_s), self._ask_consumers(wait_s))
+            t0 = time.thread_time()  # this thread's CPU: status() does not suspend (unless it marks the sink)
+            st = await self.status()
+            if sources is not None:
+                for part in st["partitions"]:
+                    part.setdefault("queued_rows", sum(s["queued_rows"][part["partition"]] for s in sources))
+                add_lag(st, sources, wall=time.time())
+            ts = datetime.now(timezone.utc).replace(tzinfo=None)  # naive UTC, as all catalog times
+            parts = history.partition_rows(st, sources, self._commit_tally.take(), ts=ts)
+            clocks = {m: c for m, c in self._consumer_clocks.items() if m in self.handles}
+            rows, self._consumer_clocks = history.consumer_rows(
+                consumers, clocks, ts=ts, now=time.monotonic()
+            )
+            loop_s = time.thread_time() - t0
+            write_s, write_cpu_s = await self._in_io(self._record_history, parts, rows)
+        except Exception as e:  # history must never take the job down
+            if not self._closed:
+                self._maintenance_failed("sampling the history", e)
+            return
+        cost = self._history_cost
+        cost["samples"] += 1
+        cost["loop_s"] += loop_s
+        cost["write_s"] += write_s
+        cost["write_cpu_s"] += write_cpu_s
+        cost["last_loop_s"], cost["last_write_s"] = loop_s, write_s
+
+    def _record_history(self, parts: list[tuple], rows: list[tuple]) -> tuple[float, float]:
+        """On the I/O thread: the insert; returns the seconds it took (wall, this thread's CPU)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        self.catalog.record_history(parts, rows)
+        return time.perf_counter() - t0, time.thread_time() - c0
+
+    async def _ask_sources(self, wait_s: float) -> list[dict] | None:
+        """Every source actor's stats; None unless all answered within ``wait_s``."""
+        handles = self._source_handles()
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(s.stats.remote(), wait_s) for s in handles), return_exceptions=True
+        )
+        if not handles or any(not isinstance(a, dict) for a in answers):
+            return None
+        return list(answers)
+
+    async def _ask_consumers(self, wait_s: float) -> dict[str, dict]:
+        """The status of each member that answered within ``wait_s`` (others are skipped)."""
+        members = list(self.handles.items())
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(h.status.remote(), wait_s) for _, h in members), return_exceptions=True
+        )
+        return {m: a for (m, _), a in zip(members, answers) if isinstance(a, dict)}
 
     # ------------------------------------------------------------------ status
     async def status(self) -> dict:
@@ -764,7 +866,11 @@ class GroupManager:
             "publish_failures": self._publish_failures,
             "last_publish_error": self._last_publish_error,
             "maintenance_failures": self._maintenance_failures,
+            # For readers in another process (rayflow status: when a partition counts as stalled).
+            "checkpoint_interval_s": self.config.checkpoint_interval_s,
             "last_maintenance_error": self._last_maintenance_error,
+            # History samples taken by this actor, and their cost (seconds, see _history_cost).
+            "history": dict(self._history_cost),
         }
 
     def _clock_of(self, p: int, owner: str | None, c, now: float) -> dict:
@@ -810,11 +916,14 @@ class GroupManager:
 
     async def close(self) -> None:
         telling = [self._telling] if getattr(self, "_telling", None) is not None else []
+        ran = bool(self._loops)
         for task in self._loops + list(self.watches.values()) + telling:
             task.cancel()
         self._loops = []
         if self._closed:
             return
+        if ran:  # the run's last sample: what happened since the previous one (its last commits)
+            await self._sample_history(HISTORY_FINAL_WAIT_S)
         self._closed = True
         await self._in_io(self._close_io)  # after the queued event writes: the thread is FIFO
         self._io.shutdown(wait=False)
