@@ -22,6 +22,12 @@ and ``finish`` (the final result, merged over hash ranges) checked exactly
 against pyarrow's ``group_by`` over the same events (the reference, timed:
 the figures are ratios to it).
 
+**Restore.** ``--restore KEYS SHARE_MIB`` (alone): a checkpoint of KEYS groups (a base and
+two deltas of 200k keys) restored under a share of SHARE_MIB, the whole-table way
+(``read_state``, ``state_from_tables``, ``bound_state``) and streamed (``restore_bound``, what a
+consumer does for a partition that still processes), each in a fresh process: seconds and the
+Arrow pool's peak while restoring. Prints only.
+
 Writes bench/results/large_state.json. Never asserts timings.
 """
 
@@ -187,6 +193,48 @@ def bench_keys(keys: int, events_per_key: int, budget: int, work: str, seed: int
     return out
 
 
+def bench_restore(mode: str, keys: int, share: int, work: str) -> dict:
+    """Restore a checkpoint of ``keys`` groups (made in ``work`` by mode ``"make"``)."""
+    from rayflow._internal import runs as rn
+    from rayflow._internal.checkpoint import commit as cm
+    from rayflow._internal.checkpoint.store import Store
+
+    op = rf.ops.Aggregate(by="key", aggs=AGGS, emit="final")
+    store = Store(os.path.join(work, "ck"))
+    files = ["state/b.parquet", "state/d0.parquet", "state/d1.parquet"]
+    if mode == "make":
+        rng = np.random.default_rng(0)
+        s = op.init_state()
+        s, _ = op.process(s, pa.table({"key": np.arange(keys), "value": np.ones(keys, np.int64)}))
+        s, _ = op.state_delta(s)
+        store.write_parquet(files[0], cm.with_hash(op.state_to_table(s), ["key"]), fast=True)
+        for f in files[1:]:
+            s, _ = op.process(
+                s, pa.table({"key": rng.integers(0, keys, 200_000), "value": np.ones(200_000, np.int64)})
+            )
+            s, d = op.state_delta(s)
+            store.write_parquet(f, cm.with_hash(d, ["key"]), fast=True)
+        return {"state_bytes": op.state_to_table(s).nbytes}
+    spill = os.path.join(work, f"spill-{mode}")
+    pool = pa.default_memory_pool()
+    t0 = time.perf_counter()
+    if mode == "whole":
+        tables, _ = cm.read_state(store, files)
+        st = op.bound_state(op.state_from_tables(tables), max_bytes=share, spill_dir=spill, key=["key"])
+        del tables
+    else:
+
+        def opener(f):
+            return lambda: store.fs.open_input_file(store.full(f))
+
+        chain = [rn.iter_parquet(opener(f), batch_rows=max(1024, share // 4 // 32)) for f in files]
+        st = op.restore_bound(chain, max_bytes=share, spill_dir=spill, key=["key"])
+    out = {"mode": mode, "restore_s": time.perf_counter() - t0, "peak_arrow_bytes": pool.max_memory()}
+    out["rows"] = op.finish(st).num_rows
+    op.release_state(st)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--keys", type=int, nargs="*", default=[10_000_000, 50_000_000])
@@ -197,7 +245,29 @@ def main() -> None:
     ap.add_argument("--no-store", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "large_state.json"))
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # keys budget_mib events_per_key out
+    ap.add_argument("--restore", type=int, nargs=2, metavar=("KEYS", "SHARE_MIB"))
+    ap.add_argument("--restore-one", nargs=4, help=argparse.SUPPRESS)  # mode keys share_mib work
     args = ap.parse_args()
+    if args.restore_one:
+        mode, keys, share_mib, work = args.restore_one
+        print(json.dumps(bench_restore(mode, int(keys), int(share_mib) << 20, work)))
+        return
+    if args.restore:
+        work = tempfile.mkdtemp(prefix="rayflow-large-state-")
+        try:
+            for mode in ("make", "whole", "streamed"):  # a fresh process each: its own pool peak
+                cmd = [sys.executable, __file__, "--restore-one", mode, *map(str, args.restore), work]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                if mode == "make":
+                    print(f"{args.restore[0]:,} keys, {r['state_bytes'] / 2**20:.0f} MiB of state")
+                else:
+                    print(
+                        f"  {mode:8s} restore {r['restore_s']:.2f} s, peak Arrow "
+                        f"{r['peak_arrow_bytes'] / 2**20:.0f} MiB (share {args.restore[1]} MiB), rows {r['rows']:,}"
+                    )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     if args.one:
         keys, budget_mib, per_key, out = args.one
         work = tempfile.mkdtemp(prefix="rayflow-large-state-")

@@ -145,10 +145,10 @@ class ConsumerActor:
         self._compactor = ThreadPoolExecutor(1, thread_name_prefix="rayflow-compact")
         self._compactions: dict[tuple[int, int], _Compaction] = {}
         # State past ``consumer_max_bytes`` goes to runs under this directory (``_bind_states``),
-        # this process's own; what dead consumers of the job left beside it is garbage.
+        # this process's own; what dead consumers (of any job) of this node left beside it is garbage.
         spill_base = config.spill_dir or tempfile.gettempdir()
         self._spill_root = os.path.join(spill_base, rn.spill_dir_name(pipeline, member_id, os.getpid()))
-        rn.wipe_dead(spill_base, pipeline, alive=psutil.pid_exists)
+        rn.wipe_dead(spill_base, alive=psutil.pid_exists)
 
     # ------------------------------------------------------------------ control
     async def start(self) -> None:
@@ -167,6 +167,11 @@ class ConsumerActor:
     async def watch(self) -> None:
         """Never returns while the actor lives: the manager's liveness watch."""
         await self._stopped.wait()
+
+    async def wipe_spill(self) -> None:
+        """The run is torn down and this process is about to be killed: delete its runs on local
+        disk now (a kill runs no cleanup). Nothing reads them again."""
+        rn.wipe(self._spill_root)
 
     async def stop(self) -> None:
         """Graceful stop: finish the current step, commit everything, leave the group."""
@@ -540,9 +545,13 @@ class ConsumerActor:
             states = self.chain.init_states()
             file_rows: dict[str, int] = {}
             if c is not None:
+                owned = self._processing() + len(new)  # at most: rebound next step
                 for i, files in cm.state_chains(c.state_files).items():
-                    tables, rows = cm.read_state(self.state_store, files)
-                    states[i] = self.chain.ops[i].state_from_tables(tables)
+                    if not c.final and self.chain.ops[i].restores_bound:  # never whole in memory
+                        states[i], rows = self._restore_bound(p, epoch, i, files, owned)
+                    else:
+                        tables, rows = cm.read_state(self.state_store, files)
+                        states[i] = self.chain.ops[i].state_from_tables(tables)
                     file_rows.update(rows)
             task = pt.PartitionTask.from_commit(
                 p,
@@ -554,7 +563,7 @@ class ConsumerActor:
                 file_rows=file_rows,
             )
             if task.running:  # a finished partition's state is never read again
-                self._bind_states(task, owned=len(self.owned) + len(new))
+                self._bind_states(task, owned=self._processing() + len(new))  # at most: rebound next step
             if task.clock is not None and task.running and task.clock.applied != WATERMARK_NONE:
                 task.watermark_advanced(
                     task.clock.applied,
@@ -811,22 +820,53 @@ class ConsumerActor:
 
     def _bind_states(self, t: pt.PartitionTask, owned: int | None = None) -> None:
         """Worker thread: grant ``t``'s stateful operators their share of ``consumer_max_bytes``
-        (``runs.state_share`` over the ``owned`` partitions), when it changed
-        (``Operator.bound_state``: an operator may spill part of its state at once)."""
+        (``runs.state_share`` over the ``owned`` partitions still processing: an ended or final
+        one's state takes no more), when it changed (``Operator.bound_state``: an operator may
+        spill part of its state at once)."""
         ops = self.chain.stateful_indices
         share = rn.state_share(
             self.config.consumer_max_bytes,
-            partitions=owned if owned is not None else len(self.owned),
+            partitions=owned if owned is not None else self._processing(),
             operators=len(ops),
         )
         if not ops or t.state_share == share:
             return
         for i in ops:
-            spill_dir = os.path.join(self._spill_root, f"p{t.partition:05d}-e{t.epoch:06d}-op{i}")
+            spill_dir = self._spill_dir(t.partition, t.epoch, i)
             t.states[i] = self.chain.ops[i].bound_state(
                 t.states[i], max_bytes=share, spill_dir=spill_dir, key=self.key
             )
         t.state_share = share
+
+    def _restore_bound(
+        self, partition: int, epoch: int, i: int, files: list[str], owned: int
+    ) -> tuple[object, dict[str, int]]:
+        """Worker thread: operator ``i``'s state of a running ``partition``, streamed from its
+        checkpoint ``files`` (a base, then deltas) through ``Operator.restore_bound`` under the
+        share ``_bind_states`` will grant (so it does not bind it again); with each file's rows."""
+        store = self.state_store
+        share = rn.state_share(
+            self.config.consumer_max_bytes, partitions=owned, operators=len(self.chain.stateful_indices)
+        )
+
+        def opener(f: str):
+            return lambda: store.fs.open_input_file(store.full(f))
+
+        # Batches of about a quarter of the share at ~32 bytes a row: one fills the pending part.
+        batch_rows = max(1024, share // 4 // 32)
+        chain = [rn.iter_parquet(opener(f), batch_rows=batch_rows) for f in files]
+        state = self.chain.ops[i].restore_bound(
+            chain, max_bytes=share, spill_dir=self._spill_dir(partition, epoch, i), key=self.key
+        )
+        return state, {f: rn.parquet_rows(opener(f)) for f in files}
+
+    def _spill_dir(self, partition: int, epoch: int, i: int) -> str:
+        """Where operator ``i`` of ``partition`` (under lease ``epoch``) keeps its runs."""
+        return os.path.join(self._spill_root, f"p{partition:05d}-e{epoch:06d}-op{i}")
+
+    def _processing(self) -> int:
+        """How many owned partitions still process input (what the memory budget is shared by)."""
+        return sum(1 for t in list(self.owned.values()) if t.running)
 
     def _release_final(self) -> None:
         """Delete the runs of partitions whose final commit is recorded: nothing reads them again."""

@@ -1,8 +1,8 @@
 """Sorted runs: the cold part of an operator's state, on local disk (issue 13, part 3).
 
 A *run* is one Parquet file of state rows sorted by ``_hash`` (the hash of the
-pipeline key, as the checkpoint's state files are sorted), written once and
-never changed. A :class:`RunSet` holds one partition's runs for one operator:
+set's ``key`` columns: the operator's own group columns, since a multi-input
+job's key names no column), written once and never changed. A :class:`RunSet` holds one partition's runs for one operator:
 
 - :meth:`RunSet.write` adds a run (the operator's in-memory state, once it
   outgrows its share of the consumer's budget);
@@ -22,7 +22,7 @@ a cache of what the process computed, never a checkpoint: nothing reads it
 after the process ends, and every file is deleted when its set is
 (:meth:`RunSet.delete`, or the set is garbage-collected); a consumer's
 spill directory is wiped when it stops, or, if it died, by the next consumer
-of the job started on the node (:func:`wipe_dead`).
+started on the node, of any job (:func:`wipe_dead`).
 
 Why Parquet runs and not an embedded store (DuckDB tables), measured by
 ``bench/large_state.py`` (``store``: 2M groups, 20k scattered lookups, one fold
@@ -32,8 +32,8 @@ and fold as fast (1.5 against 1.4 s); DuckDB's primary-key index answers
 scattered lookups 20x faster (0.014 against 0.30 s: scattered keys touch every
 row group of a run). Runs win what happens at every spill and merge, and keep
 the state in Arrow from disk to ``group_by``, in the checkpoint's own format
-and order (a restore could serve a base file as a run), with no second engine
-in the consumer and no database to vacuum: a partition that leaves deletes
+(Parquet; sorted by the group columns' hash, which is the checkpoint's order
+when the job's key is the group), with no second engine in the consumer and no database to vacuum: a partition that leaves deletes
 files. Where flushes of few changed keys over a huge spilled state dominate,
 an index (or a DuckDB store behind the same three calls) is the measured
 alternative.
@@ -44,9 +44,11 @@ Pure, apart from the file I/O it is for; decisions (:func:`state_share`,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
@@ -71,6 +73,8 @@ MIN_SHARE_BYTES = 64 * 1024
 #: Rows sorted and written at a time when a run is written from a table: the sorted copy is
 #: never the whole table.
 _SORT_SLICE_ROWS = 1 << 20
+#: Row groups a lookup reads at a time (each filtered before the next): about 4 MiB.
+LOOKUP_GROUPS = 4
 #: Column of a run holding its rows' key hash (as in the checkpoint's state files).
 HASH_COLUMN = "_hash"
 
@@ -183,7 +187,7 @@ class RunWriter:
 class RunSet:
     """One partition's runs of one operator's state, under ``directory`` (created on first write).
 
-    ``key``: the pipeline's key columns, whose hash sorts the runs. Runs are
+    ``key``: the columns whose hash sorts the runs (the operator's group columns). Runs are
     kept oldest first; the order does not matter to the operators that use it
     (their partials merge in any order).
     """
@@ -192,7 +196,8 @@ class RunSet:
         self.directory = directory
         self.key = list(key)
         self.runs: list[Run] = []
-        self._finalizer = weakref.finalize(self, _delete_files, self.runs)
+        self._open: dict[str, pq.ParquetFile] | None = None  # files kept open by scan()
+        self._finalizer = weakref.finalize(self, _delete_files, self.runs, directory)
 
     @property
     def nbytes(self) -> int:
@@ -229,7 +234,9 @@ class RunSet:
 
     def lookup(self, hashes: np.ndarray) -> list[pa.Table]:
         """The rows (without ``_hash``) whose key hash is in ``hashes``, one table per run that
-        has any. Reads only the row groups whose hash range holds one of them."""
+        has any. Reads only the row groups whose hash range holds one of them, and those
+        :data:`LOOKUP_GROUPS` at a time, filtered before the next: scattered keys touch every
+        row group of a run, and the run is never read whole into memory."""
         q = np.unique(np.asarray(hashes, np.uint64))
         out = []
         if len(q) == 0:
@@ -240,22 +247,52 @@ class RunSet:
             groups = np.nonzero(hi > lo)[0].tolist()
             if not groups:
                 continue
-            t = pq.ParquetFile(run.path).read_row_groups(groups)
-            h = t.column(HASH_COLUMN).to_numpy()
-            at = np.minimum(np.searchsorted(q, h), len(q) - 1)
-            mask = q[at] == h
-            if mask.any():
-                out.append(t.filter(pa.array(mask)).drop_columns([HASH_COLUMN]))
+            f = self._file(run)
+            found = []
+            for a in range(0, len(groups), LOOKUP_GROUPS):
+                t = f.read_row_groups(groups[a : a + LOOKUP_GROUPS])
+                h = t.column(HASH_COLUMN).to_numpy()
+                at = np.minimum(np.searchsorted(q, h), len(q) - 1)
+                mask = q[at] == h
+                if mask.any():
+                    found.append(t.filter(pa.array(mask)).drop_columns([HASH_COLUMN]))
+            if found:
+                out.append(pa.concat_tables(found) if len(found) > 1 else found[0])
         return out
+
+    def _file(self, run: Run) -> pq.ParquetFile:
+        """``run``'s file, opened once per :meth:`scan` (its footer parsed once), else now."""
+        if self._open is not None:
+            f = self._open.get(run.path)
+            if f is None:
+                f = self._open[run.path] = pq.ParquetFile(run.path)
+            return f
+        return pq.ParquetFile(run.path)
+
+    @contextlib.contextmanager
+    def scan(self) -> Iterator[RunSet]:
+        """Within it, each run file is opened once (its footer parsed once) however many
+        ranges or lookups read it: a merge over ``n`` ranges of ``m`` runs opens ``m``
+        files, not ``n * m``."""
+        if self._open is not None:
+            yield self
+            return
+        self._open = {}
+        try:
+            yield self
+        finally:
+            for f in self._open.values():
+                f.close()
+            self._open = None
 
     def read_range(self, lo: int, hi: int) -> list[pa.Table]:
         """The rows (without ``_hash``) whose key hash is in ``[lo, hi)``, one table per run."""
         out = []
         for run in self.runs:
-            groups = np.nonzero((run.maxs >= np.uint64(lo)) & (run.mins < _bound(hi)))[0].tolist()
+            groups = np.nonzero(_overlaps(run.mins, run.maxs, lo, hi))[0].tolist()
             if not groups:
                 continue
-            t = pq.ParquetFile(run.path).read_row_groups(groups)
+            t = self._file(run).read_row_groups(groups)
             h = t.column(HASH_COLUMN).to_numpy()
             a, b = np.searchsorted(h, np.uint64(lo), "left"), _searchsorted_hi(h, hi)
             if b > a:
@@ -272,18 +309,21 @@ class RunSet:
         chosen = [r for i, r in enumerate(self.runs) if i in picked]
         keep = [r for i, r in enumerate(self.runs) if i not in picked]
         sub = RunSet.__new__(RunSet)  # the chosen runs only, for read_range (no finalizer)
-        sub.directory, sub.key, sub.runs = self.directory, self.key, chosen
+        sub.directory, sub.key, sub.runs, sub._open = self.directory, self.key, chosen, None
         writer: RunWriter | None = None
         path = self._new_path()
+        total = sum(r.table_bytes for r in chosen)
+        target = _range_target(total, max(r.rows for r in chosen), range_bytes)
         try:
-            for lo, hi in hash_ranges(sum(r.table_bytes for r in chosen), range_bytes):
-                parts = sub.read_range(lo, hi)
-                if not parts:
-                    continue
-                t, h = hashed(fold(parts), self.key)
-                if writer is None:
-                    writer = RunWriter(path, t.schema)
-                writer.write(t, h)
+            with sub.scan():
+                for lo, hi in hash_ranges(total, target):
+                    parts = sub.read_range(lo, hi)
+                    if not parts:
+                        continue
+                    t, h = hashed(fold(parts), self.key)
+                    if writer is None:
+                        writer = RunWriter(path, t.schema)
+                    writer.write(t, h)
         except BaseException:
             if writer is not None:
                 writer.close()
@@ -296,8 +336,9 @@ class RunSet:
         return run
 
     def delete(self) -> None:
-        """Delete every run file (the set is empty after)."""
+        """Delete every run file and the set's directory, once empty (the set is empty after)."""
         _delete_files(self.runs)
+        _rmdir(self.directory)
 
 
 def iter_ranges(
@@ -309,18 +350,49 @@ def iter_ranges(
     is held whole: it is within its budget already)."""
     total = (runs.table_bytes if runs is not None else 0) + (memory.nbytes if memory is not None else 0)
     order, mh = hash_order(memory, key) if memory is not None and memory.num_rows else (None, None)
-    for lo, hi in hash_ranges(total, range_bytes):
-        parts = runs.read_range(lo, hi) if runs is not None else []
-        if order is not None:
-            a, b = np.searchsorted(mh, np.uint64(lo), "left"), _searchsorted_hi(mh, hi)
-            if b > a:
-                parts.append(memory.take(pa.array(order[a:b])))
-        if parts:
-            yield parts
+    most = max((r.rows for r in runs.runs), default=0) if runs is not None else 0
+    with runs.scan() if runs is not None else contextlib.nullcontext():
+        for lo, hi in hash_ranges(total, _range_target(total, most, range_bytes)):
+            parts = runs.read_range(lo, hi) if runs is not None else []
+            if order is not None:
+                a, b = np.searchsorted(mh, np.uint64(lo), "left"), _searchsorted_hi(mh, hi)
+                if b > a:
+                    parts.append(memory.take(pa.array(order[a:b])))
+            if parts:
+                yield parts
 
 
-def _bound(hi: int) -> np.uint64:
-    return np.uint64(min(hi, HASH_SPACE - 1))
+def iter_parquet(open_file: Callable[[], object], *, batch_rows: int) -> Iterator[pa.Table]:
+    """The rows of one Parquet file (``open_file()`` opens it) ``batch_rows`` at a time, without
+    ``_hash``: a restore streams a checkpoint's state files through a bounded state instead of
+    reading them whole (memory: about one row group of the file, plus one batch)."""
+    with open_file() as src:
+        f = pq.ParquetFile(src)
+        cols = [n for n in f.schema_arrow.names if n != HASH_COLUMN]
+        for b in f.iter_batches(batch_size=max(1, batch_rows), columns=cols):
+            yield pa.Table.from_batches([b])
+
+
+def parquet_rows(open_file: Callable[[], object]) -> int:
+    """The rows of one Parquet file, from its footer."""
+    with open_file() as src:
+        return pq.ParquetFile(src).metadata.num_rows
+
+
+def _range_target(total_bytes: int, most_rows: int, range_bytes: int) -> int:
+    """The bytes of a hash range: ``range_bytes``, but never less than what spans one row group
+    (:data:`RUN_ROW_GROUP_ROWS`) of the largest run (``most_rows``), since a range reads whole
+    row groups: smaller ranges would read each row group again and again."""
+    if most_rows <= 0:
+        return max(1, range_bytes)
+    return max(1, range_bytes, total_bytes * RUN_ROW_GROUP_ROWS // most_rows)
+
+
+def _overlaps(mins: np.ndarray, maxs: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Which row groups (first hash ``mins``, last ``maxs``) hold a hash in ``[lo, hi)`` (``hi``
+    may be 2**64: the end of the hash space, which uint64 cannot hold)."""
+    starts_before = mins < np.uint64(hi) if hi < HASH_SPACE else np.ones(len(mins), bool)
+    return (maxs >= np.uint64(lo)) & starts_before
 
 
 def _searchsorted_hi(h: np.ndarray, hi: int) -> int:
@@ -337,38 +409,56 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _delete_files(runs: list[Run]) -> None:
+def _delete_files(runs: list[Run], directory: str | None = None) -> None:
     for r in runs:
         _unlink(r.path)
     runs.clear()
+    if directory is not None:
+        _rmdir(directory)
 
 
-def spill_dir_name(pipeline: str, member: str, pid: int) -> str:
-    """The directory (under ``EngineConfig.spill_dir``) of one consumer process's runs."""
-    return f"rayflow-state-{pipeline}-{member}-{pid}"
+def _rmdir(directory: str) -> None:
+    """Remove ``directory`` if it is there and empty (a partition's, once its runs are gone)."""
+    try:
+        os.rmdir(directory)
+    except OSError:  # not there, or not empty (a file another set of the directory wrote)
+        pass
 
 
-def dead_spill_dirs(names: list[str], pipeline: str, alive: Callable[[int], bool]) -> list[str]:
-    """Of the directory ``names`` under a spill directory, those of ``pipeline``'s consumer
-    processes that are gone (``alive(pid)`` false): their runs are garbage (pure)."""
-    prefix = f"rayflow-state-{pipeline}-"
+def node_name() -> str:
+    """This machine's host name, as it goes into a spill directory's name (only ``[A-Za-z0-9.]``
+    kept): a spill directory shared by nodes (a network mount) holds each node's own."""
+    return re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname()) or "node"
+
+
+def spill_dir_name(pipeline: str, member: str, pid: int, node: str | None = None) -> str:
+    """The directory (under ``EngineConfig.spill_dir``) of one consumer process's runs: the
+    job, the member, the node (:func:`node_name`) and the process id."""
+    return f"rayflow-state-{pipeline}-{member}-{node if node is not None else node_name()}-{pid}"
+
+
+def dead_spill_dirs(names: list[str], node: str, alive: Callable[[int], bool]) -> list[str]:
+    """Of the directory ``names`` under a spill directory, those of consumer processes of any
+    job that ran on ``node`` and are gone (``alive(pid)`` false): their runs are garbage (pure).
+    Another node's directories are never picked: its process ids mean nothing here."""
+    pattern = re.compile(r"rayflow-state-.+-consumer-\d+-" + re.escape(node) + r"-(\d+)")
     out = []
     for name in names:
-        # the member ids are consumer-<i>: another job whose name starts with this one's differs
-        m = re.fullmatch(r"consumer-\d+-(\d+)", name[len(prefix) :]) if name.startswith(prefix) else None
+        m = pattern.fullmatch(name)
         if m is not None and not alive(int(m.group(1))):
             out.append(name)
     return out
 
 
-def wipe_dead(base: str, pipeline: str, alive: Callable[[int], bool]) -> None:
-    """Remove the spill directories under ``base`` of ``pipeline``'s consumer processes that are
-    gone (a crash leaves its runs behind; the next consumer started on the node removes them)."""
+def wipe_dead(base: str, alive: Callable[[int], bool], node: str | None = None) -> None:
+    """Remove the spill directories under ``base`` of consumer processes (of any job) of this
+    node that are gone: a crash, or a kill at teardown, leaves its runs behind; the next
+    consumer started on the node removes them."""
     try:
         names = os.listdir(base)
     except FileNotFoundError:
         return
-    for name in dead_spill_dirs(names, pipeline, alive):
+    for name in dead_spill_dirs(names, node if node is not None else node_name(), alive):
         wipe(os.path.join(base, name))
 
 

@@ -795,6 +795,19 @@ class Run:
                 ray.get(self.manager.close.remote(), timeout=10)
             except (ray.exceptions.RayError, RayflowError) as e:
                 logger.warning("rayflow: closing the manager of %r failed: %s", self.spec.name, e)
+        # Consumers first delete their runs on local disk (a kill runs no cleanup); one that does
+        # not answer in time leaves them to the next consumer started on its node (runs.wipe_dead).
+        # ray.wait, not ray.get: a dead consumer's error must not cut the others' wait short.
+        wipes = [c.wipe_spill.remote() for c in self.consumers.values()]
+        if wipes:
+            try:
+                _, late = ray.wait(wipes, num_returns=len(wipes), timeout=5)
+                if late:
+                    logger.warning(
+                        "rayflow: %d consumers of %r did not delete their runs", len(late), self.spec.name
+                    )
+            except ray.exceptions.RayError as e:
+                logger.warning("rayflow: consumers of %r did not delete their runs: %s", self.spec.name, e)
         for a in actors:
             try:
                 ray.kill(a)

@@ -353,7 +353,10 @@ class Aggregate(Operator):
     def bound_state(self, state, *, max_bytes: int, spill_dir: str, key: list[str]):
         """Keep at most about ``max_bytes`` of this partition's merged state in memory; the rest
         goes to sorted runs under ``spill_dir`` (``rayflow/_internal/runs.py``), hashed by the
-        pipeline's ``key`` (a subset of ``by``, as the checkpoint files are).
+        operator's own group columns ``by``. ``key`` (the job's key) is not used: runs are read
+        only by this operator, which looks groups up by ``by``, and the job's key need not name
+        columns (a multi-input job's key is ``("a:x", "b:x")``); a checkpoint hashes by the key
+        again when it writes.
 
         Half the share holds the merged state, a quarter the pending partials; the
         rest is left to the delta and the change set, which a commit empties. Past
@@ -366,10 +369,47 @@ class Aggregate(Operator):
         """
         merged, pending, pending_rows, changed, delta, spill = state
         if spill is None:
-            spill = _Spill(max_bytes, RunSet(spill_dir, list(key)))
+            spill = _Spill(max_bytes, RunSet(spill_dir, self.by))
         else:
             spill.max_bytes = max_bytes
         return self._spill_if_over((merged, pending, pending_rows, changed, delta, spill))
+
+    restores_bound = True
+
+    def restore_bound(self, chain, *, max_bytes: int, spill_dir: str, key: list[str]):
+        """The checkpoint's base and deltas (each an iterable of tables), read a batch at a time
+        into a bound state, never whole in memory; equal to :meth:`state_from_tables` then
+        :meth:`bound_state`. The base (one row per group) is the merged state, its batches
+        written as runs as they pass half the share (no merge needed); the deltas are pending
+        partials, folded and spilled as a batch's are. The delta and the change set start
+        empty, as :meth:`state_from_tables` leaves them."""
+        state = self.bound_state(self.init_state(), max_bytes=max_bytes, spill_dir=spill_dir, key=key)
+        spill = state[5]
+        files = iter(chain)
+        held: list[pa.Table] = []
+        for t in next(files, ()):
+            if t.num_rows:
+                held.append(self._filled(t))
+                if _nbytes(held) > max_bytes // 2:
+                    self._add_run(spill, pa.concat_tables(held))
+                    held = []
+        merged = pa.concat_tables(held) if len(held) > 1 else (held[0] if held else None)
+        state = (merged, [], 0, [], [], spill)
+        for tables in files:
+            for t in tables:
+                if t.num_rows:
+                    merged, pending, rows, changed, delta, _ = state
+                    part = self._filled(t)
+                    state = (merged, pending + [part], rows + part.num_rows, changed, delta, spill)
+                    state = self._spill_if_over(state)
+        return state
+
+    def _add_run(self, spill: _Spill, table: pa.Table) -> None:
+        """Write ``table`` (one row per group) as a run; merge runs by tier."""
+        spill.runs.write(table)
+        merge = runs_to_merge([r.nbytes for r in spill.runs.runs])
+        if merge:
+            spill.runs.merge(merge, self._merge_runs, range_bytes=max(1, spill.max_bytes // 2))
 
     def _spill_if_over(self, state):
         """Write the in-memory state as a run once it passes half its share; merge runs by tier."""
@@ -381,11 +421,8 @@ class Aggregate(Operator):
             return state
         mem = self._compact(state)
         if mem is not None and mem.nbytes > spill.max_bytes // 2:
-            spill.runs.write(mem)
+            self._add_run(spill, mem)
             mem = None
-            merge = runs_to_merge([r.nbytes for r in spill.runs.runs])
-            if merge:
-                spill.runs.merge(merge, self._merge_runs, range_bytes=max(1, spill.max_bytes // 2))
         return (mem, [], 0, changed, delta, spill)
 
     def _merge_runs(self, tables: list[pa.Table]) -> pa.Table:

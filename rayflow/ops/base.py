@@ -143,9 +143,10 @@ class Operator:
     def bound_state(self, state, *, max_bytes: int, spill_dir: str, key: list[str]):
         """The consumer grants one partition's ``state`` about ``max_bytes`` of memory: return the
         state to go on with. An operator that can keep the cold part of its state on local disk
-        does so under ``spill_dir`` (its own directory, for this partition and operator), its
-        rows hashed by the pipeline's ``key`` columns; it must stay exact, and delete its files
-        in :meth:`release_state`.
+        does so under ``spill_dir`` (its own directory, for this partition and operator); it must
+        stay exact, and delete its files in :meth:`release_state`. ``key`` is the job's key,
+        which need not name columns of the operator's input (a multi-input job's is
+        ``("a:x", "b:x")``): hash by the operator's own columns (``Aggregate``: its ``by``).
 
         Called from a worker thread (I/O is allowed) when a partition's state is
         created or restored, and again with a new share when the consumer's
@@ -153,6 +154,18 @@ class Operator:
         default keeps everything in memory and returns ``state`` as it is.
         """
         return state
+
+    #: Whether :meth:`restore_bound` is implemented: the consumer then restores a running
+    #: partition's state by streaming its checkpoint files through it, never whole in memory.
+    restores_bound = False
+
+    def restore_bound(self, chain, *, max_bytes: int, spill_dir: str, key: list[str]):
+        """A state restored from ``chain`` (the checkpoint's files for this operator, a base then
+        its deltas: each an iterable of tables, read a batch at a time) and bound as
+        :meth:`bound_state` binds one: it must equal ``bound_state(state_from_tables(whole
+        tables))`` and keep at most about ``max_bytes`` in memory. Only called where
+        :attr:`restores_bound` is true."""
+        raise NotImplementedError
 
     def state_nbytes(self, state) -> tuple[int, int]:
         """``(bytes in memory, bytes on local disk)`` of one partition's ``state``, for the
