@@ -10,11 +10,13 @@ from dataclasses import dataclass, field, fields
 
 from rayflow.errors import ConfigError
 
-#: Rows a partition queue may retain (uncommitted) before the source pauses:
+#: Rows a partition queue may hold in memory (uncommitted); past it, further sub-batches of the
+#: partition spill to local disk (the source pauses only once ``SPILL_MAX_BYTES`` is used up too):
 #: about two checkpoint intervals of one partition at 16 partitions and 5M events/s.
 QUEUE_MAX_ROWS = 2_000_000
-#: Bytes a partition queue may retain; bounds the object store use of the source
-#: at partitions x this value.
+#: Bytes a partition queue may hold in the object store; past it, further sub-batches spill (as
+#: for ``QUEUE_MAX_ROWS``). The source actor's object store use over all its queues is bounded
+#: by ``SOURCE_MAX_BYTES``.
 QUEUE_MAX_BYTES = 64 * 1024 * 1024
 #: Bytes one fetch returns per partition at most: large enough to amortize a
 #: Ray call over many rows, small enough that a commit is never far away.

@@ -42,7 +42,14 @@ class QueueState(enum.Enum):
     CLOSED = "closed"  # input exhausted and everything trimmed
 
 
-@dataclass(frozen=True)
+#: Bytes counted toward the disk budget (``spill_max_bytes``) per spilled entry, on top of its
+#: sub-batch's: the Python objects the source actor keeps for it while it is on disk (its
+#: ``Entry`` and ``SpillHandle``, about 300 B with slots, measured). So the budget also bounds
+#: the actor's heap when sub-batches are tiny (at most ``spill_max_bytes / 512`` entries).
+SPILL_ENTRY_OVERHEAD = 512
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
     split: str
     start: int
@@ -71,6 +78,10 @@ class PartitionQueue:
         self.nbytes = 0
         self.spilled_rows = 0  # on local disk
         self.spilled_bytes = 0
+        self.spilled_entries = 0
+        #: Entries held per split (so :meth:`drop` knows when every split's first uncovered
+        #: entry has been seen, and stops scanning).
+        self._per_split: dict[str, int] = {}
         self.state = QueueState.OPEN
 
     def append(self, entry: Entry) -> None:
@@ -78,11 +89,13 @@ class PartitionQueue:
             raise ProtocolError(f"partition {self.partition}: append to a {self.state.value} queue")
         self.entries.append(entry)
         self._count(entry, 1)
+        self._per_split[entry.split] = self._per_split.get(entry.split, 0) + 1
 
     def _count(self, e: Entry, sign: int) -> None:
         if e.spilled:
             self.spilled_rows += sign * e.rows
             self.spilled_bytes += sign * e.nbytes
+            self.spilled_entries += sign
         else:
             self.rows += sign * e.rows
             self.nbytes += sign * e.nbytes
@@ -124,16 +137,35 @@ class PartitionQueue:
 
     def drop(self, positions: dict[str, int]) -> list[Entry]:
         """Drop entries covered by committed ``positions``; returns them (the caller releases
-        the spilled ones' files)."""
+        the spilled ones' files).
+
+        A split's entries are in position order, so its covered ones come before its
+        others. The scan goes from the left and stops once it has seen an uncovered entry
+        of every split the queue holds: no entry behind that point can be covered. Covered
+        entries behind an uncovered one of another split are dropped too (the uncovered
+        ones seen are put back in order). So a trim costs the entries it drops plus those
+        it steps over, not the whole queue (one split: the entries it drops, plus one).
+        """
         dropped: list[Entry] = []
-        keep: deque[Entry] = deque()
-        for e in self.entries:
-            if e.end <= positions.get(e.split, 0):
+        kept: list[Entry] = []
+        blocked: set[str] = set()  # splits whose first uncovered entry was seen
+        n_splits = len(self._per_split)
+        entries = self.entries
+        while entries and len(blocked) < n_splits:
+            e = entries.popleft()
+            if e.split not in blocked and e.end <= positions.get(e.split, 0):
                 dropped.append(e)
                 self._count(e, -1)
+                left = self._per_split[e.split] - 1
+                if left:
+                    self._per_split[e.split] = left
+                else:
+                    del self._per_split[e.split]
+                    n_splits -= 1
             else:
-                keep.append(e)
-        self.entries = keep
+                blocked.add(e.split)
+                kept.append(e)
+        entries.extendleft(reversed(kept))
         if self.state is QueueState.DRAINING and not self.entries:
             self.state = QueueState.CLOSED
         return dropped
@@ -178,7 +210,12 @@ class Counts:
 
     @classmethod
     def of(cls, queues: list[PartitionQueue], spill_bytes: int) -> Counts:
-        return cls([q.rows for q in queues], [q.nbytes for q in queues], spill_bytes)
+        """``spill_bytes``: the spill files' bytes on disk; each spilled entry adds
+        :data:`SPILL_ENTRY_OVERHEAD` (the heap it holds) toward the disk budget."""
+        entries = sum(q.spilled_entries for q in queues)
+        return cls(
+            [q.rows for q in queues], [q.nbytes for q in queues], spill_bytes + entries * SPILL_ENTRY_OVERHEAD
+        )
 
 
 def _memory_full(b: Budget, c: Counts, p: int) -> bool:
@@ -210,7 +247,7 @@ def place(b: Budget, c: Counts, parts: list[tuple[int, int, int]]) -> list[bool]
     for p, rows, nbytes in parts:
         spill = disk_room and _memory_full(b, c, p)
         if spill:
-            c.spill_bytes += nbytes
+            c.spill_bytes += nbytes + SPILL_ENTRY_OVERHEAD
         else:
             c.rows[p] += rows
             c.nbytes[p] += nbytes

@@ -75,7 +75,7 @@ import ray
 from rayflow._internal import naming
 from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.queues import Budget, Counts, Entry, PartitionQueue, blamed, must_pause, place
-from rayflow._internal.spill import SpillHandle, SpillStore, close_files, spill_owner
+from rayflow._internal.spill import SpillHandle, SpillStore, close_files, spill_owner, spillable
 from rayflow._internal.watermarks import WATERMARK_END, WATERMARK_NONE, batch_max_ms
 from rayflow.errors import FencedError, MalformedInputError, PositionGapError, ProtocolError
 from rayflow.partitioning import compact, hash_table, split_by_partition
@@ -299,6 +299,8 @@ class SourceActor:
                 self.spill.open()
             except OSError as e:
                 self._spill_failed(e)
+            else:
+                self._check_free_disk()
         self._spill_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayflow-source-spill")
         self._replay_from({})  # until _sync() has the committed positions
         # The newest lease epoch per partition, pushed by the manager at every grant:
@@ -308,6 +310,8 @@ class SourceActor:
         self.routed_rows = np.zeros(n, dtype=np.int64)  # rows queued per partition (lag shares)
         self.blocked_s = np.zeros(n)
         self._blocked_at: float | None = None  # since when reading is paused (None: it is not)
+        self.pauses = 0  # times reading paused (stats: sticky, unlike ``paused``)
+        self.paused_s = 0.0  # seconds reading was paused, in all
         self.exhausted = False
         self.error: BaseException | None = None
         self.discovery_error: str | None = None
@@ -517,11 +521,14 @@ class SourceActor:
         first = self._blocked_at is None
         if first:
             self._blocked_at = time.monotonic()
+            self.pauses += 1
             held = blamed(self.queues)
         async with self._changed:
             await self._changed.wait_for(lambda: not self._must_pause())
         if first:
-            self.blocked_s[held] += time.monotonic() - self._blocked_at
+            waited = time.monotonic() - self._blocked_at
+            self.blocked_s[held] += waited
+            self.paused_s += waited
             self._blocked_at = None
 
     def _prepare_next(self, r: _Reader) -> tuple | None:
@@ -586,6 +593,11 @@ class SourceActor:
         A spill write that fails (disk full) turns spilling off for this actor (with a
         warning, and ``spill_error`` in its stats): it then pauses at the memory bounds.
         """
+        if parts and self.budget.spill_max_bytes and not spillable(parts[0][2].schema):
+            self._spill_off(
+                "the schema holds an extension type, which an Arrow IPC file may not give back "
+                "as it was: this source does not spill"
+            )
         counts = Counts.of(self.queues, self.spill.disk_bytes)
         where = place(self.budget, counts, [(p, sub.num_rows, sub.nbytes) for p, _, sub in parts])
         out = []
@@ -599,13 +611,36 @@ class SourceActor:
             out.append((p, first, ray.put(sub), sub.num_rows, sub.nbytes, False))
         return out
 
+    def _check_free_disk(self) -> None:
+        """Warn when the spill directory's file system has less free space than the disk budget
+        (it is shared: with Ray's own object spilling too, when both are under /tmp)."""
+        try:
+            st = os.statvfs(self.spill.root)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < self.config.spill_max_bytes:
+            logger.warning(
+                "rayflow %s: %s has %d MiB free, less than spill_max_bytes (%d MiB): spilling may "
+                "fill the disk before its budget (a failed write turns spilling off). Set "
+                "EngineConfig.spill_dir to a local directory with room, or lower spill_max_bytes",
+                self.name,
+                self.spill.root,
+                free >> 20,
+                self.config.spill_max_bytes >> 20,
+            )
+
     def _spill_failed(self, e: OSError) -> None:
         """Spilling cannot work here (the directory cannot be made, the disk is full): go on
         without it, as with ``spill_max_bytes=0`` (what is spilled already stays readable)."""
-        self.spill_error = f"{type(e).__name__}: {e}"
+        self._spill_off(f"{type(e).__name__}: {e}")
+
+    def _spill_off(self, reason: str) -> None:
+        """Turn spilling off for this actor (``spill_error`` says why)."""
+        self.spill_error = reason
         self.budget = dataclasses.replace(self.budget, spill_max_bytes=0)
         logger.warning(
-            "rayflow %s: spilling to %s failed (%s); the source now pauses at its memory bounds "
+            "rayflow %s: spilling to %s is off (%s); the source now pauses at its memory bounds "
             "instead. Set EngineConfig.spill_dir to a writable local directory with free space",
             self.name,
             self.spill.root,
@@ -814,7 +849,12 @@ class SourceActor:
         if not todo:
             return
         loop = asyncio.get_running_loop()
-        refs = await loop.run_in_executor(self._spill_pool, self._read_spilled, [fe.ref for _, _, fe in todo])
+        refs, freed = await loop.run_in_executor(
+            self._spill_pool, self._read_spilled, [fe.ref for _, _, fe in todo]
+        )
+        if freed:  # a segment released while this read had it pinned retired as it ended
+            async with self._changed:
+                self._changed.notify_all()
         cut: dict[int, tuple[FetchResult, int]] = {}
         for (r, i, fe), ref in zip(todo, refs):
             if ref is None:
@@ -828,9 +868,11 @@ class SourceActor:
             if r.watermarks is not None:
                 r.watermarks, r.idle = dict.fromkeys(r.watermarks), None
 
-    def _read_spilled(self, handles: list[SpillHandle]) -> list[ray.ObjectRef | None]:
-        """Worker thread: read spilled sub-batches and put each in the object store."""
-        return [None if b is None else ray.put(b) for b in self.spill.read(handles)]
+    def _read_spilled(self, handles: list[SpillHandle]) -> tuple[list[ray.ObjectRef | None], int]:
+        """Worker thread: read spilled sub-batches and put each in the object store; and the
+        disk bytes the read freed (``SpillStore.read_freeing``)."""
+        batches, freed = self.spill.read_freeing(handles)
+        return [None if b is None else ray.put(b) for b in batches], freed
 
     def _release(self, handles: list[SpillHandle]) -> None:
         """Free spilled entries (trimmed, or never queued); their files close in a thread."""
@@ -987,7 +1029,8 @@ class SourceActor:
         (rows queued since this actor started: the partitions' shares of the input);
         ``memory_bytes`` (all queues, in the object store), ``spill_disk_bytes`` (this
         actor's spill files, see ``spill.SpillStore.disk_bytes``), ``paused`` (reading
-        waits for room now), ``spill_error`` (None, or why spilling was turned off), ``pid``;
+        waits for room now; ``pauses`` the times it paused and ``paused_s`` the seconds, in all),
+        ``spill_error`` (None, or why spilling was turned off), ``pid``;
         ``frontier`` (read position per split);
         ``splits``: per split still read (a finished bounded one is left out: a watched
         directory gains a split per file) its read ``position``, ``available`` (None:
@@ -1030,6 +1073,8 @@ class SourceActor:
             "memory_bytes": sum(q.nbytes for q in self.queues),
             "spill_disk_bytes": self.spill.disk_bytes,
             "paused": self._blocked_at is not None,
+            "pauses": self.pauses,
+            "paused_s": self.paused_s + (0.0 if self._blocked_at is None else now - self._blocked_at),
             "spill_error": self.spill_error,
             "pid": os.getpid(),
             "routed_rows": self.routed_rows.tolist(),

@@ -81,7 +81,7 @@ def spill_owner(pipeline: str, job_root: str, index: int) -> str:
     return f"{safe}-{h}-source{index}"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Segment:
     partition: int
     fd: int | None  # None once retired
@@ -91,13 +91,28 @@ class _Segment:
     pins: int = 0  # reads in progress
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class SpillHandle:
-    """Where one spilled sub-batch lies: its segment, offset and length in bytes."""
+    """Where one spilled sub-batch lies: its segment, offset and length in bytes, and its
+    schema's metadata (written without it: see :meth:`SpillStore.write`)."""
 
     segment: _Segment
     offset: int
     length: int
+    metadata: dict | None = None
+
+
+def spillable(schema: pa.Schema) -> bool:
+    """Whether batches of ``schema`` come back from an IPC file as they went in: not when a
+    field's type is, or holds, an extension type (an unregistered Python one reads back as its
+    storage type). Such batches are never spilled."""
+    return not any(_has_extension(f.type) for f in schema)
+
+
+def _has_extension(t: pa.DataType) -> bool:
+    if isinstance(t, pa.BaseExtensionType):
+        return True
+    return any(_has_extension(t.field(i).type) for i in range(t.num_fields))
 
 
 class SpillStore:
@@ -115,6 +130,7 @@ class SpillStore:
         self.disk_bytes = 0
         self._lock = threading.Lock()
         self._current: dict[int, _Segment] = {}
+        self._open: set[_Segment] = set()  # every segment not yet retired, sealed ones too
         self._seq = itertools.count()
 
     def open(self) -> None:
@@ -134,7 +150,13 @@ class SpillStore:
         """Append ``batch`` to ``partition``'s segment; the handle to read it back with.
 
         Raises ``OSError`` (disk full, directory gone); nothing stays reserved then.
+        The schema's metadata (pandas writes a JSON of every column into it) is kept in the
+        handle, not written: each entry is a whole IPC stream, schema included, so it would
+        be on disk once per sub-batch. Its caller checks :func:`spillable` first.
         """
+        metadata = batch.schema.metadata
+        if metadata:
+            batch = batch.replace_schema_metadata(None)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, batch.schema) as w:
             w.write_batch(batch)
@@ -143,7 +165,7 @@ class SpillStore:
             seg = self._current.get(partition)
             if seg is None or seg.size >= self.segment_bytes:
                 seg = self._new_segment(partition)  # the old one is retired when its last entry is
-            handle = SpillHandle(seg, seg.size, data.size)
+            handle = SpillHandle(seg, seg.size, data.size, metadata or None)
             seg.size += data.size
             seg.live += 1
             self.disk_bytes += data.size
@@ -164,6 +186,7 @@ class SpillStore:
         except OSError:  # a system that keeps open files' names: deleted on retirement instead
             pass
         seg = self._current[partition] = _Segment(partition, fd, path)
+        self._open.add(seg)
         return seg
 
     # ------------------------------------------------------------------ read
@@ -171,6 +194,12 @@ class SpillStore:
         """The sub-batches of ``handles``, memory-mapped (valid after their segment retires:
         a mapping keeps its file); None for one whose segment is already retired (every entry
         in it was released: trimmed by a commit)."""
+        return self.read_freeing(handles)[0]
+
+    def read_freeing(self, handles: list[SpillHandle]) -> tuple[list[pa.RecordBatch | None], int]:
+        """:meth:`read`, and the disk bytes it freed: a segment whose last entries were released
+        while this read had it pinned retires as the read ends (the caller wakes whoever waits
+        for disk room)."""
         with self._lock:
             pinned = []
             for h in handles:
@@ -178,18 +207,21 @@ class SpillStore:
                 if ok:
                     h.segment.pins += 1
                 pinned.append(ok)
+        retired = []
+        freed = 0
         try:
-            return [_read_one(h) if ok else None for h, ok in zip(handles, pinned)]
+            batches = [_read_one(h) if ok else None for h, ok in zip(handles, pinned)]
         finally:
-            retired = []
             with self._lock:
                 for h, ok in zip(handles, pinned):
                     s = h.segment
                     if ok:
                         s.pins -= 1
-                        if s.pins == 0 and s.live == 0 and s.fd is not None:
+                        if s.pins == 0 and s.live <= 0 and s.fd is not None:
+                            freed += s.size
                             retired.append(self._retire(s))
             _close_files(retired)
+        return batches, freed
 
     # ------------------------------------------------------------------ release
     def release(self, handles: list[SpillHandle]) -> list[tuple[int, str | None]]:
@@ -201,7 +233,7 @@ class SpillStore:
             for h in handles:
                 s = h.segment
                 s.live -= 1
-                if s.live == 0 and s.pins == 0 and s.fd is not None:
+                if s.live <= 0 and s.pins == 0 and s.fd is not None:
                     retired.append(self._retire(s))
         return retired
 
@@ -209,19 +241,21 @@ class SpillStore:
         """Under the lock: no entry of ``s`` is live or being read: its file goes."""
         fd, s.fd = s.fd, None
         self.disk_bytes -= s.size
+        self._open.discard(s)
         if self._current.get(s.partition) is s:
             del self._current[s.partition]
         return fd, s.path
 
     def close(self) -> None:
-        """Close every segment (the actor goes away)."""
+        """Close every segment, sealed ones too (the actor goes away): every entry counts as
+        released. A segment a read has pinned is closed when that read ends."""
         with self._lock:
-            segs = list(self._current.values())
             self._current.clear()
-            retired = [(s.fd, s.path) for s in segs if s.fd is not None]
-            for s in segs:
-                s.fd = None
-            self.disk_bytes = 0
+            retired = []
+            for s in list(self._open):
+                s.live = 0
+                if s.pins == 0:
+                    retired.append(self._retire(s))
         _close_files(retired)
 
 
@@ -251,4 +285,5 @@ def _read_one(h: SpillHandle) -> pa.RecordBatch:
     start = h.offset - h.offset % mmap.ALLOCATIONGRANULARITY
     mm = mmap.mmap(h.segment.fd, h.offset + h.length - start, access=mmap.ACCESS_READ, offset=start)
     buf = pa.py_buffer(mm).slice(h.offset - start, h.length)
-    return pa.ipc.open_stream(buf).read_next_batch()
+    batch = pa.ipc.open_stream(buf).read_next_batch()
+    return batch if h.metadata is None else batch.replace_schema_metadata(h.metadata)

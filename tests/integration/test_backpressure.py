@@ -65,7 +65,7 @@ def test_frozen_consumer_does_not_stop_the_others(ray_session, tmp_path, data, e
             spill_max_bytes=64 * 1024 * 1024,
             fetch_max_bytes=100_000,
             heartbeat_interval_s=0.1,
-            session_timeout_s=2.0,
+            session_timeout_s=3.0,
         ),
     ).start()
     wait_for_condition(lambda: sum(p["processed_rows"] for p in partitions(run)) > 20_000, timeout=60)
@@ -79,6 +79,7 @@ def test_frozen_consumer_does_not_stop_the_others(ray_session, tmp_path, data, e
         # Without spill the source would pause once the frozen partitions' queues held
         # queue_rows each: the others could then gain about that much (a batch more) in all.
         far = 3 * len(mine) * queue_rows
+        seen: dict = {}
 
         def others_advanced() -> bool:
             parts = partitions(run)
@@ -86,11 +87,13 @@ def test_frozen_consumer_does_not_stop_the_others(ray_session, tmp_path, data, e
                 p["processed_rows"] - before[p["partition"]] for p in parts if p["partition"] not in mine
             )
             spilled = sum(p["spilled_bytes"] for p in parts if p["partition"] in mine)
+            # The owners as of this same snapshot (a later one may already see the expiry).
+            seen["owners"] = {p["partition"]: p["owner"] for p in parts}
             return gained > far and spilled > 0
 
         wait_for_condition(others_advanced, timeout=30, retry_interval_ms=50)
         # ... while the frozen consumer still held its partitions (not yet expired).
-        owners = {p["partition"]: p["owner"] for p in partitions(run)}
+        owners = seen["owners"]
         assert all(owners[p] == "consumer-0" for p in mine), owners
         wait_for_condition(
             lambda: all(p["owner"] != "consumer-0" for p in partitions(run) if not p["final"]),
@@ -140,7 +143,7 @@ def test_burst_spills_within_budgets_pauses_and_resumes(ray_session, tmp_path):
     # Warmed up (the consumers' first steps allocate their pools) before the burst begins.
     wait_for_condition(lambda: sum(p["processed_rows"] for p in partitions(run)) > 5_000, timeout=60)
     base = private()
-    peak = {"private": list(base), "memory": 0, "disk": 0, "paused": False, "spilled": 0}
+    peak = {"private": list(base), "memory": 0, "disk": 0, "pauses": 0, "spilled": 0}
     stop = threading.Event()
 
     def sample():
@@ -151,7 +154,7 @@ def test_burst_spills_within_budgets_pauses_and_resumes(ray_session, tmp_path):
                     peak["memory"] = max(peak["memory"], s["memory_bytes"])
                     peak["disk"] = max(peak["disk"], s["spill_disk_bytes"])
                     peak["spilled"] = max(peak["spilled"], sum(s["spilled_bytes"]))
-                    peak["paused"] |= s["paused"]
+                    peak["pauses"] = max(peak["pauses"], s["pauses"])  # sticky: no pause missed
             except (psutil.Error, ray.exceptions.RayError):
                 return  # the job ended
             time.sleep(0.05)
@@ -164,7 +167,7 @@ def test_burst_spills_within_budgets_pauses_and_resumes(ray_session, tmp_path):
         stop.set()
         t.join(timeout=10)
     batch = 500_000 * 50 // 1000 * 24  # one 50 ms batch of the burst, in bytes
-    assert peak["spilled"] > 0 and peak["paused"], peak
+    assert peak["spilled"] > 0 and peak["pauses"] > 0, peak
     assert peak["memory"] <= source_max + batch, peak
     assert peak["disk"] <= spill_max + batch, peak
     # The actors' heaps do not hold what passes through (about 10 MB here, 3.5 MB of it

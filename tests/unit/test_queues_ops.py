@@ -5,6 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rayflow as rf
 from rayflow._internal.chain import Chain
@@ -157,3 +159,80 @@ def test_an_operator_error_comes_out_as_itself_naming_the_operator():
     again = pickle.loads(pickle.dumps(e.value))  # as Ray ships it back to the driver
     assert operator_error(again) is again and again.__notes__ == e.value.__notes__
     assert operator_error(ValueError("not from an operator")) is None
+
+
+# ----------------------------------------------------------------------------- trim cost
+
+
+def _full_scan_drop(entries, positions):
+    """The reference: every entry covered by ``positions`` goes, the rest keep their order."""
+    gone = [e for e in entries if e.end <= positions.get(e.split, 0)]
+    return gone, [e for e in entries if e.end > positions.get(e.split, 0)]
+
+
+@st.composite
+def _queue_and_trims(draw):
+    """Several splits' entries interleaved at random (each split's in position order) and a
+    sequence of commits (each split's positions only grow, landing on entry ends or not)."""
+    splits = draw(st.lists(st.sampled_from("abcd"), min_size=0, max_size=40))
+    at: dict[str, int] = {}
+    entries = []
+    for s in splits:
+        start = at.get(s, 0) + draw(st.integers(0, 3))  # gaps: rows of other partitions
+        end = start + draw(st.integers(1, 5))
+        at[s] = end
+        entries.append(
+            Entry(s, start, end, end - start, end - start, f"{s}{end}", spilled=draw(st.booleans()))
+        )
+    commits, pos = [], {}
+    for _ in range(draw(st.integers(1, 5))):
+        for s in draw(st.lists(st.sampled_from("abcde"), max_size=4)):
+            pos[s] = pos.get(s, 0) + draw(st.integers(0, 12))
+        commits.append(dict(pos))
+    return entries, commits
+
+
+@given(_queue_and_trims())
+@settings(max_examples=300, deadline=None)
+def test_drop_matches_a_full_scan(case):
+    entries, commits = case
+    q = PartitionQueue(0, max_rows=10**9, max_bytes=10**9)
+    for e in entries:
+        q.append(e)
+    ref = list(entries)
+    for pos in commits:
+        want_gone, ref = _full_scan_drop(ref, pos)
+        assert q.drop(pos) == want_gone
+        assert list(q.entries) == ref
+        assert q.rows == sum(e.rows for e in ref if not e.spilled)
+        assert q.spilled_rows == sum(e.rows for e in ref if e.spilled)
+        assert q.spilled_entries == sum(e.spilled for e in ref)
+
+
+class _CountingPositions(dict):
+    looked = 0
+
+    def get(self, *a):
+        self.looked += 1
+        return super().get(*a)
+
+
+def test_drop_stops_at_the_first_entry_no_split_can_pass():
+    """A trim looks at the entries it drops and stops at the first it keeps (one split), or
+    once each split's first kept entry is seen: not at the whole queue."""
+    q = PartitionQueue(0, max_rows=10**9, max_bytes=10**9)
+    for i in range(100_000):
+        q.append(entry("s", 10 * i, 10 * (i + 1)))
+    pos = _CountingPositions(s=10 * 1_000)
+    assert len(q.drop(pos)) == 1_000 and pos.looked == 1_001 and len(q.entries) == 99_000
+    # Two splits: a's next entry is not covered, b's entries behind it are (one, then many).
+    q = PartitionQueue(0, max_rows=10**9, max_bytes=10**9)
+    q.append(entry("a", 0, 10))
+    for i in range(50_000):
+        q.append(entry("b", 10 * i, 10 * (i + 1)))
+        q.append(entry("a", 10 * (i + 1), 10 * (i + 2)))
+    pos = _CountingPositions(b=100)
+    gone = q.drop(pos)
+    assert [e.split for e in gone] == ["b"] * 10 and pos.looked <= 2 * 10 + 2
+    head = [q.entries[i] for i in range(12)]
+    assert head == [entry("a", 10 * i, 10 * (i + 1)) for i in range(11)] + [entry("b", 100, 110)]

@@ -3,20 +3,34 @@ entries in memory and on disk, and the spill store's files (write, read back, re
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import threading
 
 import pyarrow as pa
 import pytest
 
-from rayflow._internal.queues import Budget, Counts, Entry, PartitionQueue, blamed, must_pause, place
+from rayflow._internal.queues import (
+    SPILL_ENTRY_OVERHEAD,
+    Budget,
+    Counts,
+    Entry,
+    PartitionQueue,
+    blamed,
+    must_pause,
+    place,
+)
 from rayflow._internal.spill import (
     SEGMENT_MAX_BYTES,
     SEGMENT_MIN_BYTES,
+    SpillHandle,
     SpillStore,
+    _Segment,
     close_files,
     segment_bytes,
     spill_owner,
+    spillable,
 )
 
 
@@ -36,7 +50,7 @@ def test_place_memory_while_every_bound_has_room():
 def test_place_spills_a_partition_at_its_bound_only():
     c = Counts([100, 0], [0, 0], 0)  # partition 0 at queue_max_rows
     assert place(budget(), c, [(0, 10, 100), (1, 10, 100)]) == [True, False]
-    assert c.spill_bytes == 100 and c.rows == [100, 10]
+    assert c.spill_bytes == 100 + SPILL_ENTRY_OVERHEAD and c.rows == [100, 10]
 
 
 def test_place_counts_the_batch_itself():
@@ -55,7 +69,7 @@ def test_place_spills_a_whole_batch_once_the_disk_had_room():
     # disk may pass its budget by this batch), none lands in memory already past its bound.
     c = Counts([100, 100], [0, 0], 4999)
     assert place(budget(), c, [(0, 10, 100), (1, 10, 100)]) == [True, True]
-    assert c.rows == [100, 100] and c.spill_bytes == 5199
+    assert c.rows == [100, 100] and c.spill_bytes == 5199 + 2 * SPILL_ENTRY_OVERHEAD
 
 
 def test_place_overshoots_memory_past_the_disk_budget():
@@ -229,3 +243,171 @@ def test_write_failure_reserves_nothing(store, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         store.write(0, batch(10))
     assert store.disk_bytes == 0
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def test_entries_and_handles_have_no_dict_and_count_toward_the_disk_budget(store):
+    h = store.write(0, batch(3))
+    e = Entry("s", 0, 3, 3, 30, h, spilled=True)
+    for obj in (e, h, h.segment):
+        assert not hasattr(obj, "__dict__")
+    assert e == Entry("s", 0, 3, 3, 30, h, spilled=True) and isinstance(h, SpillHandle)
+    assert isinstance(h.segment, _Segment)
+    q = PartitionQueue(0, max_rows=10, max_bytes=10**9)
+    for i in range(4):
+        q.append(Entry("s", i, i + 1, 1, 8, f"h{i}", spilled=True))
+    assert q.spilled_entries == 4
+    c = Counts.of([q], spill_bytes=100)
+    assert c.spill_bytes == 100 + 4 * SPILL_ENTRY_OVERHEAD
+    # Tiny entries fill the budget by their count: the heap they hold is bounded too.
+    full = PartitionQueue(1, max_rows=1, max_bytes=10**9)
+    full.append(Entry("s", 0, 1, 1, 8, "r"))
+    assert must_pause(budget(rows=1, spill=4 * SPILL_ENTRY_OVERHEAD), Counts.of([q, full], spill_bytes=0))
+    q.drop({"s": 4})
+    assert q.spilled_entries == 0 and Counts.of([q], 0).spill_bytes == 0
+
+
+class Money(pa.ExtensionType):
+    def __init__(self):
+        super().__init__(pa.int64(), "rayflow.test.money")
+
+    def __arrow_ext_serialize__(self):
+        return b""
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type, serialized):
+        return cls()
+
+
+def test_a_schema_with_an_extension_type_is_not_spillable():
+    money = pa.ExtensionArray.from_storage(Money(), pa.array([1, 2]))
+    assert spillable(batch(2).schema)
+    assert not spillable(pa.schema([("m", Money())]))
+    assert not spillable(pa.schema([("s", pa.struct([("m", Money())]))]))
+    assert not spillable(pa.schema([("l", pa.list_(Money()))]))
+    assert pa.record_batch({"m": money}).schema.field("m").type == Money()
+
+
+def _bare_actor(tmp_path, **budget_kw):
+    """A SourceActor's spill-related state, without Ray (``ray.put`` patched by the caller)."""
+    from rayflow._internal import source_actor as sa
+
+    a = object.__new__(sa.SourceActor.__ray_metadata__.modified_class)
+    a.name = "source-0"
+    a.queues = [PartitionQueue(0, max_rows=1, max_bytes=10**9)]
+    a.budget = budget(**budget_kw)
+    a.spill = SpillStore(
+        str(tmp_path / "spill"), "t-source0", partitions=1, max_bytes=a.budget.spill_max_bytes
+    )
+    a.spill.open()
+    a.spill_error = None
+    a._changed = asyncio.Condition()
+    return a
+
+
+def test_a_source_never_spills_a_batch_of_an_extension_type(tmp_path, monkeypatch):
+    """An unregistered extension type reads back from IPC as its storage type: the source turns
+    spilling off (it then pauses at its memory bounds) instead of spilling such a batch."""
+    from rayflow._internal import source_actor as sa
+
+    monkeypatch.setattr(sa.ray, "put", lambda x: x)
+    a = _bare_actor(tmp_path, rows=1, spill=10**6)
+    a.queues[0].append(Entry("s", 0, 1, 1, 8, "r"))  # at its memory bound: would spill
+    plain = a._store([(0, 1, batch(2))])
+    assert plain[0][-1] is True  # spilled
+    sub = pa.record_batch({"m": pa.ExtensionArray.from_storage(Money(), pa.array([1, 2]))})
+    out = a._store([(0, 3, sub)])
+    assert out[0][-1] is False and out[0][2] is sub  # in memory, as it was
+    assert a.budget.spill_max_bytes == 0 and "extension type" in a.spill_error
+    assert a._store([(0, 5, batch(2))])[0][-1] is False  # off for good: pauses at memory bounds
+
+
+def test_schema_metadata_is_kept_in_the_handle_not_on_disk(store):
+    meta = {b"pandas": b"x" * 5000}
+    b = batch(1).replace_schema_metadata(meta)
+    h = store.write(0, b)
+    assert h.length < 2000 and h.metadata == meta
+    back = store.read([h])[0]
+    assert (
+        back.schema.metadata == meta and back.equals(b) and back.schema.equals(b.schema, check_metadata=True)
+    )
+    assert store.write(0, batch(1)).metadata is None
+
+
+def test_a_read_that_retires_a_segment_reports_it_and_wakes_paused_readers(tmp_path, monkeypatch):
+    """A segment released while a fetch's read had it pinned retires as the read ends, in the
+    fetch thread: the fetch then notifies ``_changed`` on the loop (a reader paused for disk
+    room would otherwise wait for the next unrelated wake-up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rayflow._internal import source_actor as sa
+    from rayflow._internal import spill as spill_mod
+
+    monkeypatch.setattr(sa.ray, "put", lambda x: x)
+    a = _bare_actor(tmp_path, spill=10**6)
+    a._spill_pool = ThreadPoolExecutor(max_workers=1)
+    h = a.spill.write(0, batch(10))
+    go = threading.Event()
+    read_one = spill_mod._read_one
+    monkeypatch.setattr(spill_mod, "_read_one", lambda hh: (go.wait(10), read_one(hh))[1])
+
+    async def main():
+        woke = asyncio.Event()
+
+        async def waiter():
+            async with a._changed:
+                await a._changed.wait()
+            woke.set()
+
+        w = asyncio.create_task(waiter())
+        res = {0: sa.FetchResult(entries=[sa.FetchedEntry("s", 0, 10, 10, h, spilled=True)])}
+        f = asyncio.create_task(a._load_spilled(res))
+        await asyncio.sleep(0.05)
+        assert a.spill.release([h]) == []  # pinned by the read: not retired yet
+        go.set()
+        await f
+        await asyncio.wait_for(woke.wait(), 2)
+        w.cancel()
+        return res
+
+    res = asyncio.run(main())
+    assert a.spill.disk_bytes == 0 and res[0].entries[0].ref.num_rows == 10
+    a._spill_pool.shutdown()
+    h2 = a.spill.write(0, batch(1))
+    close_files(a.spill.release([h2]))
+    assert a.spill.read_freeing([h2]) == ([None], 0)
+
+
+def test_close_closes_sealed_segments_and_defers_pinned_ones(store, monkeypatch):
+    from rayflow._internal import spill as spill_mod
+
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    base = fds()
+    store.segment_bytes = 1  # sealed after every write
+    hs = [store.write(0, batch(100)) for _ in range(4)]
+    assert fds() - base == 4
+    started, go, out = threading.Event(), threading.Event(), []
+    read_one = spill_mod._read_one
+
+    def slow(h):
+        started.set()
+        go.wait(10)
+        return read_one(h)
+
+    monkeypatch.setattr(spill_mod, "_read_one", slow)
+    t = threading.Thread(target=lambda: out.append(store.read([hs[0]])))
+    t.start()
+    assert started.wait(10)
+    store.close()
+    assert fds() - base == 1 and hs[0].segment.fd is not None  # the pinned one waits for its read
+    go.set()
+    t.join(10)
+    assert out[0][0].num_rows == 100 and hs[0].segment.fd is None
+    out.clear()  # the batch's memory map holds a descriptor of its own
+    gc.collect()
+    assert fds() == base and store.disk_bytes == 0
+    monkeypatch.setattr(spill_mod, "_read_one", read_one)
+    assert store.read(hs) == [None] * 4
+    assert store.release(hs) == []  # released after close: nothing left to do
