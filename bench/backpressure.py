@@ -157,6 +157,20 @@ def pipeline(name, source, ck, *, partitions, consumers, operator, config) -> rf
     )
 
 
+def run_sampled(job: rf.Pipeline, src, *, timeout_s: float) -> tuple[Sampler, float, bool]:
+    """Run ``job`` to its end while a :class:`Sampler` records it; returns the sampler, the
+    job's seconds and whether its output equals the DuckDB reference over ``src``'s events."""
+    run = job.start()
+    with Sampler(run) as s:
+        result = run.wait(timeout_s=timeout_s)
+    expected = duckdb_reference(KEYED_SQL, events=src.to_table())
+    try:
+        assert_same_rows(result.output, expected)
+        return s, result.stats["seconds"], True
+    except AssertionError:
+        return s, result.stats["seconds"], False
+
+
 def burst(args) -> dict:
     rate = [
         (args.before_s, args.base_rate),
@@ -182,18 +196,10 @@ def burst(args) -> dict:
             operator=[throttle(1e6 / args.cost_us)],
             config=config,
         )
-        run = job.start()
-        with Sampler(run) as s:
-            result = run.wait(timeout_s=args.timeout_s)
+        s, seconds, exact = run_sampled(job, src, timeout_s=args.timeout_s)
         rows = s.rows
     finally:
         shutil.rmtree(ck, ignore_errors=True)
-    expected = duckdb_reference(KEYED_SQL, events=src.to_table())
-    try:
-        assert_same_rows(result.output, expected)
-        exact = True
-    except AssertionError:
-        exact = False
     # The schedule counts from the job's first read: t of the samples is from the start call,
     # close enough (the start takes a few seconds: the phases are found from the lag itself).
     lag = [sum(r["lag_rows"]) for r in rows]
@@ -221,7 +227,7 @@ def burst(args) -> dict:
         "rate_profile": rate,
         "cost_us_per_row": args.cost_us,
         "exact": exact,
-        "seconds": result.stats["seconds"],
+        "seconds": seconds,
         "peak_lag_rows": max(lag) if lag else 0,
         "normal_lag_rows": normal,
         "drain_s_after_peak": None if drained is None else drained - t[peak_i],
@@ -281,19 +287,11 @@ def stall(args, *, spill: bool) -> dict:
             operator=[slow_keys_map(4, 0, frm, to)],
             config=config,
         )
-        run = job.start()
         t_start = time.monotonic() - time.time()  # monotonic = wall + this
-        with Sampler(run) as s:
-            result = run.wait(timeout_s=args.timeout_s)
+        s, seconds, exact = run_sampled(job, src, timeout_s=args.timeout_s)
         rows = s.rows
     finally:
         shutil.rmtree(ck, ignore_errors=True)
-    expected = duckdb_reference(KEYED_SQL, events=src.to_table())
-    try:
-        assert_same_rows(result.output, expected)
-        exact = True
-    except AssertionError:
-        exact = False
     # Sample times are from the Sampler's start (just after start()); map the stall's wall times.
     sampler_t0 = s._t0
     f_s = frm + t_start - sampler_t0
@@ -310,7 +308,7 @@ def stall(args, *, spill: bool) -> dict:
         "rate": args.stall_rate,
         "stall_s": args.stall_s,
         "exact": exact,
-        "seconds": result.stats["seconds"],
+        "seconds": seconds,
         "others_lag_rows_normal": mean([np.mean(r["lag_rows"][1:]) for r in normal]),
         "others_lag_rows_during_stall": mean([np.mean(r["lag_rows"][1:]) for r in during]),
         "others_lag_rows_max_during_stall": max((max(r["lag_rows"][1:]) for r in during), default=None),
