@@ -105,6 +105,7 @@ def main() -> None:
         html = write_report(os.path.join(ck, "report-demo"), os.path.join(HERE, "results", "report.html"))
     finally:
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # the job's checkpoints: on failure too
     screenshot(html, args.output, width=args.width, height=args.height)
     n = max(1, cost.get("samples", 0))
     figures = {
@@ -125,7 +126,6 @@ def main() -> None:
     print(f"{'screenshot, bytes':<28}{figures['screenshot_bytes']:>12,}  {args.output}")
     with open(os.path.join(HERE, "results", "report_screenshot.json"), "w") as f:
         json.dump(figures, f, indent=2)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

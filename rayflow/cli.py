@@ -1,8 +1,10 @@
 """The ``rayflow`` command line.
 
-    rayflow status NAME [--watch [S]]        live partitions of a running job: lag (rows, s), event-time
+    rayflow status NAME [--watch [--interval S]]
+                                             live partitions of a running job: lag (rows, s), event-time
                                              lag, owners, epochs, rates, last commits, stalled ones
-                                             (--watch: redrawn every S seconds until Ctrl-C) [--address ADDR]
+                                             (--watch: redrawn every S seconds, default 2, until
+                                             Ctrl-C) [--address ADDR]
     rayflow checkpoints DIR                  committed epochs per partition, for each job under DIR
     rayflow sql DIR "SELECT ..."             DuckDB SQL over the catalog (tables commits, outputs,
                                              events, leases; views latest, state) of the job under
@@ -250,30 +252,31 @@ def _query_output(path: str, query: str):
 
 
 def cmd_status(args) -> int:
-    """``rayflow status NAME [--watch [SECONDS]]``: the table of :mod:`rayflow._internal.status_view`
-    (lag in rows and seconds, event-time lag, owner and epoch, rate, last commit, queued and spilled
-    bytes, stalled partitions), once, or refreshed every SECONDS until Ctrl-C (exit 0). Exit 1: no
-    such pipeline, or it went away during a watch before it was done."""
+    """``rayflow status NAME [--watch [--interval SECONDS]]``: the table of
+    :mod:`rayflow._internal.status_view` (lag in rows and seconds, event-time lag, owner and epoch,
+    rate, last commit, queued and spilled bytes, stalled partitions), once, or with ``--watch``
+    refreshed every SECONDS (default 2) until Ctrl-C (exit 0). Exit 1: no such pipeline, or it
+    went away during a watch before it was done."""
     import ray
 
     from rayflow._internal import naming
 
-    if args.watch is not None and not args.watch > 0:
-        raise ConfigError(f"--watch takes a refresh period in seconds > 0, got {args.watch!r}")
+    if not args.interval > 0:
+        raise ConfigError(f"--interval takes a refresh period in seconds > 0, got {args.interval!r}")
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR")
     try:
         mgr = ray.get_actor(naming.manager_name(args.name), namespace=naming.NAMESPACE)
     except ValueError:
         print(f"no running pipeline named {args.name!r} on this cluster", file=sys.stderr)
         return 1
-    if args.watch is None:
+    if not args.watch:
         st = _live_status(mgr, args.name)
         if st is None:
             print(f"pipeline {args.name!r} is no longer running", file=sys.stderr)
             return 1
         print(_status_table(args.name, st, None, None, color=sys.stdout.isatty()), end="")
         return 0
-    return _watch_status(mgr, args.name, args.watch)
+    return _watch_status(mgr, args.name, args.interval)
 
 
 def _status_table(name: str, st: dict, progress, now, *, color: bool) -> str:
@@ -357,6 +360,20 @@ def _live_status(mgr, name: str) -> dict | None:
     return status_view.combine(st, sources, wall=time.time())
 
 
+def parse_args(ap: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """``ap.parse_args``, letting the query of ``rayflow sql`` follow an option as well as
+    precede it (``rayflow sql DIR --name NAME "SELECT ..."``): argparse binds the ``nargs="+"``
+    positional to the words before the first option, and would reject the rest.
+    (``parse_intermixed_args`` would do this, but it does not support subcommands.)"""
+    args, extra = ap.parse_known_args(argv)
+    if args.cmd == "sql":
+        args.args += [x for x in extra if not x.startswith("-")]
+        extra = [x for x in extra if x.startswith("-")]
+    if extra:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="rayflow", description="rayflow: inspect running jobs and checkpoints")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -366,18 +383,17 @@ def main(argv=None) -> int:
         description="rayflow status NAME: per partition its lag (rows and seconds), event-time lag, "
         "owner and lease epoch, rows/s, last commit, queued and spilled bytes; stalled partitions "
         "(rows waiting, no commit or no progress for several checkpoint intervals) are marked. "
-        "--watch redraws it every SECONDS (default 2) until Ctrl-C.",
+        "--watch redraws it every --interval SECONDS (default 2) until Ctrl-C.",
     )
     p.add_argument("name")
     p.add_argument("--address", default=None)
+    p.add_argument("--watch", action="store_true", help="redraw the table every --interval until Ctrl-C")
     p.add_argument(
-        "--watch",
-        nargs="?",
+        "--interval",
         type=float,
-        const=2.0,
-        default=None,
+        default=2.0,
         metavar="SECONDS",
-        help="refresh every SECONDS (default 2) until Ctrl-C",
+        help="the refresh period of --watch, in seconds (default 2)",
     )
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("checkpoints", help="committed epochs per partition")
@@ -416,7 +432,7 @@ def main(argv=None) -> int:
     p.add_argument("--address", default=None, help="the Ray cluster of --pipeline")
     p.add_argument("--to", default=None, help="write the result to this Parquet file instead of printing")
     p.set_defaults(fn=cmd_sql)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     try:
         return args.fn(args)
     except RayflowError as e:

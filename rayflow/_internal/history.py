@@ -142,3 +142,13 @@ def consumer_rows(
         rows.append((ts, member, busy_f, commit_f, st.get("rows_processed"), st.get("rss_bytes")))
         clocks[member] = ConsumerClock(at=now, busy_s=busy, commit_s=commit)
     return rows, clocks
+
+
+def next_tick(previous: float, interval: float, now: float) -> float:
+    """When the next sample is due (any clock), on the fixed cadence ``previous + k *
+    interval`` (``previous``: when the last one was due): the first such time after ``now``, so
+    a sample that took long skips the ticks it missed rather than drifting or bunching up."""
+    due = previous + interval
+    if due <= now:
+        due += (int((now - due) // interval) + 1) * interval
+    return due

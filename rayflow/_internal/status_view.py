@@ -7,13 +7,31 @@ Prometheus gauges). :func:`track_progress` remembers, across refreshes, when eac
 made progress; :func:`stall_reason` says whether a partition is stalled; :func:`render` draws the
 table.
 
-**Stalled**, precisely: a partition that is not final and has work waiting (``lag_rows > 0``) is
-stalled when, for longer than ``stall_after_s`` (:func:`stall_after_s`: :data:`STALL_INTERVALS`
-checkpoint intervals, at least :data:`STALL_MIN_S`),
+**Stalled**, precisely: a partition that is not final is stalled when
 
-- it has not committed (``last_commit_age_s``), or
-- its processed rows have not moved (watch mode only: it needs two looks, see
-  :func:`track_progress`; this also catches a partition that never committed).
+- *rows wait* (``lag_rows > 0``) and, for longer than ``stall_after_s`` (:func:`stall_after_s`:
+  :data:`STALL_INTERVALS` checkpoint intervals, at least :data:`STALL_MIN_S`), the rows have
+  not been committed. The age of the last commit alone does not say that: an idle partition
+  (no lag) needs no commit, so when new rows reach it its last commit is already old. Hence:
+
+  - one look (``rayflow status NAME``; also every frame of a watch): the last commit is older
+    than the threshold *and* nothing was processed since it (``processed_rows ==
+    committed_rows``): the waiting rows are not being taken at all (a consumer stuck or gone,
+    a partition without an owner). A healthy partition that just got rows after being idle
+    processes them within a heartbeat (``heartbeat_interval_s``), so it is at most that long
+    in this state. Not seen in one look: a partition that processed rows and then stopped
+    before committing them (its count is ahead of its commit either way), which the watch
+    catches;
+  - watch mode (``--watch``, :func:`track_progress` remembers when each partition's lag was
+    first seen > 0): lag > 0 on every look for longer than the threshold and no commit in that
+    time (``min(last_commit_age_s, time lagging)``; lag counts uncommitted rows, so it cannot
+    fall to 0 between looks without a commit); or its processed rows have not moved for longer
+    than the threshold while lagging (``no progress``: also a partition that never committed).
+    A watch measures from its first look, so a partition lagging when it starts is judged by
+    the one-look rule until the threshold has passed;
+
+- or *the lag is unknown* (the source actors did not answer) and its last commit is older than
+  the threshold: said as "sources not answering", since the rows waiting cannot be known.
 
 An idle partition (no lag) is never stalled, however old its last commit: an unbounded input
 that brings nothing needs no commit. Caveat: a partition waiting on a single very slow step (one
@@ -62,9 +80,13 @@ def combine(st: dict, sources: list[dict] | None, *, wall: float) -> dict:
             part.setdefault("rate_rows_per_s", part.get("load_rows_per_s"))
             at = part.get("last_commit_at")
             part.setdefault("last_commit_age_s", max(0.0, wall - at) if at is not None else None)
+        commits = [p["last_commit_at"] for p in parts if p.get("last_commit_at") is not None]
         st.setdefault("lag_rows", None)
         st.setdefault("lag_s", None)
         st.setdefault("rate_rows_per_s", sum(p.get("load_rows_per_s", 0.0) for p in parts))
+        st.setdefault("last_commit_at", max(commits) if commits else None)
+        at = st["last_commit_at"]
+        st.setdefault("last_commit_age_s", max(0.0, wall - at) if at is not None else None)
         return st
     for part in parts:
         i = part["partition"]
@@ -79,30 +101,51 @@ def combine(st: dict, sources: list[dict] | None, *, wall: float) -> dict:
     return st
 
 
-def track_progress(
-    seen: Mapping[int, tuple[int, float]], st: dict, *, now: float
-) -> dict[int, tuple[int, float]]:
-    """When each partition last made progress (pure): ``seen`` maps a partition to its
-    processed rows and the time (s, any clock) they were first seen at that count; returns the
-    map for this status, taken at ``now``. A partition whose count moved (or is new) starts
-    again at ``now``."""
+def track_progress(seen: Mapping[int, tuple], st: dict, *, now: float) -> dict[int, tuple]:
+    """When each partition last made progress, and since when it lags (pure): ``seen`` maps a
+    partition to ``(processed_rows, rows_since, lag_since)``: its processed rows and the time
+    (s, any clock) they were first seen at that count; the time its lag was first seen > 0 in
+    the current run of looks with lag (None: no lag at the last look). Returns the map for this
+    status, taken at ``now``. A partition whose count moved (or is new) starts again at
+    ``now``; a lag of 0 clears ``lag_since``; an unknown lag (sources not answering) keeps it."""
     out = {}
     for part in st["partitions"]:
-        p, rows = part["partition"], part.get("processed_rows", 0)
+        p, rows, lag = part["partition"], part.get("processed_rows", 0), part.get("lag_rows")
         before = seen.get(p)
-        out[p] = before if before is not None and before[0] == rows else (rows, now)
+        rows_since = before[1] if before is not None and before[0] == rows else now
+        lag_before = before[2] if before is not None and len(before) > 2 else None
+        if lag is None:
+            lag_since = lag_before
+        else:
+            lag_since = (lag_before if lag_before is not None else now) if lag > 0 else None
+        out[p] = (rows, rows_since, lag_since)
     return out
 
 
-def stall_reason(part: Mapping, *, stall_after_s: float, no_progress_s: float | None = None) -> str | None:
+def stall_reason(
+    part: Mapping,
+    *,
+    stall_after_s: float,
+    no_progress_s: float | None = None,
+    lagging_s: float | None = None,
+) -> str | None:
     """Why the partition ``part`` (a partition of a :func:`combine`-d status) is stalled, or
     None when it is not (see the module docstring for the rule). ``no_progress_s``: seconds
-    its processed rows have not moved (None: not known, a single look)."""
-    if part.get("final") or not part.get("lag_rows"):
+    its processed rows have not moved while it lagged; ``lagging_s``: seconds its lag has been
+    seen > 0 (both from :func:`track_progress`, watch mode; None: not known, a single look)."""
+    if part.get("final"):
         return None
-    age = part.get("last_commit_age_s")
+    lag, age = part.get("lag_rows"), part.get("last_commit_age_s")
+    if lag is None:  # the sources did not answer: no lag figure, the commit age is all there is
+        if age is not None and age > stall_after_s:
+            return f"no commit for {age:.0f} s; sources not answering"
+        return None
+    if not lag:
+        return None
     if age is not None and age > stall_after_s:
-        return f"no commit for {age:.0f} s"
+        idle = part.get("processed_rows") == part.get("committed_rows")  # nothing taken since
+        if idle or (lagging_s is not None and lagging_s > stall_after_s):
+            return f"no commit for {age:.0f} s"
     if no_progress_s is not None and no_progress_s > stall_after_s:
         return f"no progress for {no_progress_s:.0f} s"
     return None
@@ -182,11 +225,14 @@ def render(
     )
     rows, stalled = [], []
     for p in parts:
-        since = progress.get(p["partition"]) if progress is not None else None
+        seen = progress.get(p["partition"]) if progress is not None and now is not None else None
+        lag_since = seen[2] if seen is not None and len(seen) > 2 else None
         why = stall_reason(
             p,
             stall_after_s=stall_after_s,
-            no_progress_s=None if since is None or now is None else now - since[1],
+            # Progress counts while rows wait: an idle partition has nothing to process.
+            no_progress_s=None if seen is None else now - max(seen[1], lag_since or seen[1]),
+            lagging_s=None if lag_since is None else now - lag_since,
         )
         commit = p.get("last_commit_age_s")
         row = [
@@ -219,7 +265,9 @@ def render(
         text = fmt(row)
         lines.append(f"{_RED}{text}{_RESET}" if bad and color else text)
     if any(stalled):
-        lines.append(f"stalled: lag > 0 and no commit or no progress for over {stall_after_s:.0f} s")
+        lines.append(
+            f"stalled: rows waiting (or lag unknown) and no commit or no progress for over {stall_after_s:.0f} s"
+        )
     return "\n".join(lines) + "\n"
 
 

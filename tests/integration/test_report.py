@@ -1,7 +1,7 @@
 """``rayflow report`` on a job with a kill and a rescale in it, drawn by headless Chromium.
 
 The browser is Debian's ``chromium``, driven over the DevTools protocol on a pipe
-(:class:`Browser`): it loads the report from disk with the network unused, and the test
+(:class:`Browser`): it loads the report from disk with the network blocked, and the test
 checks that nothing went wrong in the page (console errors, exceptions, failed loads),
 that every plot has drawn traces with data, and that a screenshot is not blank.
 """
@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import tempfile
@@ -106,13 +107,18 @@ def test_report_of_a_job_with_a_kill_and_a_rescale(ray_session, tmp_path, capsys
     assert result.stats["recoveries"] >= 1
     assert cli(["report", str(ck), "-o", str(tmp_path / "report.html")]) == 0
     assert "report.html" in capsys.readouterr().out
-    assert os.path.getsize(tmp_path / "live.html") > 3_000_000
+    # The live report drew samples (its size says nothing: plotly.js alone is 3.5 MB).
+    live = re.search(r"<th>samples</th><td>([\d,]+)", (tmp_path / "live.html").read_text())
+    assert live and int(live.group(1).replace(",", "")) >= 3, live
 
     with Browser(width=1400, height=1000) as browser:
         browser.open(str(tmp_path / "report.html"))
         wait_for_condition(lambda: browser.evaluate(PLOTTED_JS), timeout=30)
         drawn = browser.evaluate(DRAWN_JS)
         png = browser.screenshot()
+        # Errors thrown later (a timer, a late load) count too: wait until 2 s have passed since
+        # the load, the last 1 s of it without a new error.
+        browser.quiet(1.0, since_load_s=2.0)
         assert browser.errors == []
     (tmp_path / "report.png").write_bytes(png)
     timeline = drawn["timeline"]
@@ -128,11 +134,13 @@ def test_report_of_a_job_with_a_kill_and_a_rescale(ray_session, tmp_path, capsys
 
 
 # ----------------------------------------------------------------------------- headless Chromium
-#: Flags that work in a container, as root, with no GPU and no network.
+#: Flags that work in a container, as root, with no GPU; no host name resolves, so a remote
+#: load fails (and is caught as an error) on a runner with a network too. The page also blocks
+#: every non-file URL (``Network.setBlockedURLs``).
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--remote-debugging-pipe",
+    "--disable-dev-shm-usage", "--remote-debugging-pipe", "--host-resolver-rules=MAP * ~NOTFOUND",
 ]  # fmt: skip
 
 
@@ -161,24 +169,34 @@ class Browser:
         self._n = 0
         self._replies: dict[int, dict] = {}
         self._events: queue.Queue = queue.Queue()
+        self._urls: dict[str, str] = {}  # request id -> URL, to name a failed load
+        self._loaded_at = time.monotonic()  # of the last page opened
         self._cv = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
-        target = self._call("Target.createTarget", url="about:blank")["targetId"]
-        self._session = self._call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        for domain in ("Runtime", "Log", "Page"):
-            self.call(f"{domain}.enable")
-        self.call(
-            "Emulation.setDeviceMetricsOverride",
-            width=width,
-            height=height,
-            deviceScaleFactor=1,
-            mobile=False,
-        )
+        try:
+            target = self._call("Target.createTarget", url="about:blank")["targetId"]
+            self._session = self._call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            for domain in ("Runtime", "Log", "Page", "Network"):
+                self.call(f"{domain}.enable")
+            self.call("Network.setBlockedURLs", urls=["http://*", "https://*", "ws://*", "wss://*"])
+            self.call(
+                "Emulation.setDeviceMetricsOverride",
+                width=width,
+                height=height,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
+        except BaseException:  # no browser left running, no profile left behind
+            self._end()
+            raise
 
     def __enter__(self) -> Browser:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._end()
+
+    def _end(self) -> None:
         try:
             self._call("Browser.close")
         except (RuntimeError, TimeoutError, OSError):  # already gone
@@ -190,6 +208,19 @@ class Browser:
             self._proc.wait()
         os.close(self._cmd_w)
         shutil.rmtree(self._profile, ignore_errors=True)
+
+    def quiet(self, quiet_s: float, *, since_load_s: float = 0.0, timeout_s: float = 10.0) -> None:
+        """Return once the page has gone ``quiet_s`` without a new error and ``since_load_s``
+        have passed since its load event (at most ``timeout_s``): errors thrown after the
+        checks (a timer, a late load) are in ``errors`` then."""
+        deadline = time.monotonic() + timeout_s
+        count, since = len(self.errors), time.monotonic()
+        while time.monotonic() < deadline and (
+            time.monotonic() - since < quiet_s or time.monotonic() - self._loaded_at < since_load_s
+        ):
+            time.sleep(0.05)
+            if len(self.errors) != count:
+                count, since = len(self.errors), time.monotonic()
 
     def _read(self) -> None:
         buf = b""
@@ -217,6 +248,11 @@ class Browser:
         elif method == "Runtime.exceptionThrown":
             d = p["exceptionDetails"]
             self.errors.append("exception: " + d.get("exception", {}).get("description", d["text"]))
+        elif method == "Network.requestWillBeSent":
+            self._urls[p["requestId"]] = p["request"]["url"]
+        elif method == "Network.loadingFailed" and not p.get("canceled"):
+            why = p.get("blockedReason") or p.get("errorText")
+            self.errors.append(f"load failed ({why}): {self._urls.get(p['requestId'], '?')}")
         elif method == "Log.entryAdded" and p["entry"]["level"] == "error":
             e = p["entry"]
             self.errors.append(f"{e['source']}: {e['text']} {e.get('url', '')}")
@@ -251,6 +287,7 @@ class Browser:
                 pass
         except queue.Empty:
             raise TimeoutError(f"{path} did not finish loading within {self.timeout_s} s") from None
+        self._loaded_at = time.monotonic()
 
     def evaluate(self, expression: str):
         """The value of a JavaScript expression in the page (returned as JSON)."""

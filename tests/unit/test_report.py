@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -106,9 +106,25 @@ def test_history_survives_reopening_and_is_trimmed(tmp_path):
     cat = Catalog(path)  # a restarted manager: the samples are in the file
     assert cat.con.execute("SELECT count(*) FROM history_partitions").fetchone()[0] == 24
     assert cat.con.execute("SELECT count(*) FROM history_consumers").fetchone()[0] == 12
+    # Recent samples as well (a minute ago): the trim keeps them.
+    recent = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(minutes=1)
+    parts = history.partition_rows(status(4, 1), sources(4), {}, ts=recent)
+    rows, _ = history.consumer_rows({"consumer-0": {"busy_s": 1.0, "commit_s": 0.1}}, {}, ts=recent, now=1.0)
+    cat.record_history(parts, rows)
     assert cat.trim_history(retention_s=3600.0) == 36  # T0 is long ago: all older than an hour
-    assert cat.con.execute("SELECT count(*) FROM history_partitions").fetchone()[0] == 0
+    kept = cat.con.execute("SELECT DISTINCT ts FROM history_partitions").fetchall()
+    assert kept == [(recent,)]
+    assert cat.con.execute("SELECT count(*) FROM history_partitions").fetchone()[0] == 4
+    assert cat.con.execute("SELECT count(*), min(ts) FROM history_consumers").fetchone() == (1, recent)
     cat.close()
+
+
+def test_history_samples_on_a_fixed_cadence_skipping_missed_ticks():
+    assert history.next_tick(10.0, 2.0, now=10.3) == 12.0  # a sample that took 0.3 s: no drift
+    assert history.next_tick(12.0, 2.0, now=13.9) == 14.0
+    assert history.next_tick(14.0, 2.0, now=14.0) == 16.0
+    assert history.next_tick(14.0, 2.0, now=16.0) == 18.0  # due exactly now: the next one
+    assert history.next_tick(14.0, 2.0, now=21.5) == 22.0  # 16, 18 and 20 were missed: skipped
 
 
 def test_read_history_rates_buckets_and_events(tmp_path):
@@ -198,3 +214,43 @@ def test_cli_report_picks_one_job_and_says_which_to_pick(tmp_path, capsys):
     assert "rayflow report: b" in (tmp_path / "r.html").read_text(encoding="utf-8")
     with pytest.raises(CheckpointError, match="no catalog at"):
         write_report(str(tmp_path), str(tmp_path / "x.html"))
+
+
+def test_a_gather_cancelled_at_close_logs_nothing():
+    """The manager's loops gather answers under ``asyncio.wait_for``; ``close`` cancels them.
+    ``asyncio.gather`` would then log "_GatheringFuture exception was never retrieved"."""
+    import asyncio
+    import gc
+    import logging
+
+    from rayflow._internal.group.manager import _gather
+
+    class Slow:
+        def __await__(self):
+            return asyncio.sleep(10).__await__()
+
+    async def sample(gather) -> None:
+        await asyncio.wait_for(gather(Slow(), Slow()), 5)
+
+    async def cancel_one(gather) -> None:
+        task = asyncio.get_running_loop().create_task(sample(gather))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        del task
+        gc.collect()
+
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("asyncio").addHandler(handler)
+    try:
+        asyncio.run(cancel_one(asyncio.gather))
+        gc.collect()
+        assert any("never retrieved" in r.getMessage() for r in logged)  # the problem, as asyncio has it
+        logged.clear()
+        asyncio.run(cancel_one(_gather))
+        gc.collect()
+        assert logged == []
+    finally:
+        logging.getLogger("asyncio").removeHandler(handler)

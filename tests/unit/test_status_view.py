@@ -52,7 +52,16 @@ def source(queued_rows=(40,), **kw) -> dict:
 
 
 def lagging(age_s: float, lag_rows: int = 5, **kw) -> dict:
-    return {"final": False, "lag_rows": lag_rows, "last_commit_age_s": age_s, **kw}
+    """A partition ``age_s`` after its last commit with ``lag_rows`` waiting, none of them
+    processed since (``processed_rows == committed_rows``) unless ``kw`` says otherwise."""
+    return {
+        "final": False,
+        "lag_rows": lag_rows,
+        "last_commit_age_s": age_s,
+        "processed_rows": 100,
+        "committed_rows": 100,
+        **kw,
+    }
 
 
 # ------------------------------------------------------------------------------------ the rule
@@ -75,8 +84,43 @@ def test_no_lag_is_never_stalled_however_old_the_commit():
     assert sv.stall_reason(lagging(1e6, lag_rows=0), stall_after_s=10.0) is None
 
 
-def test_unknown_lag_is_not_stalled():
-    assert sv.stall_reason(lagging(1e6, lag_rows=None), stall_after_s=10.0) is None
+def test_unknown_lag_and_an_old_commit_is_stalled_for_sources_not_answering():
+    why = sv.stall_reason(lagging(11.0, lag_rows=None), stall_after_s=10.0)
+    assert why == "no commit for 11 s; sources not answering"
+    assert sv.stall_reason(lagging(9.0, lag_rows=None), stall_after_s=10.0) is None
+    assert sv.stall_reason(lagging(None, lag_rows=None), stall_after_s=10.0) is None
+    assert sv.stall_reason(lagging(1e6, lag_rows=None, final=True), stall_after_s=10.0) is None
+
+
+def test_one_look_an_idle_partition_that_just_got_rows_is_not_stalled():
+    """Idle for a minute (no commit needed), then rows arrive and are being processed: its last
+    commit is old, but it has taken rows since (processed ahead of committed)."""
+    fresh = lagging(60.0, processed_rows=130, committed_rows=100)
+    assert sv.stall_reason(fresh, stall_after_s=10.0) is None
+    # The same partition taking nothing since its commit a minute ago: stuck, or no owner.
+    assert sv.stall_reason(lagging(60.0), stall_after_s=10.0) == "no commit for 60 s"
+
+
+def test_watch_measures_a_missing_commit_from_when_the_lag_began():
+    """An idle partition gets rows at t=100 (its last commit at t=40): in watch mode it is
+    stalled only once rows have waited past the threshold without a commit."""
+    idle = status(processed_rows=100, committed_rows=100, last_commit_at=40.0, lag_rows=0)
+    seen = sv.track_progress({}, idle, now=90.0)
+    assert seen == {0: (100, 90.0, None)}
+    busy = status(processed_rows=130, committed_rows=100, last_commit_at=40.0, lag_rows=30)
+    seen = sv.track_progress(seen, busy, now=100.0)
+    assert seen == {0: (130, 100.0, 100.0)}
+    for now, stalled in ((105.0, False), (109.0, False), (115.0, True)):
+        seen = sv.track_progress(seen, busy, now=now)
+        st = sv.combine(status(**{**busy["partitions"][0], "lag_rows": 30}), [source((30,))], wall=now)
+        text = sv.render("job", st, stall_after_s=10.0, progress=seen, now=now)
+        assert ("STALLED" in text) == stalled, (now, text)
+    assert "STALLED: no commit for 75 s" in text
+    # A commit, with rows still waiting (and being processed): the wait starts again from it.
+    later = {**busy["partitions"][0], "last_commit_at": 114.0, "committed_rows": 130, "processed_rows": 160}
+    st = sv.combine(status(**later), [source((30,))], wall=116.0)
+    seen = sv.track_progress(seen, st, now=116.0)
+    assert "STALLED" not in sv.render("job", st, stall_after_s=10.0, progress=seen, now=116.0)
 
 
 def test_a_final_partition_is_never_stalled():
@@ -84,7 +128,7 @@ def test_a_final_partition_is_never_stalled():
 
 
 def test_never_committed_and_no_progress_is_stalled_only_once_seen_long_enough():
-    part = lagging(None)
+    part = lagging(None, processed_rows=0, committed_rows=0)
     assert sv.stall_reason(part, stall_after_s=10.0) is None  # one look: unknown
     assert sv.stall_reason(part, stall_after_s=10.0, no_progress_s=5.0) is None
     assert sv.stall_reason(part, stall_after_s=10.0, no_progress_s=12.0) == "no progress for 12 s"
@@ -92,13 +136,15 @@ def test_never_committed_and_no_progress_is_stalled_only_once_seen_long_enough()
 
 # ------------------------------------------------------------------------------------ progress
 def test_progress_restarts_when_the_rows_move_and_holds_while_they_do_not():
-    st = status(processed_rows=10)
+    st = status(processed_rows=10, lag_rows=3)
     seen = sv.track_progress({}, st, now=1.0)
-    assert seen == {0: (10, 1.0)}
+    assert seen == {0: (10, 1.0, 1.0)}
     seen = sv.track_progress(seen, st, now=5.0)
-    assert seen == {0: (10, 1.0)}  # unchanged since 1.0
-    seen = sv.track_progress(seen, status(processed_rows=11), now=7.0)
-    assert seen == {0: (11, 7.0)}
+    assert seen == {0: (10, 1.0, 1.0)}  # unchanged since 1.0
+    seen = sv.track_progress(seen, status(processed_rows=11, lag_rows=None), now=7.0)
+    assert seen == {0: (11, 7.0, 1.0)}  # an unknown lag keeps when the lag began
+    seen = sv.track_progress(seen, status(processed_rows=11, lag_rows=0), now=8.0)
+    assert seen == {0: (11, 7.0, None)}
 
 
 # ------------------------------------------------------------------------------------ combine
@@ -120,7 +166,16 @@ def test_combine_without_sources_leaves_lag_unknown():
     (p,) = st["partitions"]
     assert p["lag_rows"] is None and p["lag_s"] is None and st["lag_rows"] is None
     assert p["last_commit_age_s"] == 10.0
-    assert "lag ? rows" in sv.render("job", st, stall_after_s=10.0)
+    assert st["last_commit_at"] == 100.0 and st["last_commit_age_s"] == 10.0
+    text = sv.render("job", st, stall_after_s=10.0)
+    assert "lag ? rows" in text and "last commit 10.0 s ago" in text and "STALLED" not in text
+
+
+def test_without_sources_an_old_commit_is_marked_as_sources_not_answering():
+    st = sv.combine(status(), None, wall=111.0)  # committed 11 s ago; the sources did not answer
+    text = sv.render("job", st, stall_after_s=10.0)
+    assert "last commit 11.0 s ago" in text and "last commit never" not in text
+    assert "STALLED: no commit for 11 s; sources not answering" in text
 
 
 # ------------------------------------------------------------------------------------ the table
@@ -140,10 +195,11 @@ def test_the_table_shows_lag_owner_epoch_rate_and_commit_age():
 
 
 def test_a_stalled_row_says_why_and_is_red_on_a_terminal():
-    st = sv.combine(status(), [source((50,))], wall=160.0)  # committed 60 s ago, 50 rows waiting
+    # Committed 60 s ago, 50 rows waiting, none processed since.
+    st = sv.combine(status(processed_rows=900), [source((50,))], wall=160.0)
     plain = sv.render("job", st, stall_after_s=10.0)
     assert "STALLED: no commit for 60 s" in plain and "\x1b[" not in plain
-    assert "stalled: lag > 0 and no commit or no progress for over 10 s" in plain
+    assert "stalled: rows waiting (or lag unknown) and no commit or no progress for over 10 s" in plain
     colored = sv.render("job", st, stall_after_s=10.0, color=True)
     assert "\x1b[1;31m" in colored and "STALLED" in colored
 
@@ -151,7 +207,7 @@ def test_a_stalled_row_says_why_and_is_red_on_a_terminal():
 def test_no_progress_needs_the_watch_history():
     st = sv.combine(status(last_commit_at=None), [source((50,))], wall=160.0)
     assert "STALLED" not in sv.render("job", st, stall_after_s=10.0)
-    seen = {0: (1_000, 0.0)}  # the same processed rows since t=0
+    seen = {0: (1_000, 0.0, 0.0)}  # the same processed rows since t=0, lagging since then
     text = sv.render("job", st, stall_after_s=10.0, progress=seen, now=30.0)
     assert "STALLED: no progress for 30 s" in text and "never" in text
 
@@ -162,12 +218,44 @@ def test_a_watch_frame_redraws_in_place_on_a_terminal_and_appends_otherwise():
 
 
 def test_watch_period_must_be_positive(capsys):
-    assert main(["status", "job", "--watch", "0"]) == 2
-    assert "--watch takes a refresh period in seconds > 0" in capsys.readouterr().err
+    assert main(["status", "job", "--watch", "--interval", "0"]) == 2
+    assert "--interval takes a refresh period in seconds > 0" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         from rayflow.cli import cmd_status
 
-        cmd_status(type("A", (), {"watch": -1.0, "address": None, "name": "job"})())
+        cmd_status(type("A", (), {"watch": True, "interval": -1.0, "address": None, "name": "job"})())
+
+
+def status_args(argv: list[str]):
+    """What ``rayflow *argv`` parses to (the status command is not run)."""
+    import rayflow.cli as cli
+
+    seen = []
+    real = cli.cmd_status
+    cli.cmd_status = seen.append
+    try:
+        cli.main(argv)
+    finally:
+        cli.cmd_status = real
+    (args,) = seen
+    return args
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "--watch", "myjob"],
+        ["status", "myjob", "--watch"],
+        ["status", "--watch", "--interval", "0.5", "myjob"],
+        ["status", "--interval", "0.5", "myjob", "--watch"],
+    ],
+)
+def test_watch_is_a_switch_in_any_order(argv):
+    args = status_args(argv)
+    assert args.name == "myjob" and args.watch is True
+    assert args.interval == (0.5 if "--interval" in argv else 2.0)
+    once = status_args(["status", "myjob"])
+    assert once.watch is False and once.interval == 2.0
 
 
 def test_health_lines_show_failing_publication_maintenance_and_discovery():

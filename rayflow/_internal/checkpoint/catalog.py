@@ -45,7 +45,6 @@ output back from that list (``Sink.keeps_output_list``: the Collect sink).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -272,7 +271,7 @@ class Catalog:
         cur.execute("BEGIN TRANSACTION")
         for (_, kind, _), body in zip(todo, bodies):
             if kind == "c":
-                records = [(i, CommitRecord(**r)) for i, r in body["records"]]
+                records = [(i, CommitRecord.from_log(r)) for i, r in body["records"]]
                 self._insert_commits(cur, body["member"], records)
             elif kind == "l":
                 self._upsert_leases(cur, [tuple(g) for g in body["grants"]])
@@ -479,7 +478,7 @@ class Catalog:
         once it is, the commits happened (a restart replays it).
         """
         ids = self._take_id(len(records))
-        body = {"member": member, "records": [(i, dataclasses.asdict(r)) for i, r in zip(ids, records)]}
+        body = {"member": member, "records": [(i, r.to_log()) for i, r in zip(ids, records)]}
         self._write_log(ids[-1], "c", body)
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
@@ -509,7 +508,7 @@ class Catalog:
             cur.execute("BEGIN TRANSACTION")
             try:
                 self._insert_commits(
-                    cur, body["member"], [(i, CommitRecord(**r)) for i, r in body["records"]]
+                    cur, body["member"], [(i, CommitRecord.from_log(r)) for i, r in body["records"]]
                 )
                 cur.execute("COMMIT")
             except BaseException:

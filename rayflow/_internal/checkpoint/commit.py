@@ -55,6 +55,7 @@ deleted (the attempt may be history the catalog still names).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -103,6 +104,26 @@ class CommitRecord:
     #: what identifies an attempt (``compare=False``), and not in the ``commits`` table.
     write_s: float = field(default=0.0, compare=False)
     nbytes: int = field(default=0, compare=False)
+
+    def to_log(self) -> dict:
+        """The record as the durable commit log stores it: every field but the measurements
+        (``write_s``, ``nbytes``: history only), so that a release that does not know them can
+        still replay the log after a rollback."""
+        body = dataclasses.asdict(self)
+        for name in _NOT_LOGGED:
+            body.pop(name, None)
+        return body
+
+    @classmethod
+    def from_log(cls, body: dict) -> CommitRecord:
+        """A record from a log entry, ignoring keys this release does not know (an entry
+        written by a newer release): the log is forward-compatible."""
+        return cls(**{k: v for k, v in body.items() if k in _FIELDS})
+
+
+#: Fields of :class:`CommitRecord` left out of the durable log (:meth:`CommitRecord.to_log`).
+_NOT_LOGGED = ("write_s", "nbytes")
+_FIELDS = frozenset(f.name for f in dataclasses.fields(CommitRecord))
 
 
 _STATE_FILE = re.compile(r"-op(\d+)(-[dc])?\.parquet$")

@@ -440,7 +440,7 @@ class GroupManager:
     async def _publish_metrics(self) -> None:
         try:
             sources = await asyncio.wait_for(
-                asyncio.gather(*(s.stats.remote() for s in self._source_handles())), METRICS_EVERY_S * 5
+                _gather(*(s.stats.remote() for s in self._source_handles())), METRICS_EVERY_S * 5
             )
             self.metrics.publish(await self.status(), list(sources))
         except Exception as e:  # metrics must never take the job down; a source may be restarting
@@ -750,14 +750,18 @@ class GroupManager:
 
     # ------------------------------------------------------------------ history
     async def _history_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:  # a sample at once: the history starts with the run (or this actor's restart)
             await self._sample_history(HISTORY_WAIT_S)
-            await asyncio.sleep(self.config.history_interval_s)
+            # On a fixed cadence (due + k * interval), not an interval after each sample: no drift.
+            due = history.next_tick(due, self.config.history_interval_s, loop.time())
+            await asyncio.sleep(due - loop.time())
 
     async def _sample_history(self, wait_s: float) -> None:
         """Take one history sample and queue its insert (see the module doc). Never raises."""
         try:
-            sources, consumers = await asyncio.gather(self._ask_sources(wait_s), self._ask_consumers(wait_s))
+            sources, consumers = await _gather(self._ask_sources(wait_s), self._ask_consumers(wait_s))
             t0 = time.thread_time()  # this thread's CPU: status() does not suspend (unless it marks the sink)
             st = await self.status()
             if sources is not None:
@@ -792,7 +796,7 @@ class GroupManager:
     async def _ask_sources(self, wait_s: float) -> list[dict] | None:
         """Every source actor's stats; None unless all answered within ``wait_s``."""
         handles = self._source_handles()
-        answers = await asyncio.gather(
+        answers = await _gather(
             *(asyncio.wait_for(s.stats.remote(), wait_s) for s in handles), return_exceptions=True
         )
         if not handles or any(not isinstance(a, dict) for a in answers):
@@ -802,7 +806,7 @@ class GroupManager:
     async def _ask_consumers(self, wait_s: float) -> dict[str, dict]:
         """The status of each member that answered within ``wait_s`` (others are skipped)."""
         members = list(self.handles.items())
-        answers = await asyncio.gather(
+        answers = await _gather(
             *(asyncio.wait_for(h.status.remote(), wait_s) for _, h in members), return_exceptions=True
         )
         return {m: a for (m, _), a in zip(members, answers) if isinstance(a, dict)}
@@ -945,6 +949,21 @@ class GroupManager:
         for part in ("catalog", "publisher"):
             if hasattr(self, part):
                 getattr(self, part).close()
+
+
+def _gather(*aws, return_exceptions: bool = False) -> asyncio.Future:
+    """``asyncio.gather``, whose outcome is always retrieved: when the task awaiting it is
+    cancelled (``close`` cancelling the loops mid-sample), the gather ends with
+    ``CancelledError`` that nobody reads (``asyncio.wait_for`` cancels it and does not read it),
+    and asyncio would log "_GatheringFuture exception was never retrieved"."""
+    fut = asyncio.gather(*aws, return_exceptions=return_exceptions)
+    fut.add_done_callback(_retrieve)
+    return fut
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # marks it retrieved; the awaiting task, if any, still gets it
 
 
 def _to_mono(firsts: dict[int, tuple[int, float]] | None) -> dict[int, tuple[int, float]] | None:
