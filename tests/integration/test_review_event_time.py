@@ -309,8 +309,8 @@ class _Skewed(Source):
 
 
 def test_backpressure_is_not_idleness(ray_session, tmp_path):
-    """consumer-1 is held (a paused fault): its partition's queue fills and the source stops
-    reading every split. A split not read because the queues are full is not idle: were it
+    """consumer-1 is held (a paused fault) and spilling is off: its partition's queue fills and
+    the source stops reading every split. A split not read because the queues are full is not idle: were it
     counted idle after idle_timeout_s, the slow split "a" would be skipped, consumer-0's
     partition would jump 5 s ahead on "b", and once reading resumes the rows of "a" (in order,
     within the bound) would be late."""
@@ -324,7 +324,7 @@ def test_backpressure_is_not_idleness(ray_session, tmp_path):
         operator=rf.ops.Window(by="key", aggs=[("value", "count")], tumbling_s=1),
         sink=rf.sinks.Parquet(str(tmp_path / "out")), event_time="ts", max_out_of_orderness_s=0.1,
         idle_timeout_s=idle_s,
-        config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=30.0, queue_max_rows=300, fetch_wait_s=0.05),
+        config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=30.0, queue_max_rows=300, fetch_wait_s=0.05, spill_max_bytes=0),
         checkpoint_interval_s=0.2, faults=faults,
     ).start()  # fmt: skip
     try:
