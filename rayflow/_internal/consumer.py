@@ -490,8 +490,9 @@ class ConsumerActor:
         t0 = time.monotonic()
         budget = self._step_s
         nbytes = rows = 0
+        owned = self._processing()  # once per step, not per partition
         for t in running:  # the partitions owned changed: a new share of the memory budget
-            self._bind_states(t)
+            self._bind_states(t, owned=owned)
         n = len(running)
         self._rr = (self._rr + 1) % max(1, n)
         for k in range(n):

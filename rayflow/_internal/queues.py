@@ -262,9 +262,7 @@ def must_pause(b: Budget, c: Counts) -> bool:
     ``spill_max_bytes=0`` a memory bound alone pauses: the rule before spilling existed."""
     if c.spill_bytes < b.spill_max_bytes:
         return False
-    if c.memory_bytes >= b.source_max_bytes:
-        return True
-    return any(r >= b.queue_max_rows or n >= b.queue_max_bytes for r, n in zip(c.rows, c.nbytes))
+    return any(_memory_full(b, c, p) for p in range(len(c.rows)))
 
 
 def blamed(queues: list[PartitionQueue]) -> list[int]:

@@ -172,7 +172,7 @@ class SpillStore:
         try:
             _pwrite_all(seg.fd, data, handle.offset)
         except OSError:
-            _close_files(self.release([handle]))
+            close_files(self.release([handle]))
             raise
         return handle
 
@@ -220,7 +220,7 @@ class SpillStore:
                         if s.pins == 0 and s.live <= 0 and s.fd is not None:
                             freed += s.size
                             retired.append(self._retire(s))
-            _close_files(retired)
+            close_files(retired)
         return batches, freed
 
     # ------------------------------------------------------------------ release
@@ -256,15 +256,11 @@ class SpillStore:
                 s.live = 0
                 if s.pins == 0:
                     retired.append(self._retire(s))
-        _close_files(retired)
+        close_files(retired)
 
 
 def close_files(retired: list[tuple[int, str | None]]) -> None:
     """Close (and, where kept, delete) retired segment files; best effort."""
-    _close_files(retired)
-
-
-def _close_files(retired: list[tuple[int, str | None]]) -> None:
     for fd, path in retired:
         try:
             os.close(fd)

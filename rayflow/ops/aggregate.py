@@ -374,8 +374,6 @@ class Aggregate(Operator):
             spill.max_bytes = max_bytes
         return self._spill_if_over((merged, pending, pending_rows, changed, delta, spill))
 
-    restores_bound = True
-
     def restore_bound(self, chain, *, max_bytes: int, spill_dir: str, key: list[str]):
         """The checkpoint's base and deltas (each an iterable of tables), read a batch at a time
         into a bound state, never whole in memory; equal to :meth:`state_from_tables` then

@@ -155,9 +155,12 @@ class Operator:
         """
         return state
 
-    #: Whether :meth:`restore_bound` is implemented: the consumer then restores a running
-    #: partition's state by streaming its checkpoint files through it, never whole in memory.
-    restores_bound = False
+    @property
+    def restores_bound(self) -> bool:
+        """Whether :meth:`restore_bound` is implemented (derived: an operator overrides it): the
+        consumer then restores a running partition's state by streaming its checkpoint files
+        through it, never whole in memory."""
+        return type(self).restore_bound is not Operator.restore_bound
 
     def restore_bound(self, chain, *, max_bytes: int, spill_dir: str, key: list[str]):
         """A state restored from ``chain`` (the checkpoint's files for this operator, a base then

@@ -382,8 +382,9 @@ _PROPERTY_SEEN: list[dict] = []
 
 
 def test_the_property_examples_spilled_and_restored_from_chains():
-    """Runs after the property test (file order): most examples wrote runs, several merged
-    them, and some restored from a base plus deltas."""
+    """Runs after the property test (file order): most examples wrote runs, and some restored
+    from a base plus deltas after spilling (merges of runs are not counted here; the run-store
+    tests cover them). Skips when run without the property test first."""
     if len(_PROPERTY_SEEN) < 10:
         pytest.skip("the property test did not run first")
     n = len(_PROPERTY_SEEN)

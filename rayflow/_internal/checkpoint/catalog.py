@@ -708,8 +708,14 @@ class Catalog:
         cutoff = _now() - timedelta(seconds=retention_s)
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
-        n = sum(cur.execute(f"DELETE FROM {t} WHERE ts < ?", [cutoff]).fetchone()[0] for t in HISTORY_TABLES)
-        cur.execute("COMMIT")
+        try:
+            n = sum(
+                cur.execute(f"DELETE FROM {t} WHERE ts < ?", [cutoff]).fetchone()[0] for t in HISTORY_TABLES
+            )
+            cur.execute("COMMIT")
+        except BaseException:  # never leave the cursor inside a transaction
+            cur.execute("ROLLBACK")
+            raise
         return int(n)
 
 

@@ -121,8 +121,9 @@ class CommitRecord:
         return cls(**{k: v for k, v in body.items() if k in _FIELDS})
 
 
-#: Fields of :class:`CommitRecord` left out of the durable log (:meth:`CommitRecord.to_log`).
-_NOT_LOGGED = ("write_s", "nbytes")
+#: Fields of :class:`CommitRecord` left out of the durable log (:meth:`CommitRecord.to_log`): the
+#: measurements, the fields that take no part in comparing records.
+_NOT_LOGGED = tuple(f.name for f in dataclasses.fields(CommitRecord) if not f.compare)
 _FIELDS = frozenset(f.name for f in dataclasses.fields(CommitRecord))
 
 
