@@ -19,6 +19,7 @@ die and the job resumes with nothing lost and nothing counted twice::
 from rayflow import errors, ops, partitioning, sinks, sources
 from rayflow.config import EngineConfig
 from rayflow.pipeline import Pipeline, Result, Run, Stage, StagedRun
+from rayflow.tiers import Tier
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "Run",
     "Stage",
     "StagedRun",
+    "Tier",
     "__version__",
     "errors",
     "ops",

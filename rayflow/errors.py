@@ -6,6 +6,7 @@ also from the builtin exception a Python caller would expect, so both
 
     RayflowError
     ├── ConfigError(ValueError)            a Pipeline or config argument is invalid
+    │   └── TierError                      priority tiers that cannot hold together (rf.Tier)
     ├── InputError(ValueError)             the input data cannot be used
     │   ├── MissingKeyColumnError(KeyError)  the key column is not in the input
     │   ├── UnsupportedKeyTypeError(TypeError)  the key column's type cannot be hashed
@@ -38,6 +39,12 @@ class RayflowError(Exception):
 
 class ConfigError(RayflowError, ValueError):
     """A Pipeline or config argument is invalid. Fix the argument and run again."""
+
+
+class TierError(ConfigError):
+    """Priority tiers (``rf.Tier``) that cannot hold together: two tiers on one partition, a
+    partition out of range, more dedicated consumers than the job has. The message names the
+    tiers and partitions, and what to change."""
 
 
 class InputError(RayflowError, ValueError):

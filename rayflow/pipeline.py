@@ -25,15 +25,17 @@ from rayflow._internal.chain import Chain
 from rayflow._internal.checkpoint.store import join
 from rayflow._internal.runtime import JobSpec, Result, Run
 from rayflow._internal.stages import StagedRun
+from rayflow._internal.tiers import resolve as resolve_tiers
 from rayflow._internal.watermarks import EventTime
 from rayflow.config import EngineConfig
 from rayflow.errors import ConfigError
-from rayflow.partitioning import key_columns
+from rayflow.partitioning import PartitionMap, key_columns
 from rayflow.sinks import Collect, Sink
 from rayflow.sinks import Parquet as ParquetSink
 from rayflow.sources import Source
 from rayflow.sources.inputs import Input, Inputs
 from rayflow.sources.upstream import Upstream
+from rayflow.tiers import Tier
 
 __all__ = ["Pipeline", "Result", "Run", "Stage", "StagedRun"]
 
@@ -70,6 +72,13 @@ class Pipeline:
     ``event_time_lag_s`` (now minus the watermark). Caveat: a split that
     comes back after being skipped as idle may bring rows that are late by
     then (the window's ``late=`` policy decides what happens to them).
+
+    **Priority tiers** (docs/tiers.md). ``tiers``: a list of :class:`rf.Tier`
+    ranking some partitions (by number or by the keys they hold) above the
+    rest, optionally with dedicated consumers; partitions no tier names are in
+    the lowest tier, ``"default"``. Checked here (:class:`TierError`). A tier
+    is scheduling only (assignment, the consumers' order, the sources' memory):
+    results are the same with or without, and a resume may change them.
     """
 
     def __init__(
@@ -92,6 +101,7 @@ class Pipeline:
         max_out_of_orderness_s: float = 0.0,
         idle_timeout_s: float | None = 30.0,
         stages: Sequence[Stage] | None = None,
+        tiers: Sequence[Tier] | None = None,
     ):
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ConfigError(
@@ -149,6 +159,18 @@ class Pipeline:
                 "decides when windows close)"
             )
         ops = [op.with_event_time(event_time) for op in ops]
+        if tiers is not None and (isinstance(tiers, (str, bytes, Tier)) or not isinstance(tiers, Sequence)):
+            raise ConfigError(f"tiers= takes a list of rf.Tier, got {tiers!r}")
+        tiers = tuple(tiers or ())
+        if tiers:
+            if stages:
+                raise ConfigError(
+                    "tiers= applies to a job of one stage: each stage partitions by its own key, so a "
+                    "tier's partitions would mean different rows in each; run the stage that needs "
+                    "them as its own pipeline"
+                )
+            # Checked against the map a job starts with; each start resolves them again (Run).
+            resolve_tiers(tiers, PartitionMap.uniform(partitions), consumers=consumers)
         joined = False
         for op in ops:
             if isinstance(source, Inputs) and hasattr(op, "check_partitioning"):
@@ -177,6 +199,7 @@ class Pipeline:
             progress=progress,
             faults=faults,
             event_time=clock,
+            tiers=tiers,
         )
         self._stages: list[Pipeline] = []
         if stages:

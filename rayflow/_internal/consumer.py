@@ -43,6 +43,7 @@ import ray
 
 from rayflow._internal import partition_task as pt
 from rayflow._internal import runs as rn
+from rayflow._internal import tiers
 from rayflow._internal.chain import Chain
 from rayflow._internal.checkpoint import commit as cm
 from rayflow._internal.checkpoint.commit import CommitRecord
@@ -82,11 +83,14 @@ class ConsumerActor:
         side_roots: dict[str, str] | None = None,
         num_sources: int = 1,
         event_time: EventTime | None = None,
+        tier_ranks: tuple[int, ...] | None = None,
     ):
         """``unbounded``: the source never ends (``Source.unbounded``): an ``Aggregate(emit=None)``
         then emits its changes at each commit (``Chain.for_input``). ``side_roots``: where the
         chain's side streams go (``Chain.side_sinks``). ``event_time``: the job's event-time
-        column and watermark strategy (the partitions' watermarks are kept and committed)."""
+        column and watermark strategy (the partitions' watermarks are kept and committed).
+        ``tier_ranks``: each partition's priority rank (0: most critical, docs/tiers.md): a step
+        serves and fetches for the higher tiers first (``tiers.step_order``, ``tiers.fetch_shares``)."""
         self.member_id = member_id
         self.metrics = ConsumerMetrics(pipeline, member_id)
         self.faults = faults
@@ -99,6 +103,7 @@ class ConsumerActor:
         self.side_stores = {stream: Store(root) for stream, root in (side_roots or {}).items()}
         self.num_sources = num_sources
         self.event_time = event_time
+        self.tier_ranks = tier_ranks
         self.map_version = map_version
         self.config = config
         self.owned: dict[int, pt.PartitionTask] = {}
@@ -406,7 +411,10 @@ class ConsumerActor:
         for i, src in enumerate(self.sources):
             req = {t.partition: (t.epoch, dict(t.positions)) for t in running if t.wants_fetch(i)}
             if req:
-                share = max(1, budget // len(req))
+                if self.tier_ranks is None:
+                    share: int | dict[int, int] = max(1, budget // len(req))
+                else:  # higher tiers take a larger share of the step's bytes
+                    share = tiers.fetch_shares(budget, list(req), self.tier_ranks)
                 calls.append((i, _call(src.fetch.remote(req, share), self.config.call_timeout_s)))
         if not calls:
             return
@@ -495,8 +503,11 @@ class ConsumerActor:
             self._bind_states(t, owned=owned)
         n = len(running)
         self._rr = (self._rr + 1) % max(1, n)
-        for k in range(n):
-            t = running[(self._rr + k) % n]
+        # Most critical tier first (round-robin within a tier): the step's budget runs out on the
+        # lowest tier, which is how a busy consumer throttles it (docs/tiers.md).
+        by_partition = {t.partition: t for t in running}
+        for p in tiers.step_order(list(by_partition), self.tier_ranks, self._rr):
+            t = by_partition[p]
             if not t.running:
                 continue
             if not t.buffer:

@@ -31,6 +31,7 @@ from ray import cloudpickle
 from rayflow._internal import naming
 from rayflow._internal.checkpoint.store import Store
 from rayflow._internal.compat import JobMeta
+from rayflow._internal.tiers import TierTable
 from rayflow._internal.watermarks import EventTime
 from rayflow.config import EngineConfig
 from rayflow.errors import CheckpointError
@@ -73,6 +74,8 @@ class JobFile:
     side_sinks: dict = field(default_factory=dict)
     #: The event-time column and watermark strategy (``watermarks.EventTime``), or ``None``.
     event_time: EventTime | None = None
+    #: Priority tiers resolved against ``partition_map`` (docs/tiers.md), or ``None``.
+    tiers: TierTable | None = None
 
     @property
     def source_names(self) -> list[str]:

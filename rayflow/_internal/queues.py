@@ -24,6 +24,14 @@ A sub-batch goes to memory while 1 and 2 have room, else to disk while 3 has
 room; the source pauses reading only while a memory bound is hit *and* the disk
 budget is used up (with ``spill_max_bytes=0``: while a memory bound is hit). So a
 slow partition spills, and the others keep flowing until the disk budget is spent.
+
+**Priority tiers** (docs/tiers.md) lower bound 2 for the less critical tiers
+(``Budget.memory_ceilings``): a partition of rank ``r`` of ``T`` tiers goes
+to memory only while the actor's memory is under ``source_max_bytes * (1 -
+TIER_MEMORY_RESERVE * r / (T - 1))``, so the lowest tier spills first and the
+top :data:`TIER_MEMORY_RESERVE` of the memory is kept for higher tiers. The
+ceilings apply only while the disk has room: they decide memory or disk, and
+never make the source pause sooner (:func:`must_pause` ignores them).
 """
 
 from __future__ import annotations
@@ -174,6 +182,14 @@ class PartitionQueue:
 # ----------------------------------------------------------------------------- bounds
 
 
+#: Share of a source actor's memory (``source_max_bytes``) kept for higher tiers: the lowest
+#: tier spills once the actor's queues hold ``1 - TIER_MEMORY_RESERVE`` of it, the tiers between
+#: at levels spaced evenly up to the most critical (which may use all of it). A quarter: room for
+#: a few fetches' worth of critical rows at the default bounds, at the cost of spilling the bulk
+#: a quarter sooner.
+TIER_MEMORY_RESERVE = 0.25
+
+
 @dataclass(frozen=True)
 class Budget:
     """The bounds of one source actor's queues (from ``EngineConfig``), in rows and bytes."""
@@ -182,15 +198,29 @@ class Budget:
     queue_max_bytes: int
     source_max_bytes: int
     spill_max_bytes: int
+    #: Per partition, the actor's memory in bytes past which its sub-batches spill (priority
+    #: tiers, see :func:`tier_ceilings`); ``None``: ``source_max_bytes`` for every partition.
+    memory_ceilings: tuple[int, ...] | None = None
 
     @classmethod
-    def from_config(cls, config) -> Budget:
+    def from_config(cls, config, ranks: tuple[int, ...] | None = None) -> Budget:
+        """``ranks``: each partition's tier rank (0: most critical), or ``None`` without tiers."""
         return cls(
             queue_max_rows=config.queue_max_rows,
             queue_max_bytes=config.queue_max_bytes,
             source_max_bytes=config.source_max_bytes,
             spill_max_bytes=config.spill_max_bytes,
+            memory_ceilings=tier_ceilings(config.source_max_bytes, ranks) if ranks else None,
         )
+
+
+def tier_ceilings(source_max_bytes: int, ranks: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Each partition's memory ceiling under priority tiers (see the module doc); ``None`` when
+    every partition is of one rank."""
+    top = max(ranks)
+    if top == min(ranks):
+        return None
+    return tuple(int(source_max_bytes * (1 - TIER_MEMORY_RESERVE * r / top)) for r in ranks)
 
 
 @dataclass
@@ -241,11 +271,17 @@ def place(b: Budget, c: Counts, parts: list[tuple[int, int, int]]) -> list[bool]
     reader would have paused) no memory bound was hit as the batch began. Deciding
     per sub-batch against the disk's level instead would let each trim that frees
     a little disk push a batch's worth more into memory already past its bound.
+
+    With priority tiers (``b.memory_ceilings``), a sub-batch also spills (disk
+    room permitting) once the actor's memory is at its partition's ceiling: lower
+    tiers spill first, and higher ones keep the memory above their ceilings.
     """
     disk_room = c.spill_bytes < b.spill_max_bytes
+    ceilings = b.memory_ceilings
     out = []
     for p, rows, nbytes in parts:
-        spill = disk_room and _memory_full(b, c, p)
+        over = ceilings is not None and c.memory_bytes >= ceilings[p]
+        spill = disk_room and (over or _memory_full(b, c, p))
         if spill:
             c.spill_bytes += nbytes + SPILL_ENTRY_OVERHEAD
         else:

@@ -49,6 +49,7 @@ from rayflow._internal.group.manager import GroupManager
 from rayflow._internal.jobfile import JobFile, delete_job_files, write_job_file
 from rayflow._internal.lag import add_lag
 from rayflow._internal.source_actor import SourceActor
+from rayflow._internal.tiers import resolve as resolve_tiers
 from rayflow._internal.watermarks import EventTime, check_event_time_column
 from rayflow.config import EngineConfig, auto_num_sources
 from rayflow.errors import (
@@ -93,6 +94,8 @@ class JobSpec:
     faults: object = None
     #: The event-time column and watermark strategy (``watermarks.EventTime``), or ``None``.
     event_time: EventTime | None = None
+    #: Priority tiers (``rf.Tier``, docs/tiers.md), resolved against the map at each start.
+    tiers: tuple = ()
 
 
 @dataclass
@@ -412,6 +415,7 @@ class Run:
                 for stream, sink in self.chain.side_sinks.items()
             },
             event_time=spec.event_time,
+            tiers=resolve_tiers(spec.tiers, self.map, consumers=spec.consumers) if spec.tiers else None,
         )
         self._job_file = write_job_file(self.job)
 
@@ -491,6 +495,7 @@ class Run:
                 side_roots=self.paths.side_roots,
                 num_sources=len(self.job.splits),
                 event_time=spec.event_time,
+                tier_ranks=self.job.tiers.ranks if self.job.tiers is not None else None,
             )
             self.consumers[member] = actor
             self._actors.append(actor)

@@ -286,7 +286,7 @@ class SourceActor:
             PartitionQueue(p, max_rows=config.queue_max_rows, max_bytes=config.queue_max_bytes)
             for p in range(n)
         ]
-        self.budget = Budget.from_config(config)
+        self.budget = Budget.from_config(config, job.tiers.ranks if job.tiers is not None else None)
         self.spill = SpillStore(
             os.path.join(config.spill_dir or tempfile.gettempdir(), "rayflow-spill"),
             spill_owner(self.pipeline, job_root, index),
@@ -816,9 +816,10 @@ class SourceActor:
         return FencedError.stale(partition=p, epoch=epoch, current_epoch=cur)
 
     async def fetch(
-        self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int
+        self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int | dict[int, int]
     ) -> dict[int, FetchResult]:
-        """Entries past the given positions for each asked partition (``p -> (epoch, positions)``).
+        """Entries past the given positions for each asked partition (``p -> (epoch, positions)``),
+        at most ``max_bytes`` per partition (a dict: per partition, as priority tiers ask).
 
         A partition asked under a stale lease epoch gets no data, only ``fenced``.
         Waits up to ``fetch_wait_s`` for data when none is due (long poll).
@@ -910,7 +911,7 @@ class SourceActor:
                 )
 
     def _serve(
-        self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int
+        self, requests: dict[int, tuple[int, dict[str, int]]], max_bytes: int | dict[int, int]
     ) -> dict[int, FetchResult]:
         out = {}
         for p, (epoch, positions) in requests.items():
@@ -919,7 +920,7 @@ class SourceActor:
                 out[p] = FetchResult(fenced=fenced)
                 continue
             q = self.queues[p]
-            entries, rest = q.after(positions, max_bytes)
+            entries, rest = q.after(positions, max_bytes if isinstance(max_bytes, int) else max_bytes[p])
             r = FetchResult(
                 entries=[
                     FetchedEntry(e.split, e.start, e.end, e.rows, e.payload, e.since, e.watermark, e.spilled)

@@ -12,6 +12,7 @@ def test_public_names_are_pinned():
         "Run",
         "Stage",
         "StagedRun",
+        "Tier",
         "__version__",
         "errors",
         "ops",

@@ -47,8 +47,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rayflow._internal.checkpoint.commit import CommitRecord
-from rayflow._internal.group.assignment import assign
+from rayflow._internal.group.assignment import assign, assign_tiered, tier_roles
 from rayflow._internal.group.leases import Grant, LeaseTable
+from rayflow._internal.tiers import TierTable
 from rayflow.errors import FencedError, ProtocolError
 
 #: Weight of the newest sample in the per-partition load average.
@@ -86,8 +87,13 @@ class Coordinator:
         *,
         epochs: dict[int, int] | None = None,
         committed: dict[int, CommitRecord] | None = None,
+        tiers: TierTable | None = None,
     ):
+        """``tiers``: priority tiers (docs/tiers.md); ``None``: every partition alike."""
         self.num_partitions = num_partitions
+        self.tiers = tiers if tiers is not None and not tiers.trivial else None
+        #: member -> the rank it is dedicated to, as of the last target (for status).
+        self.roles: dict[str, int] = {}
         self.leases = LeaseTable(num_partitions, epochs)
         self.committed: dict[int, CommitRecord] = dict(committed or {})
         self.members: dict[str, Member] = {}
@@ -118,7 +124,12 @@ class Coordinator:
         # live members unless it re-joins first, when the next rebalance gives it back.
         # Every member weighs the same today; assign() takes capacities for tiers to come.
         takers = {m.id: 1.0 for m in self.members.values() if not m.ghost}
-        return assign(loads, takers, self.leases.owners())
+        if self.tiers is None:
+            return assign(loads, takers, self.leases.owners())
+        owners = self.leases.owners()
+        t = self.tiers
+        self.roles = tier_roles(t.ranks, t.dedicated, takers, owners, live=live)
+        return assign_tiered(loads, takers, owners, ranks=t.ranks, roles=self.roles)
 
     # ------------------------------------------------------------------ transitions
     def _grants(self, grants: list[Grant], fx: Effects) -> None:

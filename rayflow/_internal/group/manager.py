@@ -207,8 +207,12 @@ class GroupManager:
         self._check_meta(job.meta)
         epochs = self.catalog.lease_epochs()
         self.group = Coordinator(
-            partition_map.num_partitions, epochs=epochs, committed=self.catalog.latest_commits()
+            partition_map.num_partitions,
+            epochs=epochs,
+            committed=self.catalog.latest_commits(),
+            tiers=job.tiers,
         )
+        self.tiers = job.tiers
         self._durable = dict(epochs)
         self._commit_at = self.catalog.last_commit_times()
         if restarted:
@@ -846,6 +850,8 @@ class GroupManager:
                     "load_rows_per_s": g.load.get(p, 0.0),
                     # Wall time (s since the epoch) of the latest recorded commit; None: never.
                     "last_commit_at": self._commit_at.get(p),
+                    # Its priority tier (docs/tiers.md): "default" unless an rf.Tier names it.
+                    "tier": self.tiers.name_of(p) if self.tiers is not None else "default",
                 }
             )
         live = [x for x in parts if x["event_time_lag_s"] is not None]
@@ -862,6 +868,8 @@ class GroupManager:
             "members": sorted(g.members),
             # Restored from the catalog after a restart of this actor, not yet re-joined.
             "ghosts": sorted(m.id for m in g.members.values() if m.ghost),
+            # Members dedicated to a tier (docs/tiers.md) -> its name; the others are shared.
+            "dedicated": {m: self.tiers.names[r] for m, r in sorted(g.roles.items())} if self.tiers else {},
             "done": done,
             "failed": self._publish_stuck(),
             "rebalances": g.rebalances,
