@@ -149,3 +149,29 @@ def test_critical_tiers_are_placed_first_on_the_least_loaded():
     target = assign_tiered(loads, {"a": 1.0, "b": 1.0}, {}, ranks=ranks, roles={})
     heavy = target[0]
     assert sum(1 for p in (1, 2, 3) if target[p] == heavy) == 1  # the count quota still holds
+
+
+def test_coordinator_keeps_a_dedicated_tier_apart_and_falls_back_when_its_consumer_dies():
+    """Through the Coordinator's protocol: the dedicated member gets its tier at activation; on
+    its death the tier moves straight to the shared member (from the last commits), not stopped;
+    a newcomer takes the role again through a graceful revoke-and-release."""
+    from rayflow._internal.group.coordinator import Coordinator
+    from rayflow._internal.tiers import TierTable
+
+    table = TierTable(names=("critical", "default"), ranks=(0, 1, 1, 1), dedicated=(1, 0))
+    g = Coordinator(4, tiers=table)
+    g.join("consumer-0", 0.0)
+    g.join("consumer-1", 0.0)
+    g.activate(0.0)
+    assert set(g.leases.owned_by("consumer-0")) == {0}
+    assert set(g.leases.owned_by("consumer-1")) == {1, 2, 3}
+    assert g.roles == {"consumer-0": 0}
+    g.member_gone("consumer-0", "crash", 1.0)
+    assert set(g.leases.owned_by("consumer-1")) == {0, 1, 2, 3}  # the tier falls back
+    assert g.roles == {}
+    g.join("consumer-2", 2.0)
+    assert g.roles == {"consumer-2": 0}
+    assert set(g.leases.revoking_from("consumer-1")) == {0}  # only the critical partition moves
+    epoch = g.leases.leases[0].epoch
+    g.release("consumer-1", {0: epoch})
+    assert set(g.leases.owned_by("consumer-2")) == {0}
