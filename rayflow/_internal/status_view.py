@@ -223,6 +223,9 @@ def render(
     cols += (
         ["last commit"] + (["queued"] if has_bytes else []) + (["spilled"] if has_spill else []) + ["stalled"]
     )
+    # Priority tiers (docs/tiers.md): a column only for a job that has them.
+    has_tiers = any(p.get("tier", "default") != "default" for p in parts)
+    cols[1:1] = ["tier"] if has_tiers else []
     rows, stalled = [], []
     for p in parts:
         seen = progress.get(p["partition"]) if progress is not None and now is not None else None
@@ -247,12 +250,13 @@ def render(
             _rows(p.get("processed_rows")),
             "never" if commit is None else f"{commit:.1f} s ago",
         ]
+        row[1:1] = [p.get("tier", "default")] if has_tiers else []
         row += [_bytes(p.get("queued_bytes"))] if has_bytes else []
         row += [_bytes(p.get("spilled_bytes"))] if has_spill else []
         row.append(f"STALLED: {why}" if why else "-")
         rows.append(row)
         stalled.append(why is not None)
-    left = {"owner", "state", "last commit", "stalled"}
+    left = {"tier", "owner", "state", "last commit", "stalled"}
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
 
     def fmt(cells: list[str]) -> str:

@@ -214,3 +214,26 @@ def test_a_critical_sub_batch_spills_only_where_a_lower_one_would(parts, ranks):
                 )
                 assert place(b, probe, [(q, 1, nbytes)]) == [False]
     assert c.spill_bytes >= 0 and SPILL_ENTRY_OVERHEAD > 0
+
+
+# ----------------------------------------------------------------------------- rayflow status
+
+
+def test_status_table_has_a_tier_column_only_for_a_job_with_tiers():
+    from rayflow._internal import status_view as sv
+
+    def st(tier):
+        p = {"partition": 0, "owner": "consumer-0", "lease_epoch": 1, "state": "stable", "final": False}
+        if tier is not None:
+            p["tier"] = tier
+        return {"partitions": [p], "members": ["consumer-0"], "rebalances": 0, "recoveries": 0, "done": False}
+
+    text = sv.render("job", st("critical"), stall_after_s=10.0)
+    cols, row = text.splitlines()[-2:]
+    assert cols.split()[:3] == ["partition", "tier", "owner"] and row.split()[:3] == [
+        "0",
+        "critical",
+        "consumer-0",
+    ]
+    for plain in (st(None), st("default")):
+        assert "tier" not in sv.render("job", plain, stall_after_s=10.0).splitlines()[-2]
