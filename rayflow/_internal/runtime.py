@@ -49,6 +49,7 @@ from rayflow._internal.group.manager import GroupManager
 from rayflow._internal.jobfile import JobFile, delete_job_files, write_job_file
 from rayflow._internal.lag import add_lag
 from rayflow._internal.source_actor import SourceActor
+from rayflow._internal.tiers import check_keys as check_tier_keys
 from rayflow._internal.tiers import resolve as resolve_tiers
 from rayflow._internal.watermarks import EventTime, check_event_time_column
 from rayflow.config import EngineConfig, auto_num_sources
@@ -336,6 +337,8 @@ class Run:
         self.unbounded = spec.source.unbounded
         self.paths = resolve_paths(spec)
         splits, schema = check_input(spec)
+        if spec.tiers and not isinstance(spec.source, Inputs):  # (several inputs: several key types)
+            check_tier_keys(spec.tiers, schema, spec.key)
         splits = project_source(spec, splits, schema)
         self._total_rows = (
             spec.source.events if isinstance(spec.source, Synthetic) and not self.unbounded else None

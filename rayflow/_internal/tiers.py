@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from rayflow.errors import TierError
-from rayflow.partitioning import PartitionMap, hash_key
+from rayflow.partitioning import PartitionMap, _is_bytes_like, _is_int_like, hash_key
 from rayflow.tiers import DEFAULT_TIER, Tier
 
 
@@ -168,3 +169,28 @@ def fetch_shares(budget: int, partitions: Sequence[int], ranks: Sequence[int] | 
     weight = {p: FETCH_SHARE_STEP ** -levels[ranks[p]] for p in partitions}
     total = sum(weight.values())
     return {p: max(1, int(budget * weight[p] / total)) for p in partitions}
+
+
+def check_keys(tiers: Sequence[Tier], schema: pa.Schema, key: Sequence[str]) -> None:
+    """Each tier key against the key columns' types (when the job starts and the schema is
+    known): a key value of another type hashes to some partition silently, never its own."""
+    types = [schema.field(k).type for k in key]
+    types = [t.value_type if pa.types.is_dictionary(t) else t for t in types]
+    for t in tiers:
+        for k in t.keys:
+            parts = tuple(k) if isinstance(k, (tuple, list)) else (k,)
+            if len(parts) != len(types):
+                raise TierError(
+                    f"rf.Tier {t.name!r}: key {k!r} has {len(parts)} part(s), but the job's key {list(key)} "
+                    f"has {len(types)}: give a tuple of {len(types)} values in that order"
+                )
+            for part, col, typ in zip(parts, key, types):
+                if part is None:
+                    continue
+                ints = isinstance(part, int)  # bool too, as in hash_key
+                if (ints and not _is_int_like(typ)) or (not ints and not _is_bytes_like(typ)):
+                    raise TierError(
+                        f"rf.Tier {t.name!r}: key {k!r}: {part!r} does not match the key column "
+                        f"{col!r} of type {typ} (integers for integer or time columns, str or bytes "
+                        "for string or binary ones)"
+                    )

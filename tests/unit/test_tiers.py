@@ -237,3 +237,18 @@ def test_status_table_has_a_tier_column_only_for_a_job_with_tiers():
     ]
     for plain in (st(None), st("default")):
         assert "tier" not in sv.render("job", plain, stall_after_s=10.0).splitlines()[-2]
+
+
+def test_tier_keys_must_match_the_key_columns():
+    import pyarrow as pa
+
+    from rayflow._internal.tiers import check_keys
+
+    schema = pa.schema([("id", pa.int64()), ("name", pa.dictionary(pa.int32(), pa.string()))])
+    check_keys([rf.Tier(name="a", priority=1, keys=[(1, "x"), (2, None)])], schema, ["id", "name"])
+    with pytest.raises(TierError, match="has 1 part"):
+        check_keys([rf.Tier(name="a", priority=1, keys=[1])], schema, ["id", "name"])
+    with pytest.raises(TierError, match="'1' does not match the key column 'id'"):
+        check_keys([rf.Tier(name="a", priority=1, keys=[("1", "x")])], schema, ["id", "name"])
+    with pytest.raises(TierError, match="column 'name'"):
+        check_keys([rf.Tier(name="a", priority=1, keys=[(1, 2)])], schema, ["id", "name"])
