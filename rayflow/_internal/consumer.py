@@ -65,6 +65,9 @@ _COST_ALPHA = 0.3
 
 @ray.remote
 class ConsumerActor:
+    #: Each partition's tier rank (set by ``__init__``; a class default for shells built without it).
+    tier_ranks: tuple[int, ...] | None = None
+
     def __init__(
         self,
         *,
