@@ -4,6 +4,7 @@ lag while the bulk ones fall behind; a dedicated consumer serves only its tier; 
 from __future__ import annotations
 
 import pytest
+import ray
 from ray._common.test_utils import wait_for_condition
 
 import rayflow as rf
@@ -65,3 +66,39 @@ def test_overloaded_job_throttles_the_bulk_tier_first(ray_session, tmp_path):
     assert peak["critical"] < 10_000 and peak["standard"] < 10_000, peak
     result = run.wait(timeout_s=120)
     assert_same_rows(result.output, duckdb_reference(KEYED_SQL, events=src.to_table()))
+
+
+def test_dedicated_consumer_dies_then_a_resume_changes_the_tiers(ray_session, tmp_path):
+    """The dedicated consumer is killed: its tier moves on (to the shared consumer until a
+    replacement joins: the coordinator test in tests/unit/test_assignment_tiers.py pins that
+    step), and the driver's replacement takes the role back while the tier still has work; the
+    job stops and resumes with other tiers (not part of the checkpoint); the result is exact."""
+    data = rf.sources.Synthetic(events=200_000, keys=10_000, seed=3).to_table()
+    aggs = rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")])
+
+    def job(tiers):
+        return make_job(
+            tmp_path, "tiers-resume", data, batch_rows=5_000, partitions=4, consumers=2,
+            operator=[throttle(40_000), aggs], checkpoint_interval_s=0.2, tiers=tiers,
+        )  # fmt: skip
+
+    run = job([rf.Tier(name="critical", priority=1, partitions=[0], dedicated_consumers=1)]).start()
+    wait_for_condition(
+        lambda: sum(p["processed_rows"] for p in run.status()["partitions"]) > 10_000, timeout=60
+    )
+    st = run.status()
+    (dedicated,) = st["dedicated"]
+    owners = {p["partition"]: p["owner"] for p in st["partitions"]}
+    assert owners[0] == dedicated and dedicated not in (owners[1], owners[2], owners[3])
+    ray.kill(run.consumers[dedicated])
+
+    def taken_back() -> bool:  # status() replaces the dead consumer, which then takes the role
+        st = run.status()
+        roles = st["dedicated"]
+        return len(roles) == 1 and dedicated not in roles and st["partitions"][0]["owner"] in roles
+
+    wait_for_condition(taken_back, timeout=30, retry_interval_ms=100)
+    assert not run.status()["partitions"][0]["final"]  # the role was taken while the tier had work
+    run.stop()
+    result = job([rf.Tier(name="other", priority=1, partitions=[3])]).run(timeout_s=120)
+    assert_same_rows(result.output, duckdb_reference(KEYED_SQL, events=data))
