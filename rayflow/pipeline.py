@@ -249,6 +249,11 @@ class Pipeline:
         return self._spec.consumers
 
     @property
+    def tiers(self) -> list[Tier]:
+        """The priority tiers (docs/tiers.md); empty: every partition in ``"default"``."""
+        return list(self._spec.tiers)
+
+    @property
     def checkpoint_dir(self) -> str:
         return self._spec.checkpoint_dir
 

@@ -130,6 +130,14 @@ def test_pipeline_checks_tiers():
         )  # fmt: skip
     with pytest.raises(ConfigError, match="list of rf.Tier"):
         rf.Pipeline(name="t", source=src, key="key", tiers=rf.Tier(name="a", priority=1, partitions=[0]))
+    with pytest.raises(ConfigError, match="one stage"):
+        rf.Pipeline(
+            name="t", source=src, key="key", stages=[rf.Stage(key="value")],
+            tiers=[rf.Tier(name="a", priority=1, partitions=[0])],
+        )  # fmt: skip
+    tiers = [rf.Tier(name="a", priority=1, partitions=[0])]
+    assert rf.Pipeline(name="t", source=src, key="key", tiers=tiers).tiers == tiers
+    assert rf.Pipeline(name="t", source=src, key="key").tiers == []
 
 
 # ----------------------------------------------------------------------------- consumer order
