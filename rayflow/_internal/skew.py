@@ -12,7 +12,9 @@ actors per partition and adds to a status:
   largest first: ``key``, ``count``, ``share`` of the partition's rows, ``error_rows``);
 - overall ``skew`` (the largest ``rate_ratio``), ``hot_partition`` (that partition)
   and ``hot_keys`` (the job's hottest keys, ``share`` of all rows, with their
-  ``partition``), ``skew_window_s`` (how many seconds the figures cover).
+  ``partition``), ``skew_window_s`` (how many seconds the figures cover), and
+  ``combined_rows`` (``Aggregate(combine_at_source=True)``: the rows the sources queued
+  after combining, since they started; None without combining).
 
 **The window.** Each tracker keeps two generations of summaries, the current and
 the previous one, and starts a new one every ``window_s``; figures cover the two,
@@ -184,6 +186,8 @@ def add_skew(st: dict, sources: list[dict]) -> None:
     # Partitions hold disjoint hashes: the job's hottest keys are the partitions' hottest.
     st["hot_keys"] = sorted(hot, key=lambda x: (-x["count"], x["hash"]))[:HOT_KEYS_SHOWN]
     st["skew_window_s"] = max((x["window_s"] for x in snaps), default=None)
+    combined = [s["combined_rows"] for s in sources if s.get("combined_rows") is not None]
+    st["combined_rows"] = sum(combined) if combined else None
 
 
 def history_rows(st: dict, *, ts) -> tuple[list[tuple], list[tuple]]:
