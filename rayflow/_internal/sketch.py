@@ -49,8 +49,9 @@ import numpy as np
 #: within 1.5 percentage points; ~2 KB per summary.
 DEFAULT_CAPACITY = 64
 #: Rows of a batch summarized exactly; a bigger batch is sampled (see :func:`sample_stride`).
-#: ``np.unique`` of 65536 hashes takes ~0.4 ms, of 1M ~27 ms (as long as hashing them).
-DEFAULT_MAX_ROWS = 1 << 16
+#: ~0.2-0.35 ms a batch at 8192 (bench/skew.py measures it); summarizing all of a 1M-row batch
+#: would take ~30 ms, as long as hashing it.
+DEFAULT_MAX_ROWS = 1 << 13
 
 
 def sample_stride(num_rows: int, max_rows: int) -> int:
@@ -58,6 +59,27 @@ def sample_stride(num_rows: int, max_rows: int) -> int:
     if max_rows <= 0 or num_rows <= max_rows:
         return 1
     return -(-num_rows // max_rows)
+
+
+def distinct_counts(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of ``hashes`` (sorted) and how often each occurs: one ``np.sort``
+    (``np.unique`` asked for first indices or an inverse argsorts, several times slower)."""
+    s = np.sort(hashes)
+    if s.size == 0:
+        return s, np.empty(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+    return s[starts], np.diff(np.append(starts, s.size)).astype(np.int64)
+
+
+def _cut(hashes: np.ndarray, counts: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The Misra-Gries step on distinct counters: subtract the ``(capacity+1)``-th largest count
+    from all, drop those left at or below 0 (at most ``capacity`` remain; order kept)."""
+    if counts.size <= capacity:
+        return hashes, counts
+    cut = np.partition(counts, counts.size - capacity - 1)[counts.size - capacity - 1]
+    s = counts - cut
+    keep = s > 0
+    return hashes[keep], s[keep]
 
 
 def _reduce(hashes: np.ndarray, counts: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,12 +95,7 @@ def _reduce(hashes: np.ndarray, counts: np.ndarray, capacity: int) -> tuple[np.n
     else:
         # int64 sums through float64: exact below 2**53 rows.
         s = np.bincount(inv.ravel(), weights=counts, minlength=u.size).astype(np.int64)
-    if u.size > capacity:
-        cut = np.partition(s, u.size - capacity - 1)[u.size - capacity - 1]
-        s = s - cut
-        keep = s > 0
-        u, s = u[keep], s[keep]
-    return u, s
+    return _cut(u, s, capacity)
 
 
 @dataclass(eq=False)
@@ -135,11 +152,19 @@ class HeavyHitters:
     ) -> None:
         """Add an exact summary of a batch: distinct sorted ``hashes`` with their ``counts`` and
         ``rows`` (a row index of each, for ``keys_of``)."""
+        self.update_counts(hashes, counts, _Lazy(hashes, rows, keys_of))
+
+    def update_counts(self, hashes: np.ndarray, counts: np.ndarray, source) -> None:
+        """Add distinct sorted ``hashes`` with their ``counts``; ``source.keys_for(hashes)``
+        gives the key values of those that get a new counter. The batch's counters are cut to
+        ``capacity`` first (a Misra-Gries summary of the batch: O(distinct), no sort), then
+        merged: the bound holds as for any merge."""
         if hashes.size == 0:
             return
+        counts = counts.astype(np.int64, copy=False)
         self.total += int(counts.sum())
-        new_keys = _Lazy(hashes, rows, keys_of)
-        self._absorb(hashes, counts.astype(np.int64, copy=False), new_keys)
+        hashes, counts = _cut(hashes, counts, self.capacity)
+        self._absorb(hashes, counts, source)
 
     def merge(self, other: HeavyHitters) -> HeavyHitters:
         """A new summary of both streams (the inputs are left as they were). Its capacity is
@@ -242,6 +267,136 @@ class _Lazy:
 
     def keys_for(self, wanted: np.ndarray) -> np.ndarray:
         return _objects(self.keys_of(self.rows[np.searchsorted(self.hashes, wanted)]))
+
+
+def _cut_groups(
+    groups: np.ndarray, hashes: np.ndarray, counts: np.ndarray, capacity: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_cut` within each group at once (vectorized): per group, subtract its
+    ``(capacity+1)``-th largest count (0 if it has no more than ``capacity``), drop what is left
+    at or below 0. Returns ``(groups, hashes, counts)`` of the survivors, in no useful order."""
+    if counts.size == 0:
+        return groups, hashes, counts
+    top = int(counts.max()) + 1
+    if (int(groups.max()) + 1) * top < 1 << 62:  # one argsort of a composite key: ~4x a lexsort
+        order = np.argsort(groups * top + (top - 1 - counts))
+    else:
+        order = np.lexsort((-counts, groups))  # by group, then largest count first
+    g, h, c = groups[order], hashes[order], counts[order]
+    n = g.size
+    starts = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
+    sizes = np.diff(np.append(starts, n))
+    group_of = np.repeat(np.arange(starts.size), sizes)
+    rank = np.arange(n) - starts[group_of]
+    at = rank == capacity  # the (capacity+1)-th largest of its group
+    cut = np.zeros(starts.size, dtype=np.int64)
+    cut[group_of[at]] = c[at]
+    c = c - cut[group_of]
+    keep = c > 0
+    return g[keep], h[keep], c[keep]
+
+
+class PartitionedHeavyHitters:
+    """One :class:`HeavyHitters` per partition, held in flat arrays so that a batch updates all
+    of them with a fixed number of numpy calls (none per partition): the source actor's hot
+    path. Each partition's counters obey the guarantee of the module doc with its own total
+    (the same Misra-Gries steps, done per group at once: :func:`_cut_groups`).
+    """
+
+    def __init__(self, partitions: int, capacity: int = DEFAULT_CAPACITY):
+        self.partitions, self.capacity = partitions, capacity
+        self.totals = np.zeros(partitions, dtype=np.int64)
+        self.hashes = np.empty(0, dtype=np.uint64)  # sorted
+        self.counts = np.empty(0, dtype=np.int64)
+        self.groups = np.empty(0, dtype=np.int64)
+        self.keys = np.empty(0, dtype=object)
+
+    def update(self, hashes: np.ndarray, counts: np.ndarray, groups: np.ndarray, source) -> None:
+        """Add distinct sorted ``hashes`` with their ``counts`` and partitions (``groups``);
+        ``source.keys_for(hashes)`` gives the key values of those that get a new counter."""
+        if hashes.size == 0:
+            return
+        groups = groups.astype(np.int64, copy=False)
+        counts = counts.astype(np.int64, copy=False)
+        self.totals += np.bincount(groups, weights=counts, minlength=self.partitions).astype(np.int64)
+        g, h, c = _cut_groups(groups, hashes, counts, self.capacity)  # the batch's own summary
+        # Merge: add the counters of equal hashes (a hash is in one partition), cut again.
+        g = np.concatenate([self.groups, g])
+        h = np.concatenate([self.hashes, h])
+        c = np.concatenate([self.counts, c])
+        order = np.argsort(h, kind="stable")
+        h, g, c = h[order], g[order], c[order]
+        if h.size:
+            starts = np.flatnonzero(np.concatenate(([True], h[1:] != h[:-1])))
+            h, g, c = h[starts], g[starts], np.add.reduceat(c, starts)
+        g, h, c = _cut_groups(g, h, c, self.capacity)
+        order = np.argsort(h)
+        h, g, c = h[order], g[order], c[order]
+        keys = np.empty(h.size, dtype=object)
+        if self.hashes.size:
+            pos = np.minimum(np.searchsorted(self.hashes, h), self.hashes.size - 1)
+            old = self.hashes[pos] == h
+            keys[old] = self.keys[pos[old]]
+        else:
+            old = np.zeros(h.size, dtype=bool)
+        self.hashes, self.counts, self.groups, self.keys = h, c, g, keys
+        if not old.all():
+            keys[~old] = source.keys_for(h[~old])
+
+    def summaries(self) -> list[HeavyHitters]:
+        """One :class:`HeavyHitters` per partition."""
+        out = []
+        for p in range(self.partitions):
+            m = self.groups == p
+            out.append(
+                HeavyHitters(
+                    capacity=self.capacity,
+                    total=int(self.totals[p]),
+                    hashes=self.hashes[m],
+                    counts=self.counts[m],
+                    keys=self.keys[m],
+                )
+            )
+        return out
+
+
+class DeferredKeys:
+    """Key values for several summaries updated from one batch, fetched in one pass at the end
+    (:meth:`resolve`): one ``searchsorted`` of the batch's hashes and one ``take``, instead of
+    one of each per summary. Until then the new counters' keys are None."""
+
+    def __init__(self) -> None:
+        self._asks: list[tuple[HeavyHitters, np.ndarray]] = []
+
+    def source_for(self, summary: HeavyHitters | PartitionedHeavyHitters):
+        """The ``source`` to pass to ``summary.update_counts``."""
+        return _Ask(self, summary)
+
+    def resolve(
+        self, hashes: np.ndarray, keys_of: Callable[[np.ndarray], Sequence], *, stride: int = 1
+    ) -> None:
+        """Fill the keys asked for: ``hashes`` the batch's (sampled) hashes, where row ``i`` is
+        row ``i * stride`` of the batch that ``keys_of`` reads."""
+        if not self._asks:
+            return
+        wanted = np.sort(np.concatenate([w for _, w in self._asks]))
+        pos = np.minimum(np.searchsorted(wanted, hashes), wanted.size - 1)
+        rows = np.flatnonzero(wanted[pos] == hashes)
+        first = np.zeros(wanted.size, dtype=np.int64)
+        first[pos[rows]] = rows  # any row with the hash will do (every wanted hash is in the batch)
+        values = _objects(keys_of(first * stride))
+        for summary, w in self._asks:
+            summary.keys[np.searchsorted(summary.hashes, w)] = values[np.searchsorted(wanted, w)]
+        self._asks = []
+
+
+class _Ask:
+    def __init__(self, deferred: DeferredKeys, summary: HeavyHitters):
+        self.deferred, self.summary = deferred, summary
+
+    def keys_for(self, wanted: np.ndarray) -> np.ndarray:
+        self.deferred._asks.append((self.summary, wanted))
+        return np.full(wanted.size, None, dtype=object)
 
 
 def merge_all(summaries: Sequence[HeavyHitters], capacity: int = DEFAULT_CAPACITY) -> HeavyHitters:

@@ -43,7 +43,10 @@ import pyarrow as pa
 from rayflow._internal.sketch import (
     DEFAULT_CAPACITY,
     DEFAULT_MAX_ROWS,
+    DeferredKeys,
     HeavyHitters,
+    PartitionedHeavyHitters,
+    distinct_counts,
     merge_all,
     sample_stride,
 )
@@ -97,11 +100,11 @@ class SkewTracker:
         self._clock = clock
         self._since = clock()
         self._current = self._fresh()
-        self._previous: list[HeavyHitters] | None = None
+        self._previous: PartitionedHeavyHitters | None = None
         self._previous_since = self._since
 
-    def _fresh(self) -> list[HeavyHitters]:
-        return [HeavyHitters(capacity=self.capacity) for _ in range(self.partitions)]
+    def _fresh(self) -> PartitionedHeavyHitters:
+        return PartitionedHeavyHitters(self.partitions, self.capacity)
 
     def _rotate(self) -> None:
         now = self._clock()
@@ -109,49 +112,31 @@ class SkewTracker:
             self._previous, self._previous_since = self._current, self._since
             self._current, self._since = self._fresh(), now
 
-    def observe(
-        self,
-        hashes: np.ndarray,
-        route,
-        keys_of,
-        *,
-        weights: np.ndarray | None = None,
-    ) -> None:
+    def observe(self, hashes: np.ndarray, route, keys_of) -> None:
         """Add a batch: its rows' ``hashes``; ``route(hashes)``: their partitions (the partition
-        map's ``route``); ``keys_of(rows)``: the key values of row indices; ``weights``: rows each
-        row stands for (a pre-aggregated batch), else 1."""
+        map's ``route``); ``keys_of(rows)``: the key values of row indices of the batch. A fixed
+        number of numpy calls per batch, whatever the partitions (``PartitionedHeavyHitters``)."""
         self._rotate()
         n = hashes.shape[0]
         if n == 0:
             return
         s = sample_stride(n, self.max_rows)
         h = hashes[::s]
-        u, first, inv = np.unique(h, return_index=True, return_inverse=True)
-        if weights is None:
-            c = np.bincount(inv.ravel(), minlength=u.size).astype(np.int64) * s
-        else:
-            c = (
-                np.bincount(inv.ravel(), weights=np.asarray(weights)[::s], minlength=u.size).astype(np.int64)
-                * s
-            )
-        parts = np.asarray(route(u))
-        # Sorted hashes and range partitions: each partition's distinct hashes are one run.
-        present, starts = np.unique(parts, return_index=True)
-        ends = np.append(starts[1:], u.size)
-        rows = first * s
-
-        for p, a, b in zip(present.tolist(), starts.tolist(), ends.tolist()):
-            self._current[p].update_unique(u[a:b], c[a:b], rows[a:b], keys_of)
+        u, c = distinct_counts(h)
+        c *= s
+        deferred = DeferredKeys()
+        self._current.update(u, c, np.asarray(route(u)), deferred.source_for(self._current))
+        deferred.resolve(h, keys_of, stride=s)
 
     def snapshot(self) -> dict:
         """The summaries of the window as plain data: ``window_s`` (seconds covered) and
         ``partitions`` (one ``HeavyHitters.to_dict`` each)."""
         self._rotate()
         if self._previous is None:
-            summaries, since = self._current, self._since
+            summaries, since = self._current.summaries(), self._since
         else:
-            summaries = [a.merge(b) for a, b in zip(self._previous, self._current)]
-            since = self._previous_since
+            pairs = zip(self._previous.summaries(), self._current.summaries())
+            summaries, since = [a.merge(b) for a, b in pairs], self._previous_since
         return {"window_s": self._clock() - since, "partitions": [s.to_dict() for s in summaries]}
 
 

@@ -59,6 +59,25 @@ def test_bound_holds_over_any_merge_tree(streams, capacity, rnd):
     _check_bound(pool[0], exact)
 
 
+@settings(max_examples=60, deadline=None)
+@given(_batches, st.integers(1, 6), st.integers(1, 4))
+def test_bound_holds_per_partition_in_the_tracker(batches, capacity, partitions):
+    """The source's tracker (all partitions updated at once, then one summary each) keeps each
+    partition's bound, against exact counts per partition."""
+    pmap = PartitionMap.uniform(partitions)
+    tracker = SkewTracker(partitions, capacity=capacity, max_rows=0, window_s=1e9)
+    for b in batches:
+        keys = np.asarray(b, dtype=np.int64)
+        hashes = np.asarray([hash_key(int(k)) for k in keys], dtype=np.uint64)
+        tracker.observe(hashes, pmap.route, lambda rows, keys=keys: keys[rows].tolist())
+    snap = tracker.snapshot()["partitions"]
+    for p in range(partitions):
+        exact = collections.Counter(
+            k for b in batches for k in b if pmap.route(np.asarray([hash_key(k)], dtype=np.uint64))[0] == p
+        )
+        _check_bound(HeavyHitters.from_dict(snap[p]), exact)
+
+
 def test_heavy_keys_are_found_and_ranked():
     rng = np.random.default_rng(7)
     keys = rng.zipf(1.5, 200_000) % 10_000
