@@ -19,7 +19,9 @@ Per variant: events/s (first read to final commit), whether the result equals th
 (pyarrow ``group_by`` over the same rows), and from ``run.status()`` sampled every
 ``--sample-s`` while it runs: the hottest partition (``hot_partition``), its ``rate_ratio``,
 its lag (rows and seconds: mean and max over the samples) against the other partitions'
-mean lag, and the hot key the sketch names with its estimated share against the true share.
+mean lag, the hot key the sketch names with its estimated share against the true share, the
+rows the sources queued (after combining), and the seconds the consumers spent processing (the
+hot partition's owner, and all of them).
 
 Also the hot-path cost of the sketch, measured in the same run: per batch, hashing + routing
 + splitting + ``ray.put`` of the sub-batches (what the source actor does with a batch) with and
@@ -95,6 +97,8 @@ class Sampler:
                         "hot_keys": st["hot_keys"][:3],
                         "combined_rows": st.get("combined_rows"),
                         "rows_read": st.get("rows_read"),
+                        "owners": [p["owner"] for p in st["partitions"]],
+                        "busy_s": {m: c["busy_s"] for m, c in st.get("consumers", {}).items()},
                     }
                 )
             if st.get("done"):
@@ -153,6 +157,9 @@ def run_variant(variant: str, events: pa.Table, args) -> tuple[dict, pa.Table]:
             sketch_top_key=last["hot_keys"][0]["key"] if last["hot_keys"] else None,
             sketch_top_share=last["hot_keys"][0]["share"] if last["hot_keys"] else None,
             combined_rows=last["combined_rows"],
+            # Seconds the consumers spent processing: the hot partition's owner, and all of them.
+            hot_owner_busy_s=last["busy_s"].get(last["owners"][hot]),
+            busy_s_total=sum(last["busy_s"].values()),
         )
     return row, result.output
 
@@ -278,7 +285,7 @@ def print_table(report: dict) -> None:
         f"{t['hot_rate_ratio']:.2f}; pyarrow 1 thread {report['pyarrow_reference']['events_per_s'] / 1e6:.2f}M ev/s"
     )
     cols = ["variant", "ev/s", "correct", "hot p", "rate x", "hot lag rows mean/max", "hot lag s mean/max",
-            "others lag rows", "sketch top key (share)", "rows queued"]  # fmt: skip
+            "others lag rows", "sketch top key (share)", "rows queued", "busy s hot/all"]  # fmt: skip
     table = [cols]
     for r in report["runs"]:
         table.append(
@@ -293,6 +300,7 @@ def print_table(report: dict) -> None:
                 _f(r.get("other_lag_rows_mean"), ",.0f"),
                 f"{r.get('sketch_top_key')} ({_f(r.get('sketch_top_share'), '.3f')})",
                 _f(r.get("combined_rows"), ",") if r.get("combined_rows") is not None else "(all)",
+                f"{_f(r.get('hot_owner_busy_s'), '.2f')} / {_f(r.get('busy_s_total'), '.2f')}",
             ]
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
