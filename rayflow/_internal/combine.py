@@ -41,6 +41,9 @@ from rayflow.errors import ConfigError
 
 #: The column of a combined sub-batch that holds each group's number of input rows.
 COMBINED_ROWS = "_rayflow_rows"
+#: Schema metadata that marks a combined sub-batch (an input column that happens to be named
+#: ``_rayflow_rows`` is not taken for one).
+COMBINED_KEY = b"rayflow.combined"
 
 
 @dataclass(frozen=True)
@@ -59,14 +62,21 @@ class Combiner:
         cols.append(res.column("count_all"))
         names = list(self.by) + [s for _, _, s in self.partials] + [COMBINED_ROWS]
         out = pa.Table.from_arrays(cols, names=names).combine_chunks()
+        out = out.replace_schema_metadata({COMBINED_KEY: b"1"})
         batches = out.to_batches()
         return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=out.schema)
+
+
+def is_combined(table: pa.Table | pa.RecordBatch) -> bool:
+    """Whether ``table`` is made of combined sub-batches (:meth:`Combiner.combine`)."""
+    meta = table.schema.metadata
+    return bool(meta) and COMBINED_KEY in meta and COMBINED_ROWS in table.schema.names
 
 
 def input_rows(table: pa.Table | pa.RecordBatch) -> int:
     """The input rows a (sub-)batch stands for: its ``_rayflow_rows`` summed when combined, else
     its row count."""
-    if COMBINED_ROWS in table.schema.names:
+    if is_combined(table):
         return int(pc.sum(table.column(COMBINED_ROWS)).as_py() or 0)
     return table.num_rows
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rayflow._internal.combine import COMBINED_ROWS
+from rayflow._internal.combine import is_combined
 from rayflow._internal.runs import RunSet, iter_ranges, runs_to_merge
 from rayflow.errors import ConfigError, InputError
 from rayflow.ops.base import Operator, _columns, _empty, _first_line
@@ -345,7 +345,7 @@ class Aggregate(Operator):
         merged, pending, pending_rows, changed, delta, spill = state
         if table.num_rows == 0:
             return state, None
-        if COMBINED_ROWS in table.schema.names:  # partials already (combine_at_source): merged
+        if is_combined(table):  # partials already (combine_at_source): merged
             part = self._merge([table.select(self.by + self._aggs.state_columns)])
         else:
             part = self._partial(table)

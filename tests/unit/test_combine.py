@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rayflow as rf
-from rayflow._internal.combine import COMBINED_ROWS, combiner_for, input_rows
+from rayflow._internal.combine import COMBINED_ROWS, combiner_for, input_rows, is_combined
 from rayflow._internal.watermarks import EventTime
 from rayflow.errors import ConfigError
 from rayflow.testing import assert_same_rows, duckdb_reference
@@ -42,12 +42,17 @@ def test_merged_partials_equal_the_aggregate_of_the_rows(batches):
         if t.num_rows == 0:
             continue
         combined = pa.Table.from_batches([combiner.combine(b) for b in t.to_batches()])
-        assert input_rows(combined) == t.num_rows and COMBINED_ROWS in combined.schema.names
+        assert input_rows(combined) == t.num_rows and is_combined(combined)
         state, _ = op.process(state, combined)
     events = pa.concat_tables(tables)
     if events.num_rows == 0:
         return
     assert_same_rows(op.finish(state), duckdb_reference(SQL, events=events))
+
+
+def test_an_input_column_named_like_the_marker_is_not_taken_for_partials():
+    t = pa.table({"k": [1, 1], COMBINED_ROWS: [5, 5]})
+    assert not is_combined(t) and input_rows(t) == 2
 
 
 def test_refused_where_it_cannot_be_exact():
