@@ -143,3 +143,18 @@ def test_add_skew_without_figures():
     st_ = {"partitions": [{"partition": 0}]}
     add_skew(st_, [{}])
     assert st_["skew"] is None and st_["hot_keys"] == [] and st_["partitions"][0]["rate_ratio"] is None
+
+
+def test_the_skew_gauges_take_the_figures_and_their_absence():
+    """``ManagerMetrics`` publishes the skew gauges from add_skew's figures (a no-op without Ray),
+    and a status without them (sources that report no summaries) publishes none."""
+    from rayflow._internal.metrics import ManagerMetrics
+
+    m = ManagerMetrics("job")
+    st_ = {"partitions": [{"partition": 0}, {"partition": 1}]}
+    add_skew(st_, [{}])
+    m._publish_skew(st_)
+    add_skew(st_, [{"skew": SkewTracker(2).snapshot()}])
+    m._publish_skew(st_)
+    m._publish_skew({"partitions": [{"partition": 0, "rate_ratio": 1.5}], "skew": 1.5,
+                     "hot_keys": [{"key": ("a", 1), "share": 0.3, "partition": 0}]})  # fmt: skip
