@@ -74,6 +74,8 @@ class JobFile:
     side_sinks: dict = field(default_factory=dict)
     #: The event-time column and watermark strategy (``watermarks.EventTime``), or ``None``.
     event_time: EventTime | None = None
+    #: The sources' ``combine.Combiner`` (``Aggregate(combine_at_source=True)``), or ``None``.
+    combine: object = None
     #: Priority tiers resolved against ``partition_map`` (docs/tiers.md), or ``None``.
     tiers: TierTable | None = None
 
