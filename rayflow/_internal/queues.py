@@ -26,9 +26,9 @@ budget is used up (with ``spill_max_bytes=0``: while a memory bound is hit). So 
 slow partition spills, and the others keep flowing until the disk budget is spent.
 
 **Priority tiers** (docs/tiers.md) lower bound 2 for the less critical tiers
-(``Budget.memory_ceilings``): a partition of rank ``r`` of ``T`` tiers goes
-to memory only while the actor's memory is under ``source_max_bytes * (1 -
-TIER_MEMORY_RESERVE * r / (T - 1))``, so the lowest tier spills first and the
+(``Budget.memory_ceilings``): a partition of rank ``r`` (``R`` the least
+critical rank any partition has) goes to memory only while the actor's memory
+is under ``source_max_bytes * (1 - TIER_MEMORY_RESERVE * r / R)``, so the lowest tier spills first and the
 top :data:`TIER_MEMORY_RESERVE` of the memory is kept for higher tiers. The
 ceilings apply only while the disk has room: they decide memory or disk, and
 never make the source pause sooner (:func:`must_pause` ignores them).
