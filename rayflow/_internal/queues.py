@@ -28,8 +28,9 @@ slow partition spills, and the others keep flowing until the disk budget is spen
 **Priority tiers** (docs/tiers.md) lower bound 2 for the less critical tiers
 (``Budget.memory_ceilings``): a partition of rank ``r`` (``R`` the least
 critical rank any partition has) goes to memory only while the actor's memory
-is under ``source_max_bytes * (1 - TIER_MEMORY_RESERVE * r / R)``, so the lowest tier spills first and the
-top :data:`TIER_MEMORY_RESERVE` of the memory is kept for higher tiers. The
+is under ``source_max_bytes * (1 - TIER_MEMORY_RESERVE * r / R)``, so the
+lowest tier spills first and the top :data:`TIER_MEMORY_RESERVE` of the
+memory is kept for higher tiers. The
 ceilings apply only while the disk has room: they decide memory or disk, and
 never make the source pause sooner (:func:`must_pause` ignores them).
 """
