@@ -175,3 +175,68 @@ def test_coordinator_keeps_a_dedicated_tier_apart_and_falls_back_when_its_consum
     epoch = g.leases.leases[0].epoch
     g.release("consumer-1", {0: epoch})
     assert set(g.leases.owned_by("consumer-2")) == {0}
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def _tiered_machine():
+    """The group protocol's state machine (tests/unit/test_group_protocol.py: joins, leaves,
+    crashes, freezes, manager restarts, commits) run over a tiered coordinator, with the
+    invariant that a settled group keeps each dedicated member to its tier."""
+    from dataclasses import dataclass, field
+
+    from hypothesis.stateful import initialize, invariant
+
+    from rayflow._internal.group.coordinator import Coordinator
+    from rayflow._internal.tiers import TierTable
+    from tests.unit import test_group_protocol as gp
+
+    table = TierTable(
+        names=("critical", "standard", "default"), ranks=(0, 0, 1, 2, 2, 2, 2, 2), dedicated=(1, 0, 0)
+    )
+    assert len(table.ranks) == gp.P
+
+    @dataclass
+    class TieredWorld(gp.World):
+        g: Coordinator = field(default_factory=lambda: Coordinator(gp.P, tiers=table))
+
+        def restart_manager(self, lose_in_flight: bool) -> None:
+            super().restart_manager(lose_in_flight)
+            self.g.tiers = table  # the restarted manager loads the same job file
+
+    class TieredMachine(gp.GroupMachine):
+        @initialize(n=st.integers(1, 3))
+        def start(self, n):
+            self.w = TieredWorld()
+            for _ in range(n):
+                self.w.join_new()
+            self.w.apply(self.w.g.activate(self.w.now))
+            self.epoch_seen = {p: (0, None) for p in range(gp.P)}
+            self.committed_seen = {}
+            self.settle()
+
+        @invariant()
+        def settled_groups_are_balanced(self):  # balance is per tier here: see the properties above
+            pass
+
+        @invariant()
+        def settled_dedicated_members_keep_to_their_tier(self):
+            g = self.w.g
+            if not self.is_settled():
+                return
+            for p, lease in g.leases.leases.items():
+                if g.final(p):
+                    continue
+                role = g.roles.get(lease.owner)
+                assert role is None or role == table.ranks[p], (p, lease.owner, g.roles)
+                mine = [m for m, r in g.roles.items() if r == table.ranks[p]]
+                assert not mine or lease.owner in mine, (p, lease.owner, g.roles)
+
+    TieredMachine.TestCase.settings = settings(
+        max_examples=25, stateful_step_count=25, derandomize=True, deadline=None
+    )
+    return TieredMachine.TestCase
+
+
+test_group_protocol_with_tiers = _tiered_machine()
