@@ -553,6 +553,8 @@ class Run:
         any) and ``event_time_lag_s`` (now minus the watermark), overall the
         slowest partition's; per partition ``operators``: its operators' metrics
         (``late_rows``, ``open_windows``, ``state_rows``, ...), summed overall.
+        Priority tiers (docs/tiers.md): per partition its ``tier`` (``"default"`` unless an
+        ``rf.Tier`` names it); ``dedicated``: each dedicated consumer -> its tier's name.
         """
         st = self._last_status = self._get(self.manager.status.remote())
         src = self._get([s.stats.remote() for s in self.sources])
