@@ -362,7 +362,8 @@ class Run:
                     raise
                 raise hinted from e
             self._get(self.manager.set_sources.remote(self.sources))
-            self._get([a.start.remote() for a in consumers])
+            # Created before the manager had the checkpoint's map: they learn its version now.
+            self._get([a.start.remote(map_version=self.map.version) for a in consumers])
             self._activate()
             self.startup_s = time.monotonic() - t0
             self._start_reading()
@@ -438,7 +439,10 @@ class Run:
 
     def _manager_ready(self) -> None:
         """Step 5, done: the manager loaded the catalog (and checked the job against it)."""
-        self._get(self.manager.ready.remote())
+        ready = self._get(self.manager.ready.remote())
+        # The map the manager goes on with: this run's ranges under the checkpoint's version, or a
+        # new version when it re-split the checkpoint into another partition count.
+        self.map = PartitionMap.from_json(ready["map"])
         # The name is ours now: job files of earlier runs (a crashed driver's) can go.
         delete_job_files(self.paths.root, keep=self._job_file)
 

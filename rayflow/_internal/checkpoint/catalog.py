@@ -16,7 +16,8 @@ Tables:
   catalog (commit step 5) without listing directories or scanning commits;
 - ``leases(partition, owner, lease_epoch)``: the last grant of each partition,
   so epochs keep increasing across manager restarts;
-- ``events(ts, kind, detail)``: joins, leaves, rebalances, failures;
+- ``events(ts, kind, detail)``: joins, leaves, rebalances, failures, changes of the
+  partition count (``repartition``);
 - ``history_partitions``, ``history_consumers``: samples of the running job
   every ``EngineConfig.history_interval_s`` (``_internal/history.py`` says what
   each column is), kept ``history_retention_s``, drawn by ``rayflow report``
@@ -85,6 +86,9 @@ ALTER TABLE commits ADD COLUMN IF NOT EXISTS watermarks VARCHAR;
     f"CREATE TABLE IF NOT EXISTS {t} ({', '.join(f'{c} {ty}' for c, ty in cols)});\n"
     for t, cols in HISTORY_TABLES.items()
 )
+#: The commit rows of the current partition map: after a change of the partition count the old
+#: map's rows stay as history (``Catalog.record_repartition``) but no longer speak for a partition.
+CURRENT_MAP = "map_version = (SELECT max(map_version) FROM commits)"
 #: The meta key of the job's first start (ms since the epoch); ``_``: the catalog's own.
 STARTED_KEY = "_started_ms"
 _OUTPUTS = """CREATE TABLE outputs (
@@ -459,17 +463,55 @@ class Catalog:
     def last_commit_times(self) -> dict[int, float]:
         """When each partition's latest commit was recorded (seconds since the epoch)."""
         rows = self.con.execute(
-            "SELECT partition, epoch(max(committed_at)) FROM commits GROUP BY partition"
+            f"SELECT partition, epoch(max(committed_at)) FROM commits WHERE {CURRENT_MAP} GROUP BY partition"
         ).fetchall()
         return {p: float(t) for p, t in rows if t is not None}
 
     def latest_commits(self) -> dict[int, CommitRecord]:
+        """Each partition's latest commit under the current partition map (the highest
+        ``map_version``: rows of an earlier map are history, see :meth:`record_repartition`)."""
         rows = self.con.execute(
-            """SELECT partition, lease_epoch, positions, state_files, output_files, rows_in,
+            f"""SELECT partition, lease_epoch, positions, state_files, output_files, rows_in,
                       rows_total, state_rows, final, map_version, watermarks
-               FROM commits QUALIFY row_number() OVER (PARTITION BY partition ORDER BY commit_id DESC) = 1"""
+               FROM commits WHERE {CURRENT_MAP}
+               QUALIFY row_number() OVER (PARTITION BY partition ORDER BY commit_id DESC) = 1"""
         ).fetchall()
         return {r[0]: _record(r) for r in rows}
+
+    def record_repartition(
+        self,
+        records: list[CommitRecord],
+        *,
+        partition_map: str,
+        leases: list[tuple[int, str, int]],
+        event: dict,
+    ) -> None:
+        """Record a change of the partition map (``_internal/repartition.py``), all or nothing:
+        the new partitions' commits (their state files written before), their leases in place of
+        the old map's, the new map in ``meta`` and a ``repartition`` event. The old map's commit
+        rows stay as history, no longer naming state files (the next fresh start deletes the
+        files no row names) and no longer read as any partition's latest (:data:`CURRENT_MAP`).
+
+        Not supported with a remote log: the caller refuses that case first.
+        """
+        if self.log is not None:
+            raise CheckpointError("a change of the partition map is not logged (remote checkpoint directory)")
+        version = json.loads(partition_map)["version"]
+        ids = self._take_id(len(records))
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            cur.execute("UPDATE commits SET state_files = '[]' WHERE map_version < ?", [version])
+            cur.execute("DELETE FROM leases")
+            self._upsert_leases(cur, leases)
+            self._insert_commits(cur, "repartition", list(zip(ids, records)))
+            cur.execute("INSERT OR REPLACE INTO meta VALUES ('partition_map', ?)", [partition_map])
+            cur.execute("INSERT INTO events VALUES (?, 'repartition', ?)", [_now(), json.dumps(event)])
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        self.con.execute("CHECKPOINT")
 
     def record_commits(self, member: str, records: list[CommitRecord]) -> None:
         """Record several partition commits, and their outputs as unpublished, all or nothing.

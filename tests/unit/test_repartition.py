@@ -1,0 +1,205 @@
+"""Re-splitting committed state into another partition count (``_internal/repartition.py``)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rayflow._internal import repartition as rp
+from rayflow._internal.checkpoint.catalog import Catalog
+from rayflow._internal.checkpoint.commit import CommitRecord, is_delta, state_chains, write_state
+from rayflow._internal.checkpoint.store import Store
+from rayflow.errors import IncompatibleCheckpointError, RepartitionError
+from rayflow.partitioning import PartitionMap, hash_table
+
+KEY = ["key"]
+
+
+def _commit(p: int, files: list[str], rows: list[int], *, positions=None, final=False, total=10, wm=None):
+    return CommitRecord(
+        partition=p,
+        lease_epoch=3,
+        positions=dict(positions if positions is not None else {"s": 100}),
+        state_files=files,
+        output_files=[],
+        rows_in=0,
+        rows_total=total,
+        state_rows=sum(rows),
+        final=final,
+        map_version=1,
+        watermarks=wm,
+    )
+
+
+def _write_old(store: Store, old: PartitionMap, table: pa.Table, *, deltas: int = 1, meta=None):
+    """Each old partition's chain for op 0: a base and ``deltas`` deltas of ``table``'s rows
+    routed to it (rows cut into ``deltas + 1`` slices by position); returns the commits."""
+    parts = old.route(hash_table(table, KEY))
+    commits = {}
+    for p in range(old.num_partitions):
+        mine = table.filter(pa.array(parts == p))
+        files, rows = [], []
+        cuts = np.linspace(0, mine.num_rows, deltas + 2).astype(int)
+        for n, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            piece = mine.slice(a, b - a)
+            if meta is not None:
+                piece = piece.replace_schema_metadata(meta)
+            suffix = "-d" if n else ""
+            f, r = write_state(store, f"state/p{p:05d}/e1-s{n}-x-op0{suffix}.parquet", piece, KEY)
+            files.append(f)
+            rows.append(r)
+        commits[p] = _commit(p, files, rows)
+    return commits
+
+
+def test_parents_of_splits_and_merges():
+    m16, m32, m8, m5 = (PartitionMap.uniform(n) for n in (16, 32, 8, 5))
+    assert rp.parents_of(m16, m32) == [(i // 2,) for i in range(32)]
+    assert rp.parents_of(m32, m8) == [tuple(range(4 * i, 4 * i + 4)) for i in range(8)]
+    five = rp.parents_of(m16, m5)  # not a multiple: boundary partitions have two children
+    assert sorted({p for ps in five for p in ps}) == list(range(16))
+    assert all(ps == tuple(range(ps[0], ps[-1] + 1)) for ps in five)
+
+
+def test_split_inherits_the_parents_commit():
+    c = _commit(3, [], [], positions={"a": 7, "b": 0}, final=True, total=42, wm={"w": 1})
+    got = rp.inherit(6, (3,), {3: c})
+    assert (got.positions, got.rows_total, got.final, got.watermarks, got.parents) == (
+        {"a": 7, "b": 0},
+        42,
+        True,
+        {"w": 1},
+        (3,),
+    )
+    assert rp.inherit(6, (4,), {3: c}) is None  # a parent without a commit: from scratch
+
+
+def test_merge_needs_one_consistent_cut():
+    a = _commit(0, [], [], positions={"s": 50, "t": 0}, total=5)
+    b = _commit(1, [], [], positions={"s": 50}, total=7)
+    got = rp.inherit(0, (0, 1), {0: a, 1: b})
+    assert got.rows_total == 12 and got.parents == (0, 1)  # sum: upsert versions stay above both
+    c = _commit(1, [], [], positions={"s": 40})
+    with pytest.raises(RepartitionError, match="drain=True") as e:
+        rp.inherit(0, (0, 1), {0: a, 1: c}, name="job")
+    assert isinstance(e.value, IncompatibleCheckpointError)
+    with pytest.raises(RepartitionError, match="no commit"):
+        rp.inherit(0, (0, 1), {0: a})
+    with pytest.raises(RepartitionError, match="finished"):
+        rp.inherit(0, (0, 1), {0: a, 1: _commit(1, [], [], positions={"s": 50}, final=True)})
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    keys=st.lists(st.integers(-(2**40), 2**40), min_size=0, max_size=300, unique=True),
+    old_n=st.sampled_from([1, 3, 16]),
+    new_n=st.sampled_from([1, 2, 5, 32]),
+    deltas=st.integers(0, 2),
+)
+def test_every_state_row_lands_in_exactly_one_new_partition(keys, old_n, new_n, deltas):
+    table = pa.table({"key": pa.array(keys, pa.int64()), "v": pa.array(range(len(keys)), pa.int64())})
+    old, new = PartitionMap.uniform(old_n), PartitionMap.uniform(new_n, version=2)
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        commits = _write_old(store, old, table, deltas=deltas)
+        records, _ = rp.repartition(
+            store, name="t", old=old, new=new, commits=commits, key=KEY, lease_epoch=9
+        )
+        assert [r.partition for r in records] == list(range(new_n))
+        seen = []
+        for r in records:
+            assert r.positions == {"s": 100} and r.lease_epoch == 9 and r.map_version == 2
+            chain = state_chains(r.state_files)[0]
+            assert not is_delta(chain[0]) and all(is_delta(f) for f in chain[1:])
+            lo, hi = new.range_of(r.partition)
+            for f in chain:
+                t = store.read_parquet(f)
+                h = t.column("_hash").to_numpy()
+                assert np.all(h[:-1] <= h[1:])  # still sorted by _hash
+                assert np.all((h >= lo) & (h < hi) if hi < 1 << 64 else h >= lo)
+                assert r.written_rows[f] == t.num_rows
+                seen += t.column("key").to_pylist()
+            assert r.state_rows == sum(r.written_rows.values())
+        assert sorted(seen) == sorted(keys)  # each row once, none lost
+
+
+def test_counters_go_to_one_child_and_add_up_in_a_merge():
+    meta = {b"rayflow.dedup": json.dumps({"watermark": 5, "late_rows": 4, "within_ms": 1}).encode()}
+    table = pa.table({"key": pa.array(range(200), pa.int64())})
+    old = PartitionMap.uniform(4)
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        commits = _write_old(store, old, table, deltas=0, meta=meta)
+        split, _ = rp.repartition(
+            store,
+            name="t",
+            old=old,
+            new=PartitionMap.uniform(8, version=2),
+            commits=commits,
+            key=KEY,
+            lease_epoch=1,
+        )
+        late = [
+            json.loads(store.read_parquet(r.state_files[0]).schema.metadata[b"rayflow.dedup"])["late_rows"]
+            for r in split
+        ]
+        assert late == [4, 0] * 4
+        merged, _ = rp.repartition(
+            store,
+            name="t",
+            old=old,
+            new=PartitionMap.uniform(1, version=2),
+            commits=commits,
+            key=KEY,
+            lease_epoch=1,
+        )
+        got = json.loads(store.read_parquet(merged[0].state_files[0]).schema.metadata[b"rayflow.dedup"])
+        assert got == {"watermark": 5, "late_rows": 16, "within_ms": 1}
+        assert merged[0].state_rows == 200
+
+
+def test_merged_watermarks_must_agree():
+    metas = [{b"rayflow.window.watermark": b"5"}, {b"rayflow.window.watermark": b"6"}]
+    with pytest.raises(RepartitionError, match="watermarks differ"):
+        rp.merged_metadata(metas, [True, True], where="new partition 0")
+    assert rp.merged_metadata(
+        [{b"rayflow.window.late_rows": b"2"}, {b"rayflow.window.late_rows": b"3"}], [True, False], where=""
+    ) == {b"rayflow.window.late_rows": b"2"}
+
+
+def test_state_without_the_key_columns_is_refused():
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        f = store.write_parquet("state/p00000/x-op0.parquet", pa.table({"other": [1, 2]}))
+        commits = {0: _commit(0, [f], [2])}
+        with pytest.raises(RepartitionError, match="key column"):
+            rp.repartition(
+                store, name="t", old=PartitionMap.uniform(1), new=PartitionMap.uniform(2, version=2),
+                commits=commits, key=KEY, lease_epoch=1,
+            )  # fmt: skip
+
+
+def test_catalog_records_a_repartition_in_one_transaction(tmp_path):
+    cat = Catalog(str(tmp_path / "catalog.duckdb"))
+    old = [_commit(p, [f"state/p{p:05d}/a-op0.parquet"], [1]) for p in range(4)]
+    cat.record_commits("m", old)
+    cat.record_leases([(p, "m", 3) for p in range(4)])
+    new = [
+        CommitRecord(**{**_commit(p, [f"state/p{p:05d}/r-op0.parquet"], [1]).__dict__, "map_version": 2})
+        for p in range(2)
+    ]
+    m2 = PartitionMap.uniform(2, version=2)
+    cat.record_repartition(new, partition_map=m2.to_json(), leases=[(0, "", 3), (1, "", 3)], event={"x": 1})
+    latest = cat.latest_commits()
+    assert sorted(latest) == [0, 1] and all(c.map_version == 2 for c in latest.values())
+    assert cat.all_state_files() == {"state/p00000/r-op0.parquet", "state/p00001/r-op0.parquet"}
+    assert cat.lease_epochs() == {0: 3, 1: 3}
+    assert cat.get_meta()["partition_map"] == m2.to_json()
+    assert cat.con.execute("SELECT kind FROM events").fetchall() == [("repartition",)]
+    cat.close()
