@@ -41,7 +41,9 @@ order:
    and a ``repartition`` event, in one transaction. Before it, the old map
    stands, and the new files are garbage the next fresh start deletes; after
    it, the run is a normal resume. The old map's commit rows stay as
-   history, their state files un-named (deleted after the transaction).
+   history, their state files un-named (the fresh start's clean-up deletes
+   them). Under a remote checkpoint directory the change is one entry of the
+   durable commit log, written first and replayed like the others.
 
 State kinds: every stateful operator whose state rows carry the job's key
 columns (``Aggregate``, ``Dedup``, ``Top``, ``Window``, and a ``Join`` whose

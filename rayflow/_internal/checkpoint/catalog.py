@@ -189,7 +189,8 @@ class Catalog:
     The log is a sequence of small JSON objects under ``log_root/log/``, named by
     a sequence number that only grows: ``<n>-c.json`` (commits), ``<n>-l.json``
     (lease grants), ``<n>-r.json`` (state files retired), ``<n>-s.json`` (known
-    splits added, with their fingerprints), and ``meta.json``.
+    splits added, with their fingerprints), ``<n>-p.json`` (a change of the
+    partition map: :meth:`record_repartition`), and ``meta.json``.
     Each is written (atomically, under a unique name) *before* the DuckDB
     transaction it mirrors, so the log is the point of truth: a manager on any
     node rebuilds or catches up its local DuckDB index from it at start.
@@ -255,7 +256,7 @@ class Catalog:
                     snapshots.append((int(n), rel))
             else:
                 n, _, kind = name.partition("-")
-                if n.isdigit() and kind in ("c.json", "l.json", "r.json", "s.json"):
+                if n.isdigit() and kind in ("c.json", "l.json", "r.json", "s.json", "p.json"):
                     entries.append((int(n), kind[0], rel))
         entries.sort()
         seq = max(snapshots)[0] if snapshots else 0
@@ -281,6 +282,8 @@ class Catalog:
                 self._upsert_leases(cur, [tuple(g) for g in body["grants"]])
             elif kind == "s":
                 self._insert_splits(cur, _logged_splits(body))
+            elif kind == "p":
+                self._apply_repartition(cur, body)
             else:
                 self._clear_state_files(cur, body["commit_ids"])
         self._set_applied(cur, todo[-1][0])
@@ -492,26 +495,44 @@ class Catalog:
         rows stay as history, no longer naming state files (the next fresh start deletes the
         files no row names) and no longer read as any partition's latest (:data:`CURRENT_MAP`).
 
-        Not supported with a remote log: the caller refuses that case first.
+        Under a remote checkpoint directory one log entry (``<n>-p.json``) holds it all and is
+        written first (from then on the change happened: a replay applies it, and sets the map);
+        then ``meta.json`` takes the new map (so a snapshot that folds the entry away, or a
+        replay over an index that applied it, finds the new map there); then the local index.
         """
-        if self.log is not None:
-            raise CheckpointError("a change of the partition map is not logged (remote checkpoint directory)")
-        version = json.loads(partition_map)["version"]
         ids = self._take_id(len(records))
+        body = {
+            "records": [(i, r.to_log()) for i, r in zip(ids, records)],
+            "partition_map": partition_map,
+            "leases": leases,
+        }
+        n = ids[-1] if ids else self._take_id()[0]
+        self._write_log(n, "p", body)
+        if self.log is not None:
+            meta = {**self.get_meta(), "partition_map": partition_map}
+            if self.started_ms() is not None:
+                meta[STARTED_KEY] = str(self.started_ms())
+            self.log.write_bytes("log/meta.json", json.dumps(meta).encode())
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
         try:
-            cur.execute("UPDATE commits SET state_files = '[]' WHERE map_version < ?", [version])
-            cur.execute("DELETE FROM leases")
-            self._upsert_leases(cur, leases)
-            self._insert_commits(cur, "repartition", list(zip(ids, records)))
-            cur.execute("INSERT OR REPLACE INTO meta VALUES ('partition_map', ?)", [partition_map])
+            self._apply_repartition(cur, body)
             cur.execute("INSERT INTO events VALUES (?, 'repartition', ?)", [_now(), json.dumps(event)])
+            self._set_applied(cur, n)
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
         self.con.execute("CHECKPOINT")
+
+    def _apply_repartition(self, cur, body: dict) -> None:
+        """The catalog's part of a map change (:meth:`record_repartition`, or its log entry)."""
+        version = json.loads(body["partition_map"])["version"]
+        cur.execute("UPDATE commits SET state_files = '[]' WHERE map_version < ?", [version])
+        cur.execute("DELETE FROM leases")
+        self._upsert_leases(cur, [tuple(g) for g in body["leases"]])
+        self._insert_commits(cur, "repartition", [(i, CommitRecord.from_log(r)) for i, r in body["records"]])
+        cur.execute("INSERT OR REPLACE INTO meta VALUES ('partition_map', ?)", [body["partition_map"]])
 
     def record_commits(self, member: str, records: list[CommitRecord]) -> None:
         """Record several partition commits, and their outputs as unpublished, all or nothing.

@@ -90,7 +90,7 @@ from rayflow._internal.metrics import ManagerMetrics
 from rayflow._internal.publish import Publisher
 from rayflow._internal.watermarks import WATERMARK_NONE, lag_s
 from rayflow.config import EngineConfig
-from rayflow.errors import CheckpointError, FencedError, ProtocolError, RepartitionError
+from rayflow.errors import CheckpointError, FencedError, ProtocolError
 from rayflow.partitioning import PartitionMap
 
 logger = logging.getLogger(__name__)
@@ -275,13 +275,6 @@ class GroupManager:
         """Re-split the committed state into ``new`` (``_internal/repartition.py``): the state files
         first, then one catalog transaction; the old map's files go with the fresh start's
         clean-up (``_repair_files``), as a crash before the transaction leaves the new ones."""
-        if self.catalog.log is not None:
-            raise RepartitionError(
-                f"cannot resume pipeline {self.name!r} with {new.num_partitions} partitions instead of "
-                f"{old.num_partitions}: changing the partition count is not supported yet under a "
-                "remote checkpoint directory (its commit log has no entry for a map change). Resume "
-                f"with partitions={old.num_partitions}, or start afresh with a new checkpoint_dir."
-            )
         t0 = time.perf_counter()
         commits = self.catalog.latest_commits()
         # Above every epoch the old map granted: its owners, zombies included, are fenced by the
