@@ -66,7 +66,7 @@ import pyarrow.parquet as pq
 from rayflow._internal.checkpoint.commit import CommitRecord, is_delta, state_chains
 from rayflow._internal.checkpoint.store import Store
 from rayflow.errors import RepartitionError
-from rayflow.partitioning import PartitionMap
+from rayflow.partitioning import PartitionMap, hash_table
 
 #: Schema-metadata fields of a state that count events (summed over partitions in the status):
 #: moved whole to one new partition, added up in a merge. In a JSON-valued metadata entry
@@ -213,7 +213,11 @@ def read_range(store: Store, rel: str, lo: int, hi: int, key: Sequence[str]):
         t = pf.read_row_group(rg)
         if t.num_rows == 0:
             continue
-        if col is None:  # no hash column: only a state without rows is written so
+        if col is None:  # not written by write_state (no hash, not sorted): hash it here
+            h = hash_table(t, list(key))
+            part = t.filter(pa.array((h >= np.uint64(lo)) & ((h < np.uint64(hi)) if hi < 1 << 64 else True)))
+            if part.num_rows:
+                yield part
             continue
         h = t.column(_HASH).to_numpy().astype(np.uint64, copy=False)
         r = rows_in_range(h, lo, hi)

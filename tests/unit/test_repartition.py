@@ -185,6 +185,21 @@ def test_state_without_the_key_columns_is_refused():
             )  # fmt: skip
 
 
+def test_a_state_file_without_hashes_is_hashed_while_moved():
+    keys = list(range(100))
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        f = store.write_parquet("state/p00000/x-op0.parquet", pa.table({"key": pa.array(keys, pa.int64())}))
+        new = PartitionMap.uniform(2, version=2)
+        records, _ = rp.repartition(
+            store, name="t", old=PartitionMap.uniform(1), new=new, commits={0: _commit(0, [f], [100])},
+            key=KEY, lease_epoch=1,
+        )  # fmt: skip
+        got = [store.read_parquet(r.state_files[0]).column("key").to_pylist() for r in records]
+        routed = new.route(hash_table(pa.table({"key": pa.array(keys, pa.int64())}), KEY))
+        assert got == [[k for k, p in zip(keys, routed) if p == c] for c in range(2)]
+
+
 def test_catalog_records_a_repartition_in_one_transaction(tmp_path):
     cat = Catalog(str(tmp_path / "catalog.duckdb"))
     old = [_commit(p, [f"state/p{p:05d}/a-op0.parquet"], [1]) for p in range(4)]
@@ -195,11 +210,13 @@ def test_catalog_records_a_repartition_in_one_transaction(tmp_path):
         for p in range(2)
     ]
     m2 = PartitionMap.uniform(2, version=2)
-    cat.record_repartition(new, partition_map=m2.to_json(), leases=[(0, "", 3), (1, "", 3)], event={"x": 1})
+    cat.record_repartition(
+        new, partition_map=m2.to_json(), leases=[(0, None, 3), (1, None, 3)], event={"x": 1}
+    )
     latest = cat.latest_commits()
     assert sorted(latest) == [0, 1] and all(c.map_version == 2 for c in latest.values())
     assert cat.all_state_files() == {"state/p00000/r-op0.parquet", "state/p00001/r-op0.parquet"}
-    assert cat.lease_epochs() == {0: 3, 1: 3}
+    assert cat.lease_epochs() == {0: 3, 1: 3} and cat.lease_owners() == {0: None, 1: None}
     assert cat.get_meta()["partition_map"] == m2.to_json()
     assert cat.con.execute("SELECT kind FROM events").fetchall() == [("repartition",)]
     cat.close()
@@ -219,7 +236,7 @@ def test_the_remote_log_replays_a_repartition(tmp_path):
         CommitRecord(**{**_commit(p, [f"state/p{p:05d}/r-op0.parquet"], [1]).__dict__, "map_version": 2})
         for p in range(2)
     ]
-    cat.record_repartition(new, partition_map=m2.to_json(), leases=[(0, "", 3), (1, "", 3)], event={})
+    cat.record_repartition(new, partition_map=m2.to_json(), leases=[(0, None, 3), (1, None, 3)], event={})
     cat.close()
 
     def check(cat):

@@ -301,7 +301,8 @@ class GroupManager:
         self.catalog.record_repartition(
             records,
             partition_map=new.to_json(),
-            leases=[(p, "", epoch) for p in range(new.num_partitions)],
+            # No owner: a restart of this actor before the first grant restores no ghost.
+            leases=[(p, None, epoch) for p in range(new.num_partitions)],
             event=event,
         )
         logger.info("rayflow manager %s: repartitioned: %s", self.name, event)
