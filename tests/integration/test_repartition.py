@@ -25,6 +25,12 @@ def _catalog(ck) -> tuple[list, list, dict]:
     """(latest positions per partition of the current map, repartition events, meta map)."""
     con = duckdb.connect(str(ck / "repart" / "catalog.duckdb"), read_only=True)
     try:
+        # Consumers commit under the map the manager resolved (not the driver's version 1).
+        versions = con.execute("SELECT DISTINCT map_version FROM commits WHERE member <> 'repartition'")
+        assert {v for (v,) in versions.fetchall()} <= {1, 2, 3}
+        newest = con.execute("SELECT map_version FROM commits ORDER BY commit_id DESC LIMIT 1").fetchone()
+        current = json.loads(con.execute("SELECT value FROM meta WHERE key = 'partition_map'").fetchone()[0])
+        assert newest is None or newest[0] == current["version"]
         latest = con.execute(
             """SELECT positions FROM commits WHERE map_version = (SELECT max(map_version) FROM commits)
                QUALIFY row_number() OVER (PARTITION BY partition ORDER BY commit_id DESC) = 1"""
