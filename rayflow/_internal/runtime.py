@@ -751,6 +751,9 @@ class Run:
         (resume with fewer partitions, ``docs/partitioning.md``).
         ``stats["drained"]`` says whether the cut was reached (without
         ``drain``, stopped partitions usually stand at different positions).
+        It is not reached, at once, when the sources stopped before they had
+        replayed up to the partitions furthest ahead (a run stopped right after
+        it resumed): stop again later.
 
         In order: the sources stop reading (their readers finish the batch in
         progress and close); each consumer finishes its step, commits what it
@@ -810,15 +813,22 @@ class Run:
     def _drain(self, frontier: dict[str, int], timeout_s: float) -> bool:
         """Wait until every partition's committed positions reach ``frontier`` (where the
         sources stopped reading); False if they do not within ``timeout_s``."""
-        want = {s: v for s, v in frontier.items() if v}
         deadline = time.monotonic() + timeout_s
         while True:
             positions = self._get(self.manager.ready.remote())["positions"]
+            # The splits this run reads (a split of an earlier run no source lists stays where it is).
             at = [
-                {s: v for s, v in positions.get(p, {}).items() if v} for p in range(self.map.num_partitions)
+                {s: positions.get(p, {}).get(s, 0) for s in frontier} for p in range(self.map.num_partitions)
             ]
-            if all(a == want for a in at):
+            if all(a == frontier for a in at):
                 return True
+            if any(a[s] > v for a in at for s, v in frontier.items()):
+                # The sources were still replaying toward partitions that had committed further:
+                # no cut at the frontier exists (a drained stop after more reading would reach one).
+                logger.warning(
+                    "rayflow: %r cannot drain: some partitions are past where reading stopped", self.spec.name
+                )
+                return False
             if time.monotonic() > deadline:
                 logger.warning("rayflow: %r did not drain within %s s", self.spec.name, timeout_s)
                 return False
