@@ -45,11 +45,12 @@ order:
    them). Under a remote checkpoint directory the change is one entry of the
    durable commit log, written first and replayed like the others.
 
-State kinds: every stateful operator whose state rows carry the job's key
-columns (``Aggregate``, ``Dedup``, ``Top``, ``Window``, and a ``Join`` whose
-inputs share the key's column names) moves by range. State without the key
-columns (a ``Join`` of inputs keyed by different columns) has no key hash to
-route by: refused with :class:`RepartitionError`.
+State kinds: every stateful operator of a single-input job (``Aggregate``,
+``Dedup``, ``Top``, ``Window``: their state rows carry the key columns) moves
+by range. A job over several inputs (``rf.sources.Inputs``, which a ``Join``
+needs) hashes each input by its own key columns, and its state rows carry no
+hash of the job's key (``with_hash`` writes zeros): refused with
+:class:`RepartitionError` while it holds state. ``rf.ops.Lookup`` is stateless.
 """
 
 from __future__ import annotations
@@ -200,9 +201,10 @@ def read_range(store: Store, rel: str, lo: int, hi: int, key: Sequence[str]):
     if pf.metadata.num_rows and not all(k in names for k in key):
         raise RepartitionError(
             f"state file {rel} holds {pf.metadata.num_rows} rows without the key column(s) "
-            f"{[k for k in key if k not in names]}: its rows carry no key hash to re-split by (a Join "
-            "of inputs keyed by different columns keeps such state). Resume with the old partition "
-            "count, or start afresh with a new checkpoint_dir."
+            f"{[k for k in key if k not in names]}: its rows carry no key hash to re-split by. A job "
+            "over several inputs (rf.sources.Inputs, e.g. a Join: each input hashed by its own key "
+            "columns) cannot change its partition count yet. Resume with the old partition count, "
+            "or start afresh with a new checkpoint_dir."
         )
     col = names.index(_HASH) if _HASH in names else None
     for rg in range(pf.metadata.num_row_groups):
