@@ -47,6 +47,7 @@ from rayflow._internal.chain import Chain
 from rayflow._internal.checkpoint import commit as cm
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store
+from rayflow._internal.combine import input_rows
 from rayflow._internal.metrics import ConsumerMetrics
 from rayflow._internal.watermarks import WATERMARK_NONE, EventTime
 from rayflow.config import EngineConfig
@@ -520,11 +521,11 @@ class ConsumerActor:
                 entries = [e for e, _ in group]
                 table = pa.Table.from_batches([b for _, b in group])
                 outputs = self.chain.process(t.states, table, partition=t.partition)
-                t.batch_processed(entries, outputs, table.num_rows)
+                t.batch_processed(entries, outputs, input_rows(table))  # a combined row: its input rows
                 if t.clock is not None:
                     self._advance(t)
                 nbytes += table.nbytes
-                rows += table.num_rows
+                rows += input_rows(table)
         self.rows_processed += rows
         self._fault("consumer.step")  # in this thread: a "pause" holds the work, not the heartbeat
         return nbytes, rows

@@ -12,7 +12,10 @@ the thin shell) and the catalog stores the rows these functions build
   commits since the previous sample (:class:`CommitTally`);
 - ``history_consumers``: one row per consumer that answered: its busy and
   commit fractions over the interval since its previous answer (NULL on its
-  first), rows processed, resident memory.
+  first), rows processed, resident memory;
+- ``history_skew`` and ``history_hot_keys``: per partition its input rate against the
+  mean, and its hottest keys (``skew.history_rows``; docs/skew.md), when the sources
+  all answered.
 
 Commits are kept per sample and partition (count, rows, bytes, total and
 longest duration), not one row each: at 16 partitions committing every 2 s a
@@ -23,6 +26,8 @@ The longest duration of each interval is kept, so outliers show.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from rayflow._internal.skew import HOT_KEY_COLUMNS, SKEW_COLUMNS
 
 #: Columns of ``history_partitions`` and their SQL types, in order (the catalog's DDL).
 PARTITION_COLUMNS = (
@@ -38,8 +43,13 @@ CONSUMER_COLUMNS = (
     ("ts", "TIMESTAMP"), ("member", "VARCHAR"), ("busy_fraction", "DOUBLE"), ("commit_fraction", "DOUBLE"),
     ("rows_processed", "BIGINT"), ("rss_bytes", "BIGINT"),
 )  # fmt: skip
-#: The history tables: name -> columns.
-TABLES = {"history_partitions": PARTITION_COLUMNS, "history_consumers": CONSUMER_COLUMNS}
+#: The history tables: name -> columns (``history_skew`` and ``history_hot_keys``: ``skew.py``).
+TABLES = {
+    "history_partitions": PARTITION_COLUMNS,
+    "history_consumers": CONSUMER_COLUMNS,
+    "history_skew": SKEW_COLUMNS,
+    "history_hot_keys": HOT_KEY_COLUMNS,
+}
 
 
 @dataclass

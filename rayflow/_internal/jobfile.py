@@ -73,6 +73,8 @@ class JobFile:
     side_sinks: dict = field(default_factory=dict)
     #: The event-time column and watermark strategy (``watermarks.EventTime``), or ``None``.
     event_time: EventTime | None = None
+    #: The sources' ``combine.Combiner`` (``Aggregate(combine_at_source=True)``), or ``None``.
+    combine: object = None
 
     @property
     def source_names(self) -> list[str]:

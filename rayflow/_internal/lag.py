@@ -4,6 +4,8 @@ the same figures."""
 
 from __future__ import annotations
 
+from rayflow._internal.skew import add_skew
+
 
 def add_lag(st: dict, sources: list[dict], *, wall: float) -> None:
     """Add lag figures to a status (``st`` from the manager, ``sources`` the source actors'
@@ -29,6 +31,9 @@ def add_lag(st: dict, sources: list[dict], *, wall: float) -> None:
     Overall: ``lag_rows`` (sum), ``lag_s`` (the largest), ``rate_rows_per_s``
     (sum), ``arrival_rows_per_s`` (None: unknown), ``unread_rows``,
     ``last_commit_at`` / ``last_commit_age_s`` (the latest of any partition).
+
+    And the skew figures (``skew.add_skew``: ``rate_ratio`` and ``hot_keys`` per partition,
+    ``skew``, ``hot_partition``, ``hot_keys`` overall).
     """
     parts = st["partitions"]
     n = max(1, len(parts))
@@ -57,3 +62,4 @@ def add_lag(st: dict, sources: list[dict], *, wall: float) -> None:
     st["unread_rows"] = unread
     st["last_commit_at"] = max(commits) if commits else None
     st["last_commit_age_s"] = max(0.0, wall - st["last_commit_at"]) if commits else None
+    add_skew(st, sources)

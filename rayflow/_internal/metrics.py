@@ -54,6 +54,20 @@ class ManagerMetrics:
         )
         self.open_windows = Gauge("rayflow_partition_open_windows", "Windows held open in state.", _P)
         self.state_rows = Gauge("rayflow_partition_state_rows", "Rows of operator state held.", _P)
+        self.rate_ratio = Gauge(
+            "rayflow_partition_rate_ratio",
+            "The partition's input rate over the mean partition's, over the skew window (1: a fair share).",
+            _P,
+        )
+        self.skew = Gauge(
+            "rayflow_skew", "The largest partition input rate over the mean (docs/skew.md).", ("pipeline",)
+        )
+        # Tagged by rank and key: a series per key that reaches the top (a few; they change rarely).
+        self.hot_key_share = Gauge(
+            "rayflow_hot_key_share",
+            "Share of all input rows of the job's hottest keys (a lower bound), by rank.",
+            ("pipeline", "rank", "key", "partition"),
+        )
         self.consumers = Gauge("rayflow_consumers", "Live members of the consumer group.", ("pipeline",))
         self.rebalances = Counter("rayflow_rebalances", "Rebalances of the consumer group.", ("pipeline",))
         self.recoveries = Counter("rayflow_recoveries", "Consumers lost and recovered.", ("pipeline",))
@@ -89,12 +103,30 @@ class ManagerMetrics:
             ):
                 if name in ops:
                     gauge.set(ops[name], tags=t)
+        self._publish_skew(status)
         self.consumers.set(len(status["members"]), tags=tags)
         for name, counter in (("rebalances", self.rebalances), ("recoveries", self.recoveries)):
             delta = status[name] - self._seen[name]
             if delta > 0:
                 counter.inc(delta, tags=tags)
                 self._seen[name] = status[name]
+
+    def _publish_skew(self, status: dict) -> None:
+        """The skew gauges (``skew.add_skew`` figures, added by ``add_lag``)."""
+        for part in status["partitions"]:
+            if part.get("rate_ratio") is not None:
+                t = {"pipeline": self.pipeline, "partition": str(part["partition"])}
+                self.rate_ratio.set(part["rate_ratio"], tags=t)
+        if status.get("skew") is not None:
+            self.skew.set(status["skew"], tags={"pipeline": self.pipeline})
+        for rank, x in enumerate(status.get("hot_keys") or [], start=1):
+            t = {
+                "pipeline": self.pipeline,
+                "rank": str(rank),
+                "key": str(x["key"]),
+                "partition": str(x["partition"]),
+            }
+            self.hot_key_share.set(x["share"], tags=t)
 
 
 class ConsumerMetrics:

@@ -43,6 +43,7 @@ from rayflow._internal.chain import Chain, operator_error
 from rayflow._internal.checkpoint.catalog import catalog_path
 from rayflow._internal.checkpoint.commit import output_stream
 from rayflow._internal.checkpoint.store import Store, is_remote, join
+from rayflow._internal.combine import combiner_for
 from rayflow._internal.compat import JobMeta
 from rayflow._internal.consumer import ConsumerActor
 from rayflow._internal.group.manager import GroupManager
@@ -186,6 +187,13 @@ def check_input(spec: JobSpec) -> tuple[list[Split], pa.Schema]:
             check_event_time_column(s, spec.event_time.column, what=f"the pipeline's event_time ({what})")
     # As it will run: an Aggregate over a live input emits changes (with ``_version``).
     Chain(list(spec.operators)).for_input(unbounded=spec.source.unbounded).check_input(schema)
+    combiner_for(
+        spec.operators,
+        key=spec.key,
+        event_time=spec.event_time,
+        splits=splits,
+        multi_input=inputs is not None,
+    )
     return splits, schema
 
 
@@ -413,6 +421,7 @@ class Run:
                 for stream, sink in self.chain.side_sinks.items()
             },
             event_time=spec.event_time,
+            combine=combiner_for(spec.operators, key=spec.key),  # checked in validate (step 2)
         )
         self._job_file = write_job_file(self.job)
 

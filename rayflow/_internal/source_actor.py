@@ -62,6 +62,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -73,12 +74,14 @@ import pyarrow as pa
 import ray
 
 from rayflow._internal import naming
+from rayflow._internal.combine import input_rows
 from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.queues import Budget, Counts, Entry, PartitionQueue, blamed, must_pause, place
+from rayflow._internal.skew import SkewTracker, key_values
 from rayflow._internal.spill import SpillHandle, SpillStore, close_files, spill_owner, spillable
 from rayflow._internal.watermarks import WATERMARK_END, WATERMARK_NONE, batch_max_ms
 from rayflow.errors import FencedError, MalformedInputError, PositionGapError, ProtocolError
-from rayflow.partitioning import compact, hash_table, split_by_partition
+from rayflow.partitioning import compact, hash_table, key_columns, split_by_partition
 from rayflow.sources import Split
 
 logger = logging.getLogger(__name__)
@@ -308,6 +311,12 @@ class SourceActor:
         self.epochs: dict[int, int] = {}
         self.rows_read = 0
         self.routed_rows = np.zeros(n, dtype=np.int64)  # rows queued per partition (lag shares)
+        # Hot keys and rates per partition (docs/skew.md); unbounded splits read in threads of their own.
+        self.skew = SkewTracker(n)
+        # Aggregate(combine_at_source=True): sub-batches are combined into partials (docs/skew.md).
+        self.combiner = getattr(job, "combine", None)
+        self.combined_rows = 0  # rows queued after combining (what the input rows became)
+        self._skew_lock = threading.Lock()
         self.blocked_s = np.zeros(n)
         self._blocked_at: float | None = None  # since when reading is paused (None: it is not)
         self.pauses = 0  # times reading paused (stats: sticky, unlike ``paused``)
@@ -572,7 +581,10 @@ class SourceActor:
             return end, [], 0, wm, False  # an idle tick: nothing to queue (dense=False: positions may move)
         self.rows_read += batch.num_rows
         # A split of one of several inputs is hashed by that input's key (sources/inputs.py).
-        routed = self.map.route(hash_table(batch, getattr(r.split, "key", None) or self.key))
+        key = getattr(r.split, "key", None) or self.key
+        hashes = hash_table(batch, key)
+        routed = self.map.route(hashes)
+        self._observe_skew(batch, hashes, key)
         # A copy first (one C call, atomic under the GIL): trim() adds partitions on the loop.
         committed = {p: pos[name] for p, pos in dict(self.skip).items() if name in pos}
         parts = route_batch(
@@ -584,7 +596,16 @@ class SourceActor:
             committed=committed,
             row_positions=None if r.split.dense else r.split.row_positions,
         )
+        if self.combiner is not None:  # after routing: a replay's cut applies to the input rows
+            parts = [(p, first, self.combiner.combine(sub)) for p, first, sub in parts]
+            self.combined_rows += sum(sub.num_rows for _, _, sub in parts)
         return end, self._store(parts), batch.num_rows, wm, timed
+
+    def _observe_skew(self, batch: pa.RecordBatch, hashes: np.ndarray, key) -> None:
+        """Worker thread: feed the batch's key hashes to the skew tracker (``_internal/skew.py``)."""
+        cols = key_columns(batch.schema, key)
+        with self._skew_lock:
+            self.skew.observe(hashes, self.map.route, lambda rows: key_values(batch, cols, rows))
 
     def _store(self, parts: list) -> list:
         """Worker thread: put each sub-batch in the object store, or spill it (``queues.place``).
@@ -599,16 +620,16 @@ class SourceActor:
                 "as it was: this source does not spill"
             )
         counts = Counts.of(self.queues, self.spill.disk_bytes)
-        where = place(self.budget, counts, [(p, sub.num_rows, sub.nbytes) for p, _, sub in parts])
+        where = place(self.budget, counts, [(p, input_rows(sub), sub.nbytes) for p, _, sub in parts])
         out = []
         for (p, first, sub), spill in zip(parts, where):
             if spill and self.budget.spill_max_bytes:
                 try:
-                    out.append((p, first, self.spill.write(p, sub), sub.num_rows, sub.nbytes, True))
+                    out.append((p, first, self.spill.write(p, sub), input_rows(sub), sub.nbytes, True))
                     continue
                 except OSError as e:
                     self._spill_failed(e)
-            out.append((p, first, ray.put(sub), sub.num_rows, sub.nbytes, False))
+            out.append((p, first, ray.put(sub), input_rows(sub), sub.nbytes, False))
         return out
 
     def _check_free_disk(self) -> None:
@@ -1040,7 +1061,9 @@ class SourceActor:
         (``since_data_s``) and since it last answered at all (``since_tick_s``: a
         quiet split ticks); ``unread_rows``: rows available but not read yet, over the
         splits that know; ``arrival_rows_per_s`` (None: no split knows);
-        ``unbounded``, ``reading``, ``discovery_error``.
+        ``unbounded``, ``reading``, ``discovery_error``; ``skew``: the heavy-hitters
+        summaries per partition over the recent window (``skew.SkewTracker.snapshot``);
+        ``combined_rows``: rows queued after combining (None: the job does not combine).
         """
         await self._sync()
         if self.error is not None:
@@ -1087,4 +1110,10 @@ class SourceActor:
             "unbounded": self.unbounded,
             "reading": self._started and not self._stopping,
             "discovery_error": self.discovery_error,
+            "skew": self._skew_snapshot(),
+            "combined_rows": self.combined_rows if self.combiner is not None else None,
         }
+
+    def _skew_snapshot(self) -> dict:
+        with self._skew_lock:
+            return self.skew.snapshot()

@@ -202,6 +202,9 @@ def render(
         f"{_rate(st.get('rate_rows_per_s'))} rows/s; "
         f"last commit {'never' if age is None else f'{age:.1f} s ago'}"
     )
+    skew = skew_line(st)
+    if skew:
+        lines.append(skew)
     if st.get("failed"):
         lines.append(f"FAILING: {st['failed']}")
     if st.get("publish_failures"):
@@ -223,6 +226,9 @@ def render(
     cols += (
         ["last commit"] + (["queued"] if has_bytes else []) + (["spilled"] if has_spill else []) + ["stalled"]
     )
+    has_skew = any(p.get("rate_ratio") is not None for p in parts)
+    if has_skew:  # input rate over the mean partition's, and the hottest key (docs/skew.md)
+        cols[-1:-1] = ["rate x", "hottest key"]
     rows, stalled = [], []
     for p in parts:
         seen = progress.get(p["partition"]) if progress is not None and now is not None else None
@@ -249,10 +255,11 @@ def render(
         ]
         row += [_bytes(p.get("queued_bytes"))] if has_bytes else []
         row += [_bytes(p.get("spilled_bytes"))] if has_spill else []
+        row += [_ratio(p.get("rate_ratio")), _hot(p.get("hot_keys"))] if has_skew else []
         row.append(f"STALLED: {why}" if why else "-")
         rows.append(row)
         stalled.append(why is not None)
-    left = {"owner", "state", "last commit", "stalled"}
+    left = {"owner", "state", "last commit", "stalled", "hottest key"}
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
 
     def fmt(cells: list[str]) -> str:
@@ -269,6 +276,37 @@ def render(
             f"stalled: rows waiting (or lag unknown) and no commit or no progress for over {stall_after_s:.0f} s"
         )
     return "\n".join(lines) + "\n"
+
+
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _hot(keys) -> str:
+    """A partition's hottest key and its share of the partition's rows."""
+    if not keys:
+        return "-"
+    x = keys[0]
+    return f"{_short(x['key'])} {100 * x['share']:.0f}%"
+
+
+def _short(key, width: int = 24) -> str:
+    text = str(key)
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def skew_line(st: dict) -> str | None:
+    """The job's skew in one line (None without figures): the largest rate ratio, its
+    partition, and the hottest keys with their shares of all rows."""
+    if st.get("skew") is None:
+        return None
+    hot = ", ".join(f"{_short(x['key'])} {100 * x['share']:.1f}%" for x in st.get("hot_keys") or [])
+    window = st.get("skew_window_s")
+    over = f" over the last {window:.0f} s" if window is not None else ""
+    return (
+        f"skew {st['skew']:.2f}x (partition {st['hot_partition']}, input rate over the mean{over}); "
+        f"hot keys: {hot or '-'}"
+    )
 
 
 def frame(text: str, *, tty: bool, stamp: str) -> str:

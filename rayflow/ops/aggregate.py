@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rayflow._internal.combine import is_combined
 from rayflow._internal.runs import RunSet, iter_ranges, runs_to_merge
 from rayflow.errors import ConfigError, InputError
 from rayflow.ops.base import Operator, _columns, _empty, _first_line
@@ -219,6 +220,12 @@ class Aggregate(Operator):
     follows it anyway). ``count`` counts non-null values, as pyarrow and SQL's
     ``count(col)`` do; null groups are groups, as in SQL.
 
+    ``combine_at_source=True`` (opt-in; the chain's first operator only) has every source
+    combine its batches into partials per group before queueing them, and this operator
+    merge those: the remedy for a hot key, whose rows cannot be spread over partitions
+    (``docs/skew.md``; exact, positions and row counts unchanged; refused with a
+    :class:`ConfigError` where it cannot be exact, see ``_internal/combine.py``).
+
     Past its share of the consumer's memory (``EngineConfig.consumer_max_bytes``,
     see :meth:`bound_state`) the merged state goes to sorted runs on local disk
     and the operator keeps working, exactly (``docs/large-state.md``).
@@ -226,8 +233,21 @@ class Aggregate(Operator):
 
     stateful = True
 
-    def __init__(self, by: str | Sequence[str], aggs: Sequence[tuple[str, str]], *, emit: str | None = None):
+    def __init__(
+        self,
+        by: str | Sequence[str],
+        aggs: Sequence[tuple[str, str]],
+        *,
+        emit: str | None = None,
+        combine_at_source: bool = False,
+    ):
         self.by = [by] if isinstance(by, str) else list(by)
+        if not isinstance(combine_at_source, bool):
+            raise ConfigError(
+                f"rf.ops.Aggregate: combine_at_source must be True or False, got {combine_at_source!r}"
+            )
+        #: The hot-key remedy (``_internal/combine.py``, docs/skew.md): the sources send partials.
+        self.combine_at_source = combine_at_source
         if not self.by:
             raise ConfigError("rf.ops.Aggregate needs at least one group column in by=")
         if emit is not None and emit not in EMIT_MODES:
@@ -256,6 +276,7 @@ class Aggregate(Operator):
     def __repr__(self) -> str:
         given = getattr(self, "_emit_given", self.emit)
         emit = f", emit={given!r}" if given is not None else ""
+        emit += ", combine_at_source=True" if getattr(self, "combine_at_source", False) else ""
         return f"rf.ops.Aggregate(by={self.by}, aggs={[(a.column, a.fn) for a in self.aggs]}{emit})"
 
     def for_input(self, *, unbounded: bool) -> Aggregate:
@@ -324,7 +345,10 @@ class Aggregate(Operator):
         merged, pending, pending_rows, changed, delta, spill = state
         if table.num_rows == 0:
             return state, None
-        part = self._partial(table)
+        if is_combined(table):  # partials already (combine_at_source): merged
+            part = self._merge([table.select(self.by + self._aggs.state_columns)])
+        else:
+            part = self._partial(table)
         pending = pending + [part]
         pending_rows += part.num_rows
         if self.emits_changes:  # the batch's groups, unique already: a zero-copy selection

@@ -267,3 +267,28 @@ def test_health_lines_show_failing_publication_maintenance_and_discovery():
     assert "publishing outputs failing: 3 attempt(s), 2 pending; last error: OSError: disk full" in text
     assert "catalog maintenance failing: 1 time(s); last error: retire: OSError: gone" in text
     assert "source cannot list its splits: BrokerUnreachableError: no broker" in text
+
+
+def test_the_skew_line_and_columns_come_from_the_sources_summaries():
+    """Sources reporting heavy-hitters summaries (``SkewTracker.snapshot``): a skew line names
+    the hot partition and keys, and each row shows its rate ratio and hottest key."""
+    import numpy as np
+
+    from rayflow._internal.skew import SkewTracker
+    from rayflow.partitioning import PartitionMap, hash_key
+
+    st = status()
+    st["partitions"].append({**st["partitions"][0], "partition": 1})
+    pmap, tracker = PartitionMap.uniform(2), SkewTracker(2)
+    keys = np.asarray([7] * 30 + list(range(100, 110)), dtype=np.int64)
+    tracker.observe(
+        np.asarray([hash_key(int(k)) for k in keys], dtype=np.uint64), pmap.route, keys.__getitem__
+    )
+    hot = int(pmap.route(np.asarray([hash_key(7)], dtype=np.uint64))[0])
+    st = sv.combine(st, [source((0, 0), skew=tracker.snapshot())], wall=110.0)
+    text = sv.render("job", st, stall_after_s=10.0)
+    line = text.splitlines()[2]
+    assert line.startswith(f"skew {st['skew']:.2f}x (partition {hot},") and "hot keys: 7 75.0%" in line
+    assert "rate x" in text and "hottest key" in text
+    row = text.splitlines()[4 + hot]
+    assert f"{st['partitions'][hot]['rate_ratio']:.2f}" in row and " 7 " in row

@@ -747,14 +747,22 @@ class Catalog:
         cur.executemany("INSERT INTO events VALUES (?, ?, ?)", [[now, k, json.dumps(d)] for k, d in events])
 
     # ------------------------------------------------------------------ history
-    def record_history(self, partitions: list[tuple], consumers: list[tuple]) -> None:
-        """Append one sample (rows as built by ``history.partition_rows`` / ``consumer_rows``),
+    def record_history(
+        self,
+        partitions: list[tuple],
+        consumers: list[tuple],
+        *,
+        others: Mapping[str, list[tuple]] | None = None,
+    ) -> None:
+        """Append one sample (rows as built by ``history.partition_rows`` / ``consumer_rows``;
+        ``others``: rows of the other history tables, by name, e.g. ``skew.history_rows``),
         in one transaction. Arrow in, not row by row: DuckDB's ``executemany`` takes ~20 ms
         for 16 rows, an Arrow scan ~2 ms."""
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
         try:
-            for table, rows in (("history_partitions", partitions), ("history_consumers", consumers)):
+            tables = {"history_partitions": partitions, "history_consumers": consumers, **(others or {})}
+            for table, rows in tables.items():
                 if rows:
                     cur.register("_sample", _arrow_rows(HISTORY_TABLES[table], rows))
                     cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _sample")

@@ -78,7 +78,7 @@ from datetime import datetime, timezone
 
 import ray
 
-from rayflow._internal import history, naming, repartition
+from rayflow._internal import history, naming, repartition, skew
 from rayflow._internal.checkpoint.catalog import Catalog, IndexBehindLog
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store, is_remote
@@ -841,12 +841,15 @@ class GroupManager:
                 add_lag(st, sources, wall=time.time())
             ts = datetime.now(timezone.utc).replace(tzinfo=None)  # naive UTC, as all catalog times
             parts = history.partition_rows(st, sources, self._commit_tally.take(), ts=ts)
+            skew_rows, hot_rows = skew.history_rows(st, ts=ts) if sources is not None else ([], [])
             clocks = {m: c for m, c in self._consumer_clocks.items() if m in self.handles}
             rows, self._consumer_clocks = history.consumer_rows(
                 consumers, clocks, ts=ts, now=time.monotonic()
             )
             loop_s = time.thread_time() - t0
-            write_s, write_cpu_s = await self._in_io(self._record_history, parts, rows)
+            write_s, write_cpu_s = await self._in_io(
+                self._record_history, parts, rows, {"history_skew": skew_rows, "history_hot_keys": hot_rows}
+            )
         except Exception as e:  # history must never take the job down
             if not self._closed:
                 self._maintenance_failed("sampling the history", e)
@@ -858,10 +861,12 @@ class GroupManager:
         cost["write_cpu_s"] += write_cpu_s
         cost["last_loop_s"], cost["last_write_s"] = loop_s, write_s
 
-    def _record_history(self, parts: list[tuple], rows: list[tuple]) -> tuple[float, float]:
+    def _record_history(
+        self, parts: list[tuple], rows: list[tuple], others: dict[str, list[tuple]] | None = None
+    ) -> tuple[float, float]:
         """On the I/O thread: the insert; returns the seconds it took (wall, this thread's CPU)."""
         t0, c0 = time.perf_counter(), time.thread_time()
-        self.catalog.record_history(parts, rows)
+        self.catalog.record_history(parts, rows, others=others)
         return time.perf_counter() - t0, time.thread_time() - c0
 
     async def _ask_sources(self, wait_s: float) -> list[dict] | None:
