@@ -68,7 +68,7 @@ def _open_copy(job_dir: str):
     path = snapshot_copy(os.path.join(job_dir, "catalog.duckdb"))
     con = duckdb.connect(path)
     con.execute(
-        "CREATE VIEW latest AS SELECT * FROM commits "
+        "CREATE VIEW latest AS SELECT * FROM commits WHERE map_version = (SELECT max(map_version) FROM commits) "
         "QUALIFY row_number() OVER (PARTITION BY partition ORDER BY commit_id DESC) = 1"
     )
     files = (

@@ -19,7 +19,8 @@ also from the builtin exception a Python caller would expect, so both
     ├── BrokerUnreachableError(ConnectionError)  a Kafka broker did not answer within the timeout
     ├── CheckpointError                    committed state cannot be used as it is
     │   └── IncompatibleCheckpointError    the checkpoint was written by a different job shape
-    │       └── MissingSplitsError         splits with committed positions are not in this run's source
+    │       ├── MissingSplitsError         splits with committed positions are not in this run's source
+    │       └── RepartitionError           the committed state cannot be re-split into the new partition count
     ├── FencedError                        a stale lease epoch: the caller no longer owns the partition
     ├── ProtocolError(RuntimeError)        a message broke the commit or lease protocol (a bug)
     │   └── PositionGapError               rows are missing between two batches of a split
@@ -127,6 +128,12 @@ class CheckpointError(RayflowError):
 
 class IncompatibleCheckpointError(CheckpointError, ValueError):
     """The checkpoint was written by a job of a different shape (schema, key, partition map)."""
+
+
+class RepartitionError(IncompatibleCheckpointError):
+    """A run asks for another partition count, and the committed state cannot be re-split into
+    it exactly (merged partitions that do not stand at the same positions, state without key
+    columns, a remote checkpoint directory). The message says which and what to do."""
 
 
 class MissingSplitsError(IncompatibleCheckpointError):

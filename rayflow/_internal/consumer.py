@@ -160,7 +160,12 @@ class ConsumerActor:
         rn.wipe_dead(spill_base, alive=psutil.pid_exists)
 
     # ------------------------------------------------------------------ control
-    async def start(self) -> None:
+    async def start(self, *, map_version: int | None = None) -> None:
+        """Join the group and start processing. ``map_version``: the partition map's version as
+        the manager found it in the checkpoint, when this actor was created before (its commits
+        record it)."""
+        if map_version is not None:
+            self.map_version = map_version
         me = ray.get_runtime_context().current_actor
         self.member_epoch, _ = await _call(
             self.manager.join.remote(self.member_id, me, {}), self.config.call_timeout_s

@@ -376,7 +376,8 @@ class Run:
                     raise
                 raise hinted from e
             self._get(self.manager.set_sources.remote(self.sources))
-            self._get([a.start.remote() for a in consumers])
+            # Created before the manager had the checkpoint's map: they learn its version now.
+            self._get([a.start.remote(map_version=self.map.version) for a in consumers])
             self._activate()
             self.startup_s = time.monotonic() - t0
             self._start_reading()
@@ -454,7 +455,10 @@ class Run:
 
     def _manager_ready(self) -> None:
         """Step 5, done: the manager loaded the catalog (and checked the job against it)."""
-        self._get(self.manager.ready.remote())
+        ready = self._get(self.manager.ready.remote())
+        # The map the manager goes on with: this run's ranges under the checkpoint's version, or a
+        # new version when it re-split the checkpoint into another partition count.
+        self.map = PartitionMap.from_json(ready["map"])
         # The name is ours now: job files of earlier runs (a crashed driver's) can go.
         delete_job_files(self.paths.root, keep=self._job_file)
 
@@ -756,8 +760,19 @@ class Run:
             )
         print(line, end="", file=sys.stderr, flush=True)
 
-    def stop(self, *, timeout_s: float = _ACTOR_TIMEOUT_S) -> Result:
+    def stop(self, *, timeout_s: float = _ACTOR_TIMEOUT_S, drain: bool = False) -> Result:
         """Stop gracefully, and return the run's :class:`Result` (``stats["stopped"]`` is True).
+
+        ``drain``: after the sources stop reading, wait (at most ``timeout_s``)
+        until every partition has processed and committed everything read, so
+        that all partitions stand at the same positions per split: a
+        *consistent cut*, which a later run needs in order to merge partitions
+        (resume with fewer partitions, ``docs/partitioning.md``).
+        ``stats["drained"]`` says whether the cut was reached (without
+        ``drain``, stopped partitions usually stand at different positions).
+        It is not reached, at once, when the sources stopped before they had
+        replayed up to the partitions furthest ahead (a run stopped right after
+        it resumed): stop again later.
 
         In order: the sources stop reading (their readers finish the batch in
         progress and close); each consumer finishes its step, commits what it
@@ -778,7 +793,7 @@ class Run:
                 return self._result
             self._stop_requested.set()
             try:
-                self._result = self._stop(timeout_s)
+                self._result = self._stop(timeout_s, drain=drain)
                 return self._result
             except BaseException as e:
                 self._stop_error = e
@@ -787,22 +802,56 @@ class Run:
                 self._teardown()
                 self._stopped.set()
 
-    def _stop(self, timeout_s: float) -> Result:
+    def _stop(self, timeout_s: float, *, drain: bool = False) -> Result:
         if not self._actors:  # it failed (and wait() raised why): what was last seen, no output
             return self._result_from(self._last_status, stopped=True, running=False)
         # A bounded job that had ended (its result not yet asked for by wait()) was not stopped.
         ended = self._get(self.manager.status.remote())["done"]
+        frontier: dict[str, int] = {}
+        drained = None
         for what, refs in (
             ("sources", lambda: [s.stop_reading.remote() for s in self.sources]),
             ("consumers", lambda: [c.stop.remote() for c in self.consumers.values()]),
         ):
+            if what == "consumers" and drain:
+                drained = self._drain(frontier, timeout_s)
             for ref in refs():
                 try:
-                    self._get(ref, timeout=timeout_s)
+                    got = self._get(ref, timeout=timeout_s)
+                    if what == "sources":
+                        frontier.update(got.get("frontier") or {})
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                     # Dead, or stuck past the timeout: a new run resumes from the last commit.
                     logger.warning("rayflow: stopping the %s of %r: %s", what, self.spec.name, e)
-        return self._result_from(self._get(self.manager.status.remote()), stopped=not ended)
+                    drained = False if drain else None
+        result = self._result_from(self._get(self.manager.status.remote()), stopped=not ended)
+        if drained is not None:
+            result.stats["drained"] = drained
+        return result
+
+    def _drain(self, frontier: dict[str, int], timeout_s: float) -> bool:
+        """Wait until every partition's committed positions reach ``frontier`` (where the
+        sources stopped reading); False if they do not within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            positions = self._get(self.manager.ready.remote())["positions"]
+            # The splits this run reads (a split of an earlier run no source lists stays where it is).
+            at = [
+                {s: positions.get(p, {}).get(s, 0) for s in frontier} for p in range(self.map.num_partitions)
+            ]
+            if all(a == frontier for a in at):
+                return True
+            if any(a[s] > v for a in at for s, v in frontier.items()):
+                # The sources were still replaying toward partitions that had committed further:
+                # no cut at the frontier exists (a drained stop after more reading would reach one).
+                logger.warning(
+                    "rayflow: %r cannot drain: some partitions are past where reading stopped", self.spec.name
+                )
+                return False
+            if time.monotonic() > deadline:
+                logger.warning("rayflow: %r did not drain within %s s", self.spec.name, timeout_s)
+                return False
+            time.sleep(0.05)  # polling the manager: the commits land on the consumers' interval
 
     def _teardown(self) -> None:
         """Stop every actor of the run (best effort: each failure is logged), then its job file."""

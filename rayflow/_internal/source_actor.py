@@ -807,7 +807,9 @@ class SourceActor:
 
         What is queued stays served (consumers drain and commit it), and no end
         of input is reported, so a next run resumes from the committed
-        positions. Returns ``{"rows_read": ...}``. Idempotent.
+        positions. Returns ``{"rows_read": ..., "frontier": ...}``, the
+        frontier being where each split's reading stopped (what a drained
+        partition's committed positions reach). Idempotent.
         """
         await self._sync()
         self._stopping = True
@@ -821,7 +823,7 @@ class SourceActor:
             for t in pending:  # stuck in a read: abandoned (its thread goes with the actor)
                 logger.warning("rayflow %s: a reader did not stop within %s s", self.name, STOP_WAIT_S)
                 t.cancel()
-        return {"rows_read": self.rows_read}
+        return {"rows_read": self.rows_read, "frontier": dict(self.frontier)}
 
     # ------------------------------------------------------------------ serving
     async def set_epochs(self, epochs: dict[int, int]) -> None:

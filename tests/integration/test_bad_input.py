@@ -132,8 +132,10 @@ def test_changed_job_shape_is_refused_on_resume(ray_session, job, pipeline):
     other = rf.ops.Aggregate(by="key", aggs=[("value", "max")])
     with pytest.raises(rf.errors.IncompatibleCheckpointError, match=r"adds \('value', 'max'\)"):
         pipeline(rf.sources.Table(t), operator=other).run(timeout_s=60)
-    with pytest.raises(rf.errors.IncompatibleCheckpointError, match="partition_map"):
-        job("bad", rf.sources.Table(t), partitions=3, consumers=1, operator=AGG).run(timeout_s=60)
+    # Another partition count is no change of shape: the finished state is re-split (2 -> 3 merges
+    # at the end of input, a consistent cut), and the job has nothing left to do.
+    rerun = job("bad", rf.sources.Table(t), partitions=3, consumers=1, operator=AGG).run(timeout_s=60)
+    assert rerun.stats["events"] == 0
 
 
 def test_resume_evolves_an_added_nullable_column(ray_session, tmp_path, job):

@@ -3,6 +3,7 @@ the commit log in the bucket, so a manager with no local catalog rebuilds it and
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pyarrow.dataset as pads
@@ -11,7 +12,7 @@ import pytest
 from ray._common.test_utils import wait_for_condition
 
 import rayflow as rf
-from rayflow._internal.checkpoint.catalog import catalog_path
+from rayflow._internal.checkpoint.catalog import Catalog, catalog_path
 from rayflow._internal.checkpoint.store import join
 from rayflow.testing import KEYED_SQL, Fault, FaultPlan, assert_same_rows, duckdb_reference, throttle
 
@@ -23,9 +24,9 @@ def test_s3_checkpoints_sink_and_rebuilt_catalog(ray_session, s3_query, tmp_path
     ck = f"s3://rayflow-test/ck{s3_query}"
     out = f"s3://rayflow-test/out{s3_query}"
 
-    def job(faults=None):
+    def job(faults=None, partitions=4):
         return rf.Pipeline(
-            name="s3job", source=rf.sources.Table(data, batch_rows=10_000), key="key", partitions=4,
+            name="s3job", source=rf.sources.Table(data, batch_rows=10_000), key="key", partitions=partitions,
             operator=[throttle(100_000), rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")])],
             sink=rf.sinks.Parquet(out), consumers=2, checkpoint_dir=ck, checkpoint_interval_s=0.2,
             config=rf.EngineConfig(fetch_max_bytes=100_000), faults=faults, progress=False,
@@ -41,9 +42,19 @@ def test_s3_checkpoints_sink_and_rebuilt_catalog(ray_session, s3_query, tmp_path
     # A new node: no local catalog. The manager rebuilds it from the log in the bucket.
     local = catalog_path(join(ck, "s3job"))
     shutil.rmtree(local.rsplit("/", 1)[0])
-    result = job().run(timeout_s=180)
+    # ... and goes on with 8 partitions: the state is re-split (a map change logged in the bucket).
+    result = job(partitions=8).run(timeout_s=180)
     assert 0 < result.stats["events"] < data.num_rows
     got = pads.dataset(
         out.split("?")[0].removeprefix("s3://"), filesystem=pafs.FileSystem.from_uri(out)[0]
     ).to_table()
     assert_same_rows(got, duckdb_reference(KEYED_SQL, events=data))
+    # Another new node rebuilds the new map from the log alone.
+    shutil.rmtree(local.rsplit("/", 1)[0])
+    rebuilt = Catalog(local, log_root=join(ck, "s3job"))
+    try:
+        latest = rebuilt.latest_commits()
+        assert sorted(latest) == list(range(8)) and {c.map_version for c in latest.values()} == {2}
+        assert json.loads(rebuilt.get_meta()["partition_map"])["version"] == 2
+    finally:
+        rebuilt.close()

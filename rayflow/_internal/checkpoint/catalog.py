@@ -16,7 +16,8 @@ Tables:
   catalog (commit step 5) without listing directories or scanning commits;
 - ``leases(partition, owner, lease_epoch)``: the last grant of each partition,
   so epochs keep increasing across manager restarts;
-- ``events(ts, kind, detail)``: joins, leaves, rebalances, failures;
+- ``events(ts, kind, detail)``: joins, leaves, rebalances, failures, changes of the
+  partition count (``repartition``);
 - ``history_partitions``, ``history_consumers``: samples of the running job
   every ``EngineConfig.history_interval_s`` (``_internal/history.py`` says what
   each column is), kept ``history_retention_s``, drawn by ``rayflow report``
@@ -85,6 +86,9 @@ ALTER TABLE commits ADD COLUMN IF NOT EXISTS watermarks VARCHAR;
     f"CREATE TABLE IF NOT EXISTS {t} ({', '.join(f'{c} {ty}' for c, ty in cols)});\n"
     for t, cols in HISTORY_TABLES.items()
 )
+#: The commit rows of the current partition map: after a change of the partition count the old
+#: map's rows stay as history (``Catalog.record_repartition``) but no longer speak for a partition.
+CURRENT_MAP = "map_version = (SELECT max(map_version) FROM commits)"
 #: The meta key of the job's first start (ms since the epoch); ``_``: the catalog's own.
 STARTED_KEY = "_started_ms"
 _OUTPUTS = """CREATE TABLE outputs (
@@ -185,7 +189,8 @@ class Catalog:
     The log is a sequence of small JSON objects under ``log_root/log/``, named by
     a sequence number that only grows: ``<n>-c.json`` (commits), ``<n>-l.json``
     (lease grants), ``<n>-r.json`` (state files retired), ``<n>-s.json`` (known
-    splits added, with their fingerprints), and ``meta.json``.
+    splits added, with their fingerprints), ``<n>-p.json`` (a change of the
+    partition map: :meth:`record_repartition`), and ``meta.json``.
     Each is written (atomically, under a unique name) *before* the DuckDB
     transaction it mirrors, so the log is the point of truth: a manager on any
     node rebuilds or catches up its local DuckDB index from it at start.
@@ -251,7 +256,7 @@ class Catalog:
                     snapshots.append((int(n), rel))
             else:
                 n, _, kind = name.partition("-")
-                if n.isdigit() and kind in ("c.json", "l.json", "r.json", "s.json"):
+                if n.isdigit() and kind in ("c.json", "l.json", "r.json", "s.json", "p.json"):
                     entries.append((int(n), kind[0], rel))
         entries.sort()
         seq = max(snapshots)[0] if snapshots else 0
@@ -277,6 +282,8 @@ class Catalog:
                 self._upsert_leases(cur, [tuple(g) for g in body["grants"]])
             elif kind == "s":
                 self._insert_splits(cur, _logged_splits(body))
+            elif kind == "p":
+                self._apply_repartition(cur, body)
             else:
                 self._clear_state_files(cur, body["commit_ids"])
         self._set_applied(cur, todo[-1][0])
@@ -459,17 +466,73 @@ class Catalog:
     def last_commit_times(self) -> dict[int, float]:
         """When each partition's latest commit was recorded (seconds since the epoch)."""
         rows = self.con.execute(
-            "SELECT partition, epoch(max(committed_at)) FROM commits GROUP BY partition"
+            f"SELECT partition, epoch(max(committed_at)) FROM commits WHERE {CURRENT_MAP} GROUP BY partition"
         ).fetchall()
         return {p: float(t) for p, t in rows if t is not None}
 
     def latest_commits(self) -> dict[int, CommitRecord]:
+        """Each partition's latest commit under the current partition map (the highest
+        ``map_version``: rows of an earlier map are history, see :meth:`record_repartition`)."""
         rows = self.con.execute(
-            """SELECT partition, lease_epoch, positions, state_files, output_files, rows_in,
+            f"""SELECT partition, lease_epoch, positions, state_files, output_files, rows_in,
                       rows_total, state_rows, final, map_version, watermarks
-               FROM commits QUALIFY row_number() OVER (PARTITION BY partition ORDER BY commit_id DESC) = 1"""
+               FROM commits WHERE {CURRENT_MAP}
+               QUALIFY row_number() OVER (PARTITION BY partition ORDER BY commit_id DESC) = 1"""
         ).fetchall()
         return {r[0]: _record(r) for r in rows}
+
+    def record_repartition(
+        self,
+        records: list[CommitRecord],
+        *,
+        partition_map: str,
+        leases: list[tuple[int, str, int]],
+        event: dict,
+    ) -> None:
+        """Record a change of the partition map (``_internal/repartition.py``), all or nothing:
+        the new partitions' commits (their state files written before), their leases in place of
+        the old map's, the new map in ``meta`` and a ``repartition`` event. The old map's commit
+        rows stay as history, no longer naming state files (the next fresh start deletes the
+        files no row names) and no longer read as any partition's latest (:data:`CURRENT_MAP`).
+
+        Under a remote checkpoint directory one log entry (``<n>-p.json``) holds it all and is
+        written first (from then on the change happened: a replay applies it, and sets the map);
+        then ``meta.json`` takes the new map (so a snapshot that folds the entry away, or a
+        replay over an index that applied it, finds the new map there); then the local index.
+        """
+        ids = self._take_id(len(records))
+        body = {
+            "records": [(i, r.to_log()) for i, r in zip(ids, records)],
+            "partition_map": partition_map,
+            "leases": leases,
+        }
+        n = ids[-1] if ids else self._take_id()[0]
+        self._write_log(n, "p", body)
+        if self.log is not None:
+            meta = {**self.get_meta(), "partition_map": partition_map}
+            if self.started_ms() is not None:
+                meta[STARTED_KEY] = str(self.started_ms())
+            self.log.write_bytes("log/meta.json", json.dumps(meta).encode())
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            self._apply_repartition(cur, body)
+            cur.execute("INSERT INTO events VALUES (?, 'repartition', ?)", [_now(), json.dumps(event)])
+            self._set_applied(cur, n)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        self.con.execute("CHECKPOINT")
+
+    def _apply_repartition(self, cur, body: dict) -> None:
+        """The catalog's part of a map change (:meth:`record_repartition`, or its log entry)."""
+        version = json.loads(body["partition_map"])["version"]
+        cur.execute("UPDATE commits SET state_files = '[]' WHERE map_version < ?", [version])
+        cur.execute("DELETE FROM leases")
+        self._upsert_leases(cur, [tuple(g) for g in body["leases"]])
+        self._insert_commits(cur, "repartition", [(i, CommitRecord.from_log(r)) for i, r in body["records"]])
+        cur.execute("INSERT OR REPLACE INTO meta VALUES ('partition_map', ?)", [body["partition_map"]])
 
     def record_commits(self, member: str, records: list[CommitRecord]) -> None:
         """Record several partition commits, and their outputs as unpublished, all or nothing.

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import json
 import logging
@@ -77,7 +78,7 @@ from datetime import datetime, timezone
 
 import ray
 
-from rayflow._internal import history, naming, skew
+from rayflow._internal import history, naming, repartition, skew
 from rayflow._internal.checkpoint.catalog import Catalog, IndexBehindLog
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store, is_remote
@@ -90,6 +91,7 @@ from rayflow._internal.publish import Publisher
 from rayflow._internal.watermarks import WATERMARK_NONE, lag_s
 from rayflow.config import EngineConfig
 from rayflow.errors import CheckpointError, FencedError, ProtocolError
+from rayflow.partitioning import PartitionMap
 
 logger = logging.getLogger(__name__)
 
@@ -203,11 +205,12 @@ class GroupManager:
         #: partition -> (member, its last heartbeat's watermark and operator metrics)
         self._clocks: dict[int, tuple[str, dict]] = {}
         self.publisher = Publisher(job.sink, job.sink_root, fault=self._fault, sides=job.side_sinks)
-        self.map = partition_map = job.partition_map
-        self._check_meta(job.meta)
+        self.map = job.partition_map
+        self.key = list(job.key)
+        self._check_meta(job.meta)  # may re-split the checkpoint into this run's partition count
         epochs = self.catalog.lease_epochs()
         self.group = Coordinator(
-            partition_map.num_partitions,
+            self.map.num_partitions,
             epochs=epochs,
             committed=self.catalog.latest_commits(),
             tiers=job.tiers,
@@ -233,9 +236,12 @@ class GroupManager:
 
         For a dynamic source, also records this run's splits as known.
         """
+        old = JobMeta.from_dict(self.catalog.get_meta())
+        meta = self._resolve_map(old, meta)
+        if old is not None and old.partition_map is not None:
+            old = dataclasses.replace(old, partition_map=meta.partition_map)  # re-split, if it differed
         committed = self.catalog.latest_commits()
         finished = len(committed) == self.map.num_partitions and all(c.final for c in committed.values())
-        old = JobMeta.from_dict(self.catalog.get_meta())
         check_resume(self.name, old, meta, finished=finished, known_splits=self.catalog.known_splits())
         self.catalog.set_meta(meta.to_dict())
         self._started_ms = self.catalog.started_ms()
@@ -243,6 +249,67 @@ class GroupManager:
             # Names only: their fingerprints come from the source actors, which compare them
             # with the recorded ones before reading (a name known without one takes the first).
             self.catalog.add_splits(dict.fromkeys(meta.splits))
+
+    def _resolve_map(self, old: JobMeta | None, meta: JobMeta) -> JobMeta:
+        """The partition map this run goes on with, as ``self.map``; ``meta`` with it.
+
+        The driver asks for a partition count (a uniform map, version 1). The
+        same ranges as the checkpoint's map: the recorded map, with its
+        version. Other ranges: the checkpoint is re-split into them (a new map,
+        version + 1, :meth:`_repartition`), once everything else about the job
+        is found compatible.
+        """
+        if old is None or old.partition_map is None:
+            return meta
+        recorded = PartitionMap.from_json(old.partition_map)
+        if recorded.bounds != self.map.bounds:
+            committed = self.catalog.latest_commits()
+            finished = len(committed) == recorded.num_partitions and all(c.final for c in committed.values())
+            same_map = dataclasses.replace(meta, partition_map=old.partition_map)
+            check_resume(
+                self.name, old, same_map, finished=finished, known_splits=self.catalog.known_splits()
+            )
+            new = PartitionMap(version=recorded.version + 1, bounds=self.map.bounds)
+            self._repartition(recorded, new)
+            recorded = new
+        self.map = recorded
+        return dataclasses.replace(meta, partition_map=recorded.to_json())
+
+    def _repartition(self, old: PartitionMap, new: PartitionMap) -> None:
+        """Re-split the committed state into ``new`` (``_internal/repartition.py``): the state files
+        first, then one catalog transaction; the old map's files go with the fresh start's
+        clean-up (``_repair_files``), as a crash before the transaction leaves the new ones."""
+        t0 = time.perf_counter()
+        commits = self.catalog.latest_commits()
+        # Above every epoch the old map granted: its owners, zombies included, are fenced by the
+        # new map's first grant, whatever partition number they held.
+        epoch = max([0, *self.catalog.lease_epochs().values(), *(c.lease_epoch for c in commits.values())])
+        records, nbytes = repartition.repartition(
+            self.state_store,
+            name=self.name,
+            old=old,
+            new=new,
+            commits=commits,
+            key=self.key,
+            lease_epoch=epoch,
+        )
+        event = {
+            "old_partitions": old.num_partitions,
+            "new_partitions": new.num_partitions,
+            "old_version": old.version,
+            "new_version": new.version,
+            "seconds": round(time.perf_counter() - t0, 6),
+            "bytes_moved": nbytes,
+            "state_rows": sum(r.state_rows for r in records),
+        }
+        self.catalog.record_repartition(
+            records,
+            partition_map=new.to_json(),
+            # No owner: a restart of this actor before the first grant restores no ghost.
+            leases=[(p, None, epoch) for p in range(new.num_partitions)],
+            event=event,
+        )
+        logger.info("rayflow manager %s: repartitioned: %s", self.name, event)
 
     def _repair_files(self, restarted: bool) -> None:
         """What a crash left: recorded outputs still to publish (the maintenance loop publishes
@@ -285,7 +352,11 @@ class GroupManager:
             raise self._init_error
         self._ensure_loops()
         committed = self.group.committed
-        return {"positions": {p: c.positions for p, c in committed.items()}, "epochs": dict(self._durable)}
+        return {
+            "positions": {p: c.positions for p, c in committed.items()},
+            "epochs": dict(self._durable),
+            "map": self.map.to_json(),  # with its version (a re-split checkpoint's is above 1)
+        }
 
     async def started_ms(self) -> int:
         """When the job first started reading (ms since the epoch), the same at every resume: a
