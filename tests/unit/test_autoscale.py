@@ -53,9 +53,7 @@ def obs(*, rate=100_000.0, consumers=2, busy=0.5, per_busy_s=100_000.0, lag=0, p
     )
 
 
-#: A state with no action for long and a full window of observations below every count.
-SETTLED = PolicyState(last_action_s=NOW - 100, observing_since_s=NOW - 50)
-
+# fmt: off
 CASES = [
     # name, observation, state, expected action, target, a word of the reason
     ("nothing measured yet", obs(busy=0.0), PolicyState(), HOLD, 2, "no processing"),
@@ -75,28 +73,29 @@ CASES = [
     ("below min_consumers", obs(consumers=0, busy=0.0), PolicyState(), UP, 1, "min_consumers"),
     ("above max_consumers", obs(consumers=9), PolicyState(last_action_s=NOW - 1), DOWN, 8, "max_consumers"),
     # An idle interval: the last measured rate sizes the group (2 consumers for 100k/s).
-    ("idle: last rate", obs(consumers=4, busy=0.0), SETTLED.__class__(rows_per_busy_s=1e5, last_action_s=0.0,
-     observing_since_s=NOW - 50), DOWN, 2, "at most 2"),  # fmt: skip
+    ("idle: last rate", obs(consumers=4, busy=0.0), PolicyState(rows_per_busy_s=1e5, last_action_s=0.0,
+     observing_since_s=NOW - 50), DOWN, 2, "at most 2"),
     # Down: 1 needed now, but the window saw 3 five seconds ago: down to 3, not 1.
     ("down to the window's max", obs(rate=40_000, consumers=5),
      PolicyState(last_action_s=NOW - 100, observing_since_s=NOW - 50, window=((NOW - 5, 3),)), DOWN, 3,
-     "at most 3"),  # fmt: skip
+     "at most 3"),
     # A recommendation older than the window is forgotten.
     ("old recommendation forgotten", obs(rate=40_000, consumers=5),
      PolicyState(last_action_s=NOW - 100, observing_since_s=NOW - 50, window=((NOW - 11, 6),)), DOWN, 1,
-     "at most 1"),  # fmt: skip
+     "at most 1"),
     ("window still needs the count", obs(rate=40_000, consumers=5),
      PolicyState(last_action_s=NOW - 100, observing_since_s=NOW - 50, window=((NOW - 5, 5),)), HOLD, 5,
-     "needed 5"),  # fmt: skip
+     "needed 5"),
     ("down waits for the stabilization window", obs(rate=40_000, consumers=5),
-     PolicyState(last_action_s=NOW - 100, observing_since_s=NOW - 3), HOLD, 5, "stabilizing"),  # fmt: skip
+     PolicyState(last_action_s=NOW - 100, observing_since_s=NOW - 3), HOLD, 5, "stabilizing"),
     ("down waits for the scale-down delay", obs(rate=40_000, consumers=5),
-     PolicyState(last_action_s=NOW - 15, observing_since_s=NOW - 10), HOLD, 5, "scale-down delay"),  # fmt: skip
+     PolicyState(last_action_s=NOW - 15, observing_since_s=NOW - 10), HOLD, 5, "scale-down delay"),
     ("first observation starts the window", obs(rate=40_000, consumers=5), PolicyState(), HOLD, 5,
-     "stabilizing"),  # fmt: skip
+     "stabilizing"),
     ("up is not delayed by the down delay", obs(rate=300_000),
-     PolicyState(last_action_s=NOW - 6), UP, 6, "needs"),  # fmt: skip
+     PolicyState(last_action_s=NOW - 6), UP, 6, "needs"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(("name", "o", "state", "action", "target", "why"), CASES, ids=[c[0] for c in CASES])
@@ -242,10 +241,15 @@ def test_constant_input_does_not_flap(rate, per_busy_s, start):
         work = min(capacity, rate + lag / dt)  # rows/s the group can do over this interval
         lag = max(0.0, lag + (rate - work) * dt)
         o = Observation(
-            now_s=float(t), interval_s=dt, input_rows_per_s=float(rate),
-            busy_fraction=(work / capacity,) * n, rows=(int(work * dt / n),) * n, lag_rows=(int(lag),),
-            consumers=n, partitions=16,
-        )  # fmt: skip
+            now_s=float(t),
+            interval_s=dt,
+            input_rows_per_s=float(rate),
+            busy_fraction=(work / capacity,) * n,
+            rows=(int(work * dt / n),) * n,
+            lag_rows=(int(lag),),
+            consumers=n,
+            partitions=16,
+        )
         d, state = decide(o, state, CFG)
         if d.action != HOLD:
             actions.append((t, d.action))
