@@ -49,7 +49,9 @@ def test_rate_step_grows_then_shrinks_the_group_exactly(ray_session, tmp_path):
     try:
         assert len(run.consumers) == 1  # starts with min_consumers
         # The step up: the group grows (status shows the decision and its numbers).
-        wait_for_condition(lambda: run.status()["autoscale"]["target"] >= 2, timeout=30, retry_interval_ms=200)
+        wait_for_condition(
+            lambda: run.status()["autoscale"]["target"] >= 2, timeout=30, retry_interval_ms=200
+        )
         up = next(d for d in run.status()["autoscale"]["decisions"] if d["action"] == "scale_up")
         assert up["rows_per_busy_s"] > 0 and up["needed"] > 1 and up["input_rows_per_s"] > 0
         result = run.wait(timeout_s=60)
