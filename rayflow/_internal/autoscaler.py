@@ -127,7 +127,7 @@ class Autoscaler:
             return None
         obs = observation(
             prev, cur, consumers=len(self.run.consumers), partitions=self.run.spec.partitions,
-            schedulable=self._schedulable(),
+            schedulable=self._schedulable(), inflight_s=self.run.spec.config.checkpoint_interval_s,
         )  # fmt: skip
         decision, self.state = self.decide(obs, self.state, self.config)
         if decision.action != policy.HOLD and not self._halt.is_set():
@@ -192,7 +192,13 @@ def sample_of(st: dict, *, t: float) -> dict:
 
 
 def observation(
-    prev: dict, cur: dict, *, consumers: int, partitions: int, schedulable: int | None
+    prev: dict,
+    cur: dict,
+    *,
+    consumers: int,
+    partitions: int,
+    schedulable: int | None,
+    inflight_s: float = 0.0,
 ) -> policy.Observation:
     """The interval between two samples as the policy's input (pure). A consumer new since
     ``prev`` counts from zero; one gone since is left out."""
@@ -213,4 +219,6 @@ def observation(
         partitions=partitions,
         schedulable=schedulable,
         uncommitted_rows=cur["uncommitted"],
+        # Read rows wait up to a checkpoint interval for their commit, then for the source's trim.
+        inflight_s=inflight_s,
     )

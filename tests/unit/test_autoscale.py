@@ -15,6 +15,7 @@ from rayflow._internal.group.autoscale import (
     DOWN,
     HOLD,
     UP,
+    UP_TOLERANCE,
     Observation,
     PolicyState,
     decide,
@@ -64,6 +65,12 @@ CASES = [
     ("true rate", obs(rate=600_000, busy=0.2, per_busy_s=500_000), PolicyState(), UP, 3, "needs"),
     # 100k/s plus a backlog of 1M over catch_up_s 10 s: 200k/s, 4 consumers.
     ("backlog to catch up", obs(rate=100_000, lag=1_000_000), PolicyState(), UP, 4, "needs 4.00"),
+    # Within the tolerance: 2.1 consumers needed at 2 (a utilization of 0.525 for 0.5).
+    ("within the tolerance", obs(rate=105_000), PolicyState(), HOLD, 2, "within tolerance"),
+    ("beyond the tolerance", obs(rate=115_000), PolicyState(), UP, 3, "needs 2.30"),
+    # One second of input in flight (inflight_s=1) is not backlog: 150k lag is 50k of backlog.
+    ("in-flight rows are not backlog", obs(rate=100_000, lag=150_000, inflight_s=1.0), PolicyState(), HOLD,
+     2, "within tolerance"),
     ("capped at max_consumers", obs(rate=1_000_000), PolicyState(), UP, 8, "max_consumers"),
     ("capped at max, held there", obs(rate=1_000_000, consumers=8), PolicyState(), HOLD, 8, "capped"),
     ("capped at the partitions", obs(rate=300_000, partitions=4), PolicyState(), UP, 4, "partitions"),
@@ -114,7 +121,7 @@ def test_decision_carries_its_numbers():
     assert d.demand_rows_per_s == pytest.approx(350_000)
     assert d.needed == pytest.approx(7.0)
     assert d.busy_fraction == pytest.approx(0.5)
-    assert (d.lag_rows, d.ceiling, d.recommended) == (500_000, 8, 7)
+    assert (d.lag_rows, d.backlog_rows, d.ceiling, d.recommended) == (500_000, 500_000, 8, 7)
 
 
 def test_true_rate_needs_enough_busy_time():
@@ -142,11 +149,11 @@ def test_observation_from_two_status_samples():
 
     a = sample_of(status(1_000, 1.0, 800, 200, 800, 800), t=10.0)
     b = sample_of(status(3_000, 1.5, 2_800, 300, 2_800, 2_700), t=12.0)
-    o = observation(a, b, consumers=2, partitions=4, schedulable=None)
+    o = observation(a, b, consumers=2, partitions=4, schedulable=None, inflight_s=1.0)
     assert o.input_rows_per_s == pytest.approx(1_000)  # 2,000 more rows over 2 s
     assert o.busy_fraction == (0.25,) and o.rows == (2_000,)
     assert o.lag_rows == (200,)  # 300 uncommitted, of which 100 processed: 200 wait
-    assert o.uncommitted_rows == 300 and o.consumers == 2 and o.interval_s == 2.0
+    assert o.uncommitted_rows == 300 and o.consumers == 2 and o.interval_s == 2.0 and o.inflight_s == 1.0
     assert true_rate(o) == pytest.approx(4_000)
 
 
@@ -210,7 +217,7 @@ states = st.builds(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, derandomize=True, deadline=None)
 @given(o=observations, state=states)
 def test_target_stays_in_bounds(o, state):
     d, _ = decide(o, state, CFG)
@@ -223,7 +230,7 @@ def test_target_stays_in_bounds(o, state):
         assert d.target == o.consumers
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, derandomize=True, deadline=None)
 @given(
     rate=st.integers(1_000, 2_000_000),
     per_busy_s=st.integers(100_000, 1_000_000),
@@ -259,4 +266,5 @@ def test_constant_input_does_not_flap(rate, per_busy_s, start):
     if len(actions) == 2:
         assert [a for _, a in actions] == [UP, DOWN], actions
     need = max(CFG.min_consumers, min(CFG.max_consumers, math.ceil(exact)))
-    assert n == need, (n, need, actions)
+    tolerated = n == need - 1 and exact <= n * (1 + UP_TOLERANCE)  # a hair over n: n is kept
+    assert n == need or tolerated, (n, need, actions)

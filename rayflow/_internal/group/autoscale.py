@@ -11,7 +11,8 @@ does not depend on how idle the consumer was; the group needs
 
     ceil((input rate + backlog / catch_up_s) / (true rate per consumer * target_utilization))
 
-consumers: the input, plus the backlog worked off within ``catch_up_s``, each consumer busy
+consumers: the input, plus the backlog (the lag beyond what a group that keeps up has in
+flight, :func:`backlog`) worked off within ``catch_up_s``, each consumer busy
 ``target_utilization`` of the time. One step to the needed count, where a lag-threshold policy
 (KEDA's Kafka scaler: ``ceil(lag / threshold)``) creeps up as lag builds and drops when it has
 drained, the next oscillation already on its way.
@@ -25,7 +26,8 @@ drained, the next oscillation already on its way.
 2. Cooldown: for ``cooldown_s`` after a scaling action nothing is decided and the observations
    are dropped: the partitions that moved pause and restore, so lag and busy time describe the
    rebalance, not the load.
-3. Up: at once (after the cooldown), to the recommendation.
+3. Up: at once (after the cooldown), to the recommendation, once more than
+   :data:`UP_TOLERANCE` above the current count is needed.
 4. Down: only once the observations since the cooldown span ``stabilization_s``, only after
    ``scale_down_delay_s`` since the last action, and only to the largest recommendation over
    the stabilization window, so a dip must last the whole window to count and a count that any
@@ -48,6 +50,11 @@ from rayflow.config import Autoscale
 #: few milliseconds of work say more about the per-step overhead than about the rate.
 MIN_BUSY_S = 0.05
 
+#: A scale-up needs more than this fraction above the current count (as Kubernetes' HPA
+#: tolerance): at 6 consumers, 6.14 needed is a utilization of 0.72 for a target of 0.7, within
+#: what the measurement's noise gives; one more consumer would cost a rebalance for nothing.
+UP_TOLERANCE = 0.1
+
 HOLD, UP, DOWN = "hold", "scale_up", "scale_down"
 
 
@@ -62,6 +69,9 @@ class Observation:
     included), for the lag-threshold policy; ``None``: the sum of ``lag_rows``.
     ``schedulable``: the most consumers the cluster can run now (the current ones plus what
     its free resources hold), ``None``: not limited (consumers reserve no resources).
+    ``inflight_s``: seconds of input that are in flight in a group that keeps up (read, on
+    their way to a consumer or to the source's trim after their commit): lag up to
+    ``input_rows_per_s * inflight_s`` is not backlog (the shell gives the checkpoint interval).
     """
 
     now_s: float
@@ -74,6 +84,7 @@ class Observation:
     partitions: int
     schedulable: int | None = None
     uncommitted_rows: int | None = None
+    inflight_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +120,8 @@ class Decision:
     needed: float | None
     input_rows_per_s: float
     lag_rows: int
+    #: The lag beyond what is in flight in a group that keeps up (``Observation.inflight_s``).
+    backlog_rows: int
     #: Rows/s the group must process: the input plus the backlog over ``catch_up_s``.
     demand_rows_per_s: float
     rows_per_busy_s: float | None
@@ -146,6 +159,11 @@ def _measure(obs: Observation, state: PolicyState) -> PolicyState:
     return replace(state, rows_per_busy_s=measured, pending=(0, 0.0))
 
 
+def backlog(obs: Observation) -> int:
+    """The lag to catch up: beyond the rows a group that keeps up has in flight."""
+    return max(0, int(sum(obs.lag_rows) - max(0.0, obs.input_rows_per_s) * obs.inflight_s))
+
+
 def ceiling(obs: Observation, cfg: Autoscale) -> int:
     """The most consumers a scale-up may reach now: ``max_consumers``, the partitions, and what
     the cluster can schedule; never below ``min_consumers`` (what the cluster cannot schedule
@@ -160,8 +178,7 @@ def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decisi
     """The rayflow policy: DS2's true rates, one step to the needed count, guarded (module doc)."""
     state = _measure(obs, state)
     rate = state.rows_per_busy_s
-    lag = sum(obs.lag_rows)
-    demand = max(0.0, obs.input_rows_per_s) + lag / cfg.catch_up_s
+    demand = max(0.0, obs.input_rows_per_s) + backlog(obs) / cfg.catch_up_s
     if rate is None:
         needed = None
         recommended = None
@@ -218,7 +235,7 @@ def _guard(
         d = Decision(
             action=action, reason=reason, current=cur, target=target, recommended=recommended,
             needed=needed, input_rows_per_s=obs.input_rows_per_s, lag_rows=sum(obs.lag_rows),
-            demand_rows_per_s=demand, rows_per_busy_s=rate, busy_fraction=busy, ceiling=top,
+            backlog_rows=backlog(obs), demand_rows_per_s=demand, rows_per_busy_s=rate, busy_fraction=busy, ceiling=top,
         )  # fmt: skip
         return d, new_state
 
@@ -236,7 +253,9 @@ def _guard(
     observing = state.observing_since_s if state.observing_since_s is not None else now
     window = tuple((t, r) for t, r in state.window if t > now - cfg.stabilization_s) + ((now, recommended),)
     state = replace(state, observing_since_s=observing, window=window)
-    # 3. Up, at once, as far as the ceiling allows.
+    # 3. Up, at once, as far as the ceiling allows (beyond a tolerance).
+    if recommended > cur and needed is not None and needed <= cur * (1 + UP_TOLERANCE):
+        return out(HOLD, cur, f"within tolerance ({needed:.2f} needed)", state)
     if recommended > cur:
         if top <= cur:
             return out(HOLD, cur, _capped(obs, cfg, recommended), state)
