@@ -3,8 +3,6 @@ flapping as properties (docs/autoscaling.md)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -20,6 +18,7 @@ from rayflow._internal.group.autoscale import (
     PolicyState,
     decide,
     decide_keda,
+    granular,
     keda_recommendation,
     true_rate,
 )
@@ -39,8 +38,9 @@ CFG = rf.Autoscale(
 NOW = 1000.0
 
 
-def obs(*, rate=100_000.0, consumers=2, busy=0.5, per_busy_s=100_000.0, lag=0, partitions=16, **kw):
-    """``consumers`` consumers, each ``busy`` of a 1 s interval at ``per_busy_s`` rows per busy s."""
+def obs(*, rate=100_000.0, consumers=2, busy=0.5, per_busy_s=100_000.0, lag=0, partitions=840, **kw):
+    """``consumers`` consumers, each ``busy`` of a 1 s interval at ``per_busy_s`` rows per busy s;
+    840 partitions (divisible by 1 to 8) unless given, so that whole partitions do not round."""
     return Observation(
         now_s=kw.pop("now_s", NOW),
         interval_s=1.0,
@@ -71,6 +71,10 @@ CASES = [
     # One second of input in flight (inflight_s=1) is not backlog: 150k lag is 50k of backlog.
     ("in-flight rows are not backlog", obs(rate=100_000, lag=150_000, inflight_s=1.0), PolicyState(), HOLD,
      2, "within tolerance"),
+    # Partitions are dealt whole: 5.7 consumers' worth over 8 partitions needs 8 (at 6 or 7,
+    # some hold 2 partitions, 1.43 consumers' worth); over 12 partitions, 6.
+    ("partitions dealt whole", obs(rate=285_000, partitions=8), PolicyState(), UP, 8, "needs 5.70"),
+    ("partitions dealt whole, finer", obs(rate=285_000, partitions=12), PolicyState(), UP, 6, "needs 5.70"),
     ("capped at max_consumers", obs(rate=1_000_000), PolicyState(), UP, 8, "max_consumers"),
     ("capped at max, held there", obs(rate=1_000_000, consumers=8), PolicyState(), HOLD, 8, "capped"),
     ("capped at the partitions", obs(rate=300_000, partitions=4), PolicyState(), UP, 4, "partitions"),
@@ -127,6 +131,15 @@ def test_decision_carries_its_numbers():
 def test_true_rate_needs_enough_busy_time():
     assert true_rate(obs(busy=0.01, consumers=1)) is None  # 10 ms of work: not a measure
     assert true_rate(obs(busy=0.25, per_busy_s=80_000)) == pytest.approx(80_000)
+
+
+@pytest.mark.parametrize(
+    ("needed", "partitions", "expected"),
+    [(5.7, 8, 8), (4.0, 8, 4), (4.01, 8, 8), (3.2, 8, 4), (5.7, 16, 8), (5.7, 12, 6), (20, 8, 8),
+     (0.3, 8, 1), (0, 8, 0), (7.0, 840, 7)],
+)  # fmt: skip
+def test_granular_count(needed, partitions, expected):
+    assert granular(needed, partitions) == expected
 
 
 def test_keda_style_policy():
@@ -265,6 +278,6 @@ def test_constant_input_does_not_flap(rate, per_busy_s, start):
     assert all(t < 300 for t, _ in actions), actions  # settled in the first half
     if len(actions) == 2:
         assert [a for _, a in actions] == [UP, DOWN], actions
-    need = max(CFG.min_consumers, min(CFG.max_consumers, math.ceil(exact)))
-    tolerated = n == need - 1 and exact <= n * (1 + UP_TOLERANCE)  # a hair over n: n is kept
+    need = max(CFG.min_consumers, min(CFG.max_consumers, granular(exact, 16)))
+    tolerated = n < need and exact <= n * (1 + UP_TOLERANCE)  # a hair over n: n is kept
     assert n == need or tolerated, (n, need, actions)

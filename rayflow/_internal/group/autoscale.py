@@ -33,8 +33,13 @@ drained, the next oscillation already on its way.
    the stabilization window, so a dip must last the whole window to count and a count that any
    recent moment needed is kept.
 
-Caveats: the true rate is the group's (rows over busy seconds, summed over consumers), so a
-group whose partitions carry very unequal load is sized for the mean consumer, not the busiest;
+The count is also **granular** (:func:`granular`): partitions are dealt whole, so the group is
+sized for its busiest consumer: with 8 partitions, 5 to 7 consumers leave some with 2
+partitions, no better than 4; the policy picks 4 or 8.
+
+Caveats: the true rate is the group's (rows over busy seconds, summed over consumers), and
+the granular count assumes partitions of even load, so a group whose partitions carry very
+unequal load is sized as if they did not (a hot partition needs splitting, not consumers);
 a measurement that swings across a boundary of the ceiling can still add a consumer that the
 window later takes back (the stabilization window makes that rare, not impossible).
 """
@@ -184,9 +189,29 @@ def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decisi
         recommended = None
     else:
         needed = demand / (rate * cfg.target_utilization)
-        # A hair of tolerance: 3.0000001 consumers' worth of float error is 3, not 4.
-        recommended = _clamp(math.ceil(needed - 1e-9), cfg)
+        recommended = _clamp(granular(needed, obs.partitions), cfg)
     return _guard(obs, state, cfg, recommended=recommended, needed=needed, demand=demand, rate=rate)
+
+
+def granular(needed: float, partitions: int) -> int:
+    """The fewest consumers whose busiest member stays within ``needed``'s utilization, when the
+    partitions (of even load) are dealt whole: a consumer may hold ``floor(N / needed)``
+    partitions of ``N``, so ``ceil(N / that)`` consumers are needed, never fewer than
+    ``ceil(needed)`` (pure).
+
+    With 8 partitions and 5.7 consumers' worth of work, 6 consumers leave two of them with 2
+    partitions, each 2 / 8 of the work: 1.43 consumers' worth, over the target, and the same
+    holds for 7; only 8 (one partition each) keep every consumer within it. A partition that
+    alone needs more than a consumer gets one of its own (``partitions``; split it instead).
+    """
+    if needed <= 0:
+        return 0
+    # A hair of tolerance: 3.0000001 consumers' worth of float error is 3, not 4.
+    n = math.ceil(needed - 1e-9)
+    per_consumer = math.floor(partitions / needed + 1e-9)  # partitions one consumer can take
+    if per_consumer < 1:
+        return partitions
+    return max(n, math.ceil(partitions / per_consumer))
 
 
 def keda_recommendation(lag_rows: int, *, lag_threshold_rows: float, cfg: Autoscale) -> int:
