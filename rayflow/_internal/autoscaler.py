@@ -27,6 +27,7 @@ interval measures afresh.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -46,6 +47,9 @@ logger = logging.getLogger(__name__)
 DECISIONS_KEPT = 20
 #: Observations kept for benchmarks (``Autoscaler.samples``): an hour at a 1 s interval.
 SAMPLES_KEPT = 3600
+#: The input rate is measured over this many intervals: a paced or batched input arrives in
+#: steps (a batch every 50-250 ms), so one short interval holds one batch more or less.
+RATE_INTERVALS = 2
 #: A capped hold is recorded as an event at most this often (per reason, once when it changes).
 HOLD_EVENT_EVERY_S = 60.0
 
@@ -76,6 +80,7 @@ class Autoscaler:
         self.last_error: str | None = None
         self.t0 = time.monotonic()
         self._prev: dict | None = None
+        self._arrivals: deque[tuple[float, int]] = deque(maxlen=RATE_INTERVALS + 1)
         self._hold_event: tuple[str | None, float] = (None, -math.inf)
         self._halt = threading.Event()
         self._metrics = AutoscaleMetrics(run.spec.name)
@@ -123,12 +128,16 @@ class Autoscaler:
         """One interval: measure, decide, act, record. ``None`` for the first sample (no interval)."""
         cur = self._sample()
         prev, self._prev = self._prev, cur
+        self._arrivals.append((cur["t"], cur["arrived"]))
         if prev is None or cur["t"] <= prev["t"]:
             return None
         obs = observation(
             prev, cur, consumers=len(self.run.consumers), partitions=self.run.spec.partitions,
             schedulable=self._schedulable(), inflight_s=self.run.spec.config.checkpoint_interval_s,
         )  # fmt: skip
+        (t0, a0), (t1, a1) = self._arrivals[0], self._arrivals[-1]
+        if t1 > t0:  # the input rate over the last RATE_INTERVALS intervals (not reset by actions)
+            obs = dataclasses.replace(obs, input_rows_per_s=max(0.0, (a1 - a0) / (t1 - t0)))
         decision, self.state = self.decide(obs, self.state, self.config)
         if decision.action != policy.HOLD and not self._halt.is_set():
             self.run.scale(consumers=decision.target)
