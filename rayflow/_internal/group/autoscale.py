@@ -230,7 +230,7 @@ def decide_keda(
     state = _measure(obs, state)
     return _guard(
         obs, state, cfg, recommended=rec, needed=lag / lag_threshold_rows, demand=obs.input_rows_per_s,
-        rate=state.rows_per_busy_s,
+        rate=state.rows_per_busy_s, basis=f"lag / {lag_threshold_rows:g} rows",
     )  # fmt: skip
 
 
@@ -247,6 +247,7 @@ def _guard(
     needed: float | None,
     demand: float,
     rate: float | None,
+    basis: str | None = None,
 ) -> tuple[Decision, PolicyState]:
     """Apply the guards (module doc, 1-4) to a recommendation."""
     now, cur = obs.now_s, obs.consumers
@@ -286,7 +287,7 @@ def _guard(
             return out(HOLD, cur, _capped(obs, cfg, recommended), state)
         target = min(recommended, top)
         wanted = math.ceil(needed - 1e-9) if needed is not None else recommended
-        why = f"needs {needed:.2f} consumers at {cfg.target_utilization:g} utilization"
+        why = f"needs {needed:.2f} consumers ({basis or f'at {cfg.target_utilization:g} utilization'})"
         if target < wanted:
             why += "; " + _capped(obs, cfg, wanted)
         return out(UP, target, why, state)
