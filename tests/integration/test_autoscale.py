@@ -19,7 +19,7 @@ AGGS = [("value", "count"), ("value", "sum")]
 #: consumers' capacity adds up on a 2-core machine): 20k/s needs 1 consumer at 0.7 utilization,
 #: 100k/s needs 3.
 PER_CONSUMER = 50_000
-PROFILE = [(1.5, 20_000), (2.5, 100_000), (4.0, 20_000)]
+PROFILE = [(1.5, 20_000), (2.5, 100_000), (5.0, 20_000)]
 EVENTS = sum(int(s * r) for s, r in PROFILE)
 
 
@@ -41,9 +41,9 @@ def test_rate_step_grows_then_shrinks_the_group_exactly(ray_session, tmp_path):
             target_utilization=0.7,
             interval_s=0.5,
             catch_up_s=5.0,
-            stabilization_s=1.5,
+            stabilization_s=1.0,
             cooldown_s=1.0,
-            scale_down_delay_s=2.0,
+            scale_down_delay_s=1.5,
         ),
     ).start()
     try:
