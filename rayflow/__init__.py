@@ -17,13 +17,14 @@ die and the job resumes with nothing lost and nothing counted twice::
 """
 
 from rayflow import errors, ops, partitioning, sinks, sources
-from rayflow.config import EngineConfig
+from rayflow.config import Autoscale, EngineConfig
 from rayflow.pipeline import Pipeline, Result, Run, Stage, StagedRun
 from rayflow.tiers import Tier
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Autoscale",
     "EngineConfig",
     "Pipeline",
     "Result",

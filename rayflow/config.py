@@ -188,3 +188,87 @@ def auto_num_sources(*, cpus: float, consumers: int, splits: int | None) -> int:
     if splits is not None:
         n = min(n, max(1, splits))
     return n
+
+
+# ----------------------------------------------------------------------------- autoscaling
+
+#: Fewest consumers an autoscaled job runs with: one keeps a quiet job cheap.
+AUTOSCALE_MIN_CONSUMERS = 1
+#: Most consumers an autoscaled job runs with: a small cluster's worth; raise it for more.
+AUTOSCALE_MAX_CONSUMERS = 8
+#: Busy fraction each consumer is sized for: 30% headroom absorbs a burst and works off a backlog
+#: while the next decision is being made (Flink's autoscaler and Ray Serve aim at 0.6-0.8 too).
+AUTOSCALE_TARGET_UTILIZATION = 0.7
+#: Seconds between two decisions: long enough that busy time and rates average over many
+#: processing steps (``step_max_s``) and heartbeats, short enough to react within seconds.
+AUTOSCALE_INTERVAL_S = 5.0
+#: A backlog is sized to be worked off within this many seconds, on top of the input rate.
+AUTOSCALE_CATCH_UP_S = 30.0
+#: Scale down only to the largest recommendation of this many seconds: a dip must last this
+#: long to count (Kubernetes' HPA uses 300 s for pods that start in minutes; consumers start
+#: in about a second and a rebalance pauses only the partitions that move).
+AUTOSCALE_STABILIZATION_S = 30.0
+#: Seconds after a scaling action during which observations are ignored and nothing is scaled:
+#: the partitions that moved pause and restore, so lag and busy time say nothing yet.
+AUTOSCALE_COOLDOWN_S = 10.0
+#: Seconds after any scaling action before a scale-down: scaling down too early costs a second
+#: rebalance and, if the load comes back, a third.
+AUTOSCALE_SCALE_DOWN_DELAY_S = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Autoscale:
+    """Autoscaling of the consumer group: ``rf.Pipeline(..., autoscale=rf.Autoscale(...))``.
+
+    Every ``interval_s`` the driver measures the input rate, each consumer's rows processed
+    and busy time, and the lag per partition, and sizes the group (docs/autoscaling.md)::
+
+        true rate per consumer = rows processed / busy seconds
+        target = ceil((input rate + backlog / catch_up_s) / (true rate * target_utilization))
+
+    clamped to ``[min_consumers, max_consumers]``, to the partitions (a consumer without a
+    partition does nothing) and to what the cluster can schedule (``consumer_num_cpus``).
+    Guards: up at once to the needed count, after a ``cooldown_s`` since the last action; down
+    only to the largest recommendation over ``stabilization_s``, and not before
+    ``scale_down_delay_s`` since the last action. Units: seconds; ``target_utilization`` is a
+    fraction in (0, 1].
+    """
+
+    min_consumers: int = AUTOSCALE_MIN_CONSUMERS
+    max_consumers: int = AUTOSCALE_MAX_CONSUMERS
+    target_utilization: float = AUTOSCALE_TARGET_UTILIZATION
+    interval_s: float = AUTOSCALE_INTERVAL_S
+    catch_up_s: float = AUTOSCALE_CATCH_UP_S
+    stabilization_s: float = AUTOSCALE_STABILIZATION_S
+    cooldown_s: float = AUTOSCALE_COOLDOWN_S
+    scale_down_delay_s: float = AUTOSCALE_SCALE_DOWN_DELAY_S
+
+    def __post_init__(self) -> None:
+        for name in ("min_consumers", "max_consumers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"Autoscale.{name} must be an integer >= 1, got {v!r}")
+        if self.max_consumers < self.min_consumers:
+            raise ConfigError(
+                f"Autoscale.max_consumers ({self.max_consumers}) must be >= min_consumers "
+                f"({self.min_consumers})"
+            )
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith("_consumers"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise ConfigError(f"Autoscale.{f.name} must be a number, got {v!r}")
+            # Zero waits are allowed (no guard); a decision interval and a catch-up time are not.
+            positive = f.name in ("interval_s", "catch_up_s", "target_utilization")
+            if v < 0 or (positive and v == 0):
+                raise ConfigError(f"Autoscale.{f.name} must be {'> 0' if positive else '>= 0'}, got {v!r}")
+        if self.target_utilization > 1:
+            raise ConfigError(
+                f"Autoscale.target_utilization is a busy fraction in (0, 1], got {self.target_utilization!r}"
+            )
+        if self.scale_down_delay_s < self.cooldown_s:
+            raise ConfigError(
+                f"Autoscale.scale_down_delay_s ({self.scale_down_delay_s}) must be >= cooldown_s "
+                f"({self.cooldown_s}): scaling down is meant to wait longer than scaling up"
+            )

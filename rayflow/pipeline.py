@@ -27,7 +27,7 @@ from rayflow._internal.runtime import JobSpec, Result, Run
 from rayflow._internal.stages import StagedRun
 from rayflow._internal.tiers import resolve as resolve_tiers
 from rayflow._internal.watermarks import EventTime
-from rayflow.config import EngineConfig
+from rayflow.config import Autoscale, EngineConfig
 from rayflow.errors import ConfigError
 from rayflow.partitioning import PartitionMap, key_columns
 from rayflow.sinks import Collect, Sink
@@ -79,6 +79,12 @@ class Pipeline:
     the lowest tier, ``"default"``. Checked here (:class:`TierError`). A tier
     is scheduling only (assignment, the consumers' order, the sources' memory):
     results are the same with or without, and a resume may change them.
+    **Autoscaling** (docs/autoscaling.md). ``autoscale=rf.Autoscale(min_consumers=1,
+    max_consumers=8, ...)`` sizes the consumer group while the job runs, from the input rate,
+    the consumers' true processing rate (rows per busy second) and the lag. The job starts with
+    ``consumers`` if given (it must lie within the bounds), else with ``min_consumers``.
+    Every scaling action is an ``autoscale`` event in the catalog, ``run.status()["autoscale"]``
+    shows the recent decisions. Not for a pipeline of several ``stages`` (yet).
     """
 
     def __init__(
@@ -90,7 +96,7 @@ class Pipeline:
         partitions: int = 16,
         operator: _ops.Operator | Sequence[_ops.Operator] | None = None,
         sink: Sink | None = None,
-        consumers: int = 2,
+        consumers: int | None = None,
         checkpoint_dir: str | os.PathLike = "checkpoints",
         checkpoint_interval_s: float | None = None,
         local_paths_shared: bool = False,
@@ -102,6 +108,7 @@ class Pipeline:
         idle_timeout_s: float | None = 30.0,
         stages: Sequence[Stage] | None = None,
         tiers: Sequence[Tier] | None = None,
+        autoscale: Autoscale | None = None,
     ):
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ConfigError(
@@ -116,8 +123,7 @@ class Pipeline:
             )
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
             raise ConfigError(f"partitions must be an integer >= 1, got {partitions!r}")
-        if isinstance(consumers, bool) or not isinstance(consumers, int) or consumers < 1:
-            raise ConfigError(f"consumers must be an integer >= 1, got {consumers!r}")
+        consumers = _initial_consumers(consumers, autoscale, staged=bool(stages))
         if sink is not None and not isinstance(sink, Sink):
             raise ConfigError(f"sink must be an rf.sinks sink, got {sink!r}")
         if not isinstance(local_paths_shared, bool):
@@ -200,6 +206,7 @@ class Pipeline:
             faults=faults,
             event_time=clock,
             tiers=tiers,
+            autoscale=autoscale,
         )
         self._stages: list[Pipeline] = []
         if stages:
@@ -318,6 +325,40 @@ class Pipeline:
         if self._stages:
             return StagedRun([p._spec for p in self._stages])
         return Run(self._spec)
+
+
+#: Consumers of a job that names none and is not autoscaled.
+DEFAULT_CONSUMERS = 2
+
+
+def _initial_consumers(consumers: int | None, autoscale: Autoscale | None, *, staged: bool) -> int:
+    """The consumers a job starts with: ``consumers`` (default :data:`DEFAULT_CONSUMERS`); an
+    autoscaled job starts with ``consumers`` when given (within the autoscaler's bounds), else
+    with ``min_consumers``, and the autoscaler takes it from there."""
+    if consumers is not None and (
+        isinstance(consumers, bool) or not isinstance(consumers, int) or consumers < 1
+    ):
+        raise ConfigError(f"consumers must be an integer >= 1, got {consumers!r}")
+    if autoscale is None:
+        return DEFAULT_CONSUMERS if consumers is None else consumers
+    if not isinstance(autoscale, Autoscale):
+        raise ConfigError(
+            f"autoscale must be an rf.Autoscale(min_consumers=..., max_consumers=...), got {autoscale!r}"
+        )
+    if staged:
+        raise ConfigError(
+            "autoscale= does not apply to a pipeline of several stages yet: size each stage with "
+            "rf.Stage(consumers=...), or run the stages as pipelines of their own"
+        )
+    if consumers is None:
+        return autoscale.min_consumers
+    if not autoscale.min_consumers <= consumers <= autoscale.max_consumers:
+        raise ConfigError(
+            f"consumers={consumers} is outside the autoscaler's bounds [{autoscale.min_consumers}, "
+            f"{autoscale.max_consumers}]: start within them, or leave consumers out to start with "
+            "min_consumers"
+        )
+    return consumers
 
 
 @dataclass(frozen=True, kw_only=True)

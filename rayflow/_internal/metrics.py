@@ -146,3 +146,32 @@ class ConsumerMetrics:
         self.step.observe(seconds, tags=self.tags)
         if rows:
             self.rows.inc(rows, tags=self.tags)
+
+
+class AutoscaleMetrics:
+    """The autoscaler's figures (exported from the driver's process)."""
+
+    def __init__(self, pipeline: str):
+        self.tags = {"pipeline": pipeline}
+        self.target = Gauge(
+            "rayflow_autoscale_target_consumers", "Consumers the autoscaler wants.", ("pipeline",)
+        )
+        self.current = Gauge(
+            "rayflow_autoscale_consumers", "Consumers running, as the autoscaler sees them.", ("pipeline",)
+        )
+        self.needed = Gauge(
+            "rayflow_autoscale_needed_consumers",
+            "Consumers needed at the target utilization, unrounded (DS2 estimate).",
+            ("pipeline",),
+        )
+        self.actions = Counter(
+            "rayflow_autoscale_actions", "Scaling actions, by direction.", ("pipeline", "action")
+        )
+
+    def publish(self, decision, *, consumers: int) -> None:
+        self.target.set(decision.target, tags=self.tags)
+        self.current.set(consumers, tags=self.tags)
+        if decision.needed is not None:
+            self.needed.set(decision.needed, tags=self.tags)
+        if decision.action != "hold":
+            self.actions.inc(1, tags={**self.tags, "action": decision.action})

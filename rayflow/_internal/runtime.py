@@ -39,6 +39,7 @@ import pyarrow as pa
 import ray
 
 from rayflow._internal import naming
+from rayflow._internal.autoscaler import Autoscaler
 from rayflow._internal.chain import Chain, operator_error
 from rayflow._internal.checkpoint.catalog import catalog_path
 from rayflow._internal.checkpoint.commit import output_stream
@@ -53,7 +54,7 @@ from rayflow._internal.source_actor import SourceActor
 from rayflow._internal.tiers import check_keys as check_tier_keys
 from rayflow._internal.tiers import resolve as resolve_tiers
 from rayflow._internal.watermarks import EventTime, check_event_time_column
-from rayflow.config import EngineConfig, auto_num_sources
+from rayflow.config import Autoscale, EngineConfig, auto_num_sources
 from rayflow.errors import (
     ConfigError,
     IncompatibleCheckpointError,
@@ -98,6 +99,8 @@ class JobSpec:
     event_time: EventTime | None = None
     #: Priority tiers (``rf.Tier``, docs/tiers.md), resolved against the map at each start.
     tiers: tuple = ()
+    #: Autoscaling of the consumer group (``rayflow.config.Autoscale``), or ``None``: fixed size.
+    autoscale: Autoscale | None = None
 
 
 @dataclass
@@ -342,6 +345,10 @@ class Run:
         self._stop_requested = threading.Event()
         self._stopped = threading.Event()  # stop() has finished (its result or its error is set)
         self._stop_error: BaseException | None = None
+        # The group's membership (``self.consumers``) changes from scale() and from the
+        # replacement of dead consumers, and the autoscaler calls scale() from its own thread.
+        self._group_lock = threading.RLock()
+        self.autoscaler: Autoscaler | None = None
         self.unbounded = spec.source.unbounded
         self.paths = resolve_paths(spec)
         splits, schema = check_input(spec)
@@ -381,6 +388,8 @@ class Run:
             self._activate()
             self.startup_s = time.monotonic() - t0
             self._start_reading()
+            if spec.autoscale is not None:
+                self.start_autoscaler(spec.autoscale)
         except BaseException:
             self._teardown()
             raise
@@ -559,6 +568,8 @@ class Run:
         (``late_rows``, ``open_windows``, ``state_rows``, ...), summed overall.
         Priority tiers (docs/tiers.md): per partition its ``tier`` (``"default"`` unless an
         ``rf.Tier`` names it); ``dedicated``: each dedicated consumer -> its tier's name.
+        With ``Pipeline(autoscale=...)``, ``autoscale``: its config, target, actions
+        and recent decisions with the numbers that made them (``_internal/autoscaler.py``).
         """
         st = self._last_status = self._get(self.manager.status.remote())
         src = self._get([s.stats.remote() for s in self.sources])
@@ -587,12 +598,32 @@ class Run:
             "state_spilled_bytes",
         )
         st["consumers"] = {n: {k: c[k] for k in keys} for n, c in self._poll_consumers().items()}
+        if self.autoscaler is not None:
+            st["autoscale"] = self.autoscaler.status()
         return st
+
+    def start_autoscaler(self, config: Autoscale, *, decide=None) -> Autoscaler:
+        """Start sizing the group with ``config`` (``Pipeline(autoscale=...)`` does this at
+        start; ``decide`` swaps the policy, for benchmarks). Stopped by :meth:`stop` and at the
+        end of the run."""
+        if self.autoscaler is not None:
+            raise ConfigError(f"pipeline {self.spec.name!r} is autoscaled already")
+        self.autoscaler = Autoscaler(self, config, decide=decide)
+        self.autoscaler.start()
+        return self.autoscaler
+
+    def _stop_autoscaler(self) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
 
     def scale(self, *, consumers: int) -> None:
         """Change the number of consumers while the job runs (graceful on the way down)."""
         if isinstance(consumers, bool) or not isinstance(consumers, int) or consumers < 1:
             raise ConfigError(f"consumers must be an integer >= 1, got {consumers!r}")
+        with self._group_lock:
+            self._scale(consumers)
+
+    def _scale(self, consumers: int) -> None:
         self.desired_consumers = consumers
         self._poll_consumers()  # forget (and replace) consumers that died meanwhile
         cur = len(self.consumers)
@@ -620,6 +651,10 @@ class Run:
         exception as it is (with a note naming the consumer), anything else as
         a rayflow error.
         """
+        with self._group_lock:
+            return self._poll_consumers_locked()
+
+    def _poll_consumers_locked(self) -> dict[str, dict]:
         refs = {c.status.remote(): name for name, c in self.consumers.items()}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=_STATUS_WAIT_S)
         out, dead = {}, 0
@@ -793,6 +828,7 @@ class Run:
                 return self._result
             self._stop_requested.set()
             try:
+                self._stop_autoscaler()  # before anything stops: no scaling while the group drains
                 self._result = self._stop(timeout_s, drain=drain)
                 return self._result
             except BaseException as e:
@@ -855,6 +891,7 @@ class Run:
 
     def _teardown(self) -> None:
         """Stop every actor of the run (best effort: each failure is logged), then its job file."""
+        self._stop_autoscaler()
         if not self._actors:
             return
         actors, self._actors = self._actors, []

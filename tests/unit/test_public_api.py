@@ -6,6 +6,7 @@ import rayflow as rf
 def test_public_names_are_pinned():
     assert rf.__all__ == sorted(rf.__all__)
     assert rf.__all__ == [
+        "Autoscale",
         "EngineConfig",
         "Pipeline",
         "Result",

@@ -979,6 +979,11 @@ class GroupManager:
             "operators": info.get("operators", {}),
         }
 
+    async def record_event(self, kind: str, detail: dict) -> None:
+        """Record an event of the driver's (an ``autoscale`` decision) in the catalog's events
+        table; queued on the I/O thread behind the group's own events (order kept)."""
+        self._in_io_later(self.catalog.record_events, [(kind, dict(detail))])
+
     async def moves_since(self, index: int = 0) -> list[dict]:
         """Completed partition moves (with their pause), from the ``index``-th on (counting
         from the start of this manager; only the last ``MOVES_KEPT`` are kept)."""
