@@ -1,16 +1,22 @@
 """Autoscaling end to end on real Ray: a rate step grows the group, the drop shrinks it, every
-action is an ``autoscale`` event in the catalog, and the result is exact (docs/autoscaling.md)."""
+action is an ``autoscale`` event in the catalog, and the result is exact (docs/autoscaling.md).
+
+No step of it depends on timing: the input is an endless paced stream (a step up, then a low rate
+for ever), the test waits for the growth and then for the shrink however long they take on a
+loaded machine, then stops with a drain (a consistent cut) and compares with DuckDB's GROUP BY
+over exactly the rows the cut covers."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import duckdb
 import pytest
 from ray._common.test_utils import wait_for_condition
 
 import rayflow as rf
-from rayflow.testing import assert_same_rows, keyed_reference, throttle
+from rayflow.testing import assert_same_rows, duckdb_reference, keyed_reference, throttle
 
 pytestmark = pytest.mark.ray
 
@@ -19,12 +25,18 @@ AGGS = [("value", "count"), ("value", "sum")]
 #: consumers' capacity adds up on a 2-core machine): 20k/s needs 1 consumer at 0.7 utilization,
 #: 100k/s needs 3.
 PER_CONSUMER = 50_000
-PROFILE = [(1.5, 20_000), (2.5, 100_000), (5.0, 20_000)]
-EVENTS = sum(int(s * r) for s, r in PROFILE)
+#: The step up, then the low rate until the test stops the job (once it has seen the shrink).
+PROFILE = [(1.5, 20_000), (2.5, 100_000), (math.inf, 20_000)]
+KEYS, SEED = 2_000, 11
+#: The latest change of each key: what the Aggregate's upsert stream says now.
+LATEST = (
+    "SELECT key, value_count, value_sum FROM x "
+    "QUALIFY row_number() OVER (PARTITION BY key ORDER BY _version DESC) = 1"
+)
 
 
 def test_rate_step_grows_then_shrinks_the_group_exactly(ray_session, tmp_path):
-    src = rf.sources.Synthetic(rate=PROFILE, events=EVENTS, keys=2_000, seed=11)
+    src = rf.sources.Synthetic(rate=PROFILE, keys=KEYS, seed=SEED)
     run = rf.Pipeline(
         name="autoscale",
         source=src,
@@ -48,16 +60,30 @@ def test_rate_step_grows_then_shrinks_the_group_exactly(ray_session, tmp_path):
     ).start()
     try:
         assert len(run.consumers) == 1  # starts with min_consumers
+        peak = [1]
+
+        def target() -> int:
+            t = run.status()["autoscale"]["target"]
+            peak[0] = max(peak[0], t)
+            return t
+
         # The step up: the group grows (status shows the decision and its numbers).
-        wait_for_condition(
-            lambda: run.status()["autoscale"]["target"] >= 2, timeout=30, retry_interval_ms=200
-        )
+        wait_for_condition(lambda: target() >= 2, timeout=60, retry_interval_ms=200)
         up = next(d for d in run.status()["autoscale"]["decisions"] if d["action"] == "scale_up")
         assert up["rows_per_busy_s"] > 0 and up["needed"] > 1 and up["input_rows_per_s"] > 0
-        result = run.wait(timeout_s=60)
+        # Back at the low rate for good: the group shrinks, whenever the guards let it.
+        wait_for_condition(lambda: target() < peak[0], timeout=90, retry_interval_ms=200)
+        wait_for_condition(lambda: len(run.consumers) < peak[0], timeout=60, retry_interval_ms=200)
+        result = run.stop(drain=True)
     finally:
         run.stop()
-    assert_same_rows(result.output, keyed_reference(src.to_table()))
+    assert run.autoscaler is not None and not run.autoscaler._thread.is_alive()  # stopped with the run
+    assert result.stats["drained"], "a drained stop: every partition at the same cut"
+    events = result.stats["events"]
+    assert events > 0
+    # The cut covers the stream's first `events` rows: the paced stream's rows are the unpaced one's.
+    read = rf.sources.Synthetic(events=events, keys=KEYS, seed=SEED, splits=1).to_table()
+    assert_same_rows(duckdb_reference(LATEST, x=result.output), keyed_reference(read))
 
     con = duckdb.connect(run.paths.catalog, read_only=True)
     try:
