@@ -214,6 +214,8 @@ AUTOSCALE_COOLDOWN_S = 10.0
 #: Seconds after any scaling action before a scale-down: scaling down too early costs a second
 #: rebalance and, if the load comes back, a third.
 AUTOSCALE_SCALE_DOWN_DELAY_S = 60.0
+#: The longest decision interval accepted (a day): an autoscaler that decides less often is none.
+AUTOSCALE_MAX_INTERVAL_S = 86_400.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,6 +268,13 @@ class Autoscale:
         if self.target_utilization > 1:
             raise ConfigError(
                 f"Autoscale.target_utilization is a busy fraction in (0, 1], got {self.target_utilization!r}"
+            )
+        # The loop waits interval_s between decisions: a wait past the platform's time_t raises
+        # (OverflowError) in the autoscaler's thread, which would then never decide.
+        if self.interval_s > AUTOSCALE_MAX_INTERVAL_S:
+            raise ConfigError(
+                f"Autoscale.interval_s must be at most {AUTOSCALE_MAX_INTERVAL_S:g} s, got {self.interval_s!r}: "
+                "to keep a fixed size, leave autoscale= out"
             )
         if self.scale_down_delay_s < self.cooldown_s:
             raise ConfigError(

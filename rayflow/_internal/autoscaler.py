@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import ray
 
@@ -80,6 +80,8 @@ class Autoscaler:
         self.last_error: str | None = None
         self.t0 = time.monotonic()
         self._prev: dict | None = None
+        #: Consumers that answered a status poll before (``observation``'s ``seen``).
+        self._seen: set[str] = set()
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=RATE_INTERVALS + 1)
         self._hold_event: tuple[str | None, float] = (None, -math.inf)
         self._halt = threading.Event()
@@ -128,12 +130,14 @@ class Autoscaler:
         """One interval: measure, decide, act, record. ``None`` for the first sample (no interval)."""
         cur = self._sample()
         prev, self._prev = self._prev, cur
+        seen, self._seen = self._seen, self._seen | set(cur["consumers"])
         self._arrivals.append((cur["t"], cur["arrived"]))
         if prev is None or cur["t"] <= prev["t"]:
             return None
         obs = observation(
             prev, cur, consumers=len(self.run.consumers), partitions=self.run.spec.partitions,
             schedulable=self._schedulable(), inflight_s=self.run.spec.config.checkpoint_interval_s,
+            seen=seen,
         )  # fmt: skip
         (t0, a0), (t1, a1) = self._arrivals[0], self._arrivals[-1]
         if t1 > t0:  # the input rate over the last RATE_INTERVALS intervals (not reset by actions)
@@ -208,12 +212,17 @@ def observation(
     partitions: int,
     schedulable: int | None,
     inflight_s: float = 0.0,
+    seen: Collection[str] = (),
 ) -> policy.Observation:
     """The interval between two samples as the policy's input (pure). A consumer new since
-    ``prev`` counts from zero; one gone since is left out."""
+    ``prev`` counts from zero; one gone since is left out, and so is one missing from ``prev``
+    that was ``seen`` before (it did not answer that status poll in time: its work over this
+    interval is unknown, and counted from zero it would bring everything it ever did)."""
     dt = cur["t"] - prev["t"]
     busy, rows = [], []
     for name, (b, r) in cur["consumers"].items():
+        if name not in prev["consumers"] and name in seen:
+            continue
         b0, r0 = prev["consumers"].get(name, (0.0, 0))
         busy.append(min(1.0, max(0.0, (b - b0) / dt)))
         rows.append(max(0, r - r0))

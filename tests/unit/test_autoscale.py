@@ -170,6 +170,24 @@ def test_observation_from_two_status_samples():
     assert true_rate(o) == pytest.approx(4_000)
 
 
+def test_a_consumer_missing_from_the_previous_sample_is_left_out_unless_new():
+    """A consumer that did not answer one status poll (skipped, not waited for) reappears with
+    everything it did since it started: counted from zero, its rows would swell the true rate
+    and shrink the group. Only a consumer never seen before counts from zero."""
+
+    def sample(t, consumers):
+        return {"t": t, "arrived": 0, "consumers": consumers, "lag": (0,), "uncommitted": 0}
+
+    a = sample(10.0, {"consumer-0": (1.0, 1_000)})  # consumer-1 was slow to answer here
+    b = sample(11.0, {"consumer-0": (1.5, 1_500), "consumer-1": (50.0, 900_000), "consumer-2": (0.2, 100)})
+    kw = {"consumers": 3, "partitions": 4, "schedulable": None}
+    o = observation(a, b, **kw, seen={"consumer-0", "consumer-1"})
+    assert o.rows == (500, 100) and o.busy_fraction == pytest.approx((0.5, 0.2))
+    assert true_rate(o) == pytest.approx(600 / 0.7)
+    # Without what was seen before, every consumer absent from prev is new (as before).
+    assert observation(a, b, **kw).rows == (500, 900_000, 100)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -178,6 +196,8 @@ def test_observation_from_two_status_samples():
         {"target_utilization": 1.5},
         {"target_utilization": 0},
         {"interval_s": 0},
+        {"interval_s": float("inf")},  # the loop's wait would raise OverflowError: a dead thread
+        {"interval_s": 1e300},
         {"cooldown_s": -1},
         {"cooldown_s": 30, "scale_down_delay_s": 10},
         {"catch_up_s": "30"},
