@@ -28,7 +28,7 @@ from rayflow._internal.stages import StagedRun
 from rayflow._internal.tiers import resolve as resolve_tiers
 from rayflow._internal.watermarks import EventTime
 from rayflow.config import Autoscale, EngineConfig
-from rayflow.errors import ConfigError
+from rayflow.errors import ConfigError, TierError
 from rayflow.partitioning import PartitionMap, key_columns
 from rayflow.sinks import Collect, Sink
 from rayflow.sinks import Parquet as ParquetSink
@@ -176,6 +176,8 @@ class Pipeline:
                     "them as its own pipeline"
                 )
             # Checked against the map a job starts with; each start resolves them again (Run).
+            if autoscale is not None:
+                _check_tiers_fit(tiers, partitions, autoscale)
             resolve_tiers(tiers, PartitionMap.uniform(partitions), consumers=consumers)
         joined = False
         for op in ops:
@@ -359,6 +361,23 @@ def _initial_consumers(consumers: int | None, autoscale: Autoscale | None, *, st
             "min_consumers"
         )
     return consumers
+
+
+def _check_tiers_fit(tiers: tuple, partitions: int, autoscale: Autoscale) -> None:
+    """The autoscaler may shrink the group to ``min_consumers``: the tiers' dedicated consumers
+    (and a shared one for the other partitions) must fit in that, else a scale-down would take
+    a tier's dedicated consumers away (the tier would fall back to the shared ones)."""
+    # Checked here against min_consumers, not against a count resolve() would blame on consumers=.
+    table = resolve_tiers(tiers, PartitionMap.uniform(partitions), consumers=2**31)
+    dedicated = sum(table.dedicated)
+    need = dedicated + (1 if table.needs_shared else 0)
+    if autoscale.min_consumers < need:
+        shared = " and one for the partitions no dedicated consumer serves" if table.needs_shared else ""
+        raise TierError(
+            f"the tiers ask for {dedicated} dedicated consumers{shared}, but the autoscaler may shrink "
+            f"the group to min_consumers={autoscale.min_consumers}: raise Autoscale.min_consumers to at "
+            f"least {need}, or lower dedicated_consumers"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -629,7 +630,10 @@ class Run:
         cur = len(self.consumers)
         if consumers > cur:
             self._add_consumers(consumers - cur)
-        leaving = sorted(self.consumers, key=lambda m: int(m.split("-")[1]))[consumers:]
+        dedicated: dict = {}
+        if consumers < cur and self.job.tiers is not None and any(self.job.tiers.dedicated):
+            dedicated = self._get(self.manager.status.remote()).get("dedicated") or {}
+        leaving = leaving_members(self.consumers, consumers, dedicated=dedicated)
         actors = [self.consumers.pop(m) for m in leaving]
         try:
             for ref in [a.stop.remote() for a in actors]:  # graceful: each commits, then leaves
@@ -938,6 +942,16 @@ class Run:
         if self._result is not None or not self._actors:
             return self.spec.sink.query(self.sink_store, sql)
         return self._get(self.manager.query.remote(sql))
+
+
+def leaving_members(members: Iterable[str], keep: int, *, dedicated: Collection[str] = ()) -> list[str]:
+    """The consumers a scale-down to ``keep`` removes (pure): the newest shared ones first,
+    then the newest dedicated ones (priority tiers, ``dedicated``: the members holding a tier's
+    role). Removing a dedicated consumer while a shared one could go would hand its role, and
+    so its tier's partitions, to another consumer: a pause of the tier that the role exists to
+    spare."""
+    order = sorted(members, key=lambda m: (m not in dedicated, int(m.split("-")[1])))
+    return order[keep:]
 
 
 def _per_s(rate: float) -> str:

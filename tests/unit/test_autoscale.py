@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import rayflow as rf
 from rayflow._internal.autoscaler import observation, sample_of
+from rayflow._internal.runtime import leaving_members
 from rayflow._internal.group.autoscale import (
     DOWN,
     HOLD,
@@ -301,3 +302,29 @@ def test_constant_input_does_not_flap(rate, per_busy_s, start):
     need = max(CFG.min_consumers, min(CFG.max_consumers, granular(exact, 16)))
     tolerated = n < need and exact <= n * (1 + UP_TOLERANCE)  # a hair over n: n is kept
     assert n == need or tolerated, (n, need, actions)
+
+
+# ----------------------------------------------------------------------------- priority tiers
+
+
+def test_tiers_are_checked_against_min_consumers():
+    """The autoscaler may shrink the group to min_consumers: a tier's dedicated consumers (and
+    the shared one the other partitions need) must fit in it, not only in the starting size."""
+    src = rf.sources.Synthetic(events=1000)
+    tier = rf.Tier(name="vip", priority=1, partitions=[0], dedicated_consumers=1)
+    kw = {"name": "a", "source": src, "key": "key", "partitions": 4, "tiers": [tier]}
+    with pytest.raises(rf.errors.TierError, match="min_consumers"):
+        rf.Pipeline(**kw, consumers=3, autoscale=rf.Autoscale(min_consumers=1, max_consumers=4))
+    p = rf.Pipeline(**kw, autoscale=rf.Autoscale(min_consumers=2, max_consumers=4))
+    assert p.consumers == 2
+
+
+def test_a_scale_down_removes_shared_consumers_before_dedicated_ones():
+    members = ["consumer-0", "consumer-1", "consumer-2", "consumer-10"]
+    assert leaving_members(members, 2) == ["consumer-2", "consumer-10"]  # the newest
+    # consumer-10 holds a tier's role: it stays, the newest shared ones go.
+    assert leaving_members(members, 2, dedicated={"consumer-10"}) == ["consumer-1", "consumer-2"]
+    assert leaving_members(members, 1, dedicated={"consumer-2", "consumer-10"}) == [
+        "consumer-10", "consumer-0", "consumer-1",
+    ]  # fmt: skip
+    assert leaving_members(members, 4, dedicated={"consumer-0"}) == []
