@@ -725,6 +725,9 @@ class Run:
         with self._stop_lock:  # a stop() racing the end of the input: one result
             if self._result is None:
                 try:
+                    # Before the result is read off the consumers (it iterates self.consumers,
+                    # which a scale from the autoscaler's thread would change under it).
+                    self._stop_autoscaler()
                     self._result = self._result_from(st, stopped=False)
                 finally:
                     self._teardown()

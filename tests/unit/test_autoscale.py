@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 import rayflow as rf
 from rayflow._internal.autoscaler import observation, sample_of
-from rayflow._internal.runtime import leaving_members
 from rayflow._internal.group.autoscale import (
     DOWN,
     HOLD,
@@ -23,6 +22,7 @@ from rayflow._internal.group.autoscale import (
     keda_recommendation,
     true_rate,
 )
+from rayflow._internal.runtime import leaving_members
 from rayflow.errors import ConfigError
 
 # Round numbers: target utilization 0.5, so a consumer of 100k rows per busy second takes 50k/s.
