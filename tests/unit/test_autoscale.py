@@ -328,3 +328,15 @@ def test_a_scale_down_removes_shared_consumers_before_dedicated_ones():
         "consumer-10", "consumer-0", "consumer-1",
     ]  # fmt: skip
     assert leaving_members(members, 4, dedicated={"consumer-0"}) == []
+
+
+def test_the_cooldown_drops_its_observations():
+    """During the cooldown the partitions that moved pause and restore: the rate measured then
+    describes the rebalance, so it must not be kept for a later interval too light to measure."""
+    state = PolicyState(last_action_s=NOW - 1.0, rows_per_busy_s=100_000.0)
+    _, state = decide(obs(per_busy_s=10_000.0), state, CFG)  # within the 5 s cooldown
+    assert state.rows_per_busy_s == 100_000.0 and state.pending == (0, 0.0)
+    # After it, an interval with too little work to measure uses the rate of before the action.
+    light = obs(now_s=NOW + 10, busy=0.001, per_busy_s=100_000.0, rate=100_000.0, consumers=2)
+    d, _ = decide(light, state, CFG)
+    assert d.rows_per_busy_s == 100_000.0

@@ -156,8 +156,11 @@ def _work(obs: Observation, pending: tuple[int, float]) -> tuple[int, float]:
     return pending[0] + sum(obs.rows), pending[1] + sum(obs.busy_fraction) * obs.interval_s
 
 
-def _measure(obs: Observation, state: PolicyState) -> PolicyState:
-    """The state with this interval's true rate (or the last one, and the work kept pending)."""
+def _measure(obs: Observation, state: PolicyState, cfg: Autoscale) -> PolicyState:
+    """The state with this interval's true rate (or the last one, and the work kept pending).
+    Within the cooldown the interval is dropped (guard 2): it measures the rebalance."""
+    if state.last_action_s is not None and obs.now_s - state.last_action_s < cfg.cooldown_s:
+        return replace(state, pending=(0, 0.0))
     measured = true_rate(obs, state.pending)
     if measured is None:
         return replace(state, pending=_work(obs, state.pending))
@@ -181,7 +184,7 @@ def ceiling(obs: Observation, cfg: Autoscale) -> int:
 
 def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decision, PolicyState]:
     """The rayflow policy: DS2's true rates, one step to the needed count, guarded (module doc)."""
-    state = _measure(obs, state)
+    state = _measure(obs, state, cfg)
     rate = state.rows_per_busy_s
     demand = max(0.0, obs.input_rows_per_s) + backlog(obs) / cfg.catch_up_s
     if rate is None:
@@ -227,7 +230,7 @@ def decide_keda(
     Kubernetes' HPA applies after KEDA, so that only the signal differs)."""
     lag = obs.uncommitted_rows if obs.uncommitted_rows is not None else sum(obs.lag_rows)
     rec = keda_recommendation(lag, lag_threshold_rows=lag_threshold_rows, cfg=cfg)
-    state = _measure(obs, state)
+    state = _measure(obs, state, cfg)
     return _guard(
         obs, state, cfg, recommended=rec, needed=lag / lag_threshold_rows, demand=obs.input_rows_per_s,
         rate=state.rows_per_busy_s, basis=f"lag / {lag_threshold_rows:g} rows",
