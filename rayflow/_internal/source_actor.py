@@ -598,7 +598,8 @@ class SourceActor:
         )
         if self.combiner is not None:  # after routing: a replay's cut applies to the input rows
             parts = [(p, first, self.combiner.combine(sub)) for p, first, sub in parts]
-            self.combined_rows += sum(sub.num_rows for _, _, sub in parts)
+            with self._skew_lock:  # reader threads of unbounded splits add at once
+                self.combined_rows += sum(sub.num_rows for _, _, sub in parts)
         return end, self._store(parts), batch.num_rows, wm, timed
 
     def _observe_skew(self, batch: pa.RecordBatch, hashes: np.ndarray, key) -> None:
