@@ -58,7 +58,7 @@ def test_overloaded_job_throttles_the_bulk_tier_first(ray_session, tmp_path):
         seen["status"], seen["default"] = st, backlog["default"]
         # Relative, so a hiccup of the higher tiers on a loaded machine waits for the bulk to
         # fall further behind rather than failing: the claim is the order, not a number of rows.
-        return backlog["default"] >= max(20_000, 3 * max(peak["critical"], peak["standard"]))
+        return backlog["default"] >= max(20_000, 2.5 * max(peak["critical"], peak["standard"]))
 
     wait_for_condition(bulk_fell_behind, timeout=60, retry_interval_ms=100)
     st = seen["status"]
@@ -67,8 +67,9 @@ def test_overloaded_job_throttles_the_bulk_tier_first(ray_session, tmp_path):
     owners = {p["partition"]: p["owner"] for p in st["partitions"]}
     assert st["dedicated"] == {owners[0]: "critical"}
     assert {owners[1], owners[2], owners[3]} == {next(m for m in st["members"] if m != owners[0])}
-    # The bulk tier fell 20k rows behind while the higher tiers' backlogs stayed a third of it.
-    assert 3 * max(peak["critical"], peak["standard"]) <= seen["default"], peak
+    # The bulk tier (two partitions) fell 20k rows behind while the higher tiers' backlogs stayed
+    # under 1/2.5 of it: with no tier order (round-robin) "standard" would be at about half of it.
+    assert 2.5 * max(peak["critical"], peak["standard"]) <= seen["default"], peak
     print("tier backlog peaks", peak)
     result = run.wait(timeout_s=120)
     assert_same_rows(result.output, duckdb_reference(KEYED_SQL, events=src.to_table()))
@@ -79,13 +80,17 @@ def test_dedicated_consumer_dies_then_a_resume_changes_the_tiers(ray_session, tm
     replacement joins: the coordinator test in tests/unit/test_assignment_tiers.py pins that
     step), and the driver's replacement takes the role back while the tier still has work; the
     job stops and resumes with other tiers (not part of the checkpoint); the result is exact."""
-    data = rf.sources.Synthetic(events=200_000, keys=10_000, seed=3).to_table()
+    # Paced (6 s of input at 20k/s; the resume catches up at full speed): the critical tier
+    # keeps getting rows until the input ends, whatever the speed of this machine, so the
+    # replacement has seconds to take its role back, not what was left of an unpaced backlog
+    # (about half a second: the shared consumer serves the critical tier first).
+    src = rf.sources.Synthetic(events=120_000, keys=10_000, seed=3, rate=20_000)
     aggs = rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")])
 
     def job(tiers):
         return make_job(
-            tmp_path, "tiers-resume", data, batch_rows=5_000, partitions=4, consumers=2,
-            operator=[throttle(40_000), aggs], checkpoint_interval_s=0.2, tiers=tiers,
+            tmp_path, "tiers-resume", src, partitions=4, consumers=2,
+            operator=[throttle(100_000), aggs], checkpoint_interval_s=0.2, tiers=tiers,
         )  # fmt: skip
 
     run = job([rf.Tier(name="critical", priority=1, partitions=[0], dedicated_consumers=1)]).start()
@@ -107,4 +112,4 @@ def test_dedicated_consumer_dies_then_a_resume_changes_the_tiers(ray_session, tm
     assert not run.status()["partitions"][0]["final"]  # the role was taken while the tier had work
     run.stop()
     result = job([rf.Tier(name="other", priority=1, partitions=[3])]).run(timeout_s=120)
-    assert_same_rows(result.output, duckdb_reference(KEYED_SQL, events=data))
+    assert_same_rows(result.output, duckdb_reference(KEYED_SQL, events=src.to_table()))
