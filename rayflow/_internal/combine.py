@@ -110,15 +110,31 @@ def combiner_for(
         why = "the pipeline has event_time, and a combined row has no single event time: drop one of the two"
     elif multi_input:
         why = "the pipeline reads several inputs, each with its own key: drop combine_at_source"
-    elif any(not getattr(s, "dense", True) for s in splits):
-        gaps = next(s.name for s in splits if not getattr(s, "dense", True))
-        why = (
-            f"split {gaps!r} has positions with gaps (a Kafka partition); a batch of it may be cut "
-            "at a row's position, which a combined row does not have: drop combine_at_source"
-        )
+    else:
+        why = _gaps(splits)
     if why is not None:
         raise ConfigError(f"{op!r} has combine_at_source=True, but {why}")
     missing = [c for c in key if c not in op.by]
     if missing:  # Aggregate.check_input says so too; here for a job checked in another order
         raise ConfigError(f"{op!r}: by= must include the pipeline's key columns; {missing} are missing")
     return Combiner(by=tuple(op.by), partials=tuple(op._aggs.partials))
+
+
+def _gaps(splits: Sequence) -> str | None:
+    """Why ``splits`` cannot be combined (None: they can): one has positions with gaps."""
+    gaps = next((s.name for s in splits if not getattr(s, "dense", True)), None)
+    if gaps is None:
+        return None
+    return (
+        f"split {gaps!r} has positions with gaps (a Kafka partition); a batch of it may be cut "
+        "at a row's position, which a combined row does not have: drop combine_at_source"
+    )
+
+
+def check_new_splits(combiner: Combiner | None, splits: Sequence) -> None:
+    """Splits a dynamic source lists after the start (pure): a :class:`ConfigError` if the job
+    combines and one has positions with gaps. :func:`combiner_for` checks the splits of the
+    start only, and a dynamic source may list none then (or other kinds later)."""
+    why = _gaps(splits) if combiner is not None else None
+    if why is not None:
+        raise ConfigError(f"Aggregate(combine_at_source=True) over {combiner.by}: {why}")

@@ -72,6 +72,7 @@ class ManagerMetrics:
         self.rebalances = Counter("rayflow_rebalances", "Rebalances of the consumer group.", ("pipeline",))
         self.recoveries = Counter("rayflow_recoveries", "Consumers lost and recovered.", ("pipeline",))
         self._seen = {"rebalances": 0, "recoveries": 0}
+        self._hot_shown: set[tuple] = set()  # the hot-key series set last (zeroed once they leave)
 
     def publish(self, status: dict, sources: list[dict]) -> None:
         tags = {"pipeline": self.pipeline}
@@ -119,6 +120,7 @@ class ManagerMetrics:
                 self.rate_ratio.set(part["rate_ratio"], tags=t)
         if status.get("skew") is not None:
             self.skew.set(status["skew"], tags={"pipeline": self.pipeline})
+        shown = set()
         for rank, x in enumerate(status.get("hot_keys") or [], start=1):
             t = {
                 "pipeline": self.pipeline,
@@ -127,6 +129,12 @@ class ManagerMetrics:
                 "partition": str(x["partition"]),
             }
             self.hot_key_share.set(x["share"], tags=t)
+            shown.add(tuple(t.items()))
+        # A gauge series keeps its last value until set again: a key that left the top (or moved
+        # to another rank) would go on showing its old share next to the keys now there. Zeroed.
+        for gone in self._hot_shown - shown:
+            self.hot_key_share.set(0.0, tags=dict(gone))
+        self._hot_shown = shown
 
 
 class ConsumerMetrics:

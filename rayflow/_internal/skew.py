@@ -6,7 +6,8 @@ actor) keeps a heavy-hitters summary per partition (``_internal/sketch.py``) ove
 a sliding window; :func:`add_skew` (pure) merges the summaries of all the source
 actors per partition and adds to a status:
 
-- per partition ``input_rows`` (rows routed to it in the window, over all sources),
+- per partition ``input_rows`` (rows routed to it in the window, over all sources; from the
+  weighted sample for batches over ``max_rows``, so an estimate there),
   ``rate_ratio`` (its input rate over the mean partition's: ``input_rows`` over their
   mean; 1.0 is a fair share, None before any row) and ``hot_keys`` (its hottest keys,
   largest first: ``key``, ``count``, ``share`` of the partition's rows, ``error_rows``);

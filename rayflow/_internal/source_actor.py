@@ -74,13 +74,13 @@ import pyarrow as pa
 import ray
 
 from rayflow._internal import naming
-from rayflow._internal.combine import input_rows
+from rayflow._internal.combine import check_new_splits, input_rows
 from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.queues import Budget, Counts, Entry, PartitionQueue, blamed, must_pause, place
 from rayflow._internal.skew import SkewTracker, key_values
 from rayflow._internal.spill import SpillHandle, SpillStore, close_files, spill_owner, spillable
 from rayflow._internal.watermarks import WATERMARK_END, WATERMARK_NONE, batch_max_ms
-from rayflow.errors import FencedError, MalformedInputError, PositionGapError, ProtocolError
+from rayflow.errors import ConfigError, FencedError, MalformedInputError, PositionGapError, ProtocolError
 from rayflow.partitioning import compact, hash_table, key_columns, split_by_partition
 from rayflow.sources import Split
 
@@ -598,7 +598,8 @@ class SourceActor:
         )
         if self.combiner is not None:  # after routing: a replay's cut applies to the input rows
             parts = [(p, first, self.combiner.combine(sub)) for p, first, sub in parts]
-            self.combined_rows += sum(sub.num_rows for _, _, sub in parts)
+            with self._skew_lock:  # reader threads of unbounded splits add at once
+                self.combined_rows += sum(sub.num_rows for _, _, sub in parts)
         return end, self._store(parts), batch.num_rows, wm, timed
 
     def _observe_skew(self, batch: pa.RecordBatch, hashes: np.ndarray, key) -> None:
@@ -727,6 +728,11 @@ class SourceActor:
                     and owner_of(s.name, self.dealt, self.num_sources) == self.index
                 }
                 if new:
+                    try:  # combine_at_source needs dense positions: checked at start, and here
+                        check_new_splits(self.combiner, list(new.values()))
+                    except ConfigError as e:
+                        await self._fail(e)
+                        return
                     refused = await self._record_splits(list(new.values()))
                     if refused is not None:  # for good: listing again would find the same file
                         await self._fail(refused)

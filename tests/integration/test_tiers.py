@@ -41,18 +41,24 @@ def test_overloaded_job_throttles_the_bulk_tier_first(ray_session, tmp_path):
             rf.Tier(name="standard", priority=5, partitions=[1]),
         ],
     ).start()
+    # Backlog: rows read but not processed yet (lag_rows less the processed, uncommitted ones,
+    # as the autoscaler reads it). Lag itself would also count commit latency and a share of the
+    # rows not read yet, which is spread over all partitions whatever their tier: both grow on a
+    # loaded machine and say nothing about the order a consumer serves its partitions in.
     peak = {"critical": 0, "standard": 0, "default": 0}
     seen: dict = {}
 
     def bulk_fell_behind() -> bool:
         st = run.status()
-        lag = {"critical": 0, "standard": 0, "default": 0}
+        backlog = {"critical": 0, "standard": 0, "default": 0}
         for p in st["partitions"]:
-            lag[p["tier"]] += p["lag_rows"]
-        for k, v in lag.items():
+            backlog[p["tier"]] += max(0, p["queued_rows"] - max(0, p["processed_rows"] - p["committed_rows"]))
+        for k, v in backlog.items():
             peak[k] = max(peak[k], v)
-        seen["status"] = st
-        return lag["default"] >= 20_000
+        seen["status"], seen["default"] = st, backlog["default"]
+        # Relative, so a hiccup of the higher tiers on a loaded machine waits for the bulk to
+        # fall further behind rather than failing: the claim is the order, not a number of rows.
+        return backlog["default"] >= max(20_000, 2.5 * max(peak["critical"], peak["standard"]))
 
     wait_for_condition(bulk_fell_behind, timeout=60, retry_interval_ms=100)
     st = seen["status"]
@@ -61,9 +67,10 @@ def test_overloaded_job_throttles_the_bulk_tier_first(ray_session, tmp_path):
     owners = {p["partition"]: p["owner"] for p in st["partitions"]}
     assert st["dedicated"] == {owners[0]: "critical"}
     assert {owners[1], owners[2], owners[3]} == {next(m for m in st["members"] if m != owners[0])}
-    # The bulk tier fell 20k rows behind while the higher tiers stayed within a few commit
-    # intervals of their inflow (about 10k/s each, commits every 0.3 s): measured 3k and 6k.
-    assert peak["critical"] < 10_000 and peak["standard"] < 10_000, peak
+    # The bulk tier (two partitions) fell 20k rows behind while the higher tiers' backlogs stayed
+    # under 1/2.5 of it: with no tier order (round-robin) "standard" would be at about half of it.
+    assert 2.5 * max(peak["critical"], peak["standard"]) <= seen["default"], peak
+    print("tier backlog peaks", peak)
     result = run.wait(timeout_s=120)
     assert_same_rows(result.output, duckdb_reference(KEYED_SQL, events=src.to_table()))
 
@@ -73,13 +80,17 @@ def test_dedicated_consumer_dies_then_a_resume_changes_the_tiers(ray_session, tm
     replacement joins: the coordinator test in tests/unit/test_assignment_tiers.py pins that
     step), and the driver's replacement takes the role back while the tier still has work; the
     job stops and resumes with other tiers (not part of the checkpoint); the result is exact."""
-    data = rf.sources.Synthetic(events=200_000, keys=10_000, seed=3).to_table()
+    # Paced (6 s of input at 20k/s; the resume catches up at full speed): the critical tier
+    # keeps getting rows until the input ends, whatever the speed of this machine, so the
+    # replacement has seconds to take its role back, not what was left of an unpaced backlog
+    # (about half a second: the shared consumer serves the critical tier first).
+    src = rf.sources.Synthetic(events=120_000, keys=10_000, seed=3, rate=20_000)
     aggs = rf.ops.Aggregate(by="key", aggs=[("value", "count"), ("value", "sum")])
 
     def job(tiers):
         return make_job(
-            tmp_path, "tiers-resume", data, batch_rows=5_000, partitions=4, consumers=2,
-            operator=[throttle(40_000), aggs], checkpoint_interval_s=0.2, tiers=tiers,
+            tmp_path, "tiers-resume", src, partitions=4, consumers=2,
+            operator=[throttle(100_000), aggs], checkpoint_interval_s=0.2, tiers=tiers,
         )  # fmt: skip
 
     run = job([rf.Tier(name="critical", priority=1, partitions=[0], dedicated_consumers=1)]).start()
@@ -101,4 +112,4 @@ def test_dedicated_consumer_dies_then_a_resume_changes_the_tiers(ray_session, tm
     assert not run.status()["partitions"][0]["final"]  # the role was taken while the tier had work
     run.stop()
     result = job([rf.Tier(name="other", priority=1, partitions=[3])]).run(timeout_s=120)
-    assert_same_rows(result.output, duckdb_reference(KEYED_SQL, events=data))
+    assert_same_rows(result.output, duckdb_reference(KEYED_SQL, events=src.to_table()))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rayflow as rf
-from rayflow._internal.combine import COMBINED_ROWS, combiner_for, input_rows, is_combined
+from rayflow._internal.combine import COMBINED_ROWS, check_new_splits, combiner_for, input_rows, is_combined
 from rayflow._internal.watermarks import EventTime
 from rayflow.errors import ConfigError
 from rayflow.testing import assert_same_rows, duckdb_reference
@@ -72,6 +72,12 @@ def test_refused_where_it_cannot_be_exact():
 
     with pytest.raises(ConfigError, match="positions with gaps"):
         combiner_for([agg], key=["key"], splits=[Gappy()])
+    # A dynamic source may list no such split at the start and one later: refused then too.
+    combiner = combiner_for([agg], key=["key"], splits=[])
+    check_new_splits(combiner, [Gappy(dense=True)])
+    check_new_splits(None, [Gappy()])  # the job does not combine
+    with pytest.raises(ConfigError, match="positions with gaps"):
+        check_new_splits(combiner, [Gappy(dense=True), Gappy()])
     with pytest.raises(ConfigError, match="key columns"):
         combiner_for(
             [rf.ops.Aggregate(by="other", aggs=[("value", "sum")], combine_at_source=True)], key=["key"]

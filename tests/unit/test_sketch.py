@@ -158,3 +158,20 @@ def test_the_skew_gauges_take_the_figures_and_their_absence():
     m._publish_skew(st_)
     m._publish_skew({"partitions": [{"partition": 0, "rate_ratio": 1.5}], "skew": 1.5,
                      "hot_keys": [{"key": ("a", 1), "share": 0.3, "partition": 0}]})  # fmt: skip
+
+
+def test_a_hot_key_that_leaves_the_top_is_zeroed_in_the_gauge():
+    """A gauge series keeps its last value: a key that moved rank or left the top must not go
+    on showing its old share next to the keys now there."""
+    from rayflow._internal.metrics import ManagerMetrics
+
+    m = ManagerMetrics("job")
+    sets: list[tuple[float, dict]] = []
+    m.hot_key_share = type("G", (), {"set": lambda self, v, tags: sets.append((v, tags))})()
+    part = [{"partition": 0, "rate_ratio": 1.0}]
+    m._publish_skew({"partitions": part, "hot_keys": [{"key": "a", "share": 0.5, "partition": 0}]})
+    sets.clear()
+    m._publish_skew({"partitions": part, "hot_keys": [{"key": "b", "share": 0.4, "partition": 0},
+                                                      {"key": "a", "share": 0.3, "partition": 0}]})  # fmt: skip
+    now = {(t["rank"], t["key"]): v for v, t in sets}
+    assert now == {("1", "b"): 0.4, ("2", "a"): 0.3, ("1", "a"): 0.0}
