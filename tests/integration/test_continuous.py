@@ -80,22 +80,32 @@ def applied(db) -> int:
         con.close()
 
 
-def test_duckdb_view_of_the_changes_equals_group_by(ray_session, tmp_path, data, expected):
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``rayflow ARGS`` in this process (no Ray: a subprocess would pay ~2 s of imports):
+    the exit code, stdout and stderr."""
+    from rayflow.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_duckdb_view_of_the_changes_equals_group_by(ray_session, tmp_path, data, expected, capsys):
     db = tmp_path / "view.duckdb"
     changes_job(tmp_path, "upsert", data, sink=rf.sinks.DuckDB(db, "view")).run(timeout_s=180)
     view = read_view(db)
     assert_same_rows(view, expected, columns=COLUMNS)
     assert "_version" in view.column_names
     assert applied(db) > 2 * 2  # several commits per partition: the view was built incrementally
-    cli = subprocess.run(
-        [sys.executable, "-m", "rayflow.cli", "sql", "--output", str(db), "SELECT sum(value_count) AS n FROM view"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert cli.returncode == 0, cli.stderr
-    assert cli.stdout.split() == ["n", str(data.num_rows)]
+    rc, stdout, stderr = run_cli(capsys, "sql", "--output", str(db), "SELECT sum(value_count) AS n FROM view")
+    assert rc == 0, stderr
+    assert stdout.split() == ["n", str(data.num_rows)]
 
 
-def test_parquet_changes_keep_every_version_and_latest_equals_group_by(ray_session, tmp_path, data, expected):
+def test_parquet_changes_keep_every_version_and_latest_equals_group_by(
+    ray_session, tmp_path, data, expected, capsys
+):
     out = tmp_path / "out"
     changes_job(tmp_path, "pq", data, sink=rf.sinks.Parquet(out)).run(timeout_s=180)
     versions = duckdb.sql(
@@ -103,11 +113,8 @@ def test_parquet_changes_keep_every_version_and_latest_equals_group_by(ray_sessi
     ).fetchall()[0]
     assert versions[1] > 1, "the raw upsert stream should hold several versions of a key"
     to = tmp_path / "latest.parquet"
-    cli = subprocess.run(
-        [sys.executable, "-m", "rayflow.cli", "sql", "--output", str(out), "--to", str(to), "SELECT * FROM latest"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert cli.returncode == 0, cli.stderr
+    rc, _, stderr = run_cli(capsys, "sql", "--output", str(out), "--to", str(to), "SELECT * FROM latest")
+    assert rc == 0, stderr
     assert_same_rows(pq.read_table(to), expected, columns=COLUMNS)
 
 

@@ -268,7 +268,9 @@ def test_driver_crash_then_rerun_resumes(ray_session, tmp_path, data, expected):
         key="key",
         partitions=6,
         consumers=2,
-        operator=[throttle(20_000), rf.ops.Aggregate(by="key", aggs=AGG)],
+        # The same chain (a Map's spec is its type): paced 10x faster than the crashed driver's,
+        # which had to be slow for the crash to land midway; the rerun only has to finish.
+        operator=[throttle(200_000), rf.ops.Aggregate(by="key", aggs=AGG)],
         checkpoint_dir=str(ck),
         checkpoint_interval_s=0.1,
         progress=False,

@@ -315,6 +315,8 @@ def test_backpressure_is_not_idleness(ray_session, tmp_path):
     partition would jump 5 s ahead on "b", and once reading resumes the rows of "a" (in order,
     within the bound) would be late."""
     idle_s = 1.0
+    # A queue of 100 rows (not 300) fills a few seconds sooner once consumer-1 is held: the
+    # blocking is the same, and the wait below still asks for twice the idle timeout of it.
     faults = FaultPlan(
         [Fault(point="consumer.step", actor="consumer-1", nth=20, action="pause")],
         dir=str(tmp_path / "faults"),
@@ -324,7 +326,7 @@ def test_backpressure_is_not_idleness(ray_session, tmp_path):
         operator=rf.ops.Window(by="key", aggs=[("value", "count")], tumbling_s=1),
         sink=rf.sinks.Parquet(str(tmp_path / "out")), event_time="ts", max_out_of_orderness_s=0.1,
         idle_timeout_s=idle_s,
-        config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=30.0, queue_max_rows=300, fetch_wait_s=0.05, spill_max_bytes=0),
+        config=rf.EngineConfig(heartbeat_interval_s=0.1, session_timeout_s=30.0, queue_max_rows=100, fetch_wait_s=0.05, spill_max_bytes=0),
         checkpoint_interval_s=0.2, faults=faults,
     ).start()  # fmt: skip
     try:
