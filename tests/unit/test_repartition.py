@@ -333,3 +333,27 @@ def test_event_time_state_survives_a_resplit(kind, new_n):
 
 def _sorted_rows(t: pa.Table) -> list:
     return sorted(map(repr, t.to_pylist()))
+
+
+def test_a_merge_takes_the_schema_of_a_parent_with_rows():
+    """An old partition that never got a row checkpoints an empty state of another schema (an
+    Aggregate's: the key columns alone, typed null). Merged with parents that hold rows, the new
+    base takes their schema and metadata, whichever parent comes first in range order."""
+    old, new = PartitionMap.uniform(2), PartitionMap.uniform(1, version=2)
+    table = pa.table({"key": pa.array(range(50), pa.int64()), "v": pa.array(range(50), pa.float64())})
+    routed = old.route(hash_table(table, KEY))
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        empty = pa.table({"key": pa.array([], pa.null())}).replace_schema_metadata({b"x.late_rows": b"0"})
+        f0, _ = write_state(store, "state/p00000/e1-s0-x-op0.parquet", empty, KEY)
+        full = table.filter(pa.array(routed == 1)).replace_schema_metadata(
+            {b"x.schema": b"s", b"x.late_rows": b"2"}
+        )
+        f1, n1 = write_state(store, "state/p00001/e1-s0-x-op0.parquet", full, KEY)
+        commits = {0: _commit(0, [f0], [0]), 1: _commit(1, [f1], [n1])}
+        records, _ = rp.repartition(
+            store, name="t", old=old, new=new, commits=commits, key=KEY, lease_epoch=1
+        )
+        t = store.read_parquet(records[0].state_files[0])
+        assert t.num_rows == n1 and t.schema.field("v").type == pa.float64()
+        assert t.schema.metadata == {b"x.schema": b"s", b"x.late_rows": b"2"}
