@@ -357,3 +357,41 @@ def test_a_merge_takes_the_schema_of_a_parent_with_rows():
         t = store.read_parquet(records[0].state_files[0])
         assert t.num_rows == n1 and t.schema.field("v").type == pa.float64()
         assert t.schema.metadata == {b"x.schema": b"s", b"x.late_rows": b"2"}
+
+
+def test_a_drained_stop_is_not_claimed_when_a_source_did_not_stop():
+    """``run.stop(drain=True)`` learns where reading stopped from the sources; one that did not
+    stop (dead, or stuck past the timeout) says nothing of its splits, so the partitions may
+    stand anywhere on them: ``drained`` is False, never a cut checked on the other splits only."""
+    import types
+
+    import ray
+
+    from rayflow._internal.runtime import Result, Run
+
+    class _Actor:
+        def __init__(self, **replies):
+            for name, reply in replies.items():
+                setattr(self, name, types.SimpleNamespace(remote=lambda reply=reply: reply))
+
+    dead = ray.exceptions.RayActorError()
+    positions = {0: {"a": 10, "b": 3}, 1: {"a": 10, "b": 7}}  # split "b" (the dead source's): no cut
+    run = object.__new__(Run)
+    run._actors = [object()]
+    run.map = PartitionMap.uniform(2)
+    run.manager = _Actor(status={"done": False}, ready={"positions": positions})
+    run.sources = [_Actor(stop_reading={"frontier": {"a": 10}}), _Actor(stop_reading=dead)]
+    run.consumers = {"c": _Actor(stop=None)}
+    run.spec = types.SimpleNamespace(name="t")
+
+    def _get(ref, timeout=None):
+        if isinstance(ref, BaseException):
+            raise ref
+        return ref
+
+    run._get = _get
+    run._result_from = lambda st, *, stopped, running=True: Result(output=None, stats={})
+    assert run._stop(1.0, drain=True).stats["drained"] is False
+    run.sources = run.sources[:1]  # both partitions at the one source's frontier: a cut
+    run.map = PartitionMap.uniform(1)
+    assert run._stop(1.0, drain=True).stats["drained"] is True
