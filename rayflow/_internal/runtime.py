@@ -28,6 +28,7 @@ raised as it is.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -871,12 +872,16 @@ class Run:
         sources stopped reading); False if they do not within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
-            positions = self._get(self.manager.ready.remote())["positions"]
+            ready = self._get(self.manager.ready.remote())
+            positions = ready["positions"]
             # The splits this run reads (a split of an earlier run no source lists stays where it is).
             at = [
                 {s: positions.get(p, {}).get(s, 0) for s in frontier} for p in range(self.map.num_partitions)
             ]
-            if all(a == frontier for a in at):
+            # With event time, also one committed watermark (a merge needs it): a partition
+            # commits its watermark's last move after its last rows.
+            wms = {json.dumps(ready.get("watermarks", {}).get(p), sort_keys=True) for p in range(len(at))}
+            if all(a == frontier for a in at) and len(wms) == 1:
                 return True
             if any(a[s] > v for a in at for s, v in frontier.items()):
                 # The sources were still replaying toward partitions that had committed further:

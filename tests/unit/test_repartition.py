@@ -395,3 +395,14 @@ def test_a_drained_stop_is_not_claimed_when_a_source_did_not_stop():
     run.sources = run.sources[:1]  # both partitions at the one source's frontier: a cut
     run.map = PartitionMap.uniform(1)
     assert run._stop(1.0, drain=True).stats["drained"] is True
+    # At one cut of the positions but not of event time (a partition's last watermark move not
+    # committed): a merge would be refused, so the stop is not drained either.
+    run.map = PartitionMap.uniform(2)
+    run.manager = _Actor(
+        status={"done": False},
+        ready={
+            "positions": {0: {"a": 10}, 1: {"a": 10}},
+            "watermarks": {0: {"partition": 5, "splits": {"a": 5}}, 1: {"partition": 1, "splits": {"a": 5}}},
+        },
+    )
+    assert run._stop(0.1, drain=True).stats["drained"] is False
