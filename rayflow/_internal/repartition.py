@@ -237,11 +237,13 @@ def merged_metadata(
     """The schema metadata of a new state file made from parents' files with ``metas``:
     counters (:data:`_COUNTERS`) summed over the parents whose ``shares`` is true (the new
     partition that holds the parent's low end carries its counters), watermarks required equal
-    (:class:`RepartitionError` else), anything else from the first parent."""
+    (:class:`RepartitionError` else), anything else from the first parent that has it."""
     metas = [dict(m or {}) for m in metas]
     if not metas or not any(metas):
         return None
-    out = dict(metas[0])
+    out: dict[bytes, bytes] = {}
+    for m in reversed(metas):  # a key from the first parent that has it
+        out.update(m)
     for k in {k for m in metas for k in m}:
         values = [m.get(k) for m in metas]
         decoded = [_json_dict(v) for v in values]
@@ -302,12 +304,22 @@ def _write_parts(store: Store, rel: str, schema: pa.Schema, parts) -> tuple[int,
         tmp, schema, filesystem=store.fs, compression="lz4", use_dictionary=False
     ) as writer:
         for t in parts:
-            t = t.cast(schema) if t.schema != schema else t
+            t = _conform(t, schema) if t.schema != schema else t
             writer.write_table(t, row_group_size=_ROW_GROUP_ROWS)
             rows += t.num_rows
             nbytes += t.nbytes
     store.fs.move(tmp, full)
     return rows, nbytes
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``t`` in ``schema``: its columns cast, in that order, and null columns for those it lacks
+    (parents' states written before a column was added)."""
+    cols = [
+        t.column(f.name).cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def move_state(
@@ -341,8 +353,21 @@ def move_state(
             schemas = [file_schema(store, f) for _, f in sources]
             # The parent's counters go with the new partition that holds its low end.
             shares = [lo <= old.bounds[p] < hi for p, _ in sources]
-            meta = merged_metadata([s.metadata for s in schemas], shares, where=where)
-            schema = schemas[0].with_metadata(meta) if meta is not None else schemas[0].remove_metadata()
+            # A parent that never got a row checkpoints an empty state of another schema (an
+            # Aggregate's: its key columns, typed null): the rows' schema and the metadata come
+            # from the parents with rows (range order among them), whatever their range order.
+            counts = [pq.read_metadata(store.full(f), filesystem=store.fs).num_rows for _, f in sources]
+            order = sorted(range(len(sources)), key=lambda j: not counts[j])
+            with_rows = [schemas[j].remove_metadata() for j in order if counts[j]] or [schemas[0]]
+            rows_schema = (
+                pa.unify_schemas(with_rows, promote_options="permissive")
+                if len(with_rows) > 1
+                else with_rows[0]
+            )
+            meta = merged_metadata(
+                [schemas[j].metadata for j in order], [shares[j] for j in order], where=where
+            )
+            schema = rows_schema.with_metadata(meta) if meta is not None else rows_schema.remove_metadata()
 
             def parts(sources=sources):
                 for _, f in sources:

@@ -333,3 +333,76 @@ def test_event_time_state_survives_a_resplit(kind, new_n):
 
 def _sorted_rows(t: pa.Table) -> list:
     return sorted(map(repr, t.to_pylist()))
+
+
+def test_a_merge_takes_the_schema_of_a_parent_with_rows():
+    """An old partition that never got a row checkpoints an empty state of another schema (an
+    Aggregate's: the key columns alone, typed null). Merged with parents that hold rows, the new
+    base takes their schema and metadata, whichever parent comes first in range order."""
+    old, new = PartitionMap.uniform(2), PartitionMap.uniform(1, version=2)
+    table = pa.table({"key": pa.array(range(50), pa.int64()), "v": pa.array(range(50), pa.float64())})
+    routed = old.route(hash_table(table, KEY))
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        empty = pa.table({"key": pa.array([], pa.null())}).replace_schema_metadata({b"x.late_rows": b"0"})
+        f0, _ = write_state(store, "state/p00000/e1-s0-x-op0.parquet", empty, KEY)
+        full = table.filter(pa.array(routed == 1)).replace_schema_metadata(
+            {b"x.schema": b"s", b"x.late_rows": b"2"}
+        )
+        f1, n1 = write_state(store, "state/p00001/e1-s0-x-op0.parquet", full, KEY)
+        commits = {0: _commit(0, [f0], [0]), 1: _commit(1, [f1], [n1])}
+        records, _ = rp.repartition(
+            store, name="t", old=old, new=new, commits=commits, key=KEY, lease_epoch=1
+        )
+        t = store.read_parquet(records[0].state_files[0])
+        assert t.num_rows == n1 and t.schema.field("v").type == pa.float64()
+        assert t.schema.metadata == {b"x.schema": b"s", b"x.late_rows": b"2"}
+
+
+def test_a_drained_stop_is_not_claimed_when_a_source_did_not_stop():
+    """``run.stop(drain=True)`` learns where reading stopped from the sources; one that did not
+    stop (dead, or stuck past the timeout) says nothing of its splits, so the partitions may
+    stand anywhere on them: ``drained`` is False, never a cut checked on the other splits only."""
+    import types
+
+    import ray
+
+    from rayflow._internal.runtime import Result, Run
+
+    class _Actor:
+        def __init__(self, **replies):
+            for name, reply in replies.items():
+                setattr(self, name, types.SimpleNamespace(remote=lambda reply=reply: reply))
+
+    dead = ray.exceptions.RayActorError()
+    positions = {0: {"a": 10, "b": 3}, 1: {"a": 10, "b": 7}}  # split "b" (the dead source's): no cut
+    run = object.__new__(Run)
+    run._actors = [object()]
+    run.map = PartitionMap.uniform(2)
+    run.manager = _Actor(status={"done": False}, ready={"positions": positions})
+    run.sources = [_Actor(stop_reading={"frontier": {"a": 10}}), _Actor(stop_reading=dead)]
+    run.consumers = {"c": _Actor(stop=None)}
+    run.spec = types.SimpleNamespace(name="t")
+
+    def _get(ref, timeout=None):
+        if isinstance(ref, BaseException):
+            raise ref
+        return ref
+
+    run._get = _get
+    run._result_from = lambda st, *, stopped, running=True: Result(output=None, stats={})
+    assert run._stop(1.0, drain=True).stats["drained"] is False
+    run.sources = run.sources[:1]  # both partitions at the one source's frontier: a cut
+    run.map = PartitionMap.uniform(1)
+    assert run._stop(1.0, drain=True).stats["drained"] is True
+    # At one cut of the positions but not of event time (a partition's last watermark move not
+    # committed): a merge would be refused, so the stop is not drained either.
+    run.map = PartitionMap.uniform(2)
+    run.manager = _Actor(
+        status={"done": False},
+        ready={
+            "positions": {0: {"a": 10}, 1: {"a": 10}},
+            "watermarks": {0: {"partition": 5, "splits": {"a": 5}}, 1: {"partition": 1, "splits": {"a": 5}}},
+        },
+    )
+    assert run._stop(0.1, drain=True).stats["drained"] is False

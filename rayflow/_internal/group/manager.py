@@ -356,6 +356,7 @@ class GroupManager:
             "positions": {p: c.positions for p, c in committed.items()},
             "epochs": dict(self._durable),
             "map": self.map.to_json(),  # with its version (a re-split checkpoint's is above 1)
+            "watermarks": {p: c.watermarks for p, c in committed.items()},  # for a drained stop
         }
 
     async def started_ms(self) -> int:
