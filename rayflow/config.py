@@ -285,6 +285,8 @@ SPLITS_COOLDOWN_S = 60.0
 SPLITS_MAX_PARTITIONS = 64
 #: How often the policy looks at the rates (seconds).
 SPLITS_INTERVAL_S = 1.0
+#: Never merge below this many partitions.
+SPLITS_MIN_PARTITIONS = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -295,7 +297,10 @@ class Splits:
     the mean partition's, ``run.status()``), smooths it, and splits a partition whose ratio has
     stayed above ``factor`` for ``window_s``, at the median hash of its traffic, unless the map
     has ``max_partitions`` already or the last split was less than ``cooldown_s`` ago
-    (docs/partitioning.md, "Splits at runtime"). Units: seconds; ``factor`` > 1.
+    (docs/partitioning.md, "Splits at runtime"). With ``merge_below`` (off by default), two
+    adjacent partitions whose ratios add up to less than it for ``window_s`` are merged (the
+    job drains to a consistent cut first), down to ``min_partitions``. Units: seconds;
+    ``factor`` > 1; ``merge_below`` < ``factor``.
     """
 
     factor: float = SPLITS_FACTOR
@@ -303,8 +308,21 @@ class Splits:
     cooldown_s: float = SPLITS_COOLDOWN_S
     max_partitions: int = SPLITS_MAX_PARTITIONS
     interval_s: float = SPLITS_INTERVAL_S
+    merge_below: float | None = None
+    min_partitions: int = SPLITS_MIN_PARTITIONS
 
     def __post_init__(self) -> None:
+        v = self.min_partitions
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"Splits.min_partitions must be an integer >= 1, got {v!r}")
+        v = self.merge_below
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < self.factor
+        ):
+            raise ConfigError(
+                f"Splits.merge_below must be None or a number in (0, factor={self.factor}), got {v!r}: "
+                "a merged pair must stay below the ratio that would split it again"
+            )
         v = self.max_partitions
         if isinstance(v, bool) or not isinstance(v, int) or v < 2:
             raise ConfigError(f"Splits.max_partitions must be an integer >= 2, got {v!r}")

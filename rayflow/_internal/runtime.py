@@ -51,7 +51,7 @@ from rayflow._internal.group.manager import GroupManager
 from rayflow._internal.jobfile import JobFile, delete_job_files, write_job_file
 from rayflow._internal.lag import add_lag
 from rayflow._internal.source_actor import SourceActor
-from rayflow._internal.splits import split_map, split_point
+from rayflow._internal.splits import merge_map, split_map, split_point
 from rayflow._internal.splitter import Splitter
 from rayflow._internal.tiers import check_keys as check_tier_keys
 from rayflow._internal.tiers import resolve as resolve_tiers
@@ -63,6 +63,7 @@ from rayflow.errors import (
     MissingSplitsError,
     PipelineFailedError,
     RayflowError,
+    RepartitionError,
 )
 from rayflow.ops import Operator
 from rayflow.partitioning import PartitionMap, key_columns
@@ -699,22 +700,7 @@ class Run:
         actors: seconds), not only the split partition.
         """
         with self._launch_lock, self._group_lock:
-            if self._result is not None or self._stop_requested.is_set() or not self._actors:
-                raise ConfigError(f"pipeline {self.spec.name!r} is not running: nothing to split")
-            n = self.map.num_partitions
-            if isinstance(partition, bool) or not isinstance(partition, int) or not 0 <= partition < n:
-                raise ConfigError(f"partition must be an integer in [0, {n}), got {partition!r}")
-            if self.spec.tiers:
-                raise ConfigError(
-                    "a split at runtime would renumber the partitions that tiers= names: run a tiered "
-                    "job without splits, or name the hot keys' partitions in a tier instead"
-                )
-            if isinstance(self.spec.source, Inputs):
-                raise ConfigError(
-                    "a job over several inputs (rf.sources.Inputs) cannot split a partition: its state "
-                    "carries no hash of one key to re-split by (docs/partitioning.md)"
-                )
-            t0 = time.monotonic()
+            self._check_remap(partition, self.map.num_partitions)
             # The ratio last seen (run.status(); the manager's own status has no skew figures).
             seen = {q["partition"]: q for q in (self._last_status or {}).get("partitions", [])}
             ratio = seen.get(partition, {}).get("rate_ratio")
@@ -722,46 +708,108 @@ class Run:
                 lo, hi = self.map.range_of(partition)
                 at = split_point(self._get([a.sample_hashes.remote(partition) for a in self.sources]), lo, hi)
             new = split_map(self.map, partition, at)
-            halted = self._halt()
-            committed = sum(x["committed_rows"] for x in halted["partitions"])
-            t_read, rows_at_start = self._t_read, self._rows_at_start
-            self._kill_actors()
-            for i in range(len(self.sources)):
-                _wait_name_free(naming.source_name(self.spec.name, i))
-            self.consumers, self.map = {}, new
-            self._launch(*self._input, self.desired_consumers, t0=None)
-            # The children inherit their parent's rows_total (the upsert versions): count each
-            # event once in the run's figures.
-            self._rows_at_start = self._rows_at_start - committed + rows_at_start
-            self._t_read = t_read
-            event = {
-                "partition": partition,
-                "at_hash": str(at),
-                "rate_ratio": ratio,
-                "reason": reason,
-                "old_version": new.version - 1,
-                "new_version": self.map.version,
-                "partitions": self.map.num_partitions,
-                "pause_s": round(time.monotonic() - t0, 3),
-            }
-            self._get(self.manager.record_event.remote("split", event))
-            self.partition_splits.append(event)
-            logger.info("rayflow: %r split partition %d: %s", self.spec.name, partition, event)
-            return event
+            detail = {"partition": partition, "at_hash": str(at), "rate_ratio": ratio, "reason": reason}
+            return self._remap(new, "split", detail, drain=False)
 
-    def _halt(self) -> dict:
-        """For a split: the sources stop reading, each consumer commits and leaves (one dead or
-        stuck is left: its partitions resume from their last commit); the manager's status."""
-        for refs in (
-            lambda: [s.stop_reading.remote() for s in self.sources],
-            lambda: [c.stop.remote() for c in self.consumers.values()],
+    def merge(self, partition: int, *, reason: str = "asked", timeout_s: float = _ACTOR_TIMEOUT_S) -> dict:
+        """Merge ``partition`` with the next one (``partition + 1``) while the job runs; returns
+        the ``merge`` event recorded in the catalog.
+
+        A merged partition has one position per split, so its two parents must stand
+        at the same positions: the sources stop reading and every partition processes
+        and commits all that was read (a drain, as ``stop(drain=True)``: a consistent
+        cut), then the state is merged by range as :meth:`split` re-splits it
+        (partitions above are numbered one lower). When the cut is not reached within
+        ``timeout_s`` nothing merges: the job starts again under the same map and
+        :class:`~rayflow.errors.RepartitionError` says so.
+        """
+        with self._launch_lock, self._group_lock:
+            self._check_remap(partition, self.map.num_partitions - 1)
+            new = merge_map(self.map, partition)
+            return self._remap(
+                new, "merge", {"partition": partition, "reason": reason}, drain=True, timeout_s=timeout_s
+            )
+
+    def _check_remap(self, partition: int, limit: int) -> None:
+        if self._result is not None or self._stop_requested.is_set() or not self._actors:
+            raise ConfigError(f"pipeline {self.spec.name!r} is not running: its map cannot change")
+        if isinstance(partition, bool) or not isinstance(partition, int) or not 0 <= partition < limit:
+            raise ConfigError(f"partition must be an integer in [0, {limit}), got {partition!r}")
+        if self.spec.tiers:
+            raise ConfigError(
+                "a split or merge at runtime would renumber the partitions that tiers= names: run a "
+                "tiered job without them, or name the hot keys' partitions in a tier instead"
+            )
+        if isinstance(self.spec.source, Inputs):
+            raise ConfigError(
+                "a job over several inputs (rf.sources.Inputs) cannot split or merge partitions: its "
+                "state carries no hash of one key to re-split by (docs/partitioning.md)"
+            )
+
+    def _remap(
+        self, new: PartitionMap, kind: str, detail: dict, *, drain: bool, timeout_s: float = 0.0
+    ) -> dict:
+        """Stop the actors (each consumer commits and leaves; with ``drain``, at a consistent
+        cut first), then start them again under ``new`` (the manager re-splits the state and
+        records the map in one transaction); record a ``kind`` event. Under both locks."""
+        t0 = time.monotonic()
+        halted, drained = self._halt(drain=drain, timeout_s=timeout_s)
+        committed = sum(x["committed_rows"] for x in halted["partitions"])
+        t_read, rows_at_start = self._t_read, self._rows_at_start
+        self._kill_actors()
+        for i in range(len(self.sources)):
+            _wait_name_free(naming.source_name(self.spec.name, i))
+        old = self.map
+        self.consumers = {}
+        if drained:
+            self.map = new
+        self._launch(*self._input, self.desired_consumers, t0=None)
+        # A split's children inherit their parent's rows_total (the upsert versions): count
+        # each event once in the run's figures.
+        self._rows_at_start = self._rows_at_start - committed + rows_at_start
+        self._t_read = t_read
+        if not drained:
+            raise RepartitionError(
+                f"pipeline {self.spec.name!r} could not {kind} partition {detail['partition']}: the "
+                f"partitions did not reach a consistent cut within {timeout_s} s (a merged partition "
+                "has one position per split). It goes on under the same map; try again later."
+            )
+        event = {
+            **detail,
+            "old_version": old.version,
+            "new_version": self.map.version,
+            "partitions": self.map.num_partitions,
+            "pause_s": round(time.monotonic() - t0, 3),
+        }
+        self._get(self.manager.record_event.remote(kind, event))
+        self.partition_splits.append({"kind": kind, **event})
+        logger.info("rayflow: %r %s partition %d: %s", self.spec.name, kind, detail["partition"], event)
+        return event
+
+    def _halt(self, *, drain: bool, timeout_s: float) -> tuple[dict, bool]:
+        """For a split or merge: the sources stop reading; with ``drain``, wait for a consistent
+        cut (:meth:`_drain`); each consumer commits and leaves (one dead or stuck is left: its
+        partitions resume from their last commit). The manager's status, and whether the cut
+        was reached (True without ``drain``)."""
+        frontier: dict[str, int] = {}
+        drained = True
+        for what, refs in (
+            ("sources", lambda: [s.stop_reading.remote() for s in self.sources]),
+            ("consumers", lambda: [c.stop.remote() for c in self.consumers.values()]),
         ):
+            if what == "consumers" and drain:
+                drained = self._drain(frontier, timeout_s)
             for ref in refs():
                 try:
-                    self._get(ref)
+                    got = self._get(ref)
+                    if what == "sources":
+                        frontier.update(got.get("frontier") or {})
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                    logger.warning("rayflow: stopping %r for a split: %s", self.spec.name, e)
-        return self._get(self.manager.status.remote())
+                    logger.warning(
+                        "rayflow: stopping the %s of %r to change its map: %s", what, self.spec.name, e
+                    )
+                    drained = drained and not drain
+        return self._get(self.manager.status.remote()), drained
 
     def start_splitter(self, config: Splits) -> Splitter:
         """Split hot partitions by the policy ``config`` (``_internal/splits.py``) from now on, on

@@ -1,4 +1,4 @@
-"""Hot-range splits at runtime: the policy, the split point and the new map (pure).
+"""Hot-range splits (and cold merges) at runtime: the policy, the split point, the new map (pure).
 
 A partition whose input rate stays above ``factor`` times the mean partition's
 for ``window_s`` is split in two at the median hash of its traffic; the new
@@ -13,7 +13,8 @@ split out (``Run.split``, ``docs/partitioning.md`` "Splits at runtime").
   kept): the split point is their median (:func:`split_point`), so each child
   gets about half of the partition's *traffic*, not half of its keys or of its
   range.
-- :func:`split_map` cuts one range of a map at a hash.
+- :func:`split_map` cuts one range of a map at a hash; :func:`merge_map` joins two
+  adjacent ranges (``Run.merge``: exact only at a consistent cut, which it drains to).
 
 Caveat: a range is split between hashes. One hot key is one hash: a partition
 whose traffic is one key cannot be split so that both halves carry load (the
@@ -39,12 +40,16 @@ SAMPLE_PER_BATCH = 64
 
 @dataclass(frozen=True, kw_only=True)
 class PolicyConfig:
-    """When to split (the knobs of ``rf.Splits``, see ``rayflow/config.py``)."""
+    """When to split and merge (the knobs of ``rf.Splits``, see ``rayflow/config.py``)."""
 
     factor: float
     window_s: float
     cooldown_s: float
     max_partitions: int
+    #: Merge two adjacent partitions whose smoothed ratios add up to less than this (None: never).
+    merge_below: float | None = None
+    #: Never merge below this many partitions.
+    min_partitions: int = 1
     #: Weight of a new sample in the smoothed ratio (an exponential moving average).
     smoothing: float = 0.5
 
@@ -57,17 +62,21 @@ class PolicyState:
     smoothed: Mapping[int, float] = field(default_factory=dict)
     #: partition -> since when its smoothed ratio has been above the factor.
     hot_since: Mapping[int, float] = field(default_factory=dict)
-    #: When the last split was decided (None: never).
-    last_split: float | None = None
+    #: partition -> since when it and the next one together have been below ``merge_below``.
+    cold_since: Mapping[int, float] = field(default_factory=dict)
+    #: When the last split or merge was decided (None: never).
+    last_change: float | None = None
 
 
 @dataclass(frozen=True)
 class Decision:
-    """A split of ``partition`` (None: none now), and why, with the numbers that made it."""
+    """A ``kind`` ("split", or "merge" of ``partition`` with the next one) of ``partition``
+    (None: no change now), and why, with the smoothed ratio that made it."""
 
     partition: int | None
     reason: str
     ratio: float | None = None
+    kind: str = "split"
 
 
 def decide(
@@ -76,15 +85,18 @@ def decide(
     now: float,
     config: PolicyConfig,
 ) -> tuple[PolicyState, Decision]:
-    """The policy. ``rates``: each partition's ``rate_ratio`` now (None: no figure yet).
+    """The policy. ``rates``: each partition's ``rate_ratio`` now (None: no figure yet, or a
+    finished partition: it is counted in the map's size, never split nor merged).
 
     A partition is *hot* while its smoothed ratio exceeds ``config.factor``; it is
-    split once it has been hot for ``config.window_s`` (the hottest such one, one
-    split per call), unless the map has ``config.max_partitions`` already or the
-    last split was less than ``config.cooldown_s`` ago (the rates measured right
-    after a split still mix the old map's). A partition number not in ``rates``
-    is forgotten (after a split every number from the split one up means
-    another range: the caller starts afresh with a new state).
+    split once it has been hot for ``config.window_s`` (the hottest such one), unless
+    the map has ``config.max_partitions`` already. Failing a split, two adjacent
+    partitions whose smoothed ratios add up to less than ``config.merge_below`` for
+    ``window_s`` are merged (the coldest such pair), unless the map has
+    ``config.min_partitions`` or fewer. One change per call, none within
+    ``config.cooldown_s`` of the last (the rates measured right after a change still
+    mix the old map's). After a change the caller starts afresh with a new state
+    (partition numbers mean other ranges), keeping ``last_change``.
     """
     a = config.smoothing
     smoothed: dict[int, float] = {}
@@ -94,20 +106,35 @@ def decide(
         old = state.smoothed.get(p)
         smoothed[p] = float(r) if old is None else a * float(r) + (1 - a) * old
     hot_since = {p: state.hot_since.get(p, now) for p, r in sorted(smoothed.items()) if r > config.factor}
-    state = replace(state, smoothed=smoothed, hot_since=hot_since)
-    if not hot_since:
-        return state, Decision(None, "no partition above the factor")
+    pairs = {p: r + smoothed[p + 1] for p, r in sorted(smoothed.items()) if p + 1 in smoothed}
+    cold_since = {}
+    if config.merge_below is not None:
+        cold_since = {p: state.cold_since.get(p, now) for p, r in pairs.items() if r < config.merge_below}
+    state = replace(state, smoothed=smoothed, hot_since=hot_since, cold_since=cold_since)
+    cooling = state.last_change is not None and now - state.last_change < config.cooldown_s
     ripe = [p for p, t in hot_since.items() if now - t >= config.window_s]
-    if not ripe:
+    if ripe:
+        p = max(ripe, key=lambda q: (smoothed[q], -q))
+        if len(rates) >= config.max_partitions:
+            return state, Decision(None, f"at max_partitions ({config.max_partitions})", smoothed[p])
+        if cooling:
+            return state, Decision(None, f"cooling down ({config.cooldown_s} s)", smoothed[p])
+        return replace(state, last_change=now, hot_since={}, cold_since={}), Decision(
+            p, f"ratio {smoothed[p]:.2f} > {config.factor} for {now - hot_since[p]:.1f} s", smoothed[p]
+        )
+    cold = [p for p, t in cold_since.items() if now - t >= config.window_s]
+    if cold and len(rates) > config.min_partitions and not cooling:
+        p = min(cold, key=lambda q: (pairs[q], q))
+        return replace(state, last_change=now, hot_since={}, cold_since={}), Decision(
+            p,
+            f"ratios of {p} and {p + 1} add up to {pairs[p]:.2f} < {config.merge_below} "
+            f"for {now - cold_since[p]:.1f} s",
+            pairs[p],
+            kind="merge",
+        )
+    if hot_since:
         return state, Decision(None, f"hot for less than {config.window_s} s")
-    p = max(ripe, key=lambda q: (smoothed[q], -q))
-    if len(rates) >= config.max_partitions:
-        return state, Decision(None, f"at max_partitions ({config.max_partitions})", smoothed[p])
-    if state.last_split is not None and now - state.last_split < config.cooldown_s:
-        return state, Decision(None, f"cooling down ({config.cooldown_s} s)", smoothed[p])
-    return replace(state, last_split=now, hot_since={}), Decision(
-        p, f"ratio {smoothed[p]:.2f} > {config.factor} for {now - hot_since[p]:.1f} s", smoothed[p]
-    )
+    return state, Decision(None, "no partition above the factor")
 
 
 def split_point(hashes: Sequence[np.ndarray], lo: int, hi: int) -> int:
@@ -176,7 +203,11 @@ class HashReservoir:
         self._held.clear()
 
 
-def renumber(values: Mapping[int, object], partition: int) -> dict[int, object]:
-    """Per-partition ``values`` under the map after ``partition`` was split: the split one's
-    entry is dropped (its two children start afresh), those above move up by one."""
-    return {(q if q < partition else q + 1): v for q, v in values.items() if q != partition}
+def merge_map(pmap: PartitionMap, partition: int) -> PartitionMap:
+    """``pmap`` with ``partition`` and ``partition + 1`` made one range: partitions above are
+    numbered one lower; version + 1; ``requested`` kept (see :func:`split_map`)."""
+    if not 0 <= partition < pmap.num_partitions - 1:
+        raise ValueError(f"partition {partition} has no next partition to merge with")
+    bounds = pmap.bounds[: partition + 1] + pmap.bounds[partition + 2 :]
+    requested = pmap.requested if pmap.requested is not None else pmap.num_partitions
+    return PartitionMap(version=pmap.version + 1, bounds=bounds, requested=requested)

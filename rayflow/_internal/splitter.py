@@ -1,8 +1,9 @@
-"""The driver's thread that splits hot partitions (``run.start_splitter(rf.Splits(...))``).
+"""The driver's thread that splits hot partitions and merges cold neighbours
+(``run.start_splitter(rf.Splits(...))``).
 
 A thin shell: every ``Splits.interval_s`` it reads each partition's ``rate_ratio``
 from ``run.status()``, asks the pure policy (``_internal/splits.py``, :func:`decide`)
-and carries out its decision with ``run.split``. After a split the partition
+and carries out its decision with ``run.split`` or ``run.merge``. After a change the partition
 numbers from the split one up mean other ranges: the policy starts afresh (its
 cooldown kept).
 """
@@ -35,6 +36,8 @@ class Splitter:
             window_s=config.window_s,
             cooldown_s=config.cooldown_s,
             max_partitions=config.max_partitions,
+            merge_below=config.merge_below,
+            min_partitions=config.min_partitions,
         )
         self.state = splits.PolicyState()
         self.decisions: deque[dict] = deque(maxlen=DECISIONS_KEPT)
@@ -75,7 +78,10 @@ class Splitter:
         self.state, decision = splits.decide(self.state, rates, time.monotonic(), self.policy)
         if decision.partition is not None and not self._halt.is_set():
             self.decisions.append({"t": time.time(), **dataclasses.asdict(decision)})
-            self.run.split(decision.partition, reason=decision.reason)
-            # Numbers above the split one now mean other ranges: smoothed rates start afresh.
-            self.state = splits.PolicyState(last_split=self.state.last_split)
+            act = self.run.split if decision.kind == "split" else self.run.merge
+            try:
+                act(decision.partition, reason=decision.reason)
+            finally:
+                # Numbers from the changed one up now mean other ranges: rates start afresh.
+                self.state = splits.PolicyState(last_change=self.state.last_change)
         return decision

@@ -1,4 +1,4 @@
-"""Hot-range splits at runtime (docs/partitioning.md "Splits at runtime"): exact against DuckDB."""
+"""Splits and merges at runtime (docs/partitioning.md "Splits at runtime"): exact against DuckDB."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _catalog(ck) -> tuple[dict, list[dict]]:
     try:
         pmap = json.loads(con.execute("SELECT value FROM meta WHERE key = 'partition_map'").fetchone()[0])
         rows = con.execute(
-            "SELECT kind, detail FROM events WHERE kind IN ('split', 'repartition') ORDER BY ts"
+            "SELECT kind, detail FROM events WHERE kind IN ('split', 'merge', 'repartition') ORDER BY ts"
         )
         events = [{"kind": k, **json.loads(d)} for k, d in rows.fetchall()]
     finally:
@@ -43,8 +43,8 @@ def _catalog(ck) -> tuple[dict, list[dict]]:
     return pmap, events
 
 
-def test_split_at_runtime_under_a_consumer_kill_then_resume(ray_session, tmp_path):
-    data = _skewed(30_000, seed=11)
+def test_split_and_merge_at_runtime_under_a_consumer_kill_then_resume(ray_session, tmp_path):
+    data = _skewed(24_000, seed=11)
     expected = duckdb_reference(KEYED_SQL, events=data)
     ck = tmp_path / "ck"
 
@@ -55,7 +55,7 @@ def test_split_at_runtime_under_a_consumer_kill_then_resume(ray_session, tmp_pat
             data,
             batch_rows=1_500,
             partitions=4,
-            operator=[throttle(20_000), rf.ops.Aggregate(by="key", aggs=KEYED_AGGS)],
+            operator=[throttle(25_000), rf.ops.Aggregate(by="key", aggs=KEYED_AGGS)],
             checkpoint_interval_s=0.1,
             config=rf.EngineConfig(heartbeat_interval_s=0.1, queue_max_rows=3_000, spill_max_bytes=0),
         )
@@ -73,22 +73,27 @@ def test_split_at_runtime_under_a_consumer_kill_then_resume(ray_session, tmp_pat
         lo, hi = PartitionMap.uniform(4).range_of(0)
         assert lo < int(event["at_hash"]) < hi
         st = run.status()
-        assert (st["map_version"], st["partitions_now"], st["partition_splits"]) == (2, 5, [event])
+        assert (st["map_version"], st["partitions_now"]) == (2, 5)
+        assert st["partition_splits"] == [{"kind": "split", **event}]
         assert len(st["partitions"]) == 5
         # The children share the hot traffic: each gets a good part of it.
         wait_for_condition(
             lambda: all(p["committed_rows"] > 0 for p in run.status()["partitions"][:2]), timeout=60
         )
+        # The cold old partitions 2 and 3 (now 3 and 4) merge, at a consistent cut.
+        merged = run.merge(3)
+        assert (merged["new_version"], merged["partitions"]) == (3, 4)
+        assert run.status()["map_version"] == 3
         run.stop()
     finally:
         run.stop()
     pmap, events = _catalog(ck)
-    assert pmap["version"] == 2 and len(pmap["bounds"]) == 6 and pmap["requested"] == 4
-    assert [e["kind"] for e in events] == ["repartition", "split"]
+    assert pmap["version"] == 3 and len(pmap["bounds"]) == 5 and pmap["requested"] == 4
+    assert [e["kind"] for e in events] == ["repartition", "split", "repartition", "merge"]
 
     # Resumed with the same partitions=4: the split map stands (read back from the catalog).
     result = pipeline().run(timeout_s=120)
     assert_same_rows(result.output, expected)
-    assert pc.sum(result.output.column("value_count")).as_py() == 30_000
+    assert pc.sum(result.output.column("value_count")).as_py() == 24_000
     pmap, events = _catalog(ck)
-    assert pmap["version"] == 2 and len(pmap["bounds"]) == 6
+    assert pmap["version"] == 3 and len(pmap["bounds"]) == 5

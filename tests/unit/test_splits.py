@@ -14,9 +14,11 @@ from rayflow._internal.splits import (
     PolicyConfig,
     PolicyState,
     decide,
+    merge_map,
     split_map,
     split_point,
 )
+from rayflow._internal.splitter import Splitter
 from rayflow.errors import ConfigError
 from rayflow.partitioning import HASH_SPACE, PartitionMap
 
@@ -60,6 +62,59 @@ def test_policy_cooldown_and_max_partitions():
     full = {p: (9.0 if p == 0 else 0.1) for p in range(8)}
     out, _ = _run([(0, full), (100, full)])
     assert out == [None, None]
+
+
+def test_policy_merges_cold_neighbours_when_nothing_is_hot():
+    cfg = PolicyConfig(
+        factor=3.0,
+        window_s=10.0,
+        cooldown_s=0.0,
+        max_partitions=8,
+        merge_below=0.5,
+        min_partitions=3,
+        smoothing=1.0,
+    )
+    cold = {0: 1.8, 1: 0.2, 2: 0.2, 3: 1.6}
+    state, d = decide(PolicyState(), cold, 0.0, cfg)
+    assert d.partition is None
+    state, d = decide(state, cold, 10.0, cfg)
+    assert (d.kind, d.partition, d.ratio) == ("merge", 1, pytest.approx(0.4))
+    # A hot partition wins over a cold pair; at min_partitions nothing merges.
+    hot = {0: 3.2, 1: 0.1, 2: 0.1, 3: 0.6}
+    _, d = decide(PolicyState(hot_since={0: 0.0}, cold_since={1: 0.0}), hot, 10.0, cfg)
+    assert (d.kind, d.partition) == ("split", 0)
+    _, d = decide(PolicyState(cold_since={0: 0.0}), {0: 0.1, 1: 0.1, 2: 2.8}, 10.0, cfg)
+    assert d.partition is None
+    # Without merge_below: never.
+    _, d = decide(PolicyState(), cold, 100.0, CFG)
+    assert d.partition is None
+
+
+def test_splitter_carries_out_the_policy():
+    class FakeRun:
+        def __init__(self):
+            self.spec = type("Spec", (), {"name": "fake"})()
+            self.calls = []
+            self.ratios = [4.0, 0.5, 0.5, 0.5]
+
+        def status(self):
+            return {
+                "done": False,
+                "partitions": [{"partition": p, "rate_ratio": r} for p, r in enumerate(self.ratios)],
+            }
+
+        def split(self, p, *, reason):
+            self.calls.append(("split", p))
+            self.ratios = [1.0] * 5
+
+        def merge(self, p, *, reason):
+            self.calls.append(("merge", p))
+
+    run = FakeRun()
+    sp = Splitter(run, rf.Splits(factor=3.0, window_s=0.0, cooldown_s=3600.0, interval_s=0.01))
+    assert sp.step().partition == 0
+    assert sp.step().partition is None  # cooling down, the rates started afresh
+    assert run.calls == [("split", 0)] and len(sp.decisions) == 1
 
 
 def test_policy_smooths():
@@ -111,6 +166,12 @@ def test_split_map_routes_every_hash_to_one_child(p_count, which, frac, seed):
     assert np.array_equal(after[mine], np.where(h[mine] < np.uint64(at), p, p + 1))
     with pytest.raises(ValueError, match="not inside"):
         split_map(old, p, lo)
+    # Merging the children back: the old ranges, version + 2.
+    back = merge_map(new, p)
+    assert back.bounds == old.bounds and back.version == old.version + 2
+    assert np.array_equal(back.route(h), before)
+    with pytest.raises(ValueError, match="no next partition"):
+        merge_map(new, new.num_partitions - 1)
 
 
 def test_map_json_keeps_requested_and_resume_keeps_the_split_map():
@@ -145,6 +206,8 @@ def test_reservoir_keeps_recent_hashes_per_partition():
         ({"window_s": -1}, "window_s must be a number >= 0"),
         ({"max_partitions": 1}, "max_partitions must be an integer >= 2"),
         ({"interval_s": 0}, "interval_s must be > 0"),
+        ({"merge_below": 3.0}, "merge_below must be None or a number in"),
+        ({"min_partitions": 0}, "min_partitions must be an integer >= 1"),
     ],
 )
 def test_splits_config_refuses(kwargs, match):
