@@ -905,9 +905,10 @@ class Run:
         with self._stop_lock:  # a stop() racing the end of the input: one result
             if self._result is None:
                 try:
-                    self._result = self._result_from(st, stopped=False)
+                    with self._launch_lock:  # not while a split stops and starts the actors
+                        self._result = self._result_from(st, stopped=False)
                 finally:
-                    self._teardown()
+                    self._teardown()  # (it waits for the splitter: not under the launch lock)
         return self._result
 
     def _result_of_stop(self) -> Result:
