@@ -50,6 +50,9 @@ class PolicyConfig:
     merge_below: float | None = None
     #: Never merge below this many partitions.
     min_partitions: int = 1
+    #: Do not split a partition whose hottest key carries at least this share of its rows: the
+    #: key stays whole in one child, so the split would pause the job and halve nothing.
+    max_key_share: float = 0.5
     #: Weight of a new sample in the smoothed ratio (an exponential moving average).
     smoothing: float = 0.5
 
@@ -84,13 +87,17 @@ def decide(
     rates: Mapping[int, float | None],
     now: float,
     config: PolicyConfig,
+    key_shares: Mapping[int, float] | None = None,
 ) -> tuple[PolicyState, Decision]:
     """The policy. ``rates``: each partition's ``rate_ratio`` now (None: no figure yet, or a
     finished partition: it is counted in the map's size, never split nor merged).
 
     A partition is *hot* while its smoothed ratio exceeds ``config.factor``; it is
     split once it has been hot for ``config.window_s`` (the hottest such one), unless
-    the map has ``config.max_partitions`` already. Failing a split, two adjacent
+    the map has ``config.max_partitions`` already, and not one whose hottest key
+    carries ``config.max_key_share`` or more of its rows (``key_shares``: partition ->
+    that share, from the skew sketch; a range is cut between hashes, so that key would
+    stay whole in one child: ``combine_at_source`` is the remedy). Failing a split, two adjacent
     partitions whose smoothed ratios add up to less than ``config.merge_below`` for
     ``window_s`` are merged (the coldest such pair), unless the map has
     ``config.min_partitions`` or fewer. One change per call, none within
@@ -112,7 +119,18 @@ def decide(
         cold_since = {p: state.cold_since.get(p, now) for p, r in pairs.items() if r < config.merge_below}
     state = replace(state, smoothed=smoothed, hot_since=hot_since, cold_since=cold_since)
     cooling = state.last_change is not None and now - state.last_change < config.cooldown_s
+    shares = key_shares or {}
     ripe = [p for p, t in hot_since.items() if now - t >= config.window_s]
+    whole = [p for p in ripe if shares.get(p, 0.0) >= config.max_key_share]
+    ripe = [p for p in ripe if p not in whole]
+    if whole and not ripe:
+        p = whole[0]
+        return state, Decision(
+            None,
+            f"partition {p}'s hottest key carries {shares[p]:.0%} of its rows: a split cannot halve "
+            "one key (Aggregate(combine_at_source=True) can)",
+            smoothed[p],
+        )
     if ripe:
         p = max(ripe, key=lambda q: (smoothed[q], -q))
         if len(rates) >= config.max_partitions:

@@ -75,7 +75,8 @@ class Splitter:
         rates = {p["partition"]: p.get("rate_ratio") for p in st["partitions"] if not p.get("final")}
         # The policy counts the map's partitions (max_partitions) among its rates: finished ones too.
         rates.update({p["partition"]: None for p in st["partitions"] if p.get("final")})
-        self.state, decision = splits.decide(self.state, rates, time.monotonic(), self.policy)
+        shares = {p["partition"]: p["hot_keys"][0]["share"] for p in st["partitions"] if p.get("hot_keys")}
+        self.state, decision = splits.decide(self.state, rates, time.monotonic(), self.policy, shares)
         if decision.partition is not None and not self._halt.is_set():
             self.decisions.append({"t": time.time(), **dataclasses.asdict(decision)})
             act = self.run.split if decision.kind == "split" else self.run.merge

@@ -117,6 +117,14 @@ def test_splitter_carries_out_the_policy():
     assert run.calls == [("split", 0)] and len(sp.decisions) == 1
 
 
+def test_policy_does_not_split_one_hot_key():
+    hot = {0: 5.0, 1: 0.5, 2: 0.5}
+    _, d = decide(PolicyState(hot_since={0: 0.0}), hot, 10.0, CFG, {0: 0.8})
+    assert d.partition is None and "cannot halve one key" in d.reason
+    _, d = decide(PolicyState(hot_since={0: 0.0}), hot, 10.0, CFG, {0: 0.3})
+    assert d.partition == 0
+
+
 def test_policy_smooths():
     cfg = PolicyConfig(factor=3.0, window_s=0.0, cooldown_s=0.0, max_partitions=8, smoothing=0.5)
     # One spike of 10 after 1.0: smoothed 5.5 (hot); a spike after a long calm at 0.2: 5.1.
