@@ -12,8 +12,12 @@ stream with Zipf s=1.5 keys (``rf.sources.Synthetic(zipf_s=1.5)``: the hottest k
 - ``combine``: ``rf.ops.Aggregate(..., combine_at_source=True)``: the sources combine each
   sub-batch into one row per key (docs/skew.md), the consumer merges partials.
 
-(A ``splits`` variant, runtime hot-range splits, is another piece of work; each variant is
-one row of ``runs`` in the JSON, so it adds a row.)
+- ``splits``: the plain Aggregate with runtime hot-range splits (``run.start_splitter``,
+  ``rf.Splits(factor=2, window_s=1, cooldown_s=3)``, docs/partitioning.md): the hottest
+  partition's lag before and after the first split. A range is cut between hashes, so one hot
+  key stays whole in one child: on this Zipf stream (one key ~38 % of the rows) a split
+  relieves the hot partition of its *other* keys only (the documented limit; ``combine`` is the
+  remedy for one hot key).
 
 Per variant: events/s (first read to final commit), whether the result equals the reference
 (pyarrow ``group_by`` over the same rows), and from ``run.status()`` sampled every
@@ -53,7 +57,7 @@ from rayflow._internal.skew import SkewTracker, key_values
 from rayflow.partitioning import PartitionMap, hash_table, split_by_partition
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("plain", "combine")
+VARIANTS = ("plain", "combine", "splits")
 
 
 def reference(events: pa.Table) -> tuple[pa.Table, float]:
@@ -90,6 +94,7 @@ class Sampler:
             if st.get("hot_partition") is not None:
                 self.samples.append(
                     {
+                        "t": time.monotonic(),
                         "hot_partition": st["hot_partition"],
                         "skew": st["skew"],
                         "lag_rows": [p["lag_rows"] for p in st["partitions"]],
@@ -130,12 +135,24 @@ def run_variant(variant: str, events: pa.Table, args) -> tuple[dict, pa.Table]:
         progress=False,
     )
     run = pipeline.start()
+    if variant == "splits":
+        run.start_splitter(
+            rf.Splits(
+                factor=2.0,
+                window_s=args.split_window_s,
+                cooldown_s=args.split_cooldown_s,
+                max_partitions=args.partitions + 4,
+                interval_s=0.25,
+            )
+        )
     with Sampler(run, args.sample_s) as sampler:
         result = run.wait(timeout_s=600)
     samples = sampler.samples
     stats = dict(result.stats)
     row = {"variant": variant, "events_per_s": stats["events_per_s"], "seconds": stats["seconds"]}
     row["status_samples"] = len(samples)
+    if variant == "splits":
+        row.update(split_figures(run, samples))
     if samples:
         last = samples[-1]
         hot = last["hot_partition"]
@@ -162,6 +179,30 @@ def run_variant(variant: str, events: pa.Table, args) -> tuple[dict, pa.Table]:
             busy_s_total=sum(last["busy_s"].values()),
         )
     return row, result.output
+
+
+def split_figures(run, samples: list[dict]) -> dict:
+    """The ``splits`` variant: the splits made, and the hottest partition's lag (rows, mean over
+    the samples) and rate ratio under the first map and under the last one (samples are told
+    apart by their partition count; none is taken during a split: status waits for it)."""
+    events = list(run.partition_splits)
+    out = {"splits": events, "split_pause_s": [e["pause_s"] for e in events]}
+    if not events or not samples:
+        return out
+
+    def hot_lag(sel: list[dict]) -> float | None:
+        lags = [s["lag_rows"][s["hot_partition"]] for s in sel]
+        return float(np.mean(lags)) if lags else None
+
+    before = [s for s in samples if len(s["lag_rows"]) == run.spec.partitions]
+    after = [s for s in samples if len(s["lag_rows"]) == run.spec.partitions + len(events)]
+    out.update(
+        hot_lag_rows_before=hot_lag(before),
+        hot_lag_rows_after=hot_lag(after),
+        hot_rate_ratio_before=before[-1]["skew"] if before else None,
+        hot_rate_ratio_after=after[-1]["skew"] if after else None,
+    )
+    return out
 
 
 def sketch_cost(events: pa.Table, *, partitions: int, batch_rows: int, repeat: int = 3) -> dict:
@@ -210,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-s", type=float, default=0.25, help="how often run.status() is sampled")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    ap.add_argument("--split-window-s", type=float, default=1.0, help="splits variant: Splits.window_s")
+    ap.add_argument("--split-cooldown-s", type=float, default=3.0, help="splits variant: Splits.cooldown_s")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "skew.json"))
     args = ap.parse_args(argv)
 
@@ -306,6 +349,14 @@ def print_table(report: dict) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    for r in report["runs"]:
+        if r["variant"] == "splits":
+            print(
+                f"\nsplits: {len(r.get('splits', []))} (pauses {r.get('split_pause_s')} s); hottest "
+                f"partition's lag rows mean before {_f(r.get('hot_lag_rows_before'), ',.0f')}, after "
+                f"{_f(r.get('hot_lag_rows_after'), ',.0f')}; rate ratio before "
+                f"{_f(r.get('hot_rate_ratio_before'), '.2f')}, after {_f(r.get('hot_rate_ratio_after'), '.2f')}"
+            )
     print("\nsketch cost on the source's per-batch work (hash + route + split + ray.put), ns/row:")
     for name, c in report["sketch_cost"].items():
         print(

@@ -17,7 +17,7 @@ die and the job resumes with nothing lost and nothing counted twice::
 """
 
 from rayflow import errors, ops, partitioning, sinks, sources
-from rayflow.config import Autoscale, EngineConfig
+from rayflow.config import Autoscale, EngineConfig, Splits
 from rayflow.pipeline import Pipeline, Result, Run, Stage, StagedRun
 from rayflow.tiers import Tier
 
@@ -29,6 +29,7 @@ __all__ = [
     "Pipeline",
     "Result",
     "Run",
+    "Splits",
     "Stage",
     "StagedRun",
     "Tier",

@@ -281,3 +281,65 @@ class Autoscale:
                 f"Autoscale.scale_down_delay_s ({self.scale_down_delay_s}) must be >= cooldown_s "
                 f"({self.cooldown_s}): scaling down is meant to wait longer than scaling up"
             )
+
+
+#: Split a partition whose input rate stays above this many times the mean partition's.
+SPLITS_FACTOR = 3.0
+#: ... for this long (seconds): a burst shorter than that is not worth a pause of the job.
+SPLITS_WINDOW_S = 10.0
+#: No split within this long of the last one (seconds): the rates right after a split still
+#: mix the old map's, and each split pauses the job.
+SPLITS_COOLDOWN_S = 60.0
+#: Never more partitions than this (each one a lease, a queue per source and a state chain).
+SPLITS_MAX_PARTITIONS = 64
+#: How often the policy looks at the rates (seconds).
+SPLITS_INTERVAL_S = 1.0
+#: Never merge below this many partitions.
+SPLITS_MIN_PARTITIONS = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Splits:
+    """Hot-range splits at runtime: ``run.start_splitter(rf.Splits(...))`` (off unless started).
+
+    Every ``interval_s`` the driver reads each partition's ``rate_ratio`` (its input rate over
+    the mean partition's, ``run.status()``), smooths it, and splits a partition whose ratio has
+    stayed above ``factor`` for ``window_s``, at the median hash of its traffic, unless the map
+    has ``max_partitions`` already or the last split was less than ``cooldown_s`` ago
+    (docs/partitioning.md, "Splits at runtime"). With ``merge_below`` (off by default), two
+    adjacent partitions whose ratios add up to less than it for ``window_s`` are merged (the
+    job drains to a consistent cut first), down to ``min_partitions``. Units: seconds;
+    ``factor`` > 1; ``merge_below`` < ``factor``.
+    """
+
+    factor: float = SPLITS_FACTOR
+    window_s: float = SPLITS_WINDOW_S
+    cooldown_s: float = SPLITS_COOLDOWN_S
+    max_partitions: int = SPLITS_MAX_PARTITIONS
+    interval_s: float = SPLITS_INTERVAL_S
+    merge_below: float | None = None
+    min_partitions: int = SPLITS_MIN_PARTITIONS
+
+    def __post_init__(self) -> None:
+        v = self.min_partitions
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"Splits.min_partitions must be an integer >= 1, got {v!r}")
+        v = self.merge_below
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < self.factor
+        ):
+            raise ConfigError(
+                f"Splits.merge_below must be None or a number in (0, factor={self.factor}), got {v!r}: "
+                "a merged pair must stay below the ratio that would split it again"
+            )
+        v = self.max_partitions
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+            raise ConfigError(f"Splits.max_partitions must be an integer >= 2, got {v!r}")
+        for name in ("factor", "window_s", "cooldown_s", "interval_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
+                raise ConfigError(f"Splits.{name} must be a number >= 0, got {v!r}")
+        if self.factor <= 1:
+            raise ConfigError(f"Splits.factor must be > 1 (a multiple of the mean rate), got {self.factor!r}")
+        if self.interval_s == 0:
+            raise ConfigError("Splits.interval_s must be > 0")

@@ -299,6 +299,9 @@ class PartitionMap:
 
     version: int
     bounds: tuple[int, ...]
+    #: The partition count the user asked for, when runtime splits made this map from that
+    #: count's uniform map (None otherwise): a resume that asks for it again keeps this map.
+    requested: int | None = None
 
     def __post_init__(self) -> None:
         b = self.bounds
@@ -349,12 +352,20 @@ class PartitionMap:
         return p.astype(np.int32)
 
     def to_json(self) -> str:
-        return json.dumps({"version": self.version, "bounds": [str(b) for b in self.bounds]})
+        d = {"version": self.version, "bounds": [str(b) for b in self.bounds]}
+        if self.requested is not None:
+            d["requested"] = self.requested
+        return json.dumps(d)
 
     @classmethod
     def from_json(cls, text: str) -> PartitionMap:
         d = json.loads(text)
-        return cls(version=int(d["version"]), bounds=tuple(int(b) for b in d["bounds"]))
+        requested = d.get("requested")
+        return cls(
+            version=int(d["version"]),
+            bounds=tuple(int(b) for b in d["bounds"]),
+            requested=None if requested is None else int(requested),
+        )
 
 
 def split_by_partition(

@@ -53,16 +53,19 @@ from rayflow._internal.group.manager import GroupManager
 from rayflow._internal.jobfile import JobFile, delete_job_files, write_job_file
 from rayflow._internal.lag import add_lag
 from rayflow._internal.source_actor import SourceActor
+from rayflow._internal.splits import merge_map, split_map, split_point
+from rayflow._internal.splitter import Splitter
 from rayflow._internal.tiers import check_keys as check_tier_keys
 from rayflow._internal.tiers import resolve as resolve_tiers
 from rayflow._internal.watermarks import EventTime, check_event_time_column
-from rayflow.config import Autoscale, EngineConfig, auto_num_sources
+from rayflow.config import Autoscale, EngineConfig, Splits, auto_num_sources
 from rayflow.errors import (
     ConfigError,
     IncompatibleCheckpointError,
     MissingSplitsError,
     PipelineFailedError,
     RayflowError,
+    RepartitionError,
 )
 from rayflow.ops import Operator
 from rayflow.partitioning import PartitionMap, key_columns
@@ -368,28 +371,13 @@ class Run:
         # resume that would change it: the view would miss the keys the other mode never emitted).
         self.chain = Chain(list(spec.operators)).for_input(unbounded=spec.source.unbounded)
         self.sink_store = Store(self.paths.sink_root)
+        # A split at runtime (split()) stops and starts the actors again under this lock.
+        self._launch_lock = threading.RLock()
+        self._input = (splits, schema)
+        self.partition_splits: list[dict] = []
+        self.splitter = None
         try:
-            self._write_job_file(splits, schema)
-            # Every actor's process starts at once (an actor's start-up is mostly its process
-            # importing Ray, pyarrow and rayflow: ~1 s each on a small machine); then the calls
-            # run in the protocol's order: the manager ready, the sources made known, the
-            # consumers joining.
-            self._create_manager()
-            self._start_sources()
-            consumers = self._create_consumers(spec.consumers)
-            try:
-                self._manager_ready()
-            except IncompatibleCheckpointError as e:
-                hinted = _with_split_hint(e, spec.source)
-                if hinted is e:
-                    raise
-                raise hinted from e
-            self._get(self.manager.set_sources.remote(self.sources))
-            # Created before the manager had the checkpoint's map: they learn its version now.
-            self._get([a.start.remote(map_version=self.map.version) for a in consumers])
-            self._activate()
-            self.startup_s = time.monotonic() - t0
-            self._start_reading()
+            self._launch(splits, schema, spec.consumers, t0=t0)
             if spec.autoscale is not None:
                 self.start_autoscaler(spec.autoscale)
         except BaseException:
@@ -398,6 +386,34 @@ class Run:
         self._last_check = 0.0
 
     # ------------------------------------------------------------------ start steps
+    def _launch(self, splits: list[Split], schema: pa.Schema, consumers: int, *, t0: float | None) -> None:
+        """Steps 4 to 9 (again after a split at runtime, with ``t0`` None: ``startup_s`` stays)."""
+        spec = self.spec
+        self._write_job_file(splits, schema)
+        # Every actor's process starts at once (an actor's start-up is mostly its process
+        # importing Ray, pyarrow and rayflow: ~1 s each on a small machine); then the calls
+        # run in the protocol's order: the manager ready, the sources made known, the
+        # consumers joining.
+        self._create_manager()
+        self._start_sources()
+        created = self._create_consumers(consumers)
+        try:
+            self._manager_ready()
+        except IncompatibleCheckpointError as e:
+            hinted = _with_split_hint(e, spec.source)
+            if hinted is e:
+                raise
+            raise hinted from e
+        if self.map.bounds != self.job.partition_map.bounds:
+            created = self._remake_for_map(splits, schema, consumers)
+        self._get(self.manager.set_sources.remote(self.sources))
+        # Created before the manager had the checkpoint's map: they learn its version now.
+        self._get([a.start.remote(map_version=self.map.version) for a in created])
+        self._activate()
+        if t0 is not None:
+            self.startup_s = time.monotonic() - t0
+        self._start_reading()
+
     def _write_job_file(self, splits: list[Split], schema: pa.Schema) -> None:
         """Step 4: what the manager and the sources load at start and at every restart."""
         spec = self.spec
@@ -472,6 +488,22 @@ class Run:
         self.map = PartitionMap.from_json(ready["map"])
         # The name is ours now: job files of earlier runs (a crashed driver's) can go.
         delete_job_files(self.paths.root, keep=self._job_file)
+
+    def _remake_for_map(self, splits: list[Split], schema: pa.Schema, consumers: int) -> list:
+        """A resume that kept the checkpoint's map made by runtime splits (the manager's
+        ``_kept_split_map``): the sources and consumers were made for the uniform map asked
+        for, and have done nothing yet; they are made again for the checkpoint's map (a new
+        job file; the manager's own stays, as its restarts read it)."""
+        stale = [*self.sources, *self.consumers.values()]
+        for a in stale:
+            ray.kill(a)
+        self._actors = [a for a in self._actors if all(a is not b for b in stale)]
+        self.consumers = {}
+        for i in range(len(self.sources)):
+            _wait_name_free(naming.source_name(self.spec.name, i))
+        self._write_job_file(splits, schema)
+        self._start_sources()
+        return self._create_consumers(consumers)
 
     def _start_sources(self) -> None:
         """Step 6: the source actors (restartable: replay from the lowest committed position)."""
@@ -572,7 +604,13 @@ class Run:
         ``rf.Tier`` names it); ``dedicated``: each dedicated consumer -> its tier's name.
         With ``Pipeline(autoscale=...)``, ``autoscale``: its config, target, actions
         and recent decisions with the numbers that made them (``_internal/autoscaler.py``).
+        Splits at runtime (docs/partitioning.md): ``map_version``, ``partitions_now`` (the
+        count under the current map) and ``partition_splits`` (this run's ``split`` events).
         """
+        with self._launch_lock:  # not while a split stops and starts the actors
+            return self._status_now()
+
+    def _status_now(self) -> dict:
         st = self._last_status = self._get(self.manager.status.remote())
         src = self._get([s.stats.remote() for s in self.sources])
         for part in st["partitions"]:
@@ -602,6 +640,9 @@ class Run:
         st["consumers"] = {n: {k: c[k] for k in keys} for n, c in self._poll_consumers().items()}
         if self.autoscaler is not None:
             st["autoscale"] = self.autoscaler.status()
+        st["map_version"] = self.map.version
+        st["partitions_now"] = self.map.num_partitions
+        st["partition_splits"] = list(self.partition_splits)
         return st
 
     def start_autoscaler(self, config: Autoscale, *, decide=None) -> Autoscaler:
@@ -645,6 +686,148 @@ class Run:
         finally:
             for a in actors:
                 ray.kill(a)
+
+    def split(self, partition: int, *, at: int | None = None, reason: str = "asked") -> dict:
+        """Split ``partition``'s hash range in two while the job runs (docs/partitioning.md,
+        "Splits at runtime"); returns the ``split`` event recorded in the catalog.
+
+        ``at``: the first hash of the upper child (default: the median hash of the
+        partition's recent traffic, sampled by the sources). The job goes on under a
+        new map (version + 1, one partition more; partitions above ``partition`` are
+        numbered one higher), exactly once: every consumer commits and leaves, the
+        committed state is re-split by hash range with each child inheriting its
+        parent's positions (``_internal/repartition.py``: a split is always exact),
+        the new map, the children's commits and their leases are recorded in one
+        catalog transaction, and the actors start again from there. A crash before
+        that transaction leaves the old map; after it, the new one.
+
+        Caveat: the whole job pauses for the change (a stop and a start of its
+        actors: seconds), not only the split partition.
+        """
+        with self._launch_lock, self._group_lock:
+            self._check_remap(partition, self.map.num_partitions)
+            # The ratio last seen (run.status(); the manager's own status has no skew figures).
+            seen = {q["partition"]: q for q in (self._last_status or {}).get("partitions", [])}
+            ratio = seen.get(partition, {}).get("rate_ratio")
+            if at is None:
+                lo, hi = self.map.range_of(partition)
+                at = split_point(self._get([a.sample_hashes.remote(partition) for a in self.sources]), lo, hi)
+            new = split_map(self.map, partition, at)
+            detail = {"partition": partition, "at_hash": str(at), "rate_ratio": ratio, "reason": reason}
+            return self._remap(new, "split", detail, drain=False)
+
+    def merge(self, partition: int, *, reason: str = "asked", timeout_s: float = _ACTOR_TIMEOUT_S) -> dict:
+        """Merge ``partition`` with the next one (``partition + 1``) while the job runs; returns
+        the ``merge`` event recorded in the catalog.
+
+        A merged partition has one position per split, so its two parents must stand
+        at the same positions: the sources stop reading and every partition processes
+        and commits all that was read (a drain, as ``stop(drain=True)``: a consistent
+        cut), then the state is merged by range as :meth:`split` re-splits it
+        (partitions above are numbered one lower). When the cut is not reached within
+        ``timeout_s`` nothing merges: the job starts again under the same map and
+        :class:`~rayflow.errors.RepartitionError` says so.
+        """
+        with self._launch_lock, self._group_lock:
+            self._check_remap(partition, self.map.num_partitions - 1)
+            new = merge_map(self.map, partition)
+            return self._remap(
+                new, "merge", {"partition": partition, "reason": reason}, drain=True, timeout_s=timeout_s
+            )
+
+    def _check_remap(self, partition: int, limit: int) -> None:
+        if self._result is not None or self._stop_requested.is_set() or not self._actors:
+            raise ConfigError(f"pipeline {self.spec.name!r} is not running: its map cannot change")
+        if isinstance(partition, bool) or not isinstance(partition, int) or not 0 <= partition < limit:
+            raise ConfigError(f"partition must be an integer in [0, {limit}), got {partition!r}")
+        if self.spec.tiers:
+            raise ConfigError(
+                "a split or merge at runtime would renumber the partitions that tiers= names: run a "
+                "tiered job without them, or name the hot keys' partitions in a tier instead"
+            )
+        if isinstance(self.spec.source, Inputs):
+            raise ConfigError(
+                "a job over several inputs (rf.sources.Inputs) cannot split or merge partitions: its "
+                "state carries no hash of one key to re-split by (docs/partitioning.md)"
+            )
+
+    def _remap(
+        self, new: PartitionMap, kind: str, detail: dict, *, drain: bool, timeout_s: float = 0.0
+    ) -> dict:
+        """Stop the actors (each consumer commits and leaves; with ``drain``, at a consistent
+        cut first), then start them again under ``new`` (the manager re-splits the state and
+        records the map in one transaction); record a ``kind`` event. Under both locks."""
+        t0 = time.monotonic()
+        halted, drained = self._halt(drain=drain, timeout_s=timeout_s)
+        committed = sum(x["committed_rows"] for x in halted["partitions"])
+        t_read, rows_at_start = self._t_read, self._rows_at_start
+        self._kill_actors()
+        for i in range(len(self.sources)):
+            _wait_name_free(naming.source_name(self.spec.name, i))
+        old = self.map
+        self.consumers = {}
+        if drained:
+            self.map = new
+        self._launch(*self._input, self.desired_consumers, t0=None)
+        # A split's children inherit their parent's rows_total (the upsert versions): count
+        # each event once in the run's figures.
+        self._rows_at_start = self._rows_at_start - committed + rows_at_start
+        self._t_read = t_read
+        if not drained:
+            raise RepartitionError(
+                f"pipeline {self.spec.name!r} could not {kind} partition {detail['partition']}: the "
+                f"partitions did not reach a consistent cut within {timeout_s} s (a merged partition "
+                "has one position per split). It goes on under the same map; try again later."
+            )
+        event = {
+            **detail,
+            "old_version": old.version,
+            "new_version": self.map.version,
+            "partitions": self.map.num_partitions,
+            "pause_s": round(time.monotonic() - t0, 3),
+        }
+        self._get(self.manager.record_event.remote(kind, event))
+        self.partition_splits.append({"kind": kind, **event})
+        logger.info("rayflow: %r %s partition %d: %s", self.spec.name, kind, detail["partition"], event)
+        return event
+
+    def _halt(self, *, drain: bool, timeout_s: float) -> tuple[dict, bool]:
+        """For a split or merge: the sources stop reading; with ``drain``, wait for a consistent
+        cut (:meth:`_drain`); each consumer commits and leaves (one dead or stuck is left: its
+        partitions resume from their last commit). The manager's status, and whether the cut
+        was reached (True without ``drain``)."""
+        frontier: dict[str, int] = {}
+        drained = True
+        for what, refs in (
+            ("sources", lambda: [s.stop_reading.remote() for s in self.sources]),
+            ("consumers", lambda: [c.stop.remote() for c in self.consumers.values()]),
+        ):
+            if what == "consumers" and drain:
+                drained = self._drain(frontier, timeout_s)
+            for ref in refs():
+                try:
+                    got = self._get(ref)
+                    if what == "sources":
+                        frontier.update(got.get("frontier") or {})
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                    logger.warning(
+                        "rayflow: stopping the %s of %r to change its map: %s", what, self.spec.name, e
+                    )
+                    drained = drained and not drain
+        return self._get(self.manager.status.remote()), drained
+
+    def start_splitter(self, config: Splits) -> Splitter:
+        """Split hot partitions by the policy ``config`` (``_internal/splits.py``) from now on, on
+        a thread of this driver. Stopped by :meth:`stop` and at the end of the run."""
+        if self.splitter is not None:
+            raise ConfigError(f"pipeline {self.spec.name!r} has a splitter already")
+        self.splitter = Splitter(self, config)
+        self.splitter.start()
+        return self.splitter
+
+    def _stop_splitter(self) -> None:
+        if getattr(self, "splitter", None) is not None:
+            self.splitter.stop()
 
     def _poll_consumers(self) -> dict[str, dict]:
         """Status of every consumer that answers within a moment.
@@ -700,7 +883,8 @@ class Run:
             while True:
                 if self._stop_requested.is_set():
                     return self._result_of_stop()
-                st = self._last_status = self._get(self.manager.status.remote())
+                with self._launch_lock:  # not while a split stops and starts the actors
+                    st = self._last_status = self._get(self.manager.status.remote())
                 if st["done"]:
                     break
                 if st.get("failed"):  # publication of recorded outputs keeps failing
@@ -729,9 +913,10 @@ class Run:
                     # Before the result is read off the consumers (it iterates self.consumers,
                     # which a scale from the autoscaler's thread would change under it).
                     self._stop_autoscaler()
-                    self._result = self._result_from(st, stopped=False)
+                    with self._launch_lock:  # not while a split stops and starts the actors
+                        self._result = self._result_from(st, stopped=False)
                 finally:
-                    self._teardown()
+                    self._teardown()  # (it waits for the splitter: not under the launch lock)
         return self._result
 
     def _result_of_stop(self) -> Result:
@@ -837,7 +1022,9 @@ class Run:
             self._stop_requested.set()
             try:
                 self._stop_autoscaler()  # before anything stops: no scaling while the group drains
-                self._result = self._stop(timeout_s, drain=drain)
+                self._stop_splitter()
+                with self._launch_lock:
+                    self._result = self._stop(timeout_s, drain=drain)
                 return self._result
             except BaseException as e:
                 self._stop_error = e
@@ -905,6 +1092,10 @@ class Run:
     def _teardown(self) -> None:
         """Stop every actor of the run (best effort: each failure is logged), then its job file."""
         self._stop_autoscaler()
+        self._stop_splitter()
+        self._kill_actors()
+
+    def _kill_actors(self) -> None:
         if not self._actors:
             return
         actors, self._actors = self._actors, []

@@ -79,6 +79,7 @@ from rayflow._internal.jobfile import read_job_file
 from rayflow._internal.queues import Budget, Counts, Entry, PartitionQueue, blamed, must_pause, place
 from rayflow._internal.skew import SkewTracker, key_values
 from rayflow._internal.spill import SpillHandle, SpillStore, close_files, spill_owner, spillable
+from rayflow._internal.splits import HashReservoir
 from rayflow._internal.watermarks import WATERMARK_END, WATERMARK_NONE, batch_max_ms
 from rayflow.errors import ConfigError, FencedError, MalformedInputError, PositionGapError, ProtocolError
 from rayflow.partitioning import compact, hash_table, key_columns, split_by_partition
@@ -317,6 +318,8 @@ class SourceActor:
         self.combiner = getattr(job, "combine", None)
         self.combined_rows = 0  # rows queued after combining (what the input rows became)
         self._skew_lock = threading.Lock()
+        # Recent hashes per partition: where a split at runtime cuts (_internal/splits.py).
+        self.reservoir = HashReservoir()
         self.blocked_s = np.zeros(n)
         self._blocked_at: float | None = None  # since when reading is paused (None: it is not)
         self.pauses = 0  # times reading paused (stats: sticky, unlike ``paused``)
@@ -585,6 +588,7 @@ class SourceActor:
         hashes = hash_table(batch, key)
         routed = self.map.route(hashes)
         self._observe_skew(batch, hashes, key)
+        self.reservoir.observe(hashes, routed)
         # A copy first (one C call, atomic under the GIL): trim() adds partitions on the loop.
         committed = {p: pos[name] for p, pos in dict(self.skip).items() if name in pos}
         parts = route_batch(
@@ -1047,6 +1051,10 @@ class SourceActor:
         async with self._changed:
             self._changed.notify_all()
         return fenced
+
+    async def sample_hashes(self, partition: int) -> np.ndarray:
+        """The recent hashes routed to ``partition`` (a bounded sample): a split's cut point."""
+        return self.reservoir.of(partition)
 
     async def stats(self) -> dict:
         """Reading figures as plain data.

@@ -11,6 +11,7 @@ def test_public_names_are_pinned():
         "Pipeline",
         "Result",
         "Run",
+        "Splits",
         "Stage",
         "StagedRun",
         "Tier",

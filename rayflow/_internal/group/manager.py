@@ -262,6 +262,9 @@ class GroupManager:
         if old is None or old.partition_map is None:
             return meta
         recorded = PartitionMap.from_json(old.partition_map)
+        if _kept_split_map(recorded, self.map):
+            self.map = recorded
+            return dataclasses.replace(meta, partition_map=recorded.to_json())
         if recorded.bounds != self.map.bounds:
             committed = self.catalog.latest_commits()
             finished = len(committed) == recorded.num_partitions and all(c.final for c in committed.values())
@@ -269,7 +272,9 @@ class GroupManager:
             check_resume(
                 self.name, old, same_map, finished=finished, known_splits=self.catalog.known_splits()
             )
-            new = PartitionMap(version=recorded.version + 1, bounds=self.map.bounds)
+            new = PartitionMap(
+                version=recorded.version + 1, bounds=self.map.bounds, requested=self.map.requested
+            )
             self._repartition(recorded, new)
             recorded = new
         self.map = recorded
@@ -1039,6 +1044,18 @@ class GroupManager:
         for part in ("catalog", "publisher"):
             if hasattr(self, part):
                 getattr(self, part).close()
+
+
+def _kept_split_map(recorded: PartitionMap, asked: PartitionMap) -> bool:
+    """Does a resume keep the checkpoint's map that runtime splits made (``_internal/splits.py``)?
+    Yes when the run asks for the uniform map of the count the splits started from (the same
+    ``partitions=`` as before): the splits stand. Another count re-splits the checkpoint into
+    that count's uniform map, as any change of the partition count does."""
+    return (
+        recorded.requested is not None
+        and asked.requested is None
+        and asked.bounds == PartitionMap.uniform(recorded.requested).bounds
+    )
 
 
 def _gather(*aws, return_exceptions: bool = False) -> asyncio.Future:

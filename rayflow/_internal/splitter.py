@@ -1,0 +1,88 @@
+"""The driver's thread that splits hot partitions and merges cold neighbours
+(``run.start_splitter(rf.Splits(...))``).
+
+A thin shell: every ``Splits.interval_s`` it reads each partition's ``rate_ratio``
+from ``run.status()``, asks the pure policy (``_internal/splits.py``, :func:`decide`)
+and carries out its decision with ``run.split`` or ``run.merge``. After a change the partition
+numbers from the split one up mean other ranges: the policy starts afresh (its
+cooldown kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+
+from rayflow._internal import splits
+from rayflow.config import Splits
+
+logger = logging.getLogger("rayflow")
+
+#: Decisions kept for the status.
+DECISIONS_KEPT = 20
+
+
+class Splitter:
+    """Splits a :class:`Run`'s hot partitions on a daemon thread (module doc)."""
+
+    def __init__(self, run, config: Splits):
+        self.run = run
+        self.config = config
+        self.policy = splits.PolicyConfig(
+            factor=config.factor,
+            window_s=config.window_s,
+            cooldown_s=config.cooldown_s,
+            max_partitions=config.max_partitions,
+            merge_below=config.merge_below,
+            min_partitions=config.min_partitions,
+        )
+        self.state = splits.PolicyState()
+        self.decisions: deque[dict] = deque(maxlen=DECISIONS_KEPT)
+        self.errors = 0
+        self.last_error: str | None = None
+        self._halt = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"rayflow-splits-{run.spec.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Stop deciding; wait (at most ``timeout_s``) for a split in progress."""
+        self._halt.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.step()
+            except Exception as e:  # logged, never raised: the job goes on under its map
+                self.errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                logger.warning("rayflow: splitting %r failed this interval: %s", self.run.spec.name, e)
+            self._halt.wait(self.config.interval_s)
+
+    def step(self) -> splits.Decision:
+        """One interval: read the rates, decide, split."""
+        st = self.run.status()
+        if st.get("done"):
+            return splits.Decision(None, "done")
+        rates = {p["partition"]: p.get("rate_ratio") for p in st["partitions"] if not p.get("final")}
+        # The policy counts the map's partitions (max_partitions) among its rates: finished ones too.
+        rates.update({p["partition"]: None for p in st["partitions"] if p.get("final")})
+        shares = {p["partition"]: p["hot_keys"][0]["share"] for p in st["partitions"] if p.get("hot_keys")}
+        self.state, decision = splits.decide(self.state, rates, time.monotonic(), self.policy, shares)
+        if decision.partition is not None and not self._halt.is_set():
+            self.decisions.append({"t": time.time(), **dataclasses.asdict(decision)})
+            act = self.run.split if decision.kind == "split" else self.run.merge
+            try:
+                act(decision.partition, reason=decision.reason)
+            finally:
+                # Numbers from the changed one up now mean other ranges: rates start afresh.
+                self.state = splits.PolicyState(last_change=self.state.last_change)
+        return decision

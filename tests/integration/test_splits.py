@@ -1,0 +1,99 @@
+"""Splits and merges at runtime (docs/partitioning.md "Splits at runtime"): exact against DuckDB."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from ray._common.test_utils import wait_for_condition
+
+import rayflow as rf
+from rayflow.partitioning import PartitionMap, hash_table
+from rayflow.testing import KEYED_SQL, assert_same_rows, duckdb_reference, kill_actor, throttle
+from tests.conftest import KEYED_AGGS, make_job
+
+pytestmark = pytest.mark.ray
+
+
+def _skewed(events: int, seed: int) -> pa.Table:
+    """Keyed events where about 70% of the rows go to partition 0 of 4 (over its many keys)."""
+    data = rf.sources.Synthetic(events=events, keys=4_000, seed=seed).to_table()
+    keys = data["key"].to_numpy()
+    p0 = np.unique(keys[PartitionMap.uniform(4).route(hash_table(data, ["key"])) == 0])
+    rng = np.random.default_rng(seed)
+    hot = rng.random(len(keys)) < 0.6
+    keys = np.where(hot, rng.choice(p0, len(keys)), keys)
+    return data.set_column(data.schema.get_field_index("key"), "key", pa.array(keys, data["key"].type))
+
+
+def _catalog(ck) -> tuple[dict, list[dict]]:
+    con = duckdb.connect(str(ck / "splits" / "catalog.duckdb"), read_only=True)
+    try:
+        pmap = json.loads(con.execute("SELECT value FROM meta WHERE key = 'partition_map'").fetchone()[0])
+        rows = con.execute(
+            "SELECT kind, detail FROM events WHERE kind IN ('split', 'merge', 'repartition') ORDER BY ts"
+        )
+        events = [{"kind": k, **json.loads(d)} for k, d in rows.fetchall()]
+    finally:
+        con.close()
+    return pmap, events
+
+
+def test_split_and_merge_at_runtime_under_a_consumer_kill_then_resume(ray_session, tmp_path):
+    data = _skewed(24_000, seed=11)
+    expected = duckdb_reference(KEYED_SQL, events=data)
+    ck = tmp_path / "ck"
+
+    def pipeline() -> rf.Pipeline:
+        return make_job(
+            tmp_path,
+            "splits",
+            data,
+            batch_rows=1_500,
+            partitions=4,
+            operator=[throttle(25_000), rf.ops.Aggregate(by="key", aggs=KEYED_AGGS)],
+            checkpoint_interval_s=0.1,
+            config=rf.EngineConfig(heartbeat_interval_s=0.1, queue_max_rows=3_000, spill_max_bytes=0),
+        )
+
+    def committed(run) -> int:
+        return sum(p["committed_rows"] for p in run.status()["partitions"])
+
+    run = pipeline().start()
+    try:
+        wait_for_condition(lambda: committed(run) >= 3_000, timeout=60, retry_interval_ms=50)
+        hot = run.status()["hot_partition"]
+        assert hot == 0
+        kill_actor("splits", "consumer-0")  # dies around the split: its partitions resume from their commits
+        event = run.split(hot)
+        lo, hi = PartitionMap.uniform(4).range_of(0)
+        assert lo < int(event["at_hash"]) < hi
+        st = run.status()
+        assert (st["map_version"], st["partitions_now"]) == (2, 5)
+        assert st["partition_splits"] == [{"kind": "split", **event}]
+        assert len(st["partitions"]) == 5
+        # The children share the hot traffic: each gets a good part of it.
+        wait_for_condition(
+            lambda: all(p["committed_rows"] > 0 for p in run.status()["partitions"][:2]), timeout=60
+        )
+        # The cold old partitions 2 and 3 (now 3 and 4) merge, at a consistent cut.
+        merged = run.merge(3)
+        assert (merged["new_version"], merged["partitions"]) == (3, 4)
+        assert run.status()["map_version"] == 3
+        run.stop()
+    finally:
+        run.stop()
+    pmap, events = _catalog(ck)
+    assert pmap["version"] == 3 and len(pmap["bounds"]) == 5 and pmap["requested"] == 4
+    assert [e["kind"] for e in events] == ["repartition", "split", "repartition", "merge"]
+
+    # Resumed with the same partitions=4: the split map stands (read back from the catalog).
+    result = pipeline().run(timeout_s=120)
+    assert_same_rows(result.output, expected)
+    assert pc.sum(result.output.column("value_count")).as_py() == 24_000
+    pmap, events = _catalog(ck)
+    assert pmap["version"] == 3 and len(pmap["bounds"]) == 5
