@@ -30,13 +30,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection
 
 import ray
 
+from rayflow._internal.driver_loop import DriverLoop
 from rayflow._internal.group import autoscale as policy
 from rayflow._internal.metrics import AutoscaleMetrics
 from rayflow.config import Autoscale
@@ -58,7 +58,7 @@ Policy = Callable[
 ]
 
 
-class Autoscaler:
+class Autoscaler(DriverLoop):
     """Sizes a :class:`Run`'s consumer group on a daemon thread (module doc).
 
     ``decide``: the policy (default :func:`policy.decide`; benchmarks pass the
@@ -66,8 +66,10 @@ class Autoscaler:
     action in progress (``Run.stop`` and the end of the run call it).
     """
 
+    doing = "autoscaling"
+
     def __init__(self, run, config: Autoscale, *, decide: Policy | None = None):
-        self.run = run
+        super().__init__(run, config.interval_s, "autoscale")
         self.config = config
         self.decide = decide or policy.decide
         self.state = policy.PolicyState()
@@ -76,32 +78,13 @@ class Autoscaler:
         self.samples: deque[dict] = deque(maxlen=SAMPLES_KEPT)
         self.target = len(run.consumers)
         self.actions = 0
-        self.errors = 0
-        self.last_error: str | None = None
         self.t0 = time.monotonic()
         self._prev: dict | None = None
         #: Consumers that answered a status poll before (``observation``'s ``seen``).
         self._seen: set[str] = set()
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=RATE_INTERVALS + 1)
         self._hold_event: tuple[str | None, float] = (None, -math.inf)
-        self._halt = threading.Event()
         self._metrics = AutoscaleMetrics(run.spec.name)
-        self._thread = threading.Thread(
-            target=self._loop, name=f"rayflow-autoscale-{run.spec.name}", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 120.0) -> None:
-        """Stop deciding; wait (at most ``timeout_s``) for a scaling action in progress."""
-        self._halt.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                logger.warning(
-                    "rayflow: the autoscaler of %r did not stop in %s s", self.run.spec.name, timeout_s
-                )
 
     def status(self) -> dict:
         """For ``run.status()["autoscale"]``."""
@@ -116,16 +99,6 @@ class Autoscaler:
         }
 
     # ------------------------------------------------------------------ the loop
-    def _loop(self) -> None:
-        while not self._halt.is_set():
-            try:
-                self.step()
-            except Exception as e:  # logged, never raised: the job goes on at its size
-                self.errors += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                logger.warning("rayflow: autoscaling %r failed this interval: %s", self.run.spec.name, e)
-            self._halt.wait(self.config.interval_s)
-
     def step(self) -> policy.Decision | None:
         """One interval: measure, decide, act, record. ``None`` for the first sample (no interval)."""
         cur = self._sample()
@@ -143,7 +116,7 @@ class Autoscaler:
         if t1 > t0:  # the input rate over the last RATE_INTERVALS intervals (not reset by actions)
             obs = dataclasses.replace(obs, input_rows_per_s=max(0.0, (a1 - a0) / (t1 - t0)))
         decision, self.state = self.decide(obs, self.state, self.config)
-        if decision.action != policy.HOLD and not self._halt.is_set():
+        if decision.action != policy.HOLD and not self.halted:
             self.run.scale(consumers=decision.target)
             self.actions += 1
             self._prev = None  # the consumers changed: the next interval starts afresh

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections import deque
 
 from rayflow._internal import splits
+from rayflow._internal.driver_loop import DriverLoop
 from rayflow.config import Splits
 
 logger = logging.getLogger("rayflow")
@@ -25,11 +25,13 @@ logger = logging.getLogger("rayflow")
 DECISIONS_KEPT = 20
 
 
-class Splitter:
+class Splitter(DriverLoop):
     """Splits a :class:`Run`'s hot partitions on a daemon thread (module doc)."""
 
+    doing = "splitting"
+
     def __init__(self, run, config: Splits):
-        self.run = run
+        super().__init__(run, config.interval_s, "splits")
         self.config = config
         self.policy = splits.PolicyConfig(
             factor=config.factor,
@@ -41,31 +43,6 @@ class Splitter:
         )
         self.state = splits.PolicyState()
         self.decisions: deque[dict] = deque(maxlen=DECISIONS_KEPT)
-        self.errors = 0
-        self.last_error: str | None = None
-        self._halt = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, name=f"rayflow-splits-{run.spec.name}", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 120.0) -> None:
-        """Stop deciding; wait (at most ``timeout_s``) for a split in progress."""
-        self._halt.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
-
-    def _loop(self) -> None:
-        while not self._halt.is_set():
-            try:
-                self.step()
-            except Exception as e:  # logged, never raised: the job goes on under its map
-                self.errors += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                logger.warning("rayflow: splitting %r failed this interval: %s", self.run.spec.name, e)
-            self._halt.wait(self.config.interval_s)
 
     def step(self) -> splits.Decision:
         """One interval: read the rates, decide, split."""
@@ -77,7 +54,7 @@ class Splitter:
         rates.update({p["partition"]: None for p in st["partitions"] if p.get("final")})
         shares = {p["partition"]: p["hot_keys"][0]["share"] for p in st["partitions"] if p.get("hot_keys")}
         self.state, decision = splits.decide(self.state, rates, time.monotonic(), self.policy, shares)
-        if decision.partition is not None and not self._halt.is_set():
+        if decision.partition is not None and not self.halted:
             self.decisions.append({"t": time.time(), **dataclasses.asdict(decision)})
             act = self.run.split if decision.kind == "split" else self.run.merge
             try:
