@@ -104,11 +104,16 @@ class Autoscaler(DriverLoop):
         cur = self._sample()
         prev, self._prev = self._prev, cur
         seen, self._seen = self._seen, self._seen | set(cur["consumers"])
+        if prev is not None and prev["map_version"] != cur["map_version"]:
+            # A split or merge restarted the actors: their counters began again from zero.
+            prev = None
+            self._arrivals.clear()
+            self._seen = set(cur["consumers"])
         self._arrivals.append((cur["t"], cur["arrived"]))
         if prev is None or cur["t"] <= prev["t"]:
             return None
         obs = observation(
-            prev, cur, consumers=len(self.run.consumers), partitions=self.run.spec.partitions,
+            prev, cur, consumers=len(self.run.consumers), partitions=self.run.map.num_partitions,
             schedulable=self._schedulable(), inflight_s=self.run.spec.config.checkpoint_interval_s,
             seen=seen,
         )  # fmt: skip
@@ -126,7 +131,7 @@ class Autoscaler(DriverLoop):
 
     def _sample(self) -> dict:
         st = self.run.status()
-        return sample_of(st, t=time.monotonic())
+        return {**sample_of(st, t=time.monotonic()), "map_version": st.get("map_version")}
 
     def _schedulable(self) -> int | None:
         """The consumers the cluster can run now: the current ones plus those its free

@@ -376,6 +376,8 @@ class Run:
         self._input = (splits, schema)
         self.partition_splits: list[dict] = []
         self.splitter = None
+        #: Why the actors could not start again after a split or merge (the job is down).
+        self._remap_error: PipelineFailedError | None = None
         try:
             self._launch(splits, schema, spec.consumers, t0=t0)
             if spec.autoscale is not None:
@@ -608,6 +610,8 @@ class Run:
         count under the current map) and ``partition_splits`` (this run's ``split`` events).
         """
         with self._launch_lock:  # not while a split stops and starts the actors
+            if self._remap_error is not None:
+                raise self._remap_error
             return self._status_now()
 
     def _status_now(self) -> dict:
@@ -687,7 +691,14 @@ class Run:
             for a in actors:
                 ray.kill(a)
 
-    def split(self, partition: int, *, at: int | None = None, reason: str = "asked") -> dict:
+    def split(
+        self,
+        partition: int,
+        *,
+        at: int | None = None,
+        reason: str = "asked",
+        expect_version: int | None = None,
+    ) -> dict:
         """Split ``partition``'s hash range in two while the job runs (docs/partitioning.md,
         "Splits at runtime"); returns the ``split`` event recorded in the catalog.
 
@@ -701,11 +712,14 @@ class Run:
         catalog transaction, and the actors start again from there. A crash before
         that transaction leaves the old map; after it, the new one.
 
+        ``expect_version``: refuse (``ConfigError``) unless the map still has this
+        version (a decision taken on one map must not cut a range of another).
+
         Caveat: the whole job pauses for the change (a stop and a start of its
         actors: seconds), not only the split partition.
         """
         with self._launch_lock, self._group_lock:
-            self._check_remap(partition, self.map.num_partitions)
+            self._check_remap(partition, self.map.num_partitions, expect_version)
             # The ratio last seen (run.status(); the manager's own status has no skew figures).
             seen = {q["partition"]: q for q in (self._last_status or {}).get("partitions", [])}
             ratio = seen.get(partition, {}).get("rate_ratio")
@@ -716,7 +730,14 @@ class Run:
             detail = {"partition": partition, "at_hash": str(at), "rate_ratio": ratio, "reason": reason}
             return self._remap(new, "split", detail, drain=False)
 
-    def merge(self, partition: int, *, reason: str = "asked", timeout_s: float = _ACTOR_TIMEOUT_S) -> dict:
+    def merge(
+        self,
+        partition: int,
+        *,
+        reason: str = "asked",
+        timeout_s: float = _ACTOR_TIMEOUT_S,
+        expect_version: int | None = None,
+    ) -> dict:
         """Merge ``partition`` with the next one (``partition + 1``) while the job runs; returns
         the ``merge`` event recorded in the catalog.
 
@@ -729,15 +750,20 @@ class Run:
         :class:`~rayflow.errors.RepartitionError` says so.
         """
         with self._launch_lock, self._group_lock:
-            self._check_remap(partition, self.map.num_partitions - 1)
+            self._check_remap(partition, self.map.num_partitions - 1, expect_version)
             new = merge_map(self.map, partition)
             return self._remap(
                 new, "merge", {"partition": partition, "reason": reason}, drain=True, timeout_s=timeout_s
             )
 
-    def _check_remap(self, partition: int, limit: int) -> None:
+    def _check_remap(self, partition: int, limit: int, expect_version: int | None = None) -> None:
         if self._result is not None or self._stop_requested.is_set() or not self._actors:
             raise ConfigError(f"pipeline {self.spec.name!r} is not running: its map cannot change")
+        if expect_version is not None and expect_version != self.map.version:
+            raise ConfigError(
+                f"pipeline {self.spec.name!r}'s partition map is at version {self.map.version}, not "
+                f"{expect_version}: partition numbers now name other ranges; decide again"
+            )
         if isinstance(partition, bool) or not isinstance(partition, int) or not 0 <= partition < limit:
             raise ConfigError(f"partition must be an integer in [0, {limit}), got {partition!r}")
         if self.spec.tiers:
@@ -752,13 +778,14 @@ class Run:
             )
 
     def _remap(
-        self, new: PartitionMap, kind: str, detail: dict, *, drain: bool, timeout_s: float = 0.0
+        self, new: PartitionMap, kind: str, detail: dict, *, drain: bool, timeout_s: float = _ACTOR_TIMEOUT_S
     ) -> dict:
         """Stop the actors (each consumer commits and leaves; with ``drain``, at a consistent
         cut first), then start them again under ``new`` (the manager re-splits the state and
         records the map in one transaction); record a ``kind`` event. Under both locks."""
         t0 = time.monotonic()
         halted, drained = self._halt(drain=drain, timeout_s=timeout_s)
+        drained = drained is not False  # None: a split, which needs no cut
         committed = sum(x["committed_rows"] for x in halted["partitions"])
         t_read, rows_at_start = self._t_read, self._rows_at_start
         self._kill_actors()
@@ -768,7 +795,20 @@ class Run:
         self.consumers = {}
         if drained:
             self.map = new
-        self._launch(*self._input, self.desired_consumers, t0=None)
+        try:
+            self._launch(*self._input, self.desired_consumers, t0=None)
+        except BaseException as e:
+            # Nothing half-started stays (names held, wait() polling a manager that never ends):
+            # the job is down, and wait() and status() say why. The catalog holds whichever map
+            # was recorded last; a new start with the same partitions= resumes from it.
+            self._kill_actors()
+            self.map = old
+            self._remap_error = PipelineFailedError(
+                f"pipeline {self.spec.name!r} failed to start again after a {kind} of partition "
+                f"{detail['partition']}: {e}. Start the pipeline again (same name and checkpoint "
+                "directory) to resume from its last commits"
+            )
+            raise self._remap_error from e
         # A split's children inherit their parent's rows_total (the upsert versions): count
         # each event once in the run's figures.
         self._rows_at_start = self._rows_at_start - committed + rows_at_start
@@ -791,29 +831,32 @@ class Run:
         logger.info("rayflow: %r %s partition %d: %s", self.spec.name, kind, detail["partition"], event)
         return event
 
-    def _halt(self, *, drain: bool, timeout_s: float) -> tuple[dict, bool]:
-        """For a split or merge: the sources stop reading; with ``drain``, wait for a consistent
-        cut (:meth:`_drain`); each consumer commits and leaves (one dead or stuck is left: its
-        partitions resume from their last commit). The manager's status, and whether the cut
-        was reached (True without ``drain``)."""
+    def _halt(self, *, drain: bool, timeout_s: float) -> tuple[dict, bool | None]:
+        """Stop the job's work, for :meth:`stop` and for a split or merge: the sources stop
+        reading; with ``drain``, wait for a consistent cut (:meth:`_drain`); each consumer
+        commits and leaves. An actor dead or stuck past ``timeout_s`` is left behind (a new
+        start resumes from its last commit). Returns the manager's status, and whether the cut
+        was reached (``None`` without ``drain``): never when a source did not stop (it told
+        no frontier for its splits); a consumer lost after the cut leaves the cut standing
+        (the catalog recorded it)."""
         frontier: dict[str, int] = {}
-        drained = True
+        drained = None
+        sources_stopped = True
         for what, refs in (
             ("sources", lambda: [s.stop_reading.remote() for s in self.sources]),
             ("consumers", lambda: [c.stop.remote() for c in self.consumers.values()]),
         ):
             if what == "consumers" and drain:
-                drained = self._drain(frontier, timeout_s)
+                drained = sources_stopped and self._drain(frontier, timeout_s)
             for ref in refs():
                 try:
-                    got = self._get(ref)
+                    got = self._get(ref, timeout=timeout_s)
                     if what == "sources":
                         frontier.update(got.get("frontier") or {})
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                    logger.warning(
-                        "rayflow: stopping the %s of %r to change its map: %s", what, self.spec.name, e
-                    )
-                    drained = drained and not drain
+                    logger.warning("rayflow: stopping the %s of %r: %s", what, self.spec.name, e)
+                    if what == "sources":
+                        sources_stopped = False
         return self._get(self.manager.status.remote()), drained
 
     def start_splitter(self, config: Splits) -> Splitter:
@@ -884,6 +927,8 @@ class Run:
                 if self._stop_requested.is_set():
                     return self._result_of_stop()
                 with self._launch_lock:  # not while a split stops and starts the actors
+                    if self._remap_error is not None:
+                        raise self._remap_error
                     st = self._last_status = self._get(self.manager.status.remote())
                 if st["done"]:
                     break
@@ -1038,25 +1083,8 @@ class Run:
             return self._result_from(self._last_status, stopped=True, running=False)
         # A bounded job that had ended (its result not yet asked for by wait()) was not stopped.
         ended = self._get(self.manager.status.remote())["done"]
-        frontier: dict[str, int] = {}
-        drained = None
-        for what, refs in (
-            ("sources", lambda: [s.stop_reading.remote() for s in self.sources]),
-            ("consumers", lambda: [c.stop.remote() for c in self.consumers.values()]),
-        ):
-            if what == "consumers" and drain:
-                # A source that did not stop told no frontier for its splits: no cut to check.
-                drained = self._drain(frontier, timeout_s) if drained is None else False
-            for ref in refs():
-                try:
-                    got = self._get(ref, timeout=timeout_s)
-                    if what == "sources":
-                        frontier.update(got.get("frontier") or {})
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                    # Dead, or stuck past the timeout: a new run resumes from the last commit.
-                    logger.warning("rayflow: stopping the %s of %r: %s", what, self.spec.name, e)
-                    drained = False if drain else None
-        result = self._result_from(self._get(self.manager.status.remote()), stopped=not ended)
+        st, drained = self._halt(drain=drain, timeout_s=timeout_s)
+        result = self._result_from(st, stopped=not ended)
         if drained is not None:
             result.stats["drained"] = drained
         return result
@@ -1093,7 +1121,10 @@ class Run:
         """Stop every actor of the run (best effort: each failure is logged), then its job file."""
         self._stop_autoscaler()
         self._stop_splitter()
-        self._kill_actors()
+        # Under the launch lock: a split still restarting the actors (its splitter's join above
+        # gave up) must not add actors after these are killed, which nobody would kill then.
+        with self._launch_lock:
+            self._kill_actors()
 
     def _kill_actors(self) -> None:
         if not self._actors:

@@ -123,23 +123,26 @@ def decide(
     ripe = [p for p, t in hot_since.items() if now - t >= config.window_s]
     whole = [p for p in ripe if shares.get(p, 0.0) >= config.max_key_share]
     ripe = [p for p in ripe if p not in whole]
+    # A split that cannot happen (one key, or no room) leaves the way open for a merge.
+    held = None
     if whole and not ripe:
         p = whole[0]
-        return state, Decision(
+        held = Decision(
             None,
             f"partition {p}'s hottest key carries {shares[p]:.0%} of its rows: a split cannot halve "
             "one key (Aggregate(combine_at_source=True) can)",
             smoothed[p],
         )
-    if ripe:
+    elif ripe:
         p = max(ripe, key=lambda q: (smoothed[q], -q))
-        if len(rates) >= config.max_partitions:
-            return state, Decision(None, f"at max_partitions ({config.max_partitions})", smoothed[p])
         if cooling:
             return state, Decision(None, f"cooling down ({config.cooldown_s} s)", smoothed[p])
-        return replace(state, last_change=now, hot_since={}, cold_since={}), Decision(
-            p, f"ratio {smoothed[p]:.2f} > {config.factor} for {now - hot_since[p]:.1f} s", smoothed[p]
-        )
+        if len(rates) >= config.max_partitions:
+            held = Decision(None, f"at max_partitions ({config.max_partitions})", smoothed[p])
+        else:
+            return replace(state, last_change=now, hot_since={}, cold_since={}), Decision(
+                p, f"ratio {smoothed[p]:.2f} > {config.factor} for {now - hot_since[p]:.1f} s", smoothed[p]
+            )
     cold = [p for p, t in cold_since.items() if now - t >= config.window_s]
     if cold and len(rates) > config.min_partitions and not cooling:
         p = min(cold, key=lambda q: (pairs[q], q))
@@ -150,6 +153,8 @@ def decide(
             pairs[p],
             kind="merge",
         )
+    if held is not None:
+        return state, held
     if hot_since:
         return state, Decision(None, f"hot for less than {config.window_s} s")
     return state, Decision(None, "no partition above the factor")

@@ -43,12 +43,19 @@ class Splitter(DriverLoop):
         )
         self.state = splits.PolicyState()
         self.decisions: deque[dict] = deque(maxlen=DECISIONS_KEPT)
+        #: The map version the policy's figures belong to (partition numbers mean its ranges).
+        self._version: int | None = None
 
     def step(self) -> splits.Decision:
         """One interval: read the rates, decide, split."""
         st = self.run.status()
         if st.get("done"):
             return splits.Decision(None, "done")
+        version = st.get("map_version")
+        if version != self._version:
+            if self._version is not None:  # changed by someone else (run.split/merge): start afresh
+                self.state = splits.PolicyState(last_change=time.monotonic())
+            self._version = version
         rates = {p["partition"]: p.get("rate_ratio") for p in st["partitions"] if not p.get("final")}
         # The policy counts the map's partitions (max_partitions) among its rates: finished ones too.
         rates.update({p["partition"]: None for p in st["partitions"] if p.get("final")})
@@ -58,7 +65,7 @@ class Splitter(DriverLoop):
             self.decisions.append({"t": time.time(), **dataclasses.asdict(decision)})
             act = self.run.split if decision.kind == "split" else self.run.merge
             try:
-                act(decision.partition, reason=decision.reason)
+                act(decision.partition, reason=decision.reason, expect_version=version)
             finally:
                 # Numbers from the changed one up now mean other ranges: rates start afresh.
                 self.state = splits.PolicyState(last_change=self.state.last_change)

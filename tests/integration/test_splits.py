@@ -48,7 +48,7 @@ def test_split_and_merge_at_runtime_under_a_consumer_kill_then_resume(ray_sessio
     expected = duckdb_reference(KEYED_SQL, events=data)
     ck = tmp_path / "ck"
 
-    def pipeline() -> rf.Pipeline:
+    def pipeline(**kw) -> rf.Pipeline:
         return make_job(
             tmp_path,
             "splits",
@@ -58,6 +58,7 @@ def test_split_and_merge_at_runtime_under_a_consumer_kill_then_resume(ray_sessio
             operator=[throttle(25_000), rf.ops.Aggregate(by="key", aggs=KEYED_AGGS)],
             checkpoint_interval_s=0.1,
             config=rf.EngineConfig(heartbeat_interval_s=0.1, queue_max_rows=3_000, spill_max_bytes=0),
+            **kw,
         )
 
     def committed(run) -> int:
@@ -76,9 +77,12 @@ def test_split_and_merge_at_runtime_under_a_consumer_kill_then_resume(ray_sessio
         assert (st["map_version"], st["partitions_now"]) == (2, 5)
         assert st["partition_splits"] == [{"kind": "split", **event}]
         assert len(st["partitions"]) == 5
-        # The children share the hot traffic: each gets a good part of it.
+        # The children share the hot traffic: each processes rows of its own (a child's
+        # committed_rows starts at its parent's, which it inherits).
+        inherited = [p["committed_rows"] for p in st["partitions"][:2]]
         wait_for_condition(
-            lambda: all(p["committed_rows"] > 0 for p in run.status()["partitions"][:2]), timeout=60
+            lambda: all(p["committed_rows"] > n for p, n in zip(run.status()["partitions"][:2], inherited)),
+            timeout=60,
         )
         # The cold old partitions 2 and 3 (now 3 and 4) merge, at a consistent cut.
         merged = run.merge(3)
@@ -91,6 +95,9 @@ def test_split_and_merge_at_runtime_under_a_consumer_kill_then_resume(ray_sessio
     assert pmap["version"] == 3 and len(pmap["bounds"]) == 5 and pmap["requested"] == 4
     assert [e["kind"] for e in events] == ["repartition", "split", "repartition", "merge"]
 
+    # Tiers name partitions of the uniform map: a resume with tiers over a split map is refused.
+    with pytest.raises(rf.errors.IncompatibleCheckpointError, match="splits at runtime"):
+        pipeline(tiers=[rf.Tier(name="hot", priority=1, partitions=[0])]).start()
     # Resumed with the same partitions=4: the split map stands (read back from the catalog).
     result = pipeline().run(timeout_s=120)
     assert_same_rows(result.output, expected)

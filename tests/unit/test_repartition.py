@@ -406,3 +406,9 @@ def test_a_drained_stop_is_not_claimed_when_a_source_did_not_stop():
         },
     )
     assert run._stop(0.1, drain=True).stats["drained"] is False
+    # A consumer lost after the cut (its stop fails) leaves the cut standing: the catalog holds it.
+    run.manager = _Actor(status={"done": False}, ready={"positions": {0: {"a": 10}, 1: {"a": 10}}})
+    run.consumers = {"c": _Actor(stop=dead)}
+    assert run._stop(1.0, drain=True).stats["drained"] is True
+    # Without drain, nothing is claimed either way.
+    assert "drained" not in run._stop(1.0).stats

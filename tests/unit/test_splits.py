@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -64,6 +66,10 @@ def test_policy_cooldown_and_max_partitions():
     assert out == [None, None]
 
 
+def replace_merge_off(cfg):
+    return dataclasses.replace(cfg, merge_below=None)
+
+
 def test_policy_merges_cold_neighbours_when_nothing_is_hot():
     cfg = PolicyConfig(
         factor=3.0,
@@ -88,6 +94,17 @@ def test_policy_merges_cold_neighbours_when_nothing_is_hot():
     # Without merge_below: never.
     _, d = decide(PolicyState(), cold, 100.0, CFG)
     assert d.partition is None
+    # A hot partition that cannot split (one key is most of it; no room left) does not block a
+    # merge of cold neighbours.
+    one_key = {0: 4.0, 1: 0.1, 2: 0.1, 3: 0.1}
+    both = PolicyState(hot_since={0: 0.0}, cold_since={1: 0.0, 2: 0.0})
+    _, d = decide(both, one_key, 10.0, cfg, {0: 0.9})
+    assert (d.kind, d.partition) == ("merge", 1)
+    full = dataclasses.replace(cfg, max_partitions=4)
+    _, d = decide(both, one_key, 10.0, full)
+    assert (d.kind, d.partition) == ("merge", 1)
+    _, d = decide(PolicyState(hot_since={0: 0.0}), one_key, 10.0, replace_merge_off(full))
+    assert d.partition is None and "max_partitions" in d.reason
 
 
 def test_splitter_carries_out_the_policy():
@@ -96,18 +113,22 @@ def test_splitter_carries_out_the_policy():
             self.spec = type("Spec", (), {"name": "fake"})()
             self.calls = []
             self.ratios = [4.0, 0.5, 0.5, 0.5]
+            self.version = 1
 
         def status(self):
             return {
                 "done": False,
+                "map_version": self.version,
                 "partitions": [{"partition": p, "rate_ratio": r} for p, r in enumerate(self.ratios)],
             }
 
-        def split(self, p, *, reason):
+        def split(self, p, *, reason, expect_version):
+            assert expect_version == self.version  # decided on the map it acts on
             self.calls.append(("split", p))
             self.ratios = [1.0] * 5
+            self.version += 1
 
-        def merge(self, p, *, reason):
+        def merge(self, p, *, reason, expect_version):
             self.calls.append(("merge", p))
 
     run = FakeRun()
@@ -115,6 +136,16 @@ def test_splitter_carries_out_the_policy():
     assert sp.step().partition == 0
     assert sp.step().partition is None  # cooling down, the rates started afresh
     assert run.calls == [("split", 0)] and len(sp.decisions) == 1
+    # A map changed by someone else (run.split by hand) starts the policy afresh, cooling down:
+    # the figures it kept were for partitions that now name other ranges.
+    sp2 = Splitter(run, rf.Splits(factor=3.0, window_s=0.0, cooldown_s=3600.0, interval_s=0.01))
+    run.ratios = [1.0] * 5
+    assert sp2.step().partition is None  # nothing hot: it only learns the map's version
+    run.version += 1
+    run.ratios = [4.0] + [0.5] * 5
+    d = sp2.step()
+    assert d.partition is None and "cooling down" in d.reason
+    assert run.calls == [("split", 0)]
 
 
 def test_policy_does_not_split_one_hot_key():
@@ -221,3 +252,41 @@ def test_reservoir_keeps_recent_hashes_per_partition():
 def test_splits_config_refuses(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         rf.Splits(**kwargs)
+
+
+def test_a_split_whose_restart_fails_leaves_nothing_running_and_says_why():
+    """A split stops the actors and starts them again; when the start fails, what was half
+    started is killed, the run keeps its old map, and ``status()``/``wait()`` raise why
+    (rather than poll a manager that never ends)."""
+    import threading
+    import types
+
+    from rayflow._internal.runtime import Run
+    from rayflow.errors import PipelineFailedError
+
+    run = object.__new__(Run)
+    run.spec = types.SimpleNamespace(name="t")
+    run.map = PartitionMap.uniform(2)
+    run._actors, run.sources, run.consumers = [], [], {}
+    run._t_read, run._rows_at_start, run._input, run.desired_consumers = 0.0, 0, ((), None), 1
+    run._launch_lock = threading.RLock()
+    run._remap_error = None
+    run._stop_requested = threading.Event()
+    run._result = None
+    run._halt = lambda *, drain, timeout_s: ({"partitions": []}, None)
+    killed = []
+    run._kill_actors = lambda: killed.append(True)
+    run.autoscaler = run.splitter = None
+
+    def launch(*args, **kw):
+        raise TimeoutError("the manager did not answer")
+
+    run._launch = launch
+    new = PartitionMap.uniform(3)
+    with pytest.raises(PipelineFailedError, match="failed to start again after a split"):
+        run._remap(new, "split", {"partition": 0}, drain=False)
+    assert run.map == PartitionMap.uniform(2) and len(killed) == 2
+    with pytest.raises(PipelineFailedError, match="failed to start again"):
+        run.status()
+    with pytest.raises(PipelineFailedError, match="failed to start again"):
+        run.wait(timeout_s=1)

@@ -90,7 +90,7 @@ from rayflow._internal.metrics import ManagerMetrics
 from rayflow._internal.publish import Publisher
 from rayflow._internal.watermarks import WATERMARK_NONE, lag_s
 from rayflow.config import EngineConfig
-from rayflow.errors import CheckpointError, FencedError, ProtocolError
+from rayflow.errors import CheckpointError, FencedError, IncompatibleCheckpointError, ProtocolError
 from rayflow.partitioning import PartitionMap
 
 logger = logging.getLogger(__name__)
@@ -207,6 +207,7 @@ class GroupManager:
         self.publisher = Publisher(job.sink, job.sink_root, fault=self._fault, sides=job.side_sinks)
         self.map = job.partition_map
         self.key = list(job.key)
+        self.tiers = job.tiers
         self._check_meta(job.meta)  # may re-split the checkpoint into this run's partition count
         epochs = self.catalog.lease_epochs()
         self.group = Coordinator(
@@ -215,7 +216,6 @@ class GroupManager:
             committed=self.catalog.latest_commits(),
             tiers=job.tiers,
         )
-        self.tiers = job.tiers
         self._durable = dict(epochs)
         self._commit_at = self.catalog.last_commit_times()
         if restarted:
@@ -263,6 +263,14 @@ class GroupManager:
             return meta
         recorded = PartitionMap.from_json(old.partition_map)
         if _kept_split_map(recorded, self.map):
+            if self.tiers:
+                raise IncompatibleCheckpointError(
+                    f"cannot resume pipeline {self.name!r} with tiers=: splits at runtime cut its "
+                    f"checkpoint's {recorded.requested} partitions into {recorded.num_partitions} "
+                    "other ranges, and tiers name partitions of the uniform map. Resume without "
+                    "tiers=, or with another partitions= (the state is then re-split into that "
+                    "count's uniform map, which tiers can name)"
+                )
             self.map = recorded
             return dataclasses.replace(meta, partition_map=recorded.to_json())
         if recorded.bounds != self.map.bounds:
