@@ -124,6 +124,13 @@ class Pipeline:
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
             raise ConfigError(f"partitions must be an integer >= 1, got {partitions!r}")
         consumers = _initial_consumers(consumers, autoscale, staged=bool(stages))
+        if autoscale is not None and autoscale.min_consumers > partitions:
+            # A consumer owns whole partitions: past their count the rest would sit idle.
+            raise ConfigError(
+                f"Autoscale(min_consumers={autoscale.min_consumers}) is more than the job's "
+                f"{partitions} partitions: the extra consumers would have nothing to own; lower "
+                "min_consumers or raise partitions"
+            )
         if sink is not None and not isinstance(sink, Sink):
             raise ConfigError(f"sink must be an rf.sinks sink, got {sink!r}")
         if not isinstance(local_paths_shared, bool):

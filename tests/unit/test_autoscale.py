@@ -221,6 +221,8 @@ def test_pipeline_starting_size():
         rf.Pipeline(name="a", source=src, key="key", consumers=6, autoscale=rf.Autoscale(max_consumers=5))
     with pytest.raises(ConfigError, match="rf.Autoscale"):
         rf.Pipeline(name="a", source=src, key="key", autoscale={"max_consumers": 5})
+    with pytest.raises(ConfigError, match="nothing to own"):
+        rf.Pipeline(name="a", source=src, key="key", partitions=2, autoscale=rf.Autoscale(min_consumers=3))
 
 
 # ----------------------------------------------------------------------------- properties
