@@ -37,10 +37,7 @@ def ray_session():
         logging_level="WARNING",
         log_to_driver=False,
         _metrics_export_port=METRICS_PORT,
-        # Worker processes start up to 6 at a time (Ray's default: one per CPU, 2 here): a
-        # job's manager, sources and consumers start together, overlapping their imports'
-        # waits (about 5-10% off each pipeline start, the suite's largest fixed cost).
-        _system_config={"metrics_report_interval_ms": 1000, "worker_maximum_startup_concurrency": 6},
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     yield ray
     ray.shutdown()
