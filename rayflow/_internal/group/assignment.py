@@ -64,24 +64,7 @@ def assign(
             counts[o] += 1
     quota = quotas(len(loads), members, counts)
     target: dict[int, str] = {}
-    held = {m: 0 for m in members}
-    load = {m: 0.0 for m in members}
-    # 1. Keep what can stay, heaviest first so the heavy ones stay put.
-    for p in parts:
-        o = current.get(p)
-        if o in held and held[o] < quota[o]:
-            target[p] = o
-            held[o] += 1
-            load[o] += loads[p]
-    # 2. Place the rest, heaviest first, on the least loaded member with room.
-    for p in parts:
-        if p in target:
-            continue
-        room = [m for m in members if held[m] < quota[m]]
-        m = min(room, key=lambda m: (load[m] / members[m], held[m], m))
-        target[p] = m
-        held[m] += 1
-        load[m] += loads[p]
+    _deal(parts, members, quota, current, loads, {m: 0.0 for m in members}, target)
     return target
 
 
@@ -179,21 +162,39 @@ def assign_tiered(
         order = sorted(pool, key=lambda m: (-(exact[m] - quota[m]), count[m] / pool[m], -mine[m], m))
         for m in order[:left]:
             quota[m] += 1
-        held = {m: 0 for m in pool}
-        for p in parts:  # 1. keep what can stay, heaviest first
-            o = current.get(p)
-            if o in held and held[o] < quota[o]:
-                target[p] = o
-                held[o] += 1
-                load[o] += loads[p]
-        for p in parts:  # 2. the rest on the least loaded member with room
-            if p in target:
-                continue
-            room = [m for m in pool if held[m] < quota[m]]
-            m = min(room, key=lambda m: (load[m] / pool[m], held[m], m))
-            target[p] = m
-            held[m] += 1
-            load[m] += loads[p]
+        held = _deal(parts, pool, quota, current, loads, load, target)
         for m, k in held.items():
             count[m] += k
     return target
+
+
+def _deal(
+    parts: list[int],
+    pool: Mapping[str, float],
+    quota: Mapping[str, int],
+    current: Mapping[int, str | None],
+    loads: Mapping[int, float],
+    load: dict[str, float],
+    target: dict[int, str],
+) -> dict[str, int]:
+    """Deal ``parts`` (heaviest first) to ``pool`` within ``quota`` into ``target``: first what
+    can stay with its owner, then the rest on the least loaded member with room (``load``,
+    per capacity, carries over between calls). Returns how many each member got."""
+    held = {m: 0 for m in pool}
+    # 1. Keep what can stay, heaviest first so the heavy ones stay put.
+    for p in parts:
+        o = current.get(p)
+        if o in held and held[o] < quota[o]:
+            target[p] = o
+            held[o] += 1
+            load[o] += loads[p]
+    # 2. Place the rest, heaviest first, on the least loaded member with room.
+    for p in parts:
+        if p in target:
+            continue
+        room = [m for m in pool if held[m] < quota[m]]
+        m = min(room, key=lambda m: (load[m] / pool[m], held[m], m))
+        target[p] = m
+        held[m] += 1
+        load[m] += loads[p]
+    return held
