@@ -383,7 +383,19 @@ def test_a_read_that_retires_a_segment_reports_it_and_wakes_paused_readers(tmp_p
 def test_close_closes_sealed_segments_and_defers_pinned_ones(store, monkeypatch):
     from rayflow._internal import spill as spill_mod
 
-    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    spill_dir = os.path.realpath(store.root)
+
+    def fds() -> int:
+        # Only this store's descriptors: other threads of the test process (a
+        # leftover pool, the GC) open and close files of their own meanwhile.
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}").startswith(spill_dir + os.sep)
+            except OSError:
+                pass  # closed between the listing and the readlink
+        return n
+
     base = fds()
     store.segment_bytes = 1  # sealed after every write
     hs = [store.write(0, batch(100)) for _ in range(4)]
