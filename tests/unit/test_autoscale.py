@@ -12,6 +12,8 @@ from rayflow._internal.autoscaler import observation, sample_of
 from rayflow._internal.group.autoscale import (
     DOWN,
     HOLD,
+    INEFFECTIVE_BLOCK_S,
+    RATE_MEMORY_S,
     UP,
     UP_TOLERANCE,
     Observation,
@@ -118,6 +120,69 @@ def test_decisions(name, o, state, action, target, why):
     if action != HOLD:
         assert new.last_action_s == NOW and new.window == () and new.observing_since_s is None
     assert d.to_dict()["current"] == o.consumers
+
+
+# Light load (busy below LIGHT_LOAD x target utilization, here 0.25): 4 consumers 10% busy at
+# 50k rows per busy s carry 20k rows/s; the rate measured under load 20 s ago was 200k.
+LIGHT = dict(rate=20_000, consumers=4, busy=0.1, per_busy_s=50_000)
+SETTLED = dict(last_action_s=NOW - 100, observing_since_s=NOW - 50)
+
+
+def test_light_load_is_sized_by_the_rate_measured_under_load():
+    state = PolicyState(loaded_rate=(NOW - 20, 200_000.0), **SETTLED)
+    # 80k/s needs 0.8 consumers at 200k per busy s, but 3.2 (so 4: no change) at 50k.
+    d, new = decide(obs(**{**LIGHT, "rate": 80_000}), state, CFG)
+    assert (d.action, d.target) == (DOWN, 1), d
+    assert d.rows_per_busy_s == 200_000 and d.measured_rows_per_busy_s == pytest.approx(50_000)
+    assert new.loaded_rate == (NOW - 20, 200_000.0)  # a light interval does not replace it
+
+
+def test_without_a_recent_loaded_rate_the_light_rate_sizes_the_group():
+    for state in (PolicyState(**SETTLED), PolicyState(loaded_rate=(NOW - RATE_MEMORY_S - 1, 2e5), **SETTLED)):
+        d, _ = decide(obs(**{**LIGHT, "rate": 80_000}), state, CFG)
+        assert (d.action, d.target, d.rows_per_busy_s) == (HOLD, 4, pytest.approx(50_000)), d
+
+
+def test_under_load_the_measured_rate_is_used_even_when_lower():
+    """Heavier rows: a fall in capacity measured under load counts at once (no memory)."""
+    state = PolicyState(loaded_rate=(NOW - 20, 200_000.0), **SETTLED)
+    d, new = decide(obs(rate=80_000, consumers=2, busy=0.8, per_busy_s=50_000), state, CFG)
+    assert (d.action, d.target) == (UP, 4) and d.rows_per_busy_s == pytest.approx(50_000), d
+    assert new.loaded_rate == (NOW, pytest.approx(50_000))
+
+
+# A scale-up 2 -> 4 made at 100k rows per busy s (capacity 200k rows/s): after the cooldown,
+# 4 consumers 80% busy needing more.
+AFTER_UP = PolicyState(last_action_s=NOW - 6, scale_up_check=(2, 4, 200_000.0))
+
+
+def test_an_ineffective_scale_up_blocks_the_next():
+    # 52k rows per busy s at 4: 208k of capacity, 8k gained of 200k expected (under 10%).
+    d, new = decide(obs(rate=400_000, consumers=4, busy=0.8, per_busy_s=52_000), AFTER_UP, CFG)
+    assert (d.action, d.target) == (HOLD, 4) and d.reason.startswith("capped: the last scale-up (2 -> 4)"), d
+    assert new.blocked is not None and new.scale_up_check is None
+    # Still blocked later, then free again after INEFFECTIVE_BLOCK_S.
+    later = obs(rate=400_000, consumers=4, busy=0.8, per_busy_s=52_000, now_s=NOW + 60)
+    assert decide(later, new, CFG)[0].action == HOLD
+    free = obs(rate=400_000, consumers=4, busy=0.8, per_busy_s=52_000, now_s=NOW + INEFFECTIVE_BLOCK_S + 1)
+    d, after = decide(free, new, CFG)
+    assert d.action == UP and after.blocked is None
+
+
+def test_an_effective_scale_up_does_not_block():
+    d, new = decide(obs(rate=400_000, consumers=4, busy=0.8, per_busy_s=95_000), AFTER_UP, CFG)
+    assert d.action == UP and new.blocked is None
+    assert new.scale_up_check == (4, d.target, pytest.approx(95_000 * 4))  # the next one is checked too
+
+
+def test_a_scale_up_is_not_judged_under_light_load_and_a_scale_down_unblocks():
+    d, new = decide(obs(rate=40_000, consumers=4, busy=0.1, per_busy_s=52_000), AFTER_UP, CFG)
+    assert new.blocked is None and new.scale_up_check is None
+    blocked = PolicyState(
+        last_action_s=NOW - 100, observing_since_s=NOW - 50, blocked=(NOW - 10, "capped: x")
+    )
+    d, new = decide(obs(rate=40_000, consumers=5), blocked, CFG)
+    assert d.action == DOWN and new.blocked is None
 
 
 def test_decision_carries_its_numbers():

@@ -222,6 +222,36 @@ def test_catalog_records_a_repartition_in_one_transaction(tmp_path):
     cat.close()
 
 
+def test_a_repartition_that_fails_midway_leaves_the_catalog_as_it_was(tmp_path, monkeypatch):
+    """All or nothing: the last statement of the transaction fails, after the commits, leases,
+    map and event were written in it; none of them stays."""
+    cat = Catalog(str(tmp_path / "catalog.duckdb"))
+    m1 = PartitionMap.uniform(4)
+    cat.set_meta({"partition_map": m1.to_json(), "key": '["key"]'})
+    cat.record_commits("m", [_commit(p, [f"state/p{p:05d}/a-op0.parquet"], [1]) for p in range(4)])
+    cat.record_leases([(p, "m", 3) for p in range(4)])
+    snapshot = lambda: (  # noqa: E731
+        cat.latest_commits(), cat.all_state_files(), cat.lease_epochs(), cat.lease_owners(), cat.get_meta()
+    )  # fmt: skip
+    before = snapshot()
+
+    def fail(cur, n):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cat, "_set_applied", fail)
+    new = [
+        CommitRecord(**{**_commit(p, [f"state/p{p:05d}/r-op0.parquet"], [1]).__dict__, "map_version": 2})
+        for p in range(2)
+    ]
+    m2 = PartitionMap.uniform(2, version=2)
+    with pytest.raises(OSError, match="disk full"):
+        cat.record_repartition(new, partition_map=m2.to_json(), leases=[(0, None, 4), (1, None, 4)], event={})
+    after = snapshot()
+    assert after == before and after[4]["partition_map"] == m1.to_json()
+    assert cat.con.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    cat.close()
+
+
 def test_the_remote_log_replays_a_repartition(tmp_path):
     """Under a remote checkpoint directory the map change is one log entry: a manager on another
     node (a fresh local index) rebuilds the new map's commits, leases and meta, also from a

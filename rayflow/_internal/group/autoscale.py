@@ -17,6 +17,12 @@ flight, :func:`backlog`) worked off within ``catch_up_s``, each consumer busy
 (KEDA's Kafka scaler: ``ceil(lag / threshold)``) creeps up as lag builds and drops when it has
 drained, the next oscillation already on its way.
 
+Where DS2's model breaks: a consumer's rows per busy second are not constant but fall with its
+load (each fetch and step has a fixed cost; a lightly loaded consumer pays it for small
+batches). So a lightly loaded group (:data:`LIGHT_LOAD`) is sized by the last rate measured
+under load, when that is higher and recent; without it, a group that has just shed load keeps
+consumers it no longer needs.
+
 **The guards**, in this order:
 
 1. Bounds: the recommendation is clamped to ``[min_consumers, max_consumers]``; a scale-up also
@@ -32,6 +38,10 @@ drained, the next oscillation already on its way.
    ``scale_down_delay_s`` since the last action, and only to the largest recommendation over
    the stabilization window, so a dip must last the whole window to count and a count that any
    recent moment needed is kept.
+
+5. Effect: the first interval under load after a scale-up's cooldown measures the capacity it
+   added; less than :data:`INEFFECTIVE_GAIN` of what was expected blocks further scale-ups for
+   :data:`INEFFECTIVE_BLOCK_S` or until a scale-down (the bottleneck is not the consumers).
 
 The count is also **granular** (:func:`granular`): partitions are dealt whole, so the group is
 sized for its busiest consumer: with 8 partitions, 5 to 7 consumers leave some with 2
@@ -59,6 +69,31 @@ MIN_BUSY_S = 0.05
 #: tolerance): at 6 consumers, 6.14 needed is a utilization of 0.72 for a target of 0.7, within
 #: what the measurement's noise gives; one more consumer would cost a rebalance for nothing.
 UP_TOLERANCE = 0.1
+
+#: A group busy less than this fraction of ``target_utilization`` is lightly loaded: its
+#: measured true rate understates what a consumer can do. Each fetch and step has a fixed cost,
+#: and a lightly loaded consumer fetches often, in small batches, so its rows per busy second
+#: fall with its load (16 cores, 2 us a row: 415k rows per busy s at 2 consumers 62% busy,
+#: 240k at 8 consumers 25% busy, on the same 500k rows/s). Sized by that rate, a group that
+#: has just shed load keeps consumers it does not need, and every consumer added lowers the
+#: rate again; so a light interval is sized by the last rate measured under load, when that is
+#: higher and recent (:data:`RATE_MEMORY_S`). Under load the measured rate is used as it is, so a
+#: real fall in capacity (heavier rows) shows at once.
+LIGHT_LOAD = 0.5
+
+#: How long a rate measured under load sizes lightly loaded intervals (seconds).
+RATE_MEMORY_S = 300.0
+
+#: A scale-up is *ineffective* when the group's capacity (true rate x consumers), measured
+#: under load after the cooldown, grew by less than this fraction of what the added consumers
+#: were expected to add (Flink's autoscaler: ``scaling.effectiveness.threshold``). The
+#: bottleneck is then elsewhere (the sources, a hot partition, CPUs shared by more processes
+#: than cores): more consumers only slow each other down.
+INEFFECTIVE_GAIN = 0.1
+
+#: After an ineffective scale-up, further scale-ups wait this long (seconds), or for a
+#: scale-down; each such hold is recorded (reason starting ``capped``).
+INEFFECTIVE_BLOCK_S = 300.0
 
 HOLD, UP, DOWN = "hold", "scale_up", "scale_down"
 
@@ -98,9 +133,11 @@ class PolicyState:
 
     #: When the last scaling action was decided (``None``: never).
     last_action_s: float | None = None
-    #: The last measured true rate per consumer (rows per busy second), used when an interval
-    #: measures none (the group was idle).
+    #: The last true rate per consumer that sized the group (rows per busy second), used when an
+    #: interval measures none (the group was idle).
     rows_per_busy_s: float | None = None
+    #: ``(time, rate)``: the last true rate measured under load (:data:`LIGHT_LOAD`).
+    loaded_rate: tuple[float, float] | None = None
     #: Rows and busy seconds of light intervals, added up until they make a measure
     #: (:data:`MIN_BUSY_S`): a nearly idle group is measured over several intervals.
     pending: tuple[int, float] = (0, 0.0)
@@ -108,6 +145,10 @@ class PolicyState:
     observing_since_s: float | None = None
     #: ``(time, recommendation)`` of the observations within the stabilization window.
     window: tuple[tuple[float, int], ...] = ()
+    #: ``(from, to, capacity before)`` of the last scale-up, until its effect is measured.
+    scale_up_check: tuple[int, int, float] | None = None
+    #: ``(since, why)``: scale-ups are blocked after an ineffective one (:data:`INEFFECTIVE_GAIN`).
+    blocked: tuple[float, str] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,7 +170,11 @@ class Decision:
     backlog_rows: int
     #: Rows/s the group must process: the input plus the backlog over ``catch_up_s``.
     demand_rows_per_s: float
+    #: The true rate per consumer that sized the group: this interval's, or under light load the
+    #: last one measured under load when higher (:data:`LIGHT_LOAD`).
     rows_per_busy_s: float | None
+    #: This interval's own measurement (``None``: too little work to tell, or a cooldown).
+    measured_rows_per_busy_s: float | None
     busy_fraction: float
     #: The most consumers a scale-up may reach now (max, partitions, cluster).
     ceiling: int
@@ -156,15 +201,29 @@ def _work(obs: Observation, pending: tuple[int, float]) -> tuple[int, float]:
     return pending[0] + sum(obs.rows), pending[1] + sum(obs.busy_fraction) * obs.interval_s
 
 
-def _measure(obs: Observation, state: PolicyState, cfg: Autoscale) -> PolicyState:
-    """The state with this interval's true rate (or the last one, and the work kept pending).
+def _measure(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[PolicyState, float | None]:
+    """The state with the true rate that sizes the group (this interval's; the last one when it
+    measured none, its work kept pending; the last one measured under load when the group is
+    lightly loaded and that is higher, :data:`LIGHT_LOAD`), and this interval's own measurement.
     Within the cooldown the interval is dropped (guard 2): it measures the rebalance."""
     if state.last_action_s is not None and obs.now_s - state.last_action_s < cfg.cooldown_s:
-        return replace(state, pending=(0, 0.0))
+        return replace(state, pending=(0, 0.0)), None
     measured = true_rate(obs, state.pending)
     if measured is None:
-        return replace(state, pending=_work(obs, state.pending))
-    return replace(state, rows_per_busy_s=measured, pending=(0, 0.0))
+        return replace(state, pending=_work(obs, state.pending)), None
+    busy = _mean_busy(obs)
+    if busy >= LIGHT_LOAD * cfg.target_utilization:
+        return replace(
+            state, rows_per_busy_s=measured, loaded_rate=(obs.now_s, measured), pending=(0, 0.0)
+        ), measured
+    rate, loaded = measured, state.loaded_rate
+    if loaded is not None and obs.now_s - loaded[0] <= RATE_MEMORY_S:
+        rate = max(rate, loaded[1])
+    return replace(state, rows_per_busy_s=rate, pending=(0, 0.0)), measured
+
+
+def _mean_busy(obs: Observation) -> float:
+    return sum(obs.busy_fraction) / len(obs.busy_fraction) if obs.busy_fraction else 0.0
 
 
 def backlog(obs: Observation) -> int:
@@ -184,7 +243,7 @@ def ceiling(obs: Observation, cfg: Autoscale) -> int:
 
 def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decision, PolicyState]:
     """The rayflow policy: DS2's true rates, one step to the needed count, guarded (module doc)."""
-    state = _measure(obs, state, cfg)
+    state, measured = _measure(obs, state, cfg)
     rate = state.rows_per_busy_s
     demand = max(0.0, obs.input_rows_per_s) + backlog(obs) / cfg.catch_up_s
     if rate is None:
@@ -193,7 +252,44 @@ def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decisi
     else:
         needed = demand / (rate * cfg.target_utilization)
         recommended = _clamp(granular(needed, obs.partitions), cfg)
-    return _guard(obs, state, cfg, recommended=recommended, needed=needed, demand=demand, rate=rate)
+    state = _check_scale_up(obs, state, cfg, measured)
+    blocked = state.blocked
+    if blocked is not None and obs.now_s - blocked[0] >= INEFFECTIVE_BLOCK_S:
+        state, blocked = replace(state, blocked=None), None
+    d, new = _guard(
+        obs, state, cfg, recommended=recommended, needed=needed, demand=demand, rate=rate, measured=measured,
+        blocked=None if blocked is None else blocked[1],
+    )  # fmt: skip
+    if d.action == UP and rate is not None:
+        new = replace(new, scale_up_check=(d.current, d.target, rate * d.current))
+    elif d.action == DOWN:
+        new = replace(new, scale_up_check=None, blocked=None)
+    return d, new
+
+
+def _check_scale_up(
+    obs: Observation, state: PolicyState, cfg: Autoscale, measured: float | None
+) -> PolicyState:
+    """The last scale-up's effect, at the first interval after its cooldown that measures a
+    rate: ineffective (:data:`INEFFECTIVE_GAIN`) blocks further scale-ups. A lightly loaded
+    group, or one resized meanwhile, tells nothing: the check is dropped."""
+    check = state.scale_up_check
+    if check is None or measured is None:
+        return state
+    state = replace(state, scale_up_check=None)
+    before_n, after_n, before = check
+    if obs.consumers != after_n or _mean_busy(obs) < LIGHT_LOAD * cfg.target_utilization:
+        return state
+    expected = before / before_n * (after_n - before_n)
+    gained = measured * after_n - before
+    if gained >= INEFFECTIVE_GAIN * expected:
+        return state
+    why = (
+        f"capped: the last scale-up ({before_n} -> {after_n}) added {max(0.0, gained):,.0f} rows/s of "
+        f"capacity, expected {expected:,.0f}; the bottleneck is elsewhere (sources, a hot "
+        f"partition, or fewer cores than processes), so scale-ups wait {INEFFECTIVE_BLOCK_S:g} s"
+    )
+    return replace(state, blocked=(obs.now_s, why))
 
 
 def granular(needed: float, partitions: int) -> int:
@@ -230,10 +326,10 @@ def decide_keda(
     Kubernetes' HPA applies after KEDA, so that only the signal differs)."""
     lag = obs.uncommitted_rows if obs.uncommitted_rows is not None else sum(obs.lag_rows)
     rec = keda_recommendation(lag, lag_threshold_rows=lag_threshold_rows, cfg=cfg)
-    state = _measure(obs, state, cfg)
+    state, measured = _measure(obs, state, cfg)
     return _guard(
         obs, state, cfg, recommended=rec, needed=lag / lag_threshold_rows, demand=obs.input_rows_per_s,
-        rate=state.rows_per_busy_s, basis=f"lag / {lag_threshold_rows:g} rows",
+        rate=state.rows_per_busy_s, measured=measured, basis=f"lag / {lag_threshold_rows:g} rows",
     )  # fmt: skip
 
 
@@ -250,12 +346,14 @@ def _guard(
     needed: float | None,
     demand: float,
     rate: float | None,
+    measured: float | None = None,
     basis: str | None = None,
+    blocked: str | None = None,
 ) -> tuple[Decision, PolicyState]:
     """Apply the guards (module doc, 1-4) to a recommendation."""
     now, cur = obs.now_s, obs.consumers
     top = ceiling(obs, cfg)
-    busy = sum(obs.busy_fraction) / len(obs.busy_fraction) if obs.busy_fraction else 0.0
+    busy = _mean_busy(obs)
 
     def out(action: str, target: int, reason: str, new_state: PolicyState) -> tuple[Decision, PolicyState]:
         if action != HOLD:
@@ -264,7 +362,8 @@ def _guard(
         d = Decision(
             action=action, reason=reason, current=cur, target=target, recommended=recommended,
             needed=needed, input_rows_per_s=obs.input_rows_per_s, lag_rows=sum(obs.lag_rows),
-            backlog_rows=backlog(obs), demand_rows_per_s=demand, rows_per_busy_s=rate, busy_fraction=busy, ceiling=top,
+            backlog_rows=backlog(obs), demand_rows_per_s=demand, rows_per_busy_s=rate,
+            measured_rows_per_busy_s=measured, busy_fraction=busy, ceiling=top,
         )  # fmt: skip
         return d, new_state
 
@@ -286,6 +385,8 @@ def _guard(
     if recommended > cur and needed is not None and needed <= cur * (1 + UP_TOLERANCE):
         return out(HOLD, cur, f"within tolerance ({needed:.2f} needed)", state)
     if recommended > cur:
+        if blocked is not None:
+            return out(HOLD, cur, blocked, state)
         if top <= cur:
             return out(HOLD, cur, _capped(obs, cfg, recommended), state)
         target = min(recommended, top)
