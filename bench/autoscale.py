@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import shutil
@@ -34,10 +33,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import ray
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 from rayflow._internal.group.autoscale import decide_keda
 from rayflow.testing import KEYED_SQL, assert_same_rows, duckdb_reference, throttle
 
@@ -277,10 +276,7 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
     print_report(report)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    print(f"wrote {args.json}")
+    write_json(args.json, report, indent=1, default=float)
     return 0
 
 

@@ -30,7 +30,6 @@ Writes bench/results/backpressure.json. Never asserts timings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -41,7 +40,6 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import numpy as np
 import psutil
 import pyarrow as pa
@@ -49,6 +47,7 @@ import ray
 from ray._private.internal_api import memory_summary
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 from rayflow._internal.lag import add_lag
 from rayflow.partitioning import PartitionMap, hash_table
 from rayflow.testing import KEYED_SQL, assert_same_rows, duckdb_reference, throttle
@@ -351,10 +350,7 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
     print_report(report)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    print(f"wrote {args.json}")
+    write_json(args.json, report, indent=1, default=float)
     return 0
 
 

@@ -23,7 +23,6 @@ Prints a table and writes JSON (bench/results/catalog.json). Never asserts timin
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -34,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
+from bench._common import write_json  # noqa: E402
 from rayflow._internal.checkpoint.catalog import Catalog
 from rayflow._internal.checkpoint.commit import CommitRecord
 from rayflow._internal.checkpoint.store import Store
@@ -191,10 +190,7 @@ def main() -> None:
             f"{r['variant']:<24}{r['catalog_rows']:>14,}{r.get('log_objects', '-'):>13}"
             f"{r['start_s'] * 1e3:>10.1f}{cold:>15}{r['fill_s']:>8.1f}"
         )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_json(args.out, {"args": vars(args), "rows": rows}, lead="\n")
 
 
 if __name__ == "__main__":

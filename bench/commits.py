@@ -30,7 +30,6 @@ Writes bench/results/commits.json. Never asserts timings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -39,12 +38,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 from bench.throughput import HERE, make_input, reference, run_once, same
 from rayflow._internal.checkpoint import commit as cm
 from rayflow._internal.checkpoint.store import Store
@@ -222,10 +221,7 @@ def main(argv=None) -> int:
             out["commit_cost"] = commit_cost(args)
         finally:
             ray.shutdown()
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, out)
     return 0
 
 

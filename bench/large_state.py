@@ -44,13 +44,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import duckdb
 import numpy as np
 import psutil
 import pyarrow as pa
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 from rayflow._internal.runs import RunSet
 from rayflow.partitioning import hash_table
 
@@ -329,10 +329,7 @@ def main() -> None:
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

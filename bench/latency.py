@@ -33,7 +33,6 @@ timings.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -45,12 +44,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 from rayflow.testing import VisibilityLog
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -434,20 +433,17 @@ def main() -> None:
         if r.get("lag_flat") and isinstance(r["rate"], int):
             k = f"{r['source']}@{r['interval_s']}s"
             sustained[k] = max(sustained.get(k, 0), r["rate"])
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                "partitions": PARTITIONS,
-                "consumers": CONSUMERS,
-                "keys": KEYS,
-                "runs": rows,
-                "highest_flat_rate": sustained,
-            },
-            f,
-            indent=2,
-        )
+    write_json(
+        args.out,
+        {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "partitions": PARTITIONS,
+            "consumers": CONSUMERS,
+            "keys": KEYS,
+            "runs": rows,
+            "highest_flat_rate": sustained,
+        },
+    )
     print(f"\nhighest rate with flat lag: {sustained}\nwritten: {args.out}")
 
 

@@ -56,7 +56,6 @@ Prints a table, writes ``bench/results/nexmark.json``. Never asserts timings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -67,7 +66,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -75,6 +73,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 from rayflow.partitioning import PartitionMap, hash_arrays
 from rayflow.sources.nexmark import generate
 
@@ -695,12 +694,9 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         ray.shutdown()
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"machine": {"cores": cores, "platform": platform.platform()}, "events": events,
-                   "partitions": args.partitions, "consumers": args.consumers, "sources": args.sources,
-                   "checkpoint_interval_s": args.checkpoint_interval_s, "queries": rows, "skew": skewed},
-                  f, indent=2)  # fmt: skip
+    write_json(args.json, {"machine": {"cores": cores, "platform": platform.platform()}, "events": events,
+                           "partitions": args.partitions, "consumers": args.consumers, "sources": args.sources,
+                           "checkpoint_interval_s": args.checkpoint_interval_s, "queries": rows, "skew": skewed})  # fmt: skip
     return 0 if all(r.get("exact", True) for r in rows) else 1
 
 

@@ -54,6 +54,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from throughput import make_input  # noqa: E402
 
+from bench._common import write_json  # noqa: E402
+
 
 class Timer:
     def __init__(self):
@@ -217,10 +219,7 @@ def main() -> None:
         f"pyarrow read+group_by: {ref['one_thread']:.4f} (1 thread), {ref['all_threads']:.4f} (all threads)"
     )
     print("copies:", json.dumps(result["copies"]))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

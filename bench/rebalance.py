@@ -24,11 +24,11 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import numpy as np
 import ray
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -191,10 +191,7 @@ def main(argv=None) -> int:
             f"{r['pause_max_s'] * 1e3:>8.0f}{r['events_per_s_before']:>12,.0f}{r['events_per_s_during']:>12,.0f}"
             f"{r['events_per_s_after']:>12,.0f}{r['unmoved_min_rows_during']:>18,}"
         )
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    print(f"\nwrote {args.json}")
+    write_json(args.json, report, default=str, lead="\n")
     shutil.rmtree(ck, ignore_errors=True)
     return 0 if ok else 1
 

@@ -30,11 +30,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import duckdb
 import ray
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 from rayflow._internal.checkpoint.catalog import snapshot_copy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -153,10 +153,7 @@ def main(argv=None) -> int:
             f"{r['run']:>4}{r['partitions_of_victim']:>7}{ms(r['detect_s']):>11}{ms(r['resume_s']):>11}"
             f"{ms(r['lag_back_s']):>13}{r['replayed_rows']:>12,}{'yes' if r['correct'] else 'NO':>5}"
         )
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "cpus": os.cpu_count(), "runs": rows}, f, indent=2)
-    print(f"\nwrote {args.json}")
+    write_json(args.json, {"args": vars(args), "cpus": os.cpu_count(), "runs": rows}, lead="\n")
     return 0 if all(r["correct"] for r in rows) else 1
 
 

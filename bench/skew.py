@@ -38,7 +38,6 @@ Prints a table and writes bench/results/skew.json. Never asserts timings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -47,12 +46,12 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 from rayflow._internal.skew import SkewTracker, key_values
 from rayflow.partitioning import PartitionMap, hash_table, split_by_partition
 
@@ -308,10 +307,7 @@ def main(argv=None) -> int:
         "runs": rows,
     }
     print_table(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"\nwrote {args.json}")
+    write_json(args.json, report, lead="\n")
     return 0 if all(r["correct"] for r in rows) else 1
 
 

@@ -17,19 +17,18 @@ table and writes JSON (bench/results/slow_operator.json). Never asserts timings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import duckdb
 import ray
 from throughput import HERE, make_input, reference, same
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 from rayflow.testing import throttle
 
 
@@ -110,10 +109,7 @@ def main(argv=None) -> int:
         f"{finished!s:>9} {exact!s:>6} {seconds:8.1f} {ideal_s:7.1f} {row['events_per_s']:11,.0f} "
         f"{rebalances:6d} {recoveries:6d}"
     )
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(row, f, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, row)
     ray.shutdown()
     return 0 if finished and exact else 1
 

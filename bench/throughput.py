@@ -28,7 +28,6 @@ Never asserts timings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -38,13 +37,13 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -330,10 +329,7 @@ def main(argv=None) -> int:
     for job, report in reports.items():
         print_table(report, args)
         out_json = json_path(args.json, job)
-        os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-        with open(out_json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"\nwrote {out_json}")
+        write_json(out_json, report, lead="\n")
     return 0 if all(r["correct"] for report in reports.values() for r in report["runs"]) else 1
 
 

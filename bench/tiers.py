@@ -24,7 +24,6 @@ Never asserts timings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,10 +31,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 import ray
 
 import rayflow as rf
+from bench._common import write_json  # noqa: E402
 from rayflow.testing import KEYED_SQL, assert_same_rows, duckdb_reference, throttle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -126,10 +125,7 @@ def main(argv=None) -> int:
                 f"{r['mode']:<11}{tier:<10}{x['mean_lag_rows']:>10,.0f}"
                 f"{x['peak_lag_rows']:>10,}{x['peak_spilled_bytes'] / 1024:>13,.0f}  {r['exact']}"
             )
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    print(f"wrote {args.json}")
+    write_json(args.json, report, indent=1, default=float)
     return 0
 
 
