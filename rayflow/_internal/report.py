@@ -92,7 +92,7 @@ def build_report(hist: dict, *, name: str, generated_at: datetime | None = None)
     body = [
         f"<h2>{html.escape(title)}</h2>"
         + pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id, config=config)
-        + (_SKEW_NOTE if div_id == "skew" else "")
+        + (_hot_keys_table(hist["hot_keys"].to_pylist()) if div_id == "skew" else "")
         for div_id, title, fig in figures
     ]
     return _PAGE.format(
@@ -467,11 +467,38 @@ def _latest_table(parts: list[dict]) -> str:
     )
 
 
-_SKEW_NOTE = (
-    "<p class=note>Hottest keys: not measured. The engine does not count rows per key yet, so this "
-    "report shows skew by partition only; to find hot keys now, query the output or the state "
-    '(<code>rayflow sql DIR "SELECT key, ... FROM state ORDER BY ... DESC LIMIT 10"</code>).</p>'
-)
+def _hot_keys_table(hot: list[dict]) -> str:
+    """The last sample's hottest keys (``history_hot_keys``): what to split or pre-aggregate."""
+    if not hot:
+        return (
+            "<p class=note>Hottest keys: none sampled. The sources count keys per partition "
+            "(docs/skew.md) and each history sample keeps the hottest; a job that ended before its "
+            "first sample has none.</p>"
+        )
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(c)}</td>"
+            for c in (
+                f"p{r['partition']}",
+                str(r["key"]),
+                f"{r['share']:.1%}",
+                f"{r['count']:,}",
+                f"{r['error_rows']:,.0f}",
+            )
+        )  # fmt: skip
+        + "</tr>"
+        for r in hot
+    )
+    return (
+        f"<h3>Hottest keys, at the last sample ({html.escape(str(hot[0]['ts']))} UTC)</h3>"
+        "<table class=latest><tr><th>partition</th><th>key</th><th>share of the partition's input</th>"
+        f"<th>rows counted</th><th>± rows</th></tr>{rows}</table>"
+        "<p class=note>Counted by the sources' heavy-hitter sketches over their last one to two "
+        "minutes of input (docs/skew.md). One key with a large share of a partition cannot be split "
+        "by range: pre-aggregate it (<code>Aggregate(combine_at_source=True)</code>).</p>"
+    )
+
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from rayflow._internal import history
+from rayflow._internal import history, skew
 from rayflow._internal.checkpoint.catalog import Catalog, read_history
 from rayflow._internal.report import build_report, skew_figures, write_report
 from rayflow.errors import CheckpointError
@@ -192,7 +192,38 @@ def test_report_is_self_contained_with_every_plot(tmp_path, n):
     assert ("no event time" in annotations) == (n == 4)
     skew = _figure(page, "skew")
     assert skew["data"][0]["x"][0] == "p0"  # the hot partition of the synthetic samples
-    assert "Hottest keys: not measured" in page
+    assert "Hottest keys: none sampled" in page  # fill() records no sketch rows
+
+
+def test_report_lists_the_last_samples_hottest_keys(tmp_path):
+    def sample(whale: str, whale_rows: int) -> dict:
+        """A status with skew added: partition 2 holds the whale, the others a key at 10%."""
+        st = status(4, 3)
+        for part in st["partitions"]:
+            k = whale if part["partition"] == 2 else f"k{part['partition']}"
+            n = whale_rows if part["partition"] == 2 else 100
+            part.update(rate_ratio=1.0, input_rows=1000)
+            part["hot_keys"] = [{"key": k, "hash": 7, "count": n, "share": n / 10_000, "error_rows": 2.0}]
+        return st
+
+    path = str(tmp_path / "catalog.duckdb")
+    cat = Catalog(path)
+    # An earlier sample's hot key is not the last one's.
+    for ts, st in (
+        (T0, sample("stale-whale-key", 9_000)),
+        (T0 + timedelta(seconds=15), sample("whale", 4_500)),
+    ):
+        sk, hot = skew.history_rows(st, ts=ts)
+        cat.record_history([], [], others={"history_skew": sk, "history_hot_keys": hot})
+    cat.close()
+    hist = read_history(path)
+    hot = hist["hot_keys"].to_pylist()
+    assert [r["key"] for r in hot] == ["whale", "k0", "k1", "k3"]  # hottest first, the last sample's
+    assert hot[0]["partition"] == 2 and hot[0]["share"] == pytest.approx(0.45)
+    page = build_report(hist, name="hot")
+    assert "Hottest keys, at the last sample" in page
+    assert "<td>p2</td><td>whale</td><td>45.0%</td><td>4,500</td>" in page
+    assert "stale-whale-key" not in page
 
 
 def test_report_of_a_job_without_history(tmp_path):

@@ -826,6 +826,10 @@ HISTORY_MAX_POINTS = 1_500
 HISTORY_EVENTS_BEFORE_S = 10.0
 
 
+#: Hot keys the report lists (the last sample's, hottest first).
+HISTORY_HOT_KEYS = 10
+
+
 def read_history(path: str, *, max_points: int = HISTORY_MAX_POINTS) -> dict:
     """The history a catalog file holds, for ``rayflow report``: safe while the job runs (it
     reads a copy, :func:`snapshot_copy`).
@@ -836,7 +840,9 @@ def read_history(path: str, *, max_points: int = HISTORY_MAX_POINTS) -> dict:
     growth of processed rows since the previous bucket (never negative: a
     restore to an older commit does not count back), the commits' sums and
     longest), ``consumers`` (per bucket and member), ``events`` (from just
-    before the first sample on; all when there is none), and ``info``: a dict with
+    before the first sample on; all when there is none), ``hot_keys`` (the last
+    sample's hottest keys over all partitions, at most :data:`HISTORY_HOT_KEYS`),
+    and ``info``: a dict with
     ``bucket_s``, ``first``, ``last`` (datetimes, UTC, None without samples),
     ``samples`` and ``meta`` (the job's recorded meta).
     """
@@ -902,9 +908,25 @@ def _read_history(con, max_points: int) -> dict:
         )
         .to_arrow_table()
     )
+    # The hottest keys of the last sample, over every partition (the sources' sketches).
+    hot_keys = (
+        con.cursor()
+        .sql(
+            f"""SELECT ts, partition, rank, key, count, share, error_rows FROM history_hot_keys
+            WHERE ts = (SELECT max(ts) FROM history_hot_keys)
+            ORDER BY count DESC, partition, rank LIMIT {HISTORY_HOT_KEYS}"""
+        )
+        .to_arrow_table()
+    )
     meta = dict(con.cursor().execute("SELECT key, value FROM meta").fetchall())
     info = {"bucket_s": width_ms / 1000, "first": first, "last": last, "samples": samples, "meta": meta}
-    return {"partitions": partitions, "consumers": consumers, "events": events, "info": info}
+    return {
+        "partitions": partitions,
+        "consumers": consumers,
+        "events": events,
+        "hot_keys": hot_keys,
+        "info": info,
+    }
 
 
 def snapshot_copy(path: str) -> str:
