@@ -175,6 +175,12 @@ def panels() -> list[dict]:
     ]
     g.add(series("Step latency quantiles", "Seconds a consumer spends on one fetched step (p50, p95, p99 over all consumers).", quantiles, "s"), 12, 8)  # fmt: skip
     g.add(series("Steps/s and mean step per consumer", "Steps per second per consumer; the mean step time is on the right axis.", [target(f"sum by (pipeline, consumer) (rate(ray_rayflow_step_latency_s_count{{{P}}}[$__rate_interval]))", "{{pipeline}} {{consumer}} steps/s"), target(f"sum by (pipeline, consumer) (rate(ray_rayflow_step_latency_s_sum{{{P}}}[$__rate_interval])) / sum by (pipeline, consumer) (rate(ray_rayflow_step_latency_s_count{{{P}}}[$__rate_interval]))", "{{pipeline}} {{consumer}} mean s", "B")], overrides=[RIGHT_AXIS_B_S]), 12, 8)  # fmt: skip
+
+    g.row("Skew and autoscaling")
+    g.add(series("Input rate / mean, per partition", "Each partition's input rate over the mean partition's, from the sources' sketches over the skew window (1: a fair share; docs/skew.md). A partition well above the others is hot: split it (run.split, rf.Splits).", [target(gauge("ray_rayflow_partition_rate_ratio"), BY_PART)]), 12, 8)  # fmt: skip
+    g.add(series("Hottest keys' share of the input", "The job's hottest keys, by rank, as a share of all input rows (a lower bound). One key with a large share cannot be split by range: pre-aggregate it (Aggregate(combine_at_source=True)).", [target(f"max by (pipeline, rank, key, partition) (ray_rayflow_hot_key_share{{{P}}}) > 0", "{{pipeline}} #{{rank}} {{key}} (p{{partition}})")], "percentunit"), 12, 8)  # fmt: skip
+    g.add(series("Autoscaler: consumers", "Consumers running, the autoscaler's target, and the consumers needed at the target utilization (unrounded; docs/autoscaling.md).", [target(f"max by (pipeline) (ray_rayflow_autoscale_consumers{{{P}}})", "{{pipeline}} running"), target(f"max by (pipeline) (ray_rayflow_autoscale_target_consumers{{{P}}})", "{{pipeline}} target", "B"), target(f"max by (pipeline) (ray_rayflow_autoscale_needed_consumers{{{P}}})", "{{pipeline}} needed", "C")]), 12, 8)  # fmt: skip
+    g.add(series("Autoscaler: actions", "Scaling actions per interval, by direction (the reasons are autoscale events in the catalog).", [target(f"sum by (pipeline, action) (increase(ray_rayflow_autoscale_actions_total{{{P}}}[$__rate_interval]))", "{{pipeline}} {{action}}")]), 12, 8)  # fmt: skip
     return g.panels
 
 
