@@ -272,14 +272,29 @@ def _check_scale_up(
 ) -> PolicyState:
     """The last scale-up's effect, at the first interval after its cooldown that measures a
     rate: ineffective (:data:`INEFFECTIVE_GAIN`) blocks further scale-ups. A lightly loaded
-    group, or one resized meanwhile, tells nothing: the check is dropped."""
+    group with a backlog is starved (the sources, or one hot partition, hold it back): that
+    blocks too, where a spiral of scale-ups on the growing lag would follow. A lightly loaded
+    group without one, or one resized meanwhile, tells nothing: the check is dropped."""
     check = state.scale_up_check
     if check is None or measured is None:
         return state
     state = replace(state, scale_up_check=None)
     before_n, after_n, before = check
-    if obs.consumers != after_n or _mean_busy(obs) < LIGHT_LOAD * cfg.target_utilization:
+    # A scale-up from no consumers (the bounds guard) has no capacity of before to compare with.
+    if before_n < 1 or obs.consumers != after_n:
         return state
+    if _mean_busy(obs) < LIGHT_LOAD * cfg.target_utilization:
+        # Lightly loaded with rows still waiting: the consumers are starved (the sources read
+        # slower than the input arrives, or the partitions' queues are full), and more of them
+        # would be idle too. Without a backlog a light group tells nothing.
+        if backlog(obs) <= 0:
+            return state
+        why = (
+            f"capped: the last scale-up ({before_n} -> {after_n}) left the consumers "
+            f"{_mean_busy(obs):.0%} busy with {backlog(obs):,} rows of backlog; the bottleneck is "
+            f"elsewhere (the sources, or a hot partition), so scale-ups wait {INEFFECTIVE_BLOCK_S:g} s"
+        )
+        return replace(state, blocked=(obs.now_s, why))
     expected = before / before_n * (after_n - before_n)
     gained = measured * after_n - before
     if gained >= INEFFECTIVE_GAIN * expected:
