@@ -95,13 +95,14 @@ def test_a_split_lifts_the_block():
 # The suite's `states` never sets loaded_rate, scale_up_check or blocked, so the bounds
 # property says nothing of the new rules: these states do.
 full_states = st.builds(
-    lambda last, since, rate, loaded, check, blocked: PolicyState(
+    lambda last, since, rate, loaded, check, blocked, by: PolicyState(
         last_action_s=None if last is None else NOW - last,
         observing_since_s=None if since is None else NOW - since,
         rows_per_busy_s=rate,
         loaded_rate=None if loaded is None else (NOW - loaded[0], loaded[1]),
         scale_up_check=check,
         blocked=None if blocked is None else (NOW - blocked, "capped: the last scale-up (1 -> 2)"),
+        blocked_by=None if blocked is None else by,
     ),
     last=st.none() | st.floats(0, 100),
     since=st.none() | st.floats(0, 100),
@@ -109,6 +110,7 @@ full_states = st.builds(
     loaded=st.none() | st.tuples(st.floats(0, 600), st.floats(1e3, 1e7)),
     check=st.none() | st.tuples(st.integers(0, 8), st.integers(1, 8), st.floats(0, 1e8)),
     blocked=st.none() | st.floats(0, 600),
+    by=st.none() | st.tuples(st.integers(1, 8), st.integers(1, 8), st.floats(0, 1e8)),
 )
 
 
@@ -126,7 +128,7 @@ def test_bounds_hold_with_the_new_state(o, state):
         assert new.blocked[1].startswith("capped")
 
 
-@settings(max_examples=40, derandomize=True, deadline=None)
+@settings(max_examples=25, derandomize=True, deadline=None)
 @given(
     rate=st.integers(20_000, 1_500_000),
     row_us=st.sampled_from([1.0, 2.0, 4.0]),
@@ -154,3 +156,23 @@ def test_a_rate_that_falls_with_load_does_not_flap(rate, row_us, overhead, start
             actions.append((t, d.action, d.target))
             n = d.target
     assert len(actions) <= 4 and all(t < 600 for t, *_ in actions), actions
+
+
+def test_a_block_set_by_one_bad_interval_is_lifted_by_a_good_one():
+    """A 7 -> 8 scale-up is judged on one interval, and at 8 consumers a per-consumer rate 12%
+    low (a pause: a slow restore, a long commit) reads as no capacity gained (8 x 88k = 704k of
+    700k before). The block held scale-ups for 5 minutes though every later interval measured
+    the full 100k; it now lifts at the first that finds the scale-up effective, and a block that
+    later intervals confirm still lasts its full time."""
+    after_up = PolicyState(last_action_s=NOW - 6, scale_up_check=(7, 8, 700_000.0))
+    heavy = dict(rate=400_000, consumers=8, busy=0.9, partitions=16)
+    _, state = decide(obs(**heavy, per_busy_s=88_000), after_up, CFG)
+    assert state.blocked is not None and state.blocked_by == (7, 8, 700_000.0)
+    _, bad = decide(obs(**heavy, per_busy_s=88_000, now_s=NOW + 2), state, CFG)
+    assert bad.blocked == state.blocked  # confirmed: the block keeps its start (no renewal)
+    _, good = decide(obs(**heavy, per_busy_s=100_000, now_s=NOW + 4), bad, CFG)
+    assert good.blocked is None and good.blocked_by is None
+    # Expiry drops what it was judged by too: no stale verdict renews it afterwards.
+    late = obs(**heavy, per_busy_s=88_000, now_s=NOW + INEFFECTIVE_BLOCK_S)
+    _, expired = decide(late, state, CFG)
+    assert expired.blocked is None and expired.blocked_by is None

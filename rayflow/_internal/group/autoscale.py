@@ -149,6 +149,8 @@ class PolicyState:
     scale_up_check: tuple[int, int, float] | None = None
     #: ``(since, why)``: scale-ups are blocked after an ineffective one (:data:`INEFFECTIVE_GAIN`).
     blocked: tuple[float, str] | None = None
+    #: The ``scale_up_check`` that set ``blocked``: judged again while the block lasts.
+    blocked_by: tuple[int, int, float] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,7 +257,7 @@ def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decisi
     state = _check_scale_up(obs, state, cfg, measured)
     blocked = state.blocked
     if blocked is not None and obs.now_s - blocked[0] >= INEFFECTIVE_BLOCK_S:
-        state, blocked = replace(state, blocked=None), None
+        state, blocked = replace(state, blocked=None, blocked_by=None), None
     d, new = _guard(
         obs, state, cfg, recommended=recommended, needed=needed, demand=demand, rate=rate, measured=measured,
         blocked=None if blocked is None else blocked[1],
@@ -263,7 +265,7 @@ def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decisi
     if d.action == UP and rate is not None:
         new = replace(new, scale_up_check=(d.current, d.target, rate * d.current))
     elif d.action == DOWN:
-        new = replace(new, scale_up_check=None, blocked=None)
+        new = replace(new, scale_up_check=None, blocked=None, blocked_by=None)
     return d, new
 
 
@@ -274,37 +276,55 @@ def _check_scale_up(
     rate: ineffective (:data:`INEFFECTIVE_GAIN`) blocks further scale-ups. A lightly loaded
     group with a backlog is starved (the sources, or one hot partition, hold it back): that
     blocks too, where a spiral of scale-ups on the growing lag would follow. A lightly loaded
-    group without one, or one resized meanwhile, tells nothing: the check is dropped."""
-    check = state.scale_up_check
-    if check is None or measured is None:
+    group without one, or one resized meanwhile, tells nothing: the check is dropped.
+
+    One interval is one measure: a pause in it (a slow restore, a long commit) reads as lost
+    capacity. So while the block lasts, each later interval at the same count judges the
+    scale-up again, and one that finds it effective lifts the block."""
+    if measured is None:
         return state
-    state = replace(state, scale_up_check=None)
+    if state.scale_up_check is not None:
+        check, state = state.scale_up_check, replace(state, scale_up_check=None)
+        verdict, why = _judge(obs, cfg, measured, check)
+        if verdict is False:
+            return replace(state, blocked=(obs.now_s, why), blocked_by=check)
+        return state
+    if state.blocked is not None and state.blocked_by is not None:
+        verdict, _ = _judge(obs, cfg, measured, state.blocked_by)
+        if verdict is True:
+            return replace(state, blocked=None, blocked_by=None)
+    return state
+
+
+def _judge(
+    obs: Observation, cfg: Autoscale, measured: float, check: tuple[int, int, float]
+) -> tuple[bool | None, str]:
+    """A scale-up's effect on this interval: ``True`` effective, ``False`` ineffective (with
+    why), ``None`` nothing to tell (module doc, guard 5)."""
     before_n, after_n, before = check
     # A scale-up from no consumers (the bounds guard) has no capacity of before to compare with.
     if before_n < 1 or obs.consumers != after_n:
-        return state
+        return None, ""
     if _mean_busy(obs) < LIGHT_LOAD * cfg.target_utilization:
         # Lightly loaded with rows still waiting: the consumers are starved (the sources read
         # slower than the input arrives, or the partitions' queues are full), and more of them
         # would be idle too. Without a backlog a light group tells nothing.
         if backlog(obs) <= 0:
-            return state
-        why = (
+            return None, ""
+        return False, (
             f"capped: the last scale-up ({before_n} -> {after_n}) left the consumers "
             f"{_mean_busy(obs):.0%} busy with {backlog(obs):,} rows of backlog; the bottleneck is "
             f"elsewhere (the sources, or a hot partition), so scale-ups wait {INEFFECTIVE_BLOCK_S:g} s"
         )
-        return replace(state, blocked=(obs.now_s, why))
     expected = before / before_n * (after_n - before_n)
     gained = measured * after_n - before
     if gained >= INEFFECTIVE_GAIN * expected:
-        return state
-    why = (
+        return True, ""
+    return False, (
         f"capped: the last scale-up ({before_n} -> {after_n}) added {max(0.0, gained):,.0f} rows/s of "
         f"capacity, expected {expected:,.0f}; the bottleneck is elsewhere (sources, a hot "
         f"partition, or fewer cores than processes), so scale-ups wait {INEFFECTIVE_BLOCK_S:g} s"
     )
-    return replace(state, blocked=(obs.now_s, why))
 
 
 def granular(needed: float, partitions: int) -> int:
