@@ -149,8 +149,12 @@ class PolicyState:
     scale_up_check: tuple[int, int, float] | None = None
     #: ``(since, why)``: scale-ups are blocked after an ineffective one (:data:`INEFFECTIVE_GAIN`).
     blocked: tuple[float, str] | None = None
-    #: The ``scale_up_check`` that set ``blocked``: judged again while the block lasts.
-    blocked_by: tuple[int, int, float] | None = None
+    #: Rows/s the group processed when the last scale-up was decided: what a lightly loaded
+    #: group's throughput after it is compared with.
+    scale_up_rows_per_s: float = 0.0
+    #: ``(from, to, capacity before, rows/s before)`` of the scale-up that set ``blocked``:
+    #: judged again while the block lasts.
+    blocked_by: tuple[int, int, float, float] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,7 +267,9 @@ def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decisi
         blocked=None if blocked is None else blocked[1],
     )  # fmt: skip
     if d.action == UP and rate is not None:
-        new = replace(new, scale_up_check=(d.current, d.target, rate * d.current))
+        new = replace(
+            new, scale_up_check=(d.current, d.target, rate * d.current), scale_up_rows_per_s=_throughput(obs)
+        )
     elif d.action == DOWN:
         new = replace(new, scale_up_check=None, blocked=None, blocked_by=None)
     return d, new
@@ -284,7 +290,8 @@ def _check_scale_up(
     if measured is None:
         return state
     if state.scale_up_check is not None:
-        check, state = state.scale_up_check, replace(state, scale_up_check=None)
+        check = (*state.scale_up_check, state.scale_up_rows_per_s)
+        state = replace(state, scale_up_check=None)
         verdict, why = _judge(obs, cfg, measured, check)
         if verdict is False:
             return replace(state, blocked=(obs.now_s, why), blocked_by=check)
@@ -296,25 +303,34 @@ def _check_scale_up(
     return state
 
 
+def _throughput(obs: Observation) -> float:
+    return sum(obs.rows) / obs.interval_s if obs.interval_s > 0 else 0.0
+
+
 def _judge(
-    obs: Observation, cfg: Autoscale, measured: float, check: tuple[int, int, float]
+    obs: Observation, cfg: Autoscale, measured: float, check: tuple[int, int, float, float]
 ) -> tuple[bool | None, str]:
     """A scale-up's effect on this interval: ``True`` effective, ``False`` ineffective (with
     why), ``None`` nothing to tell (module doc, guard 5)."""
-    before_n, after_n, before = check
+    before_n, after_n, before, rows_before = check
     # A scale-up from no consumers (the bounds guard) has no capacity of before to compare with.
     if before_n < 1 or obs.consumers != after_n:
         return None, ""
     if _mean_busy(obs) < LIGHT_LOAD * cfg.target_utilization:
-        # Lightly loaded with rows still waiting: the consumers are starved (the sources read
-        # slower than the input arrives, or the partitions' queues are full), and more of them
-        # would be idle too. Without a backlog a light group tells nothing.
+        # Lightly loaded with rows still waiting: either starved (the sources read slower than
+        # the input arrives, one hot partition), and then the group processes no more than
+        # before the scale-up; or bound by something each consumer does outside its busy time
+        # (fetching), and then it processes more. Without a backlog a light group tells nothing.
         if backlog(obs) <= 0:
             return None, ""
+        rows = _throughput(obs)
+        if rows - rows_before >= INEFFECTIVE_GAIN * rows_before / before_n * (after_n - before_n):
+            return True, ""
         return False, (
             f"capped: the last scale-up ({before_n} -> {after_n}) left the consumers "
-            f"{_mean_busy(obs):.0%} busy with {backlog(obs):,} rows of backlog; the bottleneck is "
-            f"elsewhere (the sources, or a hot partition), so scale-ups wait {INEFFECTIVE_BLOCK_S:g} s"
+            f"{_mean_busy(obs):.0%} busy processing {rows:,.0f} rows/s (before: {rows_before:,.0f}) with "
+            f"{backlog(obs):,} rows of backlog; the bottleneck is elsewhere (the sources, or a hot "
+            f"partition), so scale-ups wait {INEFFECTIVE_BLOCK_S:g} s"
         )
     expected = before / before_n * (after_n - before_n)
     gained = measured * after_n - before
