@@ -41,7 +41,9 @@ consumers it no longer needs.
 
 5. Effect: the first interval under load after a scale-up's cooldown measures the capacity it
    added; less than :data:`INEFFECTIVE_GAIN` of what was expected blocks further scale-ups for
-   :data:`INEFFECTIVE_BLOCK_S` or until a scale-down (the bottleneck is not the consumers).
+   :data:`INEFFECTIVE_BLOCK_S` or until a scale-down (the bottleneck is not the consumers); so
+   does a lightly loaded interval with a backlog whose throughput did not grow (starved
+   consumers). A later interval at that count that finds the scale-up effective lifts it.
 
 The count is also **granular** (:func:`granular`): partitions are dealt whole, so the group is
 sized for its busiest consumer: with 8 partitions, 5 to 7 consumers leave some with 2
