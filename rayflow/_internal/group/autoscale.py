@@ -41,7 +41,9 @@ consumers it no longer needs.
 
 5. Effect: the first interval under load after a scale-up's cooldown measures the capacity it
    added; less than :data:`INEFFECTIVE_GAIN` of what was expected blocks further scale-ups for
-   :data:`INEFFECTIVE_BLOCK_S` or until a scale-down (the bottleneck is not the consumers).
+   :data:`INEFFECTIVE_BLOCK_S` or until a scale-down (the bottleneck is not the consumers); so
+   does a lightly loaded interval with a backlog whose throughput did not grow (starved
+   consumers). A later interval at that count that finds the scale-up effective lifts it.
 
 The count is also **granular** (:func:`granular`): partitions are dealt whole, so the group is
 sized for its busiest consumer: with 8 partitions, 5 to 7 consumers leave some with 2
@@ -149,6 +151,12 @@ class PolicyState:
     scale_up_check: tuple[int, int, float] | None = None
     #: ``(since, why)``: scale-ups are blocked after an ineffective one (:data:`INEFFECTIVE_GAIN`).
     blocked: tuple[float, str] | None = None
+    #: Rows/s the group processed when the last scale-up was decided: what a lightly loaded
+    #: group's throughput after it is compared with.
+    scale_up_rows_per_s: float = 0.0
+    #: ``(from, to, capacity before, rows/s before)`` of the scale-up that set ``blocked``:
+    #: judged again while the block lasts.
+    blocked_by: tuple[int, int, float, float] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,15 +263,17 @@ def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decisi
     state = _check_scale_up(obs, state, cfg, measured)
     blocked = state.blocked
     if blocked is not None and obs.now_s - blocked[0] >= INEFFECTIVE_BLOCK_S:
-        state, blocked = replace(state, blocked=None), None
+        state, blocked = replace(state, blocked=None, blocked_by=None), None
     d, new = _guard(
         obs, state, cfg, recommended=recommended, needed=needed, demand=demand, rate=rate, measured=measured,
         blocked=None if blocked is None else blocked[1],
     )  # fmt: skip
     if d.action == UP and rate is not None:
-        new = replace(new, scale_up_check=(d.current, d.target, rate * d.current))
+        new = replace(
+            new, scale_up_check=(d.current, d.target, rate * d.current), scale_up_rows_per_s=_throughput(obs)
+        )
     elif d.action == DOWN:
-        new = replace(new, scale_up_check=None, blocked=None)
+        new = replace(new, scale_up_check=None, blocked=None, blocked_by=None)
     return d, new
 
 
@@ -272,24 +282,67 @@ def _check_scale_up(
 ) -> PolicyState:
     """The last scale-up's effect, at the first interval after its cooldown that measures a
     rate: ineffective (:data:`INEFFECTIVE_GAIN`) blocks further scale-ups. A lightly loaded
-    group, or one resized meanwhile, tells nothing: the check is dropped."""
-    check = state.scale_up_check
-    if check is None or measured is None:
+    group with a backlog is starved (the sources, or one hot partition, hold it back): that
+    blocks too, where a spiral of scale-ups on the growing lag would follow. A lightly loaded
+    group without one, or one resized meanwhile, tells nothing: the check is dropped.
+
+    One interval is one measure: a pause in it (a slow restore, a long commit) reads as lost
+    capacity. So while the block lasts, each later interval at the same count judges the
+    scale-up again, and one that finds it effective lifts the block."""
+    if measured is None:
         return state
-    state = replace(state, scale_up_check=None)
-    before_n, after_n, before = check
-    if obs.consumers != after_n or _mean_busy(obs) < LIGHT_LOAD * cfg.target_utilization:
+    if state.scale_up_check is not None:
+        check = (*state.scale_up_check, state.scale_up_rows_per_s)
+        state = replace(state, scale_up_check=None)
+        verdict, why = _judge(obs, cfg, measured, check)
+        if verdict is False:
+            return replace(state, blocked=(obs.now_s, why), blocked_by=check)
         return state
+    if state.blocked is not None and state.blocked_by is not None:
+        verdict, _ = _judge(obs, cfg, measured, state.blocked_by)
+        if verdict is True:
+            return replace(state, blocked=None, blocked_by=None)
+    return state
+
+
+def _throughput(obs: Observation) -> float:
+    return sum(obs.rows) / obs.interval_s if obs.interval_s > 0 else 0.0
+
+
+def _judge(
+    obs: Observation, cfg: Autoscale, measured: float, check: tuple[int, int, float, float]
+) -> tuple[bool | None, str]:
+    """A scale-up's effect on this interval: ``True`` effective, ``False`` ineffective (with
+    why), ``None`` nothing to tell (module doc, guard 5)."""
+    before_n, after_n, before, rows_before = check
+    # A scale-up from no consumers (the bounds guard) has no capacity of before to compare with.
+    if before_n < 1 or obs.consumers != after_n:
+        return None, ""
+    if _mean_busy(obs) < LIGHT_LOAD * cfg.target_utilization:
+        # Lightly loaded with rows still waiting: either starved (the sources read slower than
+        # the input arrives, one hot partition), and then the group processes no more than
+        # before the scale-up; or bound by something each consumer does outside its busy time
+        # (fetching), and then it processes more. Without a backlog a light group tells nothing.
+        if backlog(obs) <= 0:
+            return None, ""
+        rows = _throughput(obs)
+        if rows - rows_before >= INEFFECTIVE_GAIN * rows_before / before_n * (after_n - before_n):
+            return True, ""
+        return False, (
+            f"capped: the last scale-up ({before_n} -> {after_n}) left the consumers "
+            f"{_mean_busy(obs):.0%} busy processing {rows:,.0f} rows/s (before: {rows_before:,.0f}) with "
+            f"{backlog(obs):,} rows of backlog; the bottleneck is elsewhere (the sources, or a hot "
+            f"partition), so scale-ups wait {INEFFECTIVE_BLOCK_S:g} s"
+        )
     expected = before / before_n * (after_n - before_n)
     gained = measured * after_n - before
     if gained >= INEFFECTIVE_GAIN * expected:
-        return state
-    why = (
+        return True, ""
+    return False, (
         f"capped: the last scale-up ({before_n} -> {after_n}) added {max(0.0, gained):,.0f} rows/s of "
         f"capacity, expected {expected:,.0f}; the bottleneck is elsewhere (sources, a hot "
         f"partition, or fewer cores than processes), so scale-ups wait {INEFFECTIVE_BLOCK_S:g} s"
     )
-    return replace(state, blocked=(obs.now_s, why))
 
 
 def granular(needed: float, partitions: int) -> int:
