@@ -161,12 +161,16 @@ def test_an_ineffective_scale_up_blocks_the_next():
     d, new = decide(obs(rate=400_000, consumers=4, busy=0.8, per_busy_s=52_000), AFTER_UP, CFG)
     assert (d.action, d.target) == (HOLD, 4) and d.reason.startswith("capped: the last scale-up (2 -> 4)"), d
     assert new.blocked is not None and new.scale_up_check is None
-    # Still blocked later, then free again after INEFFECTIVE_BLOCK_S.
+    # Still blocked later; at INEFFECTIVE_BLOCK_S renewed while the evidence holds (a starved
+    # group stays put rather than trying the next step every 5 minutes) ...
     later = obs(rate=400_000, consumers=4, busy=0.8, per_busy_s=52_000, now_s=NOW + 60)
     assert decide(later, new, CFG)[0].action == HOLD
-    free = obs(rate=400_000, consumers=4, busy=0.8, per_busy_s=52_000, now_s=NOW + INEFFECTIVE_BLOCK_S + 1)
-    d, after = decide(free, new, CFG)
-    assert d.action == UP and after.blocked is None
+    end = NOW + INEFFECTIVE_BLOCK_S + 1
+    d, renewed = decide(obs(rate=400_000, consumers=4, busy=0.8, per_busy_s=52_000, now_s=end), new, CFG)
+    assert d.action == HOLD and renewed.blocked[0] == end
+    # ... and dropped when the interval at its end tells nothing (lightly loaded, no backlog).
+    d, after = decide(obs(rate=10_000, consumers=4, busy=0.1, per_busy_s=52_000, now_s=end), new, CFG)
+    assert after.blocked is None and after.blocked_by is None
 
 
 def test_an_effective_scale_up_does_not_block():

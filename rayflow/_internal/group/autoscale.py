@@ -94,7 +94,9 @@ RATE_MEMORY_S = 300.0
 INEFFECTIVE_GAIN = 0.1
 
 #: After an ineffective scale-up, further scale-ups wait this long (seconds), or for a
-#: scale-down; each such hold is recorded (reason starting ``capped``).
+#: scale-down, or for an interval that finds the scale-up effective after all; the block is
+#: renewed when the interval at its end still finds it ineffective. Each such hold is recorded
+#: (reason starting ``capped``).
 INEFFECTIVE_BLOCK_S = 300.0
 
 HOLD, UP, DOWN = "hold", "scale_up", "scale_down"
@@ -263,7 +265,17 @@ def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decisi
     state = _check_scale_up(obs, state, cfg, measured)
     blocked = state.blocked
     if blocked is not None and obs.now_s - blocked[0] >= INEFFECTIVE_BLOCK_S:
-        state, blocked = replace(state, blocked=None, blocked_by=None), None
+        # Expired: renewed when this interval still finds the scale-up ineffective (a starved
+        # group stays at its count instead of trying the next step every INEFFECTIVE_BLOCK_S),
+        # dropped when it tells nothing or finds it effective.
+        verdict = None
+        if state.blocked_by is not None and measured is not None:
+            verdict = _judge(obs, cfg, measured, state.blocked_by)[0]
+        if verdict is False:
+            state = replace(state, blocked=(obs.now_s, blocked[1]))
+            blocked = state.blocked
+        else:
+            state, blocked = replace(state, blocked=None, blocked_by=None), None
     d, new = _guard(
         obs, state, cfg, recommended=recommended, needed=needed, demand=demand, rate=rate, measured=measured,
         blocked=None if blocked is None else blocked[1],
