@@ -12,6 +12,17 @@ import pytest
 
 pytest_plugins = ["tests.kafka_broker"]  # the tansu Kafka broker: kafka_broker, kafka
 
+_INTEGRATION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "integration")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every integration test in one xdist group (``addopts``: ``-n 2 --dist loadgroup``): they
+    share the session's one Ray instance (and the machine's cores) and run one after another on
+    one worker, while the unit tests, which start no Ray, run on the other."""
+    for item in items:
+        if str(item.path).startswith(_INTEGRATION + os.sep):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
 
 def free_port() -> int:
     import socket
