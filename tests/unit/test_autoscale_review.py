@@ -32,22 +32,33 @@ def test_a_scale_up_from_no_consumers_does_not_kill_the_autoscaler():
     assert state.blocked is None and state.scale_up_check != (0, 1, 0.0)
 
 
-def _source_bound(n: int, *, seconds: int = 900) -> list[tuple[int, str, int, int]]:
-    """Input 300k rows/s, the sources read 200k/s (the rest waits unread: lag); a consumer does
-    500k rows per busy s, so the consumers are lightly loaded whatever their number."""
+def _simulate(n: int, *, seconds: int, input_rows_per_s: float, serve) -> tuple[list[tuple], int]:
+    """Drive ``decide`` every 2 s over a model of the group: ``serve(n, lag, dt)`` gives the rows/s
+    ``n`` consumers process and their busy fraction; the actions taken and the final count."""
     lag, state, actions, dt = 0.0, PolicyState(), [], 2.0
     for t in range(0, seconds, int(dt)):
-        work = 200_000.0
-        lag += (300_000 - work) * dt
+        work, busy = serve(n, lag, dt)
+        lag = max(0.0, lag + (input_rows_per_s - work) * dt)
         o = Observation(
-            now_s=float(t), interval_s=dt, input_rows_per_s=300_000.0, busy_fraction=(work / n / 500_000,) * n,
+            now_s=float(t), interval_s=dt, input_rows_per_s=input_rows_per_s, busy_fraction=(busy,) * n,
             rows=(int(work * dt / n),) * n, lag_rows=(int(lag),), consumers=n, partitions=16,
         )  # fmt: skip
         d, state = decide(o, state, CFG)
         if d.action != HOLD:
             actions.append((t, d.action, n, d.target))
             n = d.target
-    return actions
+    return actions, n
+
+
+def _source_bound(n: int, *, seconds: int = 900) -> list[tuple[int, str, int, int]]:
+    """Input 300k rows/s, the sources read 200k/s (the rest waits unread: lag); a consumer does
+    500k rows per busy s, so the consumers are lightly loaded whatever their number."""
+    return _simulate(
+        n,
+        seconds=seconds,
+        input_rows_per_s=300_000.0,
+        serve=lambda n, lag, dt: (200_000.0, 200_000.0 / n / 500_000),
+    )[0]
 
 
 def test_a_source_bound_group_is_blocked_after_one_ineffective_scale_up():
@@ -115,20 +126,13 @@ def test_a_cpu_starved_group_does_not_climb_to_max_consumers():
     blocks, but the block expires after INEFFECTIVE_BLOCK_S and the next step is tried, judged
     ineffective, blocked again: 2 -> 3 -> 4 -> 6 -> 8 over 15 minutes, each a rebalance for
     nothing. Now a block whose end finds the scale-up still ineffective is renewed."""
-    n, lag, state, actions, dt, cores = 2, 0.0, PolicyState(), [], 2.0, 2
-    for t in range(0, 1800, int(dt)):
-        capacity = n * 500_000.0 * min(1.0, cores / n)
-        work = min(600_000 + lag / dt, capacity)
-        lag = max(0.0, lag + (600_000 - work) * dt)
-        busy = min(1.0, work / n * 2e-6 * max(1.0, n / cores))
-        o = Observation(
-            now_s=float(t), interval_s=dt, input_rows_per_s=600_000.0, busy_fraction=(busy,) * n,
-            rows=(int(work * dt / n),) * n, lag_rows=(int(lag),), consumers=n, partitions=16,
-        )  # fmt: skip
-        d, state = decide(o, state, CFG)
-        if d.action != HOLD:
-            actions.append((t, d.action, n, d.target))
-            n = d.target
+    cores = 2
+
+    def serve(n: int, lag: float, dt: float) -> tuple[float, float]:
+        work = min(600_000 + lag / dt, n * 500_000.0 * min(1.0, cores / n))  # capacity: 2 cores
+        return work, min(1.0, work / n * 2e-6 * max(1.0, n / cores))
+
+    actions, n = _simulate(2, seconds=1800, input_rows_per_s=600_000.0, serve=serve)
     assert n <= 4, actions
 
 
