@@ -12,16 +12,22 @@ import pytest
 
 pytest_plugins = ["tests.kafka_broker"]  # the tansu Kafka broker: kafka_broker, kafka
 
-_INTEGRATION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "integration")
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """The xdist workers (``addopts``: ``-n 2``) take whole units: every integration test is in
+    one (they share the session's one Ray instance and the machine's cores, so they run one after
+    another on one worker), each unit-test module is one (a module's tests stay in order, on one
+    worker). Not ``--dist loadgroup`` with ``xdist_group`` marks: on pytest 9.2 it no longer
+    groups anything (pytest-xdist issue 1386), and two Ray instances on two cores would fight."""
+    from xdist.scheduler import LoadScopeScheduling
 
-def pytest_collection_modifyitems(config, items):
-    """Every integration test in one xdist group (``addopts``: ``-n 2 --dist loadgroup``): they
-    share the session's one Ray instance (and the machine's cores) and run one after another on
-    one worker, while the unit tests, which start no Ray, run on the other."""
-    for item in items:
-        if str(item.path).startswith(_INTEGRATION + os.sep):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+    class RayTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "integration" if module.startswith("tests/integration/") else module
+
+    return RayTestsTogether(config, log)
 
 
 def free_port() -> int:

@@ -341,8 +341,6 @@ def test_a_spilled_aggregate_equals_the_in_memory_one(tmp_path, emit):
 
 
 @seed(13)
-# One xdist group: the check below reads what the property test saw, so both run on one worker.
-@pytest.mark.xdist_group("spilled_aggregate_property")
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     data=st.data(),
@@ -383,7 +381,6 @@ def test_spilled_aggregate_property(tmp_path_factory, data, emit, keys, share):
 _PROPERTY_SEEN: list[dict] = []
 
 
-@pytest.mark.xdist_group("spilled_aggregate_property")
 def test_the_property_examples_spilled_and_restored_from_chains():
     """Runs after the property test (file order): most examples wrote runs, and some restored
     from a base plus deltas after spilling (merges of runs are not counted here; the run-store
