@@ -36,7 +36,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -47,6 +46,7 @@ import ray
 from ray._private.internal_api import memory_summary
 
 import rayflow as rf
+from bench import _common
 from bench._common import write_json  # noqa: E402
 from rayflow._internal.lag import add_lag
 from rayflow.partitioning import PartitionMap, hash_table
@@ -94,51 +94,41 @@ def plasma_bytes(address: str) -> int | None:
     return int(m.group(1)) * MiB if m else None
 
 
-class Sampler:
+class Sampler(_common.Sampler):
     """Samples the run's status, the sources' stats and the Ray processes' memory in a thread."""
 
     def __init__(self, run, interval_s: float = 0.5):
-        self.run, self.interval_s, self.rows = run, interval_s, []
-        self._stop = threading.Event()
+        super().__init__(run, interval_s)
+        self.rows = []
         self._t0 = time.monotonic()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            try:
-                st = ray.get(self.run.manager.status.remote(), timeout=30)
-                src = ray.get([s.stats.remote() for s in self.run.sources], timeout=30)
-            except Exception:  # the run ended under us
-                return
-            for part in st["partitions"]:
-                i = part["partition"]
-                part["queued_rows"] = sum(s["queued_rows"][i] for s in src)
-            add_lag(st, src, wall=time.time())
-            pss, uss, kinds = ray_memory()
-            self.rows.append(
-                {
-                    "t": time.monotonic() - self._t0,
-                    "lag_rows": [p["lag_rows"] for p in st["partitions"]],
-                    "processed_rows": sum(p["processed_rows"] for p in st["partitions"]),
-                    "memory_bytes": sum(s["memory_bytes"] for s in src),
-                    "spill_disk_bytes": sum(s["spill_disk_bytes"] for s in src),
-                    "spilled_bytes": sum(sum(s["spilled_bytes"]) for s in src),
-                    "blocked_s": sum(sum(s["blocked_s"]) for s in src),
-                    "pss": pss,
-                    "uss": uss,
-                    "uss_by_kind": kinds,
-                    "plasma": plasma_bytes(ADDRESS[0]),
-                }
-            )
-            self._stop.wait(self.interval_s)
+    def sample(self) -> bool:
+        try:
+            st = ray.get(self.run.manager.status.remote(), timeout=30)
+            src = ray.get([s.stats.remote() for s in self.run.sources], timeout=30)
+        except Exception:  # the run ended under us
+            return False
+        for part in st["partitions"]:
+            i = part["partition"]
+            part["queued_rows"] = sum(s["queued_rows"][i] for s in src)
+        add_lag(st, src, wall=time.time())
+        pss, uss, kinds = ray_memory()
+        self.rows.append(
+            {
+                "t": time.monotonic() - self._t0,
+                "lag_rows": [p["lag_rows"] for p in st["partitions"]],
+                "processed_rows": sum(p["processed_rows"] for p in st["partitions"]),
+                "memory_bytes": sum(s["memory_bytes"] for s in src),
+                "spill_disk_bytes": sum(s["spill_disk_bytes"] for s in src),
+                "spilled_bytes": sum(sum(s["spilled_bytes"]) for s in src),
+                "blocked_s": sum(sum(s["blocked_s"]) for s in src),
+                "pss": pss,
+                "uss": uss,
+                "uss_by_kind": kinds,
+                "plasma": plasma_bytes(ADDRESS[0]),
+            }
+        )
+        return True
 
 
 def pipeline(name, source, ck, *, partitions, consumers, operator, config) -> rf.Pipeline:

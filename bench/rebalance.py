@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -28,41 +27,27 @@ import numpy as np
 import ray
 
 import rayflow as rf
+from bench import _common
 from bench._common import write_json  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class Sampler:
+class Sampler(_common.Sampler):
     """Samples per-partition processed rows of a run every ``interval_s``."""
 
     def __init__(self, run, interval_s=0.1):
-        self.run, self.interval_s = run, interval_s
+        super().__init__(run, interval_s)
         self.samples: list[tuple[float, list[int], list[str | None]]] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self):
-        while not self._stop.is_set():
-            try:
-                st = ray.get(self.run.manager.status.remote(), timeout=10)
-            except Exception:
-                break
-            parts = st["partitions"]
-            self.samples.append(
-                (time.time(), [p["processed_rows"] for p in parts], [p["owner"] for p in parts])
-            )
-            if st["done"]:
-                break
-            self._stop.wait(self.interval_s)
-
-    def start(self):
-        self._t.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._t.join()
+    def sample(self) -> bool:
+        try:
+            st = ray.get(self.run.manager.status.remote(), timeout=10)
+        except Exception:
+            return False
+        parts = st["partitions"]
+        self.samples.append((time.time(), [p["processed_rows"] for p in parts], [p["owner"] for p in parts]))
+        return not st["done"]
 
     def rate(self, t0, t1, partitions=None) -> float:
         """Rows/s processed between wall times t0 and t1 (over the given partitions)."""

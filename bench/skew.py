@@ -42,7 +42,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -51,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import rayflow as rf
+from bench import _common
 from bench._common import write_json  # noqa: E402
 from rayflow._internal.skew import SkewTracker, key_values
 from rayflow.partitioning import PartitionMap, hash_table, split_by_partition
@@ -75,47 +75,34 @@ def same(a: pa.Table, b: pa.Table) -> bool:
     return bool(pc.all(pc.less_equal(pc.abs(pc.subtract(a["value_sum"], b["value_sum"])), 1e-6)).as_py())
 
 
-class Sampler:
+class Sampler(_common.Sampler):
     """Samples ``run.status()`` every ``interval_s`` in a thread (the hot partition's figures)."""
 
     def __init__(self, run, interval_s: float):
-        self.run, self.interval_s = run, interval_s
+        super().__init__(run, interval_s)
         self.samples: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                st = self.run.status()
-            except Exception:  # the run is ending: its actors go
-                break
-            if st.get("hot_partition") is not None:
-                self.samples.append(
-                    {
-                        "t": time.monotonic(),
-                        "hot_partition": st["hot_partition"],
-                        "skew": st["skew"],
-                        "lag_rows": [p["lag_rows"] for p in st["partitions"]],
-                        "lag_s": [p["lag_s"] for p in st["partitions"]],
-                        "hot_keys": st["hot_keys"][:3],
-                        "combined_rows": st.get("combined_rows"),
-                        "rows_read": st.get("rows_read"),
-                        "owners": [p["owner"] for p in st["partitions"]],
-                        "busy_s": {m: c["busy_s"] for m, c in st.get("consumers", {}).items()},
-                    }
-                )
-            if st.get("done"):
-                break
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=30)
+    def sample(self) -> bool:
+        try:
+            st = self.run.status()
+        except Exception:  # the run is ending: its actors go
+            return False
+        if st.get("hot_partition") is not None:
+            self.samples.append(
+                {
+                    "t": time.monotonic(),
+                    "hot_partition": st["hot_partition"],
+                    "skew": st["skew"],
+                    "lag_rows": [p["lag_rows"] for p in st["partitions"]],
+                    "lag_s": [p["lag_s"] for p in st["partitions"]],
+                    "hot_keys": st["hot_keys"][:3],
+                    "combined_rows": st.get("combined_rows"),
+                    "rows_read": st.get("rows_read"),
+                    "owners": [p["owner"] for p in st["partitions"]],
+                    "busy_s": {m: c["busy_s"] for m, c in st.get("consumers", {}).items()},
+                }
+            )
+        return not st.get("done")
 
 
 def run_variant(variant: str, events: pa.Table, args) -> tuple[dict, pa.Table]:
