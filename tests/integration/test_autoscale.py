@@ -17,6 +17,13 @@ from ray._common.test_utils import wait_for_condition
 
 import rayflow as rf
 from rayflow.testing import assert_same_rows, duckdb_reference, keyed_reference, throttle
+from tests.integration.test_observability import (
+    AUTOSCALE_METRICS,
+    base_name,
+    dashboard_metrics,
+    scrape,
+    scraped_names,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -35,7 +42,7 @@ LATEST = (
 )
 
 
-def test_rate_step_grows_then_shrinks_the_group_exactly(ray_session, tmp_path):
+def test_rate_step_grows_then_shrinks_the_group_exactly(ray_session, metrics_port, tmp_path):
     src = rf.sources.Synthetic(rate=PROFILE, keys=KEYS, seed=SEED)
     run = rf.Pipeline(
         name="autoscale",
@@ -74,6 +81,14 @@ def test_rate_step_grows_then_shrinks_the_group_exactly(ray_session, tmp_path):
         # Back at the low rate for good: the group shrinks, whenever the guards let it.
         wait_for_condition(lambda: target() < peak[0], timeout=90, retry_interval_ms=200)
         wait_for_condition(lambda: len(run.consumers) < peak[0], timeout=60, retry_interval_ms=200)
+        # The driver's autoscaler metrics reach the node's Prometheus port under the names the
+        # Grafana dashboard queries (the scale actions included).
+        wanted = {n for n in dashboard_metrics() if base_name(n) in AUTOSCALE_METRICS}
+        assert len(wanted) == 4, wanted
+        wait_for_condition(
+            lambda: wanted <= scraped_names(scrape(metrics_port), pipeline="autoscale"),
+            timeout=30, retry_interval_ms=500,
+        )  # fmt: skip
         result = run.stop(drain=True)
     finally:
         run.stop()
