@@ -780,6 +780,14 @@ class Run:
                 "a job over several inputs (rf.sources.Inputs) cannot split or merge partitions: its "
                 "state carries no hash of one key to re-split by (docs/partitioning.md)"
             )
+        # Asked under the launch lock, which wait() reads `done` under too: a job whose input is all
+        # committed (wait() may be taking its result from that status) is not stopped and started
+        # again under a new map (the splitter decides on a status read a moment before).
+        if self._get(self.manager.status.remote())["done"]:
+            raise ConfigError(
+                f"pipeline {self.spec.name!r} has processed and committed all of its input: its map "
+                "no longer changes (resume it with another partitions= to re-split its checkpoint)"
+            )
 
     def _remap(
         self, new: PartitionMap, kind: str, detail: dict, *, drain: bool, timeout_s: float = _ACTOR_TIMEOUT_S

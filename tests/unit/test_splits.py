@@ -292,10 +292,11 @@ def test_a_split_whose_restart_fails_leaves_nothing_running_and_says_why():
         run.wait(timeout_s=1)
 
 
-def test_a_split_records_the_ratio_status_saw_even_after_waits_poll():
+def test_a_split_records_the_ratio_status_saw_even_after_waits_poll_and_not_once_done():
     """``run.split`` records the ``rate_ratio`` that ``run.status()`` last computed under the
     current map, even when ``wait()``'s poll has since replaced ``_last_status`` with the
-    manager's own status (no skew figures): the splitter splits while a user waits on the run."""
+    manager's own status (no skew figures): the splitter splits while a user waits on the run.
+    And no split or merge once the job is done (the splitter decided on an older status)."""
     import threading
     import types
 
@@ -309,8 +310,17 @@ def test_a_split_records_the_ratio_status_saw_even_after_waits_poll():
     run._seen_rates = (1, {0: 2.8, 1: 0.4})  # run.status() under version 1 (the splitter's)
     run._last_status = {"partitions": [{"partition": 0, "committed_rows": 10}]}  # wait()'s poll since
     run._remap = lambda new, kind, detail, *, drain: detail
+    done = {"done": False}
+    run.manager = types.SimpleNamespace(status=types.SimpleNamespace(remote=lambda: done))
+    run._get = lambda ref, timeout=None: ref
     lo, hi = run.map.range_of(0)
     assert run.split(0, at=(lo + hi) // 2, reason="policy")["rate_ratio"] == 2.8
     # Figures seen under another map name other ranges: none is recorded.
     run._seen_rates = (0, {0: 2.8})
     assert run.split(0, at=(lo + hi) // 2)["rate_ratio"] is None
+    # A job whose input is all committed (wait() may be taking its result) keeps its map.
+    done["done"] = True
+    with pytest.raises(ConfigError, match="committed all of its input"):
+        run.split(0, at=(lo + hi) // 2)
+    with pytest.raises(ConfigError, match="committed all of its input"):
+        run.merge(0)
