@@ -717,7 +717,8 @@ class Run:
         that transaction leaves the old map; after it, the new one.
 
         ``expect_version``: refuse (``ConfigError``) unless the map still has this
-        version (a decision taken on one map must not cut a range of another).
+        version (a decision taken on one map must not cut a range of another). Refused
+        too once the job has processed and committed all of its input (``merge`` alike).
 
         Caveat: the whole job pauses for the change (a stop and a start of its
         actors: seconds), not only the split partition.
