@@ -375,6 +375,9 @@ class Run:
         self._launch_lock = threading.RLock()
         self._input = (splits, schema)
         self.partition_splits: list[dict] = []
+        #: (map version, partition -> rate_ratio) from the last full status: what a split records
+        #: (``_last_status`` may be the manager's own since, from wait()'s poll: no skew figures).
+        self._seen_rates: tuple[int | None, dict] = (None, {})
         self.splitter = None
         #: Why the actors could not start again after a split or merge (the job is down).
         self._remap_error: PipelineFailedError | None = None
@@ -646,6 +649,7 @@ class Run:
             st["autoscale"] = self.autoscaler.status()
         st["map_version"] = self.map.version
         st["partitions_now"] = self.map.num_partitions
+        self._seen_rates = (self.map.version, {p["partition"]: p.get("rate_ratio") for p in st["partitions"]})
         st["partition_splits"] = list(self.partition_splits)
         return st
 
@@ -713,16 +717,17 @@ class Run:
         that transaction leaves the old map; after it, the new one.
 
         ``expect_version``: refuse (``ConfigError``) unless the map still has this
-        version (a decision taken on one map must not cut a range of another).
+        version (a decision taken on one map must not cut a range of another). Refused
+        too once the job has processed and committed all of its input (``merge`` alike).
 
         Caveat: the whole job pauses for the change (a stop and a start of its
         actors: seconds), not only the split partition.
         """
         with self._launch_lock, self._group_lock:
             self._check_remap(partition, self.map.num_partitions, expect_version)
-            # The ratio last seen (run.status(); the manager's own status has no skew figures).
-            seen = {q["partition"]: q for q in (self._last_status or {}).get("partitions", [])}
-            ratio = seen.get(partition, {}).get("rate_ratio")
+            # The ratio last seen by run.status() (the splitter's, say), under this map.
+            version, rates = self._seen_rates
+            ratio = rates.get(partition) if version == self.map.version else None
             if at is None:
                 lo, hi = self.map.range_of(partition)
                 at = split_point(self._get([a.sample_hashes.remote(partition) for a in self.sources]), lo, hi)
@@ -775,6 +780,14 @@ class Run:
             raise ConfigError(
                 "a job over several inputs (rf.sources.Inputs) cannot split or merge partitions: its "
                 "state carries no hash of one key to re-split by (docs/partitioning.md)"
+            )
+        # Asked under the launch lock, which wait() reads `done` under too: a job whose input is all
+        # committed (wait() may be taking its result from that status) is not stopped and started
+        # again under a new map (the splitter decides on a status read a moment before).
+        if self._get(self.manager.status.remote())["done"]:
+            raise ConfigError(
+                f"pipeline {self.spec.name!r} has processed and committed all of its input: its map "
+                "no longer changes (resume it with another partitions= to re-split its checkpoint)"
             )
 
     def _remap(

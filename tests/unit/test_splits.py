@@ -290,3 +290,37 @@ def test_a_split_whose_restart_fails_leaves_nothing_running_and_says_why():
         run.status()
     with pytest.raises(PipelineFailedError, match="failed to start again"):
         run.wait(timeout_s=1)
+
+
+def test_a_split_records_the_ratio_status_saw_even_after_waits_poll_and_not_once_done():
+    """``run.split`` records the ``rate_ratio`` that ``run.status()`` last computed under the
+    current map, even when ``wait()``'s poll has since replaced ``_last_status`` with the
+    manager's own status (no skew figures): the splitter splits while a user waits on the run.
+    And no split or merge once the job is done (the splitter decided on an older status)."""
+    import threading
+    import types
+
+    from rayflow._internal.runtime import Run
+
+    run = object.__new__(Run)
+    run.spec = types.SimpleNamespace(name="t", tiers=None, source=None)
+    run.map = PartitionMap.uniform(4)
+    run._actors, run._result, run._stop_requested = [object()], None, threading.Event()
+    run._launch_lock, run._group_lock = threading.RLock(), threading.RLock()
+    run._seen_rates = (1, {0: 2.8, 1: 0.4})  # run.status() under version 1 (the splitter's)
+    run._last_status = {"partitions": [{"partition": 0, "committed_rows": 10}]}  # wait()'s poll since
+    run._remap = lambda new, kind, detail, *, drain: detail
+    done = {"done": False}
+    run.manager = types.SimpleNamespace(status=types.SimpleNamespace(remote=lambda: done))
+    run._get = lambda ref, timeout=None: ref
+    lo, hi = run.map.range_of(0)
+    assert run.split(0, at=(lo + hi) // 2, reason="policy")["rate_ratio"] == 2.8
+    # Figures seen under another map name other ranges: none is recorded.
+    run._seen_rates = (0, {0: 2.8})
+    assert run.split(0, at=(lo + hi) // 2)["rate_ratio"] is None
+    # A job whose input is all committed (wait() may be taking its result) keeps its map.
+    done["done"] = True
+    with pytest.raises(ConfigError, match="committed all of its input"):
+        run.split(0, at=(lo + hi) // 2)
+    with pytest.raises(ConfigError, match="committed all of its input"):
+        run.merge(0)
