@@ -265,17 +265,8 @@ def decide(obs: Observation, state: PolicyState, cfg: Autoscale) -> tuple[Decisi
     state = _check_scale_up(obs, state, cfg, measured)
     blocked = state.blocked
     if blocked is not None and obs.now_s - blocked[0] >= INEFFECTIVE_BLOCK_S:
-        # Expired: renewed when this interval still finds the scale-up ineffective (a starved
-        # group stays at its count instead of trying the next step every INEFFECTIVE_BLOCK_S),
-        # dropped when it tells nothing or finds it effective.
-        verdict = None
-        if state.blocked_by is not None and measured is not None:
-            verdict = _judge(obs, cfg, measured, state.blocked_by)[0]
-        if verdict is False:
-            state = replace(state, blocked=(obs.now_s, blocked[1]))
-            blocked = state.blocked
-        else:
-            state, blocked = replace(state, blocked=None, blocked_by=None), None
+        # Expired, and not renewed by this interval (_check_scale_up): dropped.
+        state, blocked = replace(state, blocked=None, blocked_by=None), None
     d, new = _guard(
         obs, state, cfg, recommended=recommended, needed=needed, demand=demand, rate=rate, measured=measured,
         blocked=None if blocked is None else blocked[1],
@@ -300,7 +291,9 @@ def _check_scale_up(
 
     One interval is one measure: a pause in it (a slow restore, a long commit) reads as lost
     capacity. So while the block lasts, each later interval at the same count judges the
-    scale-up again, and one that finds it effective lifts the block."""
+    scale-up again: one that finds it effective lifts the block, and one at the block's end
+    that still finds it ineffective renews it (a starved group stays at its count instead of
+    trying the next step every :data:`INEFFECTIVE_BLOCK_S`)."""
     if measured is None:
         return state
     if state.scale_up_check is not None:
@@ -314,6 +307,9 @@ def _check_scale_up(
         verdict, _ = _judge(obs, cfg, measured, state.blocked_by)
         if verdict is True:
             return replace(state, blocked=None, blocked_by=None)
+        since, why = state.blocked
+        if verdict is False and obs.now_s - since >= INEFFECTIVE_BLOCK_S:
+            return replace(state, blocked=(obs.now_s, why))
     return state
 
 
